@@ -1,0 +1,64 @@
+"""One interface for every algorithm (after `implicit`): fit, score, batched recommend with the seen
+items filtered, and a plain-tensor state for saving (the pipeline does the file I/O)."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from model.metrics import topk_items
+from model.sparse import DeviceCSR, SparseBatch
+from model.split import HeldOut
+
+
+class Recommender(ABC):
+    name: ClassVar[str]
+    n_items: int = 0
+    fit_seconds: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @abstractmethod
+    def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None: ...
+
+    @abstractmethod
+    def score(self, history: SparseBatch) -> torch.Tensor:
+        """Scores [B, I] for users given their histories (rows over this model's item columns)."""
+
+    def fit(self, train: sp.csr_matrix, valid: HeldOut | None = None, **kwargs: Any) -> Recommender:
+        if train.shape[0] == 0 or train.nnz == 0:
+            raise ValueError("cannot fit on an empty interaction matrix: check the input data and filters")
+        self.n_items = int(train.shape[1])
+        t0 = time.perf_counter()
+        self._fit(sp.csr_matrix(train, dtype=np.float32), valid, **kwargs)
+        self.fit_seconds = time.perf_counter() - t0
+        return self
+
+    @torch.no_grad()
+    def recommend(self, history: sp.csr_matrix, k: int, *, batch_size: int = 2000,
+                  filter_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item columns and scores per row of `history`, best first: ([U, k] int64, [U, k] float32)."""
+        if history.shape[1] != self.n_items:
+            raise ValueError(f"history has {history.shape[1]} item columns, the model has {self.n_items}")
+        x = DeviceCSR.from_scipy(history, self.device)
+        k = min(k, self.n_items)
+        items, scores = [], []
+        for start in range(0, x.n_rows, batch_size):
+            rows = torch.arange(start, min(x.n_rows, start + batch_size), device=x.device)
+            hist = x.batch(rows)
+            s = self.score(hist).float()
+            if filter_seen:
+                s[hist.rows, hist.cols] = -torch.inf
+            top = topk_items(s, k)
+            items.append(top.cpu())
+            scores.append(torch.gather(s, 1, top).cpu())
+        if not items:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        return torch.cat(items).numpy(), torch.cat(scores).numpy()

@@ -1,0 +1,74 @@
+"""EASE (Steck, 2019): B = I - P diag(1/diag(P)), P = (X^T X + lambda I)^-1, diag(B) = 0.
+
+Memory: one dense I x I matrix. On the CPU the Gram matrix is inverted in place (LAPACK potrf + potri on
+the same buffer), so peak memory is one I x I matrix plus the sparse Gram; on a GPU torch's Cholesky
+inverse is used (two I x I buffers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.linalg import lapack
+
+
+class EASEConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    l2: float = Field(500.0, gt=0.0, description="lambda on the Gram diagonal")
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+def gram_dense(x: sp.csr_matrix, dtype: np.dtype, row_block: int = 4096) -> np.ndarray:
+    """X^T X as a dense array, filled block by block from the sparse product (no second dense copy)."""
+    g_sparse = (x.T @ x).tocsr().astype(dtype)
+    n = x.shape[1]
+    g = np.empty((n, n), dtype=dtype)
+    for start in range(0, n, row_block):
+        g[start : start + row_block] = g_sparse[start : start + row_block].toarray()
+    return g
+
+
+def _spd_inverse_inplace(g: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix, overwriting g (C-contiguous)."""
+    potrf, potri = (lapack.dpotrf, lapack.dpotri) if g.dtype == np.float64 else (lapack.spotrf, lapack.spotri)
+    gf = g.T  # the same buffer seen as Fortran-ordered: LAPACK works on it without a copy
+    c, info = potrf(gf, lower=1, overwrite_a=1, clean=0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"Cholesky failed (info={info}): raise l2 so that X^T X + l2*I is positive definite")
+    inv, info = potri(c, lower=1, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"potri failed (info={info})")
+    # potri filled the lower triangle of gf (= upper of g); mirror it in place, block by block
+    out = inv.T
+    n = out.shape[0]
+    step = 2048
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        out[s:e, :s] = out[:s, s:e].T
+        blk = out[s:e, s:e]
+        out[s:e, s:e] = np.triu(blk) + np.triu(blk, 1).T
+    return out
+
+
+def ease_weights(x: sp.csr_matrix, config: EASEConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The item-item weight matrix B [I, I] on `device`."""
+    device = torch.device(device)
+    np_dtype = np.dtype(config.dtype)
+    g = gram_dense(sp.csr_matrix(x), np_dtype)
+    g[np.diag_indices_from(g)] += config.l2
+    if device.type == "cuda":
+        gt = torch.from_numpy(g).to(device)
+        del g
+        p = torch.cholesky_inverse(torch.linalg.cholesky(gt))
+        del gt
+    else:
+        p = torch.from_numpy(_spd_inverse_inplace(g))
+    d = torch.diagonal(p).clone()
+    p.div_(-d[None, :])  # B_ij = -P_ij / P_jj
+    p.fill_diagonal_(0.0)
+    return p

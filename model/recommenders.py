@@ -1,0 +1,137 @@
+"""The concrete recommenders behind the Recommender interface, and a registry by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import scipy.sparse as sp
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from model.base import Recommender
+from model.ease import EASEConfig, ease_weights
+from model.pia import PIAConfig
+from model.popularity import item_popularity
+from model.recvae import RecVAE, RecVAEConfig
+from model.sparse import SparseBatch
+from model.split import HeldOut
+from model.train import TrainConfig, Trainer, resolve_device
+from model.vae import MultiVAE, VAEConfig, dae_config
+
+
+class Popularity(Recommender):
+    name = "popularity"
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(0)
+
+    def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None:
+        self.counts = item_popularity(train)
+
+    def score(self, history: SparseBatch) -> torch.Tensor:
+        return self.counts.to(history.vals.device).expand(history.n_rows, -1).clone()
+
+
+class EASE(Recommender):
+    name = "ease"
+
+    def __init__(self, config: EASEConfig | None = None, device: str = "auto"):
+        self.config = config or EASEConfig()
+        self._device = str(resolve_device(device))
+        self.weights = torch.zeros(0, 0)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._device)
+
+    def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None:
+        self.weights = ease_weights(train, self.config, self.device)
+
+    def score(self, history: SparseBatch) -> torch.Tensor:
+        w = self.weights
+        # x_u @ B as a weighted sum of B's rows for the user's items
+        return nn.functional.embedding_bag(history.cols, w, history.offsets, mode="sum",
+                                           per_sample_weights=history.vals.to(w.dtype)).float()
+
+
+class Autoencoder(Recommender):
+    """Multi-VAE, Multi-DAE or RecVAE, each with optional PIA (training only)."""
+
+    def __init__(self, arch: str, model_config: BaseModel | None = None, train: TrainConfig | None = None,
+                 pia: PIAConfig | None = None, name: str | None = None):
+        if arch not in ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}: one of {sorted(ARCHS)}")
+        self.arch = arch
+        self.model_config = model_config or ARCHS[arch][1]()
+        self.train_config = train or TrainConfig()
+        self.pia = pia or PIAConfig()
+        self.name = name or (arch + ("-pia" if self.pia.enabled else ""))  # type: ignore[misc]
+        self.module: nn.Module | None = None
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device if self.module is not None else torch.device("cpu")
+
+    def build(self, n_items: int) -> nn.Module:
+        torch.manual_seed(self.train_config.seed)  # weight init is part of the seed
+        return ARCHS[self.arch][0](n_items, self.model_config)
+
+    def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None:
+        module = self.build(train.shape[1])
+        trainer = Trainer(module, train, self.train_config, self.pia, valid, on_epoch=kwargs.get("on_epoch"))
+        if kwargs.get("resume") is not None:
+            trainer.load_state_dict(kwargs["resume"])
+        self.history = trainer.fit(checkpoint=kwargs.get("checkpoint"))
+        self.best_epoch = trainer.best_epoch
+        self.module = trainer.model
+
+    def score(self, history: SparseBatch) -> torch.Tensor:
+        if self.module is None:
+            raise RuntimeError("the model is not fitted")
+        return self.module.score(history)  # type: ignore[operator]
+
+    def inference_state(self) -> dict[str, torch.Tensor]:
+        """The weights inference needs: no anchors (they never enter the module), no RecVAE old encoder."""
+        if self.module is None:
+            raise RuntimeError("the model is not fitted")
+        sd = getattr(self.module, "inference_state_dict", self.module.state_dict)()
+        return {k: v.detach().cpu() for k, v in sd.items()}
+
+    def __getstate__(self) -> dict[str, Any]:  # pickles on any machine: weights go to the CPU
+        state = self.__dict__.copy()
+        if self.module is not None:
+            state["module"] = self.module.to("cpu")
+        return state
+
+
+ARCHS: dict[str, tuple[Callable[[int, Any], nn.Module], Callable[[], BaseModel]]] = {
+    "multivae": (MultiVAE, VAEConfig),
+    "multidae": (MultiVAE, dae_config),
+    "recvae": (RecVAE, RecVAEConfig),
+}
+
+MODEL_NAMES = ("popularity", "ease", "multidae", "multivae", "multivae-pia", "recvae", "recvae-pia")
+
+
+def make_recommender(name: str, *, train: TrainConfig | None = None, pia: PIAConfig | None = None,
+                     ease: EASEConfig | None = None, model_config: BaseModel | None = None) -> Recommender:
+    """A fresh recommender by name; `-pia` names need a PIAConfig with weight > 0."""
+    if name == "popularity":
+        return Popularity()
+    if name == "ease":
+        return EASE(ease, device=(train or TrainConfig()).device)
+    arch = name.removesuffix("-pia")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
+    if name.endswith("-pia"):
+        if pia is None or not pia.enabled:
+            pia = PIAConfig(weight=1.0)
+    else:
+        pia = PIAConfig()
+    if arch == "recvae" and train is None:
+        train = TrainConfig(lr=5e-4, epochs=50)
+    return Autoencoder(arch, model_config, train, pia, name=name)

@@ -1,0 +1,235 @@
+"""Mini-batch training for the autoencoders (Multi-VAE/DAE, RecVAE), with optional PIA.
+
+Batches are gathered from a CSR matrix that stays on the training device (no per-batch scipy slice or
+dense CPU copy). The epoch is chosen by validation NDCG@100; the trainer's whole state (weights,
+anchors, optimizers, RNG, history, best weights) is a dict that a checkpoint callback can persist and
+`load_state_dict` can resume from, reproducing an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.evaluate import evaluate
+from model.pia import ItemAnchors, PIAConfig, pia_weight
+from model.sparse import DeviceCSR, SparseBatch
+from model.split import HeldOut
+from model.vae import LossOut, Phase
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(500, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = Field(False, description="bf16 autocast; CUDA only")
+    eval_every: int = Field(1, ge=1)
+    eval_batch_size: int = Field(2000, ge=1)
+    patience: int | None = Field(None, ge=1, description="stop after this many evaluations without a better one")
+    select_metric: str = "ndcg@100"
+    progress: bool = True
+
+
+class Autoencoder(Protocol):
+    latent_dim: int
+
+    def phases(self) -> list[Phase]: ...
+    def param_groups(self) -> dict[str, list[nn.Parameter]]: ...
+    def loss(self, x: SparseBatch, *, step: int, phase: Phase) -> LossOut: ...
+    def encode(self, x: SparseBatch, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def score(self, x: SparseBatch | torch.Tensor) -> torch.Tensor: ...
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA device is visible: use --device cpu or auto")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, train: sp.csr_matrix, config: TrainConfig,
+                 pia: PIAConfig | None = None, valid: HeldOut | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.ae: Autoencoder = model  # type: ignore[assignment]
+        self.train_x = DeviceCSR.from_scipy(train, self.device)
+        self.valid = valid
+        self.on_epoch = on_epoch
+        torch.manual_seed(config.seed)  # weights were made by the caller; dropout and sampling draw from here
+        self.perm_gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.pia = pia if pia is not None and pia.enabled else None
+        self.anchors: ItemAnchors | None = None
+        if self.pia is not None:
+            self.anchors = ItemAnchors(train.shape[1], self.ae.latent_dim, self.pia).to(self.device)
+            if self.pia.init == "encoder":
+                self.anchors.init_from_encoder(lambda b: self.ae.encode(b)[0])
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for group, params in self.ae.param_groups().items():
+            if self.anchors is not None and group in ("all", "encoder"):
+                params = [*params, *self.anchors.parameters()]
+            self.optimizers[group] = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.epoch = 0  # epochs completed
+        self.step = 0  # updates of the main (or encoder) group: drives beta and lambda_A schedules
+        self.history: list[dict[str, Any]] = []
+        self.best_value = -float("inf")
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.evals_since_best = 0
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "anchors": None if self.anchors is None else self.anchors.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "epoch": self.epoch, "step": self.step, "history": copy.deepcopy(self.history),
+            "best_value": self.best_value, "best_epoch": self.best_epoch, "best_state": self.best_state,
+            "evals_since_best": self.evals_since_best,
+            "rng": torch.get_rng_state(), "perm_rng": self.perm_gen.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config": self.config.model_dump(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.anchors is not None and state["anchors"] is not None:
+            self.anchors.load_state_dict(state["anchors"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = copy.deepcopy(state["history"])
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.best_state = state["best_state"]
+        self.evals_since_best = state["evals_since_best"]
+        torch.set_rng_state(state["rng"])
+        self.perm_gen.set_state(state["perm_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # -- training -------------------------------------------------------------------------------
+    def _autocast(self):  # type: ignore[no-untyped-def]
+        if self.config.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _run_phase(self, phase: Phase, bar: tqdm) -> dict[str, float]:
+        opt = self.optimizers[phase.group]
+        n, bs = self.train_x.n_rows, self.config.batch_size
+        sums: dict[str, torch.Tensor | float] = {}
+        count = 0
+        for _ in range(phase.passes):
+            perm = torch.randperm(n, generator=self.perm_gen, device=self.device)
+            for start in range(0, n, bs):
+                batch = self.train_x.batch(perm[start : start + bs])
+                with self._autocast():
+                    out = self.ae.loss(batch, step=self.step, phase=phase)
+                    loss = out.loss
+                    terms = dict(out.terms)
+                    if self.anchors is not None and self.pia is not None and phase.pia and out.mu is not None:
+                        lam = pia_weight(self.pia, self.step)
+                        la = self.anchors.loss(batch.binary(), out.mu, out.logvar, out.z).mean()
+                        loss = loss + lam * la
+                        terms["anchor"], terms["lambda_a"] = la.detach(), lam
+                self.model.zero_grad(set_to_none=True)
+                if self.anchors is not None:
+                    self.anchors.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if phase.group in ("all", "encoder"):
+                    self.step += 1
+                terms["loss"] = loss.detach()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                bar.update(1)
+        means = {k: float(v) / max(count, 1) for k, v in sums.items()}  # one host sync per phase
+        bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in ("loss", "anchor")})
+        return means
+
+    def validate(self) -> dict[str, float]:
+        if self.valid is None:
+            return {}
+        self.model.eval()
+        res = evaluate(self.ae.score, self.valid.fold_in, self.valid.targets, device=self.device,
+                       batch_size=self.config.eval_batch_size)
+        self.model.train()
+        return {f"val_{k}": v for k, v in res.mean().items()}
+
+    def fit(self, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        cfg = self.config
+        n_batches = -(-self.train_x.n_rows // cfg.batch_size)
+        per_epoch = sum(p.passes for p in self.ae.phases()) * n_batches
+        self.model.train()
+        while self.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            with tqdm(total=per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                      leave=False, unit="batch") as bar:
+                record: dict[str, Any] = {"epoch": self.epoch + 1}
+                for phase in self.ae.phases():
+                    means = self._run_phase(phase, bar)
+                    record.update(means if phase.group in ("all", "encoder") else
+                                  {f"{phase.group}_{k}": v for k, v in means.items()})
+                    end_phase = getattr(self.model, "end_phase", None)
+                    if end_phase is not None:
+                        end_phase(phase)
+                record["train_seconds"] = time.perf_counter() - t0
+                self.epoch += 1
+                if self.valid is not None and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+                    record.update(self.validate())
+                    value = record[f"val_{cfg.select_metric}"]
+                    if value > self.best_value:
+                        self.best_value, self.best_epoch = value, self.epoch
+                        self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                        self.evals_since_best = 0
+                    else:
+                        self.evals_since_best += 1
+                    bar.set_postfix(loss=f"{record['loss']:.3g}", val=f"{value:.4f}", best=f"{self.best_value:.4f}")
+            record["step"] = self.step
+            self.history.append(record)
+            if cfg.progress:
+                shown = {k: v for k, v in record.items() if k in ("loss", "anchor", f"val_{cfg.select_metric}")}
+                tqdm.write(f"epoch {self.epoch}/{cfg.epochs} " +
+                           " ".join(f"{k}={v:.4f}" for k, v in shown.items()) +
+                           f" ({record['train_seconds']:.1f}s)")
+            if self.on_epoch is not None:
+                self.on_epoch(record)
+            if checkpoint is not None:
+                checkpoint(self.state_dict())
+            if cfg.patience is not None and self.evals_since_best >= cfg.patience:
+                log.info("early stop at epoch %d (best %d)", self.epoch, self.best_epoch)
+                break
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        else:
+            self.best_epoch = self.epoch
+        self.model.eval()
+        return self.history
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)

@@ -1,0 +1,81 @@
+"""`recsys`: one command line for every job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from pipeline.errors import DataError
+
+
+def _models(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in value.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recsys", description="Multi-VAE + PIA recommender pipeline")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("experiment", help="strong-generalization evaluation of several models over seeds")
+    e.add_argument("--dataset", required=True, help="a name under the data folder, a Parquet path, or 'synthetic'")
+    e.add_argument("--models", type=_models, default=("popularity", "ease", "multivae", "multivae-pia"))
+    e.add_argument("--seeds", type=int, default=5)
+    e.add_argument("--first-seed", type=int, default=0)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RECSYS_DATA_DIR", "../shared/data")))
+    e.add_argument("--epochs", type=int, default=200)
+    e.add_argument("--recvae-epochs", type=int, default=None)
+    e.add_argument("--patience", type=int, default=20)
+    e.add_argument("--bf16", action="store_true")
+    e.add_argument("--min-rating", type=float, default=None)
+    e.add_argument("--pia-grid", type=_floats, default=(0.01, 0.1, 1.0))
+    e.add_argument("--ease-grid", type=_floats, default=(100.0, 250.0, 500.0, 1000.0))
+    e.add_argument("--max-ease-items", type=int, default=50_000)
+    e.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pipeline.experiment import Experiment, ExperimentConfig
+    from pipeline.report import render
+
+    cfg = ExperimentConfig(
+        dataset=args.dataset, data_dir=args.data_dir, models=args.models, seeds=args.seeds,
+        first_seed=args.first_seed, out=args.out, device=args.device, epochs=args.epochs,
+        recvae_epochs=args.recvae_epochs, patience=args.patience, bf16=args.bf16, min_rating=args.min_rating,
+        pia_grid=args.pia_grid, ease_grid=args.ease_grid, max_ease_items=args.max_ease_items,
+        progress=not args.no_progress,
+    )
+    results = Experiment(cfg).run()
+    print(render(results))
+    print(f"wrote {cfg.out / 'results.json'} and {cfg.out / 'results.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return {"experiment": cmd_experiment}[args.command](args)
+    except (DataError, ValidationError) as e:
+        print(f"recsys {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, ValueError) as e:  # device not available, bad options: no traceback for users
+        print(f"recsys {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

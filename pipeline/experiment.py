@@ -1,0 +1,253 @@
+"""`recsys experiment`: the strong-generalization evaluation of several models over several seeds.
+
+Per seed: one user split (seed s), models trained on the training users, the epoch and every
+hyperparameter chosen on validation users only, test users scored once. Hyperparameter grids (EASE's
+l2, PIA's lambda_A) are searched on the validation users of the first seed's split; the chosen values are
+then used for every seed (the first seed reuses the model trained during the search).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model.base import Recommender
+from model.ease import EASEConfig
+from model.evaluate import EvalResult, evaluate
+from model.pia import PIAConfig
+from model.popularity import item_popularity
+from model.recommenders import MODEL_NAMES, make_recommender
+from model.split import Split, strong_generalization_split
+from model.train import TrainConfig, resolve_device
+from pipeline.dataset import BinarizeRule, Interactions, load_dataset, prepare
+from pipeline.errors import DataError
+from pipeline.report import write_report
+from pipeline.synth import synth_interactions
+
+log = logging.getLogger(__name__)
+
+METRICS = ("recall@20", "recall@50", "ndcg@100")
+ACTIVITY_GROUPS: tuple[tuple[str, int, float], ...] = (
+    ("[5-10]", 5, 10), ("[11-50]", 11, 50), ("[51-100]", 51, 100), ("[100+]", 101, math.inf),
+)
+SYNTHETIC = "synthetic"
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str
+    data_dir: Path = Path("../shared/data")
+    models: tuple[str, ...] = ("popularity", "ease", "multivae", "multivae-pia")
+    seeds: int = Field(5, ge=1)
+    first_seed: int = 0
+    out: Path
+    device: str = "auto"
+    epochs: int = Field(200, ge=1, description="max epochs of the autoencoders (RecVAE: 50 by default)")
+    recvae_epochs: int | None = Field(None, ge=1)
+    patience: int | None = Field(20, ge=1, description="early stop after this many epochs without a better val NDCG@100")
+    bf16: bool = False
+    min_rating: float | None = Field(None, description="binarize: rating >= this (default 4 when a rating column exists)")
+    min_user_interactions: int = Field(5, ge=1)
+    n_valid: float = Field(0.1, gt=0)
+    n_test: float = Field(0.1, gt=0)
+    pia_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    pia_estimator: str = "closed_form"
+    ease_grid: tuple[float, ...] = (100.0, 250.0, 500.0, 1000.0)
+    max_ease_items: int = Field(50_000, ge=1, description="skip EASE (I x I dense) above this catalog size")
+    synthetic_users: int = 3000
+    synthetic_items: int = 1000
+    progress: bool = True
+
+    @field_validator("models")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [m for m in v if m not in MODEL_NAMES]
+        if bad or not v:
+            raise ValueError(f"unknown model(s) {bad}: choose from {', '.join(MODEL_NAMES)}")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("pia_grid")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(x <= 0 for x in v):
+            raise ValueError("pia_grid needs at least one lambda_A > 0")
+        return v
+
+
+def load_experiment_data(cfg: ExperimentConfig) -> Interactions:
+    if cfg.dataset == SYNTHETIC:
+        df = synth_interactions(cfg.synthetic_users, cfg.synthetic_items, seed=12345)
+        return prepare(df, BinarizeRule(), cfg.min_user_interactions)
+    from pipeline.dataset import read_interactions, resolve_dataset
+
+    path = resolve_dataset(cfg.dataset, cfg.data_dir)
+    has_rating = "rating" in read_interactions(path).columns
+    rule = BinarizeRule(min_rating=cfg.min_rating if cfg.min_rating is not None else (4.0 if has_rating else None))
+    return load_dataset(path, cfg.data_dir, rule, cfg.min_user_interactions)
+
+
+def activity_groups(counts: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: (counts >= lo) & (counts <= hi) for name, lo, hi in ACTIVITY_GROUPS}
+
+
+class Experiment:
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.device = str(resolve_device(cfg.device))
+
+    def train_config(self, name: str, seed: int) -> TrainConfig:
+        recvae = name.startswith("recvae")
+        epochs = (self.cfg.recvae_epochs or min(self.cfg.epochs, 50)) if recvae else self.cfg.epochs
+        return TrainConfig(epochs=epochs, lr=5e-4 if recvae else 1e-3, seed=seed, device=self.device,
+                           bf16=self.cfg.bf16, patience=self.cfg.patience, progress=self.cfg.progress)
+
+    def build(self, name: str, seed: int, hp: float | None) -> Recommender:
+        pia = PIAConfig(weight=hp, estimator=self.cfg.pia_estimator) if name.endswith("-pia") and hp else None  # type: ignore[arg-type]
+        ease = EASEConfig(l2=hp) if name == "ease" and hp else None
+        return make_recommender(name, train=self.train_config(name, seed), pia=pia, ease=ease)
+
+    def grid(self, name: str) -> tuple[float, ...]:
+        if name == "ease":
+            return self.cfg.ease_grid
+        if name.endswith("-pia"):
+            return self.cfg.pia_grid
+        return ()
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        data = load_experiment_data(cfg)
+        models = [m for m in cfg.models if not (m == "ease" and data.n_items > cfg.max_ease_items)]
+        skipped = [m for m in cfg.models if m not in models]
+        counts = np.diff(data.matrix.indptr)
+        seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+        per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+        tuning: dict[str, list[dict[str, float]]] = {}
+        chosen: dict[str, float | None] = {}
+        for si, seed in enumerate(seeds):
+            try:
+                split = strong_generalization_split(data.matrix, seed=seed, n_valid=cfg.n_valid, n_test=cfg.n_test)
+            except ValueError as e:
+                raise DataError(f"{e}") from e
+            pop = item_popularity(split.train)
+            for name in models:
+                if si == 0 and self.grid(name):
+                    rec, chosen[name], tuning[name] = self.tune(name, seed, split)
+                else:
+                    rec = self.build(name, seed, chosen.get(name))
+                    rec.fit(split.train, split.valid)
+                res = evaluate(rec.score, split.test.fold_in, split.test.targets, device=rec.device, item_popularity=pop)
+                row = self.summarize(name, seed, rec, res, counts[split.test.users])
+                per_seed[name].append(row)
+                log.info("%s seed %d: %s", name, seed, {k: round(row[k], 4) for k in METRICS})
+                if cfg.progress:
+                    print(f"[{cfg.dataset}] {name:<13} seed {seed}: " +
+                          " ".join(f"{k}={row[k]:.4f}" for k in METRICS) + f" fit {row['fit_seconds']:.1f}s", flush=True)
+        results = {
+            "dataset": cfg.dataset,
+            "data": {k: v for k, v in data.stats.items() if k != "path"} | {"users": data.n_users, "items": data.n_items,
+                                                                              "nnz": int(data.matrix.nnz)},
+            "config": json.loads(cfg.model_dump_json()),
+            "seeds": seeds,
+            "device": self.device,
+            "machine": machine_name(self.device),
+            "models": {m: aggregate(per_seed[m]) for m in models},
+            "per_seed": per_seed,
+            "tuning": tuning,
+            "chosen": chosen,
+            "skipped": {m: f"catalog of {data.n_items} items > max_ease_items={cfg.max_ease_items}" for m in skipped},
+            "pia_uplift": pia_uplift(per_seed),
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        tmp = cfg.out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2, default=_json_default))
+        tmp.replace(cfg.out / "results.json")
+        write_report(results, cfg.out / "results.md")
+        return results
+
+    def tune(self, name: str, seed: int, split: Split) -> tuple[Recommender, float, list[dict[str, float]]]:
+        """Grid search on validation users; returns the best model (already fit), its value, the table."""
+        best: tuple[float, Recommender, float] | None = None
+        table = []
+        for hp in self.grid(name):
+            rec = self.build(name, seed, hp)
+            rec.fit(split.train, split.valid)
+            val = evaluate(rec.score, split.valid.fold_in, split.valid.targets, device=rec.device).mean()
+            table.append({"value": hp, "val_ndcg@100": val["ndcg@100"], "val_recall@20": val["recall@20"],
+                          "best_epoch": float(getattr(rec, "best_epoch", 0))})
+            if self.cfg.progress:
+                print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={val['ndcg@100']:.4f}", flush=True)
+            if best is None or val["ndcg@100"] > best[0]:
+                best = (val["ndcg@100"], rec, hp)
+        assert best is not None
+        return best[1], best[2], table
+
+    @staticmethod
+    def summarize(name: str, seed: int, rec: Recommender, res: EvalResult, user_counts: np.ndarray) -> dict[str, Any]:
+        row: dict[str, Any] = {"seed": seed, "fit_seconds": rec.fit_seconds, **res.mean(),
+                               "mean_popularity@20": res.mean_popularity,
+                               "best_epoch": getattr(rec, "best_epoch", None)}
+        groups = {}
+        for g, mask in activity_groups(user_counts).items():
+            groups[g] = {"users": int(mask.sum())} | {
+                m: float(np.nanmean(res.per_user[m][mask])) if mask.any() else float("nan") for m in METRICS}
+        row["groups"] = groups
+        return row
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in (*METRICS, "coverage@20", "mean_popularity@20", "fit_seconds"):
+        vals = np.array([r[m] for r in rows], dtype=float)
+        out[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    groups: dict[str, Any] = {}
+    for g, _, _ in ACTIVITY_GROUPS:
+        groups[g] = {"users": float(np.mean([r["groups"][g]["users"] for r in rows]))}
+        for m in METRICS:
+            vals = np.array([r["groups"][g][m] for r in rows], dtype=float)
+            groups[g][m] = {"mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan"),
+                            "std": float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else 0.0}
+    out["groups"] = groups
+    return out
+
+
+def pia_uplift(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per-seed differences (PIA - base) on the same split, for every base model trained with and without PIA."""
+    out: dict[str, Any] = {}
+    for name, rows in per_seed.items():
+        base = name.removesuffix("-pia")
+        if not name.endswith("-pia") or base not in per_seed:
+            continue
+        by_seed = {r["seed"]: r for r in per_seed[base]}
+        diffs = {m: [r[m] - by_seed[r["seed"]][m] for r in rows if r["seed"] in by_seed] for m in METRICS}
+        rel = [(r["ndcg@100"] / by_seed[r["seed"]]["ndcg@100"] - 1) * 100 for r in rows if r["seed"] in by_seed]
+        out[name] = {"base": base, "diffs": diffs, "ndcg@100_rel_pct": rel,
+                     "mean": {m: float(np.mean(v)) for m, v in diffs.items()},
+                     "std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in diffs.items()},
+                     "seeds_improved": int(sum(d > 0 for d in diffs["ndcg@100"]))}
+    return out
+
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
