@@ -8,14 +8,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.sparse import SparseBatch, as_batch
+from model.sparse import SparseBatch, as_batch, sparse_matmul
 
 
 class ItemInput(nn.Module):
     """The first encoder layer, x @ W + b, fed sparse rows.
 
     Same function as nn.Linear(n_items, out) on the dense row, but it costs O(nnz · out) instead of
-    O(n_items · out): an embedding bag sums the weight rows of the items a user has.
+    O(n_items · out): it sums the weight rows of the items a user has.
     """
 
     def __init__(self, n_items: int, out_features: int):
@@ -28,9 +28,7 @@ class ItemInput(nn.Module):
         nn.init.normal_(self.bias, 0.0, 0.001)
 
     def forward(self, x: SparseBatch | torch.Tensor) -> torch.Tensor:
-        b = as_batch(x)
-        h = F.embedding_bag(b.cols, self.weight, b.offsets, mode="sum", per_sample_weights=b.vals.to(self.weight.dtype))
-        return h + self.bias  # [B, H]
+        return sparse_matmul(as_batch(x), self.weight) + self.bias  # [B, H]
 
 
 def linear(n_in: int, n_out: int) -> nn.Linear:

@@ -16,9 +16,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.nn import functional as F
 
-from model.sparse import SparseBatch
+from model.sparse import SparseBatch, row_mean_weights, sparse_matmul
 
 
 class PIAConfig(BaseModel):
@@ -72,9 +71,9 @@ class ItemAnchors(nn.Module):
         """L_A per user [B]. `history`: the unmasked positives; mu/logvar/z: posterior of the masked input."""
         e = self.weight
         ones = torch.ones_like(history.vals, dtype=e.dtype)
-        centroid = F.embedding_bag(history.cols, e, history.offsets, mode="mean")  # [B, d]
-        sq_norms = (e * e).sum(-1)  # [I]
-        mean_sq = F.embedding_bag(history.cols, sq_norms[:, None], history.offsets, mode="mean")[:, 0]
+        w = row_mean_weights(history)
+        centroid = sparse_matmul(history, e, w)  # [B, d]
+        mean_sq = sparse_matmul(history, (e * e).sum(-1, keepdim=True), w)[:, 0]  # mean_i ||e_i||^2
         spread = (mean_sq - (centroid * centroid).sum(-1)).clamp_min(0.0)  # mean_i ||e_i - c||^2
         if self.config.estimator == "sampled" and z is not None:
             pull = (z.float() - centroid).pow(2).sum(-1)

@@ -64,7 +64,7 @@ class DeviceCSR:
     @classmethod
     def from_scipy(cls, matrix: sp.csr_matrix, device: torch.device | str = "cpu") -> DeviceCSR:
         m = sp.csr_matrix(matrix, dtype=np.float32)
-        m.sort_indices()
+        m.sum_duplicates()  # sorted, unique (row, col): the COO products rely on it
         return cls(
             torch.as_tensor(m.indptr.astype(np.int64), device=device),
             torch.as_tensor(m.indices.astype(np.int64), device=device),
@@ -115,3 +115,20 @@ def as_batch(x: SparseBatch | torch.Tensor) -> SparseBatch:
     counts = torch.bincount(rows, minlength=x.shape[0])
     offsets = torch.cumsum(counts, 0) - counts
     return SparseBatch(rows, cols, x[rows, cols].float(), offsets, int(x.shape[0]), int(x.shape[1]))
+
+
+def sparse_matmul(x: SparseBatch, weight: torch.Tensor, vals: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight for a sparse batch x [B, I] and a dense weight [I, H] -> [B, H]."""
+    # A COO matrix already in (row, col) order: no coalescing sort forward; torch's sparse mm backward
+    # gives weight its gradient x^T @ grad. Measured faster on CPU than embedding_bag (whose backward
+    # sorts the indices) and a hand-written gather + index_add.
+    v = (x.vals if vals is None else vals).to(weight.dtype)
+    coo = torch.sparse_coo_tensor(torch.stack([x.rows, x.cols]), v, (x.n_rows, weight.shape[0]),
+                                  is_coalesced=True, check_invariants=False)
+    return torch.sparse.mm(coo, weight)
+
+
+def row_mean_weights(x: SparseBatch) -> torch.Tensor:
+    """Per-entry weights 1/|row| so that sparse_matmul(x, w, row_mean_weights(x)) averages rows of w."""
+    counts = x.row_sum(torch.ones_like(x.vals)).clamp_min(1.0)
+    return 1.0 / counts[x.rows]

@@ -76,7 +76,7 @@ def _count(name: str, value: int | float, n_users: int) -> int:
         return count
     if not 0.0 < float(value) < 1.0:
         raise SplitError(f"{name}={value!r} as a fraction must be in (0, 1); pass an int for a user count")
-    return int(round(float(value) * n_users))
+    return round(float(value) * n_users)
 
 
 def _split_rows(

@@ -9,6 +9,7 @@ Multi-DAE: same without the variance head: I -> 200 -> I by default, loss = mult
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,7 +32,7 @@ class VAEConfig(BaseModel):
 
 def dae_config(**overrides: object) -> VAEConfig:
     """Multi-DAE reference architecture: [I -> 200 -> I]."""
-    return VAEConfig(**{"hidden_dims": (), "variational": False, **overrides})  # type: ignore[arg-type]
+    return VAEConfig(**{"hidden_dims": (), "variational": False, **overrides})
 
 
 @dataclass
@@ -62,12 +63,12 @@ class MultiVAE(nn.Module):
         dims = [*config.hidden_dims, config.latent_dim]
         self.item_in = ItemInput(n_items, dims[0] * (2 if len(dims) == 1 and config.variational else 1))
         enc: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        for i, (a, b) in enumerate(pairwise(dims)):
             last = i == len(dims) - 2
             enc.append(linear(a, b * 2 if (last and config.variational) else b))
         self.encoder = nn.ModuleList(enc)
         dec_dims = [config.latent_dim, *reversed(config.hidden_dims), n_items]
-        self.decoder = nn.ModuleList(linear(a, b) for a, b in zip(dec_dims[:-1], dec_dims[1:], strict=True))
+        self.decoder = nn.ModuleList(linear(a, b) for a, b in pairwise(dec_dims))
 
     # -- the inference path -------------------------------------------------------------------
     def encode(self, x: SparseBatch, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:

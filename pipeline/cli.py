@@ -39,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--patience", type=int, default=20)
     e.add_argument("--bf16", action="store_true")
     e.add_argument("--min-rating", type=float, default=None)
+    e.add_argument("--n-valid", type=float, default=0.1, help="validation users: a fraction (<1) or a count")
+    e.add_argument("--n-test", type=float, default=0.1, help="test users: a fraction (<1) or a count")
     e.add_argument("--pia-grid", type=_floats, default=(0.01, 0.1, 1.0))
     e.add_argument("--ease-grid", type=_floats, default=(100.0, 250.0, 500.0, 1000.0))
     e.add_argument("--max-ease-items", type=int, default=50_000)
+    e.add_argument("--synthetic-users", type=int, default=3000, help="size of the 'synthetic' data set")
+    e.add_argument("--synthetic-items", type=int, default=1000)
     e.add_argument("--no-progress", action="store_true")
     return p
 
@@ -54,8 +58,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         dataset=args.dataset, data_dir=args.data_dir, models=args.models, seeds=args.seeds,
         first_seed=args.first_seed, out=args.out, device=args.device, epochs=args.epochs,
         recvae_epochs=args.recvae_epochs, patience=args.patience, bf16=args.bf16, min_rating=args.min_rating,
+        n_valid=args.n_valid, n_test=args.n_test,
         pia_grid=args.pia_grid, ease_grid=args.ease_grid, max_ease_items=args.max_ease_items,
-        progress=not args.no_progress,
+        synthetic_users=args.synthetic_users, synthetic_items=args.synthetic_items, progress=not args.no_progress,
     )
     results = Experiment(cfg).run()
     print(render(results))

@@ -281,7 +281,7 @@ def _validate_ids(name: str, series: pd.Series) -> np.ndarray:
         return _int_ids(name, series.to_numpy(dtype=np.int64))
     if pd.api.types.is_float_dtype(dtype):
         return _float_ids(name, series.to_numpy(dtype=np.float64))
-    if isinstance(dtype, pd.CategoricalDtype) or dtype == object or pd.api.types.is_string_dtype(dtype):
+    if isinstance(dtype, pd.CategoricalDtype) or dtype.kind == "O" or pd.api.types.is_string_dtype(dtype):
         return _object_ids(name, series.astype(object))
     raise DataError(
         f"column {name} has type {dtype}, which cannot hold ids",
@@ -342,8 +342,9 @@ def _binarize_mask(df: pd.DataFrame, rule: BinarizeRule) -> np.ndarray:
     ):
         if threshold is None:
             if column in df.columns:
-                logger.info("no %s in the rule: every row counts as a positive whatever its %s", field_name,
-                            column)
+                logger.info(
+                    "no %s in the rule: every row counts as a positive whatever its %s", field_name, column
+                )
             continue
         if column not in df.columns:
             raise DataError(
@@ -357,8 +358,11 @@ def _binarize_mask(df: pd.DataFrame, rule: BinarizeRule) -> np.ndarray:
 
 def prepare(df: pd.DataFrame, rule: BinarizeRule, min_user_interactions: int = 5) -> Interactions:
     """Validate, binarize, dedupe and filter ``df`` into an ``Interactions`` matrix (see module doc)."""
-    if isinstance(min_user_interactions, bool) or int(min_user_interactions) != min_user_interactions \
-            or min_user_interactions < 1:
+    if (
+        isinstance(min_user_interactions, bool)
+        or int(min_user_interactions) != min_user_interactions
+        or min_user_interactions < 1
+    ):
         raise DataError(
             f"min_user_interactions must be a positive integer, got {min_user_interactions!r}",
             "set min_user_interactions to 1 or more (the protocol uses 5)",
@@ -387,7 +391,9 @@ def prepare(df: pd.DataFrame, rule: BinarizeRule, min_user_interactions: int = 5
     if duplicates:
         logger.warning(
             "collapsed %d duplicate (user_id, item_id) pair(s) into single positives (%d -> %d)",
-            duplicates, rows_pos, len(keys),
+            duplicates,
+            rows_pos,
+            len(keys),
         )
     u = keys // n_items_all
     i = keys % n_items_all
@@ -405,7 +411,9 @@ def prepare(df: pd.DataFrame, rule: BinarizeRule, min_user_interactions: int = 5
     if users_dropped:
         logger.info(
             "dropped %d of %d users with fewer than %d positives",
-            users_dropped, len(user_vocab), min_user_interactions,
+            users_dropped,
+            len(user_vocab),
+            min_user_interactions,
         )
     row_keep = user_ok[u]
     u, i = u[row_keep], i[row_keep]
@@ -444,7 +452,10 @@ def prepare(df: pd.DataFrame, rule: BinarizeRule, min_user_interactions: int = 5
     }
     logger.info(
         "prepared %d users x %d items, %d positives (density %.4g)",
-        n_users, n_items, matrix.nnz, matrix.nnz / max(1, n_users * n_items),
+        n_users,
+        n_items,
+        matrix.nnz,
+        matrix.nnz / max(1, n_users * n_items),
     )
     return Interactions(
         matrix=matrix,

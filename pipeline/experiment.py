@@ -26,7 +26,7 @@ from model.evaluate import EvalResult, evaluate
 from model.pia import PIAConfig
 from model.popularity import item_popularity
 from model.recommenders import MODEL_NAMES, make_recommender
-from model.split import Split, strong_generalization_split
+from model.split import Split, SplitError, strong_generalization_split
 from model.train import TrainConfig, resolve_device
 from pipeline.dataset import BinarizeRule, Interactions, load_dataset, prepare
 from pipeline.errors import DataError
@@ -112,7 +112,7 @@ class Experiment:
                            bf16=self.cfg.bf16, patience=self.cfg.patience, progress=self.cfg.progress)
 
     def build(self, name: str, seed: int, hp: float | None) -> Recommender:
-        pia = PIAConfig(weight=hp, estimator=self.cfg.pia_estimator) if name.endswith("-pia") and hp else None  # type: ignore[arg-type]
+        pia = PIAConfig(weight=hp, estimator=self.cfg.pia_estimator) if name.endswith("-pia") and hp else None
         ease = EASEConfig(l2=hp) if name == "ease" and hp else None
         return make_recommender(name, train=self.train_config(name, seed), pia=pia, ease=ease)
 
@@ -136,9 +136,11 @@ class Experiment:
         chosen: dict[str, float | None] = {}
         for si, seed in enumerate(seeds):
             try:
-                split = strong_generalization_split(data.matrix, seed=seed, n_valid=cfg.n_valid, n_test=cfg.n_test)
-            except ValueError as e:
-                raise DataError(f"{e}") from e
+                split = strong_generalization_split(data.matrix, seed=seed, n_valid=_count(cfg.n_valid),
+                                                    n_test=_count(cfg.n_test))
+            except SplitError as e:
+                raise DataError(f"the data set is too small for the held-out split: {e}",
+                                "use a larger data set, or smaller --n-valid/--n-test") from e
             pop = item_popularity(split.train)
             for name in models:
                 if si == 0 and self.grid(name):
@@ -150,9 +152,9 @@ class Experiment:
                 row = self.summarize(name, seed, rec, res, counts[split.test.users])
                 per_seed[name].append(row)
                 log.info("%s seed %d: %s", name, seed, {k: round(row[k], 4) for k in METRICS})
-                if cfg.progress:
-                    print(f"[{cfg.dataset}] {name:<13} seed {seed}: " +
-                          " ".join(f"{k}={row[k]:.4f}" for k in METRICS) + f" fit {row['fit_seconds']:.1f}s", flush=True)
+                # one summary line per fit, also without progress bars
+                print(f"[{cfg.dataset}] {name:<13} seed {seed}: " +
+                      " ".join(f"{k}={row[k]:.4f}" for k in METRICS) + f" fit {row['fit_seconds']:.1f}s", flush=True)
         results = {
             "dataset": cfg.dataset,
             "data": {k: v for k, v in data.stats.items() if k != "path"} | {"users": data.n_users, "items": data.n_items,
@@ -186,8 +188,7 @@ class Experiment:
             val = evaluate(rec.score, split.valid.fold_in, split.valid.targets, device=rec.device).mean()
             table.append({"value": hp, "val_ndcg@100": val["ndcg@100"], "val_recall@20": val["recall@20"],
                           "best_epoch": float(getattr(rec, "best_epoch", 0))})
-            if self.cfg.progress:
-                print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={val['ndcg@100']:.4f}", flush=True)
+            print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={val['ndcg@100']:.4f}", flush=True)
             if best is None or val["ndcg@100"] > best[0]:
                 best = (val["ndcg@100"], rec, hp)
         assert best is not None
@@ -237,6 +238,11 @@ def pia_uplift(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                      "std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in diffs.items()},
                      "seeds_improved": int(sum(d > 0 for d in diffs["ndcg@100"]))}
     return out
+
+
+def _count(v: float) -> int | float:
+    """A fraction stays a fraction; 1 or more is a user count."""
+    return int(v) if v >= 1 else v
 
 
 def machine_name(device: str) -> str:

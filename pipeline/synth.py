@@ -11,12 +11,16 @@
   by popularity) and otherwise from global popularity. Users of one cluster therefore share items
   beyond the popular ones, which a collaborative model can learn and a popularity baseline cannot.
 
-Each user's items are distinct: draws are made with replacement and deduplicated, keeping the first
-occurrences (the same as drawing one at a time without replacement); the few users left short get
-further rounds of draws, and finally uniform random items if a tiny cluster runs dry.
+Each user gets exactly the drawn activity count of distinct items: draws are made with replacement,
+repeats are rejected and the users left short draw again (which amounts to drawing one item at a time
+without replacement); if a tiny cluster runs dry, uniform random new items fill the rest. ``weight`` is
+a heavy-tailed play-count-like value >= 1 (floor of a log-normal, plus 1), independent of the item.
+Users are generated in chunks, so memory stays bounded (ML-20M shape: about 120 MB peak).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -26,6 +30,7 @@ MIN_ITEMS_PER_USER = 5
 _ACTIVITY_SIGMA = 1.0
 _OVERSAMPLE = 1.5
 _MAX_ROUNDS = 30
+_CHUNK_DRAWS = 1 << 20  # draws per chunk of users: bounds the temporary arrays
 
 
 def _zipf_weights(n_items: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
@@ -153,9 +158,33 @@ def _distinct_draws(
     extra = []
     for user in np.flatnonzero(deficit > 0):
         lo, hi = np.searchsorted(keys, [user * n_items, (user + 1) * n_items])
-        free = np.setdiff1d(np.arange(n_items, dtype=np.int64), keys[lo:hi] - user * n_items, assume_unique=True)
+        owned = keys[lo:hi] - user * n_items
+        free = np.setdiff1d(np.arange(n_items, dtype=np.int64), owned, assume_unique=True)
         extra.append(user * n_items + rng.choice(free, size=int(deficit[user]), replace=False))
     return np.sort(np.concatenate([done, keys, *(np.sort(e) for e in extra)]), kind="stable")
+
+
+def _distinct_items(
+    want: np.ndarray,
+    user_cluster: np.ndarray,
+    sampler: _Sampler,
+    n_items: int,
+    rng: np.random.Generator,
+    dtype: type = np.int64,
+) -> np.ndarray:
+    """Items of every user, grouped by user (ascending) and sorted within a user; want[u] per user.
+
+    Users are processed in chunks of about _CHUNK_DRAWS draws, so temporary arrays stay small whatever
+    the total; the user of each entry is implied by ``want`` (``np.repeat(arange, want)``).
+    """
+    starts = np.cumsum(want) - want
+    chunk_of_user = starts // _CHUNK_DRAWS
+    edges = np.concatenate(([0], np.flatnonzero(np.diff(chunk_of_user)) + 1, [len(want)]))
+    parts: list[np.ndarray] = []
+    for lo, hi in itertools.pairwise(edges):
+        keys = _distinct_draws(want[lo:hi], user_cluster[lo:hi], sampler, n_items, rng)
+        parts.append((keys % n_items).astype(dtype))
+    return np.concatenate(parts)
 
 
 def synth_interactions_with_clusters(
@@ -171,7 +200,7 @@ def synth_interactions_with_clusters(
     if n_users < 1:
         raise ValueError(f"n_users must be >= 1, got {n_users}")
     if n_items < 2 * MIN_ITEMS_PER_USER:
-        raise ValueError(f"n_items must be >= {2 * MIN_ITEMS_PER_USER} (users need >= 5 of at most n_items/2)")
+        raise ValueError(f"n_items must be >= {2 * MIN_ITEMS_PER_USER} (users need >= 5 of n_items // 2)")
     if not 1 <= n_clusters <= n_items:
         raise ValueError(f"n_clusters must be in [1, n_items], got {n_clusters}")
     if mean_items_per_user <= 0:
@@ -183,15 +212,14 @@ def synth_interactions_with_clusters(
 
     rng = np.random.default_rng(seed)
     popularity = _zipf_weights(n_items, popularity_exponent, rng)
-    item_cluster = rng.permutation(np.arange(n_items) % n_clusters).astype(np.int64)  # every cluster non-empty
+    # Round-robin then shuffled: every cluster gets items, sizes differ by at most one.
+    item_cluster = rng.permutation(np.arange(n_items) % n_clusters).astype(np.int64)
     user_cluster = rng.integers(0, n_clusters, size=n_users, dtype=np.int64)
     want = _activity(n_users, float(mean_items_per_user), n_items // 2, rng)
     sampler = _Sampler(popularity, item_cluster, n_clusters, float(cluster_share))
 
-    keys = _distinct_draws(want, user_cluster, sampler, n_items, rng)
-    users = keys // n_items
-    items = keys - users * n_items
-    del keys
+    items = _distinct_items(want, user_cluster, sampler, n_items, rng)
+    users = np.repeat(np.arange(n_users, dtype=np.int64), want)
     # Play-count-like weights >= 1 (heavy tailed), in case a pipeline wants a weight threshold.
     weight = (np.floor(rng.lognormal(0.0, 1.0, size=len(users))) + 1.0).astype(np.float32)
     frame = pd.DataFrame({"user_id": users, "item_id": items, "weight": weight})
@@ -237,12 +265,11 @@ def synth_ml20m_like_csr(
     popularity = _zipf_weights(n_items, popularity_exponent, rng)
     counts = _activity(n_users, float(mean_items), n_items // 2, rng)
     sampler = _Sampler(popularity, np.zeros(n_items, dtype=np.int64), 1, 0.0)
-    keys = _distinct_draws(counts, np.zeros(n_users, dtype=np.int64), sampler, n_items, rng)
-    index_dtype = np.int32 if max(len(keys), n_items) < 2**31 else np.int64
-    indices = (keys % n_items).astype(index_dtype)
-    del keys
+    index_dtype = np.int32 if max(int(counts.sum()), n_items) < 2**31 else np.int64
+    indices = _distinct_items(counts, np.zeros(n_users, dtype=np.int64), sampler, n_items, rng, index_dtype)
     indptr = np.zeros(n_users + 1, dtype=index_dtype)
     np.cumsum(counts, out=indptr[1:])
-    matrix = sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n_users, n_items))
+    data = np.ones(len(indices), dtype=np.float32)
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(n_users, n_items))
     matrix.has_sorted_indices = True
     return matrix

@@ -148,11 +148,11 @@ def test_items_never_seen_in_training_are_dropped():
 
 def test_too_small_data_raises():
     m = random_matrix(n_users=5, n_items=20)
-    with pytest.raises(SplitError, match="at least 1 training user"):
+    with pytest.raises(SplitError, match=r"at least 1 training user"):
         strong_generalization_split(m, seed=0, n_valid=3, n_test=2)
-    with pytest.raises(SplitError, match="validation set would have 0 user"):
+    with pytest.raises(SplitError, match=r"validation set would have 0 user"):
         strong_generalization_split(m, seed=0, n_valid=0.05, n_test=1)  # round(0.25) == 0
-    with pytest.raises(SplitError, match="test set would have 1 user.*min_heldout_users=2"):
+    with pytest.raises(SplitError, match=r"test set would have 1 user.*min_heldout_users=2"):
         strong_generalization_split(m, seed=0, n_valid=2, n_test=1, min_heldout_users=2)
     with pytest.raises(SplitError):
         strong_generalization_split(m, seed=0, n_valid=1.5)
@@ -161,11 +161,12 @@ def test_too_small_data_raises():
 
 def test_empty_heldout_targets_raise():
     # Every user has one item of their own: held-out users' items are never seen in training.
-    with pytest.raises(SplitError, match="no validation user has a target.*0 interaction"):
-        strong_generalization_split(sp.identity(10, dtype=np.float32, format="csr"), seed=0, n_valid=2, n_test=2)
+    with pytest.raises(SplitError, match=r"no validation user has a target.*0 interaction"):
+        eye = sp.identity(10, dtype=np.float32, format="csr")
+        strong_generalization_split(eye, seed=0, n_valid=2, n_test=2)
     # Everyone has the same single item: it is kept, but one item cannot be split into fold-in + target.
     ones = sp.csr_matrix(np.ones((10, 1), dtype=np.float32))
-    with pytest.raises(SplitError, match="no validation user has a target"):
+    with pytest.raises(SplitError, match=r"no validation user has a target"):
         strong_generalization_split(ones, seed=0, n_valid=2, n_test=2)
 
 

@@ -67,7 +67,7 @@ def test_empty_file_with_schema(tmp_path):
 def test_zero_byte_file_is_not_parquet(tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"")
-    with pytest.raises(DataError, match="not a readable Parquet file") as info:
+    with pytest.raises(DataError, match=r"not a readable Parquet file") as info:
         load_dataset(path, tmp_path, ANY)
     assert "re-export" in str(info.value)
 
@@ -81,7 +81,7 @@ def test_missing_columns_names_found_columns(tmp_path):
 
 
 def test_missing_columns_in_a_frame():
-    with pytest.raises(DataError, match="lack column.*item_id.*columns found: user_id, x"):
+    with pytest.raises(DataError, match=r"lack column.*item_id.*columns found: user_id, x"):
         validate_interactions(pd.DataFrame({"user_id": [1], "x": [2]}))
 
 
@@ -94,7 +94,9 @@ def test_nan_ids_are_counted(tmp_path):
 
 
 def test_null_integer_ids(tmp_path):
-    table = pa.table({"user_id": pa.array([1, None, 2], pa.int32()), "item_id": pa.array([1, 2, 3], pa.int32())})
+    table = pa.table(
+        {"user_id": pa.array([1, None, 2], pa.int32()), "item_id": pa.array([1, 2, 3], pa.int32())}
+    )
     assert "user_id has 1 missing" in load_error(tmp_path, table)
 
 
@@ -122,7 +124,7 @@ def test_negative_ids(tmp_path):
 
 def test_mixed_string_and_number_ids_rejected():
     frame = pd.DataFrame({"user_id": ["a", 3], "item_id": [1, 2]})
-    with pytest.raises(DataError, match="mixes strings.*Fix: ids must be all int64 or all strings"):
+    with pytest.raises(DataError, match=r"mixes strings.*Fix: ids must be all int64 or all strings"):
         validate_interactions(frame)
 
 
@@ -165,10 +167,10 @@ def test_path_traversal_name_is_rejected(tmp_path, monkeypatch):
             load_dataset(bad, data_dir, ANY)
         assert "toy" in str(info.value), bad  # the fix lists what is available
         assert "Fix:" in str(info.value)
-    with pytest.raises(DataError, match="neither a data set name"):
+    with pytest.raises(DataError, match=r"neither a data set name"):
         resolve_dataset("../etc", data_dir)
     if Path("/etc/passwd").is_file():
-        with pytest.raises(DataError, match="not a Parquet file"):
+        with pytest.raises(DataError, match=r"not a Parquet file"):
             resolve_dataset("/etc/passwd", data_dir)
 
 
@@ -183,18 +185,18 @@ def test_unknown_name_lists_available(tmp_path):
 
 
 def test_missing_data_dir_points_at_the_setting(tmp_path):
-    with pytest.raises(DataError, match="does not exist.*RECSYS_DATA_DIR"):
+    with pytest.raises(DataError, match=r"does not exist.*RECSYS_DATA_DIR"):
         resolve_dataset("ml-1m", tmp_path / "absent")
 
 
 def test_non_parquet_file_and_folder_without_interactions(tmp_path):
     csv = tmp_path / "x.csv"
     csv.write_text("user_id,item_id\n1,2\n")
-    with pytest.raises(DataError, match="not a Parquet file"):
+    with pytest.raises(DataError, match=r"not a Parquet file"):
         resolve_dataset(str(csv), tmp_path)
     folder = tmp_path / "sub" / "dir"
     folder.mkdir(parents=True)
-    with pytest.raises(DataError, match="has no interactions.parquet"):
+    with pytest.raises(DataError, match=r"has no interactions.parquet"):
         resolve_dataset(str(folder), tmp_path)
 
 
@@ -306,7 +308,7 @@ def test_matrix_layout_and_string_ids():
 
 
 def test_min_user_interactions_must_be_positive():
-    with pytest.raises(DataError, match="min_user_interactions"):
+    with pytest.raises(DataError, match=r"min_user_interactions"):
         prepare(good_frame(), ANY, min_user_interactions=0)
 
 

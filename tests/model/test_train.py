@@ -1,0 +1,247 @@
+"""model.train: determinism, checkpoint/resume, best-epoch selection, early stopping, devices, progress."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import scipy.sparse as sp
+import torch
+
+from model.pia import PIAConfig
+from model.recommenders import Autoencoder, make_recommender
+from model.recvae import RecVAEConfig
+from model.split import Split
+from model.train import TrainConfig, Trainer, resolve_device
+from model.vae import MultiVAE, VAEConfig
+
+
+def deep_copy(state: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint callback that persists the state does: serialize it now."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+def strip_times(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in history]
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def recommender(arch: str, train: TrainConfig) -> Autoencoder:
+    if arch == "multivae-pia":
+        rec = make_recommender(
+            arch,
+            train=train,
+            pia=PIAConfig(weight=0.5, init="encoder"),
+            model_config=VAEConfig(hidden_dims=(32,), latent_dim=8),
+        )
+    else:
+        rec = make_recommender(arch, train=train, model_config=RecVAEConfig(hidden_dim=32, latent_dim=8))
+    assert isinstance(rec, Autoencoder)
+    return rec
+
+
+@pytest.mark.parametrize("arch", ["multivae-pia", "recvae"])
+def test_same_seed_same_run_other_seed_other_run(arch: str, split: Split, train_config) -> None:
+    runs = [recommender(arch, train_config(seed=s)).fit(split.train, split.valid) for s in (0, 0, 1)]
+    a, b, c = (r.module.state_dict() for r in runs)  # type: ignore[union-attr]
+    assert_same_state(a, b)
+    assert strip_times(runs[0].history) == strip_times(runs[1].history)
+    assert differs(a, c)
+    assert strip_times(runs[0].history) != strip_times(runs[2].history)
+
+
+@pytest.mark.parametrize("arch", ["multivae-pia", "recvae"])
+def test_resume_from_a_checkpoint_reproduces_the_run(arch: str, split: Split, train_config) -> None:
+    cfg = train_config(epochs=4)
+    saved: dict[int, dict[str, Any]] = {}
+
+    def checkpoint(state: dict[str, Any]) -> None:
+        saved[state["epoch"]] = deep_copy(state)
+
+    full = recommender(arch, cfg).fit(split.train, split.valid, checkpoint=checkpoint)
+    assert sorted(saved) == [1, 2, 3, 4]
+    assert len(saved[2]["history"]) == 2
+    if arch == "multivae-pia":
+        assert saved[2]["anchors"] is not None
+
+    resumed = recommender(arch, cfg).fit(split.train, split.valid, resume=saved[2])
+    assert_same_state(full.module.state_dict(), resumed.module.state_dict())  # type: ignore[union-attr]
+    assert strip_times(full.history) == strip_times(resumed.history)
+    assert full.best_epoch == resumed.best_epoch
+    # and the resumed run did train: its weights are not those saved at epoch 2
+    assert differs(saved[2]["model"], resumed.module.state_dict())  # type: ignore[union-attr]
+
+
+def test_checkpoint_resume_with_a_fresh_trainer(split: Split, tiny_vae, train_config) -> None:
+    """The Trainer API directly: a fresh Trainer (other init weights) loads the state and continues."""
+    cfg = train_config(epochs=4)
+    pia = PIAConfig(weight=0.5)
+    torch.manual_seed(0)
+    t1 = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg, pia, split.valid)
+    saved: dict[int, dict[str, Any]] = {}
+    t1.fit(checkpoint=lambda s: saved.setdefault(s["epoch"], deep_copy(s)))
+    torch.manual_seed(
+        123
+    )  # different initial weights and RNG state: everything must come from the checkpoint
+    t2 = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg, pia, split.valid)
+    t2.load_state_dict(saved[2])
+    assert t2.epoch == 2
+    t2.fit()
+    assert_same_state(t1.model.state_dict(), t2.model.state_dict())
+    assert torch.equal(t1.anchors.weight, t2.anchors.weight)  # type: ignore[union-attr]
+    assert strip_times(t1.history) == strip_times(t2.history)
+    assert (t1.step, t1.best_epoch, t1.best_value) == (t2.step, t2.best_epoch, t2.best_value)
+
+
+def test_returned_model_has_the_best_validation_epoch(split: Split, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    cfg = train_config(epochs=8, lr=3e-2)
+    trainer = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg, valid=split.valid)
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    history = trainer.fit(checkpoint=lambda s: states.setdefault(s["epoch"], deep_copy(s["model"])))
+    values = [r["val_ndcg@100"] for r in history]
+    best = max(range(len(values)), key=lambda i: (values[i], -i)) + 1  # first epoch with the max
+    assert trainer.best_epoch == best and trainer.best_value == values[best - 1]
+    assert_same_state(trainer.model.state_dict(), states[best])
+    if best < len(history):  # with this seed the best epoch is not the last one: the weights were rolled back
+        assert differs(trainer.model.state_dict(), states[len(history)])
+    assert not trainer.model.training  # fit leaves the model in eval mode
+    assert trainer.validate()["val_ndcg@100"] == pytest.approx(values[best - 1], abs=1e-6)
+
+
+def scripted(trainer: Trainer, values: list[float]) -> list[int]:
+    """Replace the validation by a scripted sequence of ndcg@100 values; returns the epochs it ran at."""
+    calls: list[int] = []
+
+    def validate() -> dict[str, float]:
+        calls.append(trainer.epoch)
+        return {"val_ndcg@100": values[len(calls) - 1]}
+
+    trainer.validate = validate  # type: ignore[method-assign]
+    return calls
+
+
+def test_patience_stops_early_and_rolls_back(split: Split, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    trainer = Trainer(
+        MultiVAE(split.train.shape[1], tiny_vae),
+        split.train,
+        train_config(epochs=10, patience=2),
+        valid=split.valid,
+    )
+    scripted(trainer, [0.1, 0.3, 0.2, 0.25, 0.9, 0.95, 0.99, 0.99, 0.99, 0.99])
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    history = trainer.fit(checkpoint=lambda s: states.setdefault(s["epoch"], deep_copy(s["model"])))
+    assert len(history) == 4 and trainer.epoch == 4  # epochs 3 and 4 did not beat epoch 2
+    assert trainer.best_epoch == 2 and trainer.best_value == 0.3
+    assert_same_state(trainer.model.state_dict(), states[2])
+
+
+def test_no_patience_runs_all_epochs_and_ties_keep_the_first(split: Split, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    trainer = Trainer(
+        MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=5), valid=split.valid
+    )
+    scripted(trainer, [0.1, 0.3, 0.3, 0.2, 0.1])
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    history = trainer.fit(checkpoint=lambda s: states.setdefault(s["epoch"], deep_copy(s["model"])))
+    assert len(history) == 5 and trainer.best_epoch == 2
+    assert_same_state(trainer.model.state_dict(), states[2])
+
+
+def test_eval_every(split: Split, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    trainer = Trainer(
+        MultiVAE(split.train.shape[1], tiny_vae),
+        split.train,
+        train_config(epochs=5, eval_every=2),
+        valid=split.valid,
+    )
+    calls = scripted(trainer, [0.1, 0.2, 0.3])
+    history = trainer.fit()
+    assert calls == [2, 4, 5]  # every 2nd epoch and the last one
+    assert [("val_ndcg@100" in r) for r in history] == [False, True, False, True, True]
+    assert trainer.best_epoch == 5
+
+
+def test_without_validation_the_last_epoch_is_kept(matrix: sp.csr_matrix, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    trainer = Trainer(MultiVAE(matrix.shape[1], tiny_vae), matrix, train_config(epochs=3))
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    history = trainer.fit(checkpoint=lambda s: states.setdefault(s["epoch"], deep_copy(s["model"])))
+    assert len(history) == 3 and trainer.best_epoch == 3
+    assert_same_state(trainer.model.state_dict(), states[3])
+    assert not any(k.startswith("val_") for r in history for k in r)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
+def test_cuda_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_device("cuda:1")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_resolve_device_names() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+
+
+def test_progress_output(split: Split, tiny_vae, train_config, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    Trainer(
+        MultiVAE(split.train.shape[1], tiny_vae),
+        split.train,
+        train_config(epochs=2, progress=True),
+        PIAConfig(weight=0.5),
+        split.valid,
+    ).fit()
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2") and lines[1].startswith("epoch 2/2")
+    for line in lines:
+        assert "loss=" in line and "anchor=" in line and "val_ndcg@100=" in line
+    # quiet when progress is off
+    torch.manual_seed(0)
+    Trainer(
+        MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=1), valid=split.valid
+    ).fit()
+    captured = capsys.readouterr()
+    assert "epoch" not in captured.out and "epoch" not in captured.err
+
+
+def test_bf16_is_ignored_on_cpu(split: Split, train_config) -> None:
+    runs = []
+    for bf16 in (False, True):
+        rec = make_recommender(
+            "multivae", train=train_config(bf16=bf16), model_config=VAEConfig(hidden_dims=(32,), latent_dim=8)
+        )
+        runs.append(rec.fit(split.train, split.valid))
+    a, b = (r.module.state_dict() for r in runs)  # type: ignore[attr-defined]
+    assert_same_state(a, b)
+    assert all(v.dtype == torch.float32 for v in b.values())
+
+
+def test_on_epoch_callback_sees_every_record(split: Split, train_config) -> None:
+    seen: list[dict[str, Any]] = []
+    rec = make_recommender(
+        "multivae", train=train_config(epochs=3), model_config=VAEConfig(hidden_dims=(32,), latent_dim=8)
+    )
+    rec.fit(split.train, split.valid, on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [1, 2, 3]
+    assert seen == rec.history  # type: ignore[attr-defined]
