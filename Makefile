@@ -32,10 +32,10 @@ lint: venv
 	$(VENV)/bin/mypy
 
 bench-train: venv
-	$(PY) bench/train_epoch.py
+	$(PY) -m bench.train_epoch $(ARGS)
 
 bench-ease: venv
-	$(PY) bench/ease_fit.py
+	$(PY) -m bench.ease_fit $(ARGS)
 
 # docs/results.md: the committed accuracy table (see docs/results.md for what each run used).
 results: venv

@@ -57,10 +57,7 @@ COLD = 10
 
 
 def seen_sets(history: sp.csr_matrix) -> list[set[int]]:
-    return [
-        set(history.indices[history.indptr[r] : history.indptr[r + 1]].tolist())
-        for r in range(history.shape[0])
-    ]
+    return [set(history.indices[history.indptr[r] : history.indptr[r + 1]].tolist()) for r in range(history.shape[0])]
 
 
 class TestRecommenderContract:
@@ -86,6 +83,15 @@ class TestRecommenderContract:
         full[history.nonzero()] = -np.inf
         np.testing.assert_array_equal(np.take_along_axis(full, items, 1), scores)
         assert np.all(np.sort(full, axis=1)[:, ::-1][:, :K] == scores)
+
+    def test_seen_items_never_get_a_finite_score(self, fitted: Recommender, history: sp.csr_matrix) -> None:
+        # k = the whole catalog: the unseen items come first with finite scores, the seen ones (if
+        # returned at all to fill k) are marked -inf
+        items, scores = fitted.recommend(history, fitted.n_items)
+        for r, seen in enumerate(seen_sets(history)):
+            finite = np.isfinite(scores[r])
+            assert set(items[r][finite].tolist()) == set(range(fitted.n_items)) - seen, r
+            assert np.all(scores[r][~finite] == -np.inf)
 
     def test_seen_items_can_appear_unfiltered(self, fitted: Recommender, history: sp.csr_matrix) -> None:
         items, scores = fitted.recommend(history, K, filter_seen=False)
@@ -115,16 +121,15 @@ class TestRecommenderContract:
     def test_k_is_clipped_to_the_catalog(self, fitted: Recommender, history: sp.csr_matrix) -> None:
         items, scores = fitted.recommend(history, 10_000, filter_seen=False)
         assert items.shape == scores.shape == (history.shape[0], fitted.n_items)
-        np.testing.assert_array_equal(
-            np.sort(items, axis=1), np.tile(np.arange(fitted.n_items), (history.shape[0], 1))
-        )
+        np.testing.assert_array_equal(np.sort(items, axis=1), np.tile(np.arange(fitted.n_items), (history.shape[0], 1)))
         assert fitted.recommend(history, 0)[0].shape == (history.shape[0], 0)
 
     def test_no_users(self, fitted: Recommender) -> None:
         items, scores = fitted.recommend(sp.csr_matrix((0, fitted.n_items), dtype=np.float32), K)
-        assert (
-            items.shape == scores.shape == (0, K) and items.dtype == np.int64 and scores.dtype == np.float32
-        )
+        assert items.shape == scores.shape == (0, K)
+        assert items.dtype == np.int64 and scores.dtype == np.float32
+        no_users = sp.csr_matrix((0, fitted.n_items), dtype=np.float32)
+        assert fitted.recommend(no_users, 10_000)[0].shape == (0, fitted.n_items)
 
     def test_pickle_round_trip(self, fitted: Recommender, history: sp.csr_matrix) -> None:
         before = fitted.recommend(history, K)
@@ -170,8 +175,7 @@ def test_registry() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.xfail(
     strict=True,
-    reason="Autoencoder.__getstate__ calls self.module.to('cpu'), which moves the "
-    "live module (nn.Module.to is in place)",
+    reason="Autoencoder.__getstate__ calls self.module.to('cpu'), which moves the live module (nn.Module.to is in place)",
 )
 def test_pickling_leaves_a_gpu_model_on_the_gpu(split: Split) -> None:
     train = TrainConfig(epochs=1, batch_size=40, device="cuda", progress=False)
