@@ -25,7 +25,8 @@ class EASEConfig(BaseModel):
 
 def gram_dense(x: sp.csr_matrix, dtype: np.dtype, row_block: int = 4096) -> np.ndarray:
     """X^T X as a dense array, filled block by block from the sparse product (no second dense copy)."""
-    g_sparse = (x.T @ x).tocsr().astype(dtype)
+    xd = x.astype(dtype, copy=False)  # accumulate in the target precision
+    g_sparse = (xd.T @ xd).tocsr()
     n = x.shape[1]
     g = np.empty((n, n), dtype=dtype)
     for start in range(0, n, row_block):

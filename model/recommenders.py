@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -104,7 +105,7 @@ class Autoencoder(Recommender):
     def __getstate__(self) -> dict[str, Any]:  # pickles on any machine: weights go to the CPU
         state = self.__dict__.copy()
         if self.module is not None:
-            state["module"] = self.module.to("cpu")
+            state["module"] = self.module if self.device.type == "cpu" else copy.deepcopy(self.module).to("cpu")
         return state
 
 

@@ -64,7 +64,9 @@ class DeviceCSR:
     @classmethod
     def from_scipy(cls, matrix: sp.csr_matrix, device: torch.device | str = "cpu") -> DeviceCSR:
         m = sp.csr_matrix(matrix, dtype=np.float32)
-        m.sum_duplicates()  # sorted, unique (row, col): the COO products rely on it
+        if not m.has_canonical_format:  # sorted, unique (row, col): the COO products rely on it
+            m = m.copy()  # never rewrite the caller's arrays
+            m.sum_duplicates()
         return cls(
             torch.as_tensor(m.indptr.astype(np.int64), device=device),
             torch.as_tensor(m.indices.astype(np.int64), device=device),

@@ -27,9 +27,7 @@ def random_spd(n: int, seed: int, dtype: type = np.float64) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", [("float64", 1e-9, 1e-12), ("float32", 2e-3, 2e-5)])
-def test_ease_weights_equal_direct_formula(
-    matrix: sp.csr_matrix, dtype: str, rtol: float, atol: float
-) -> None:
+def test_ease_weights_equal_direct_formula(matrix: sp.csr_matrix, dtype: str, rtol: float, atol: float) -> None:
     x = matrix[:80]
     ref = direct_ease(x, 5.0)
     b = ease_weights(x, EASEConfig(l2=5.0, dtype=dtype))  # type: ignore[arg-type]
@@ -51,16 +49,9 @@ def test_ease_weights_weighted_input() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gram_dense multiplies X^T X in the input's float32 and only then casts "
-    "to the configured dtype: dtype='float64' is not float64 for non-binary weights",
-)
 def test_float64_gram_is_accumulated_in_float64() -> None:
     rng = np.random.default_rng(3)
-    x = sp.csr_matrix(
-        np.where(rng.random((70, 25)) < 0.2, rng.uniform(1, 5, (70, 25)), 0.0).astype(np.float32)
-    )
+    x = sp.csr_matrix(np.where(rng.random((70, 25)) < 0.2, rng.uniform(1, 5, (70, 25)), 0.0).astype(np.float32))
     xd = x.toarray().astype(np.float64)
     np.testing.assert_allclose(gram_dense(x, np.dtype(np.float64)), xd.T @ xd, rtol=1e-12)
 
@@ -101,7 +92,5 @@ def test_ease_recommender_scores_are_history_times_weights(matrix: sp.csr_matrix
     hist = matrix[100:120]
     items, scores = rec.recommend(hist, 5, filter_seen=False)
     full = hist.toarray().astype(np.float64) @ direct_ease(matrix[:100], 5.0)
-    np.testing.assert_allclose(
-        scores, np.take_along_axis(full, items, 1).astype(np.float32), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(scores, np.take_along_axis(full, items, 1).astype(np.float32), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(items, np.argsort(-full, axis=1, kind="stable")[:, :5])

@@ -173,10 +173,6 @@ def test_registry() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.xfail(
-    strict=True,
-    reason="Autoencoder.__getstate__ calls self.module.to('cpu'), which moves the live module (nn.Module.to is in place)",
-)
 def test_pickling_leaves_a_gpu_model_on_the_gpu(split: Split) -> None:
     train = TrainConfig(epochs=1, batch_size=40, device="cuda", progress=False)
     rec = make_recommender("multivae", train=train, model_config=VAEConfig(hidden_dims=(32,), latent_dim=8))

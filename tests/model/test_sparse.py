@@ -11,9 +11,7 @@ from torch.nn import functional as F
 from model.sparse import DeviceCSR, SparseBatch, as_batch
 
 
-def random_csr(
-    n_rows: int, n_cols: int, density: float, seed: int, empty_rows: tuple[int, ...] = ()
-) -> sp.csr_matrix:
+def random_csr(n_rows: int, n_cols: int, density: float, seed: int, empty_rows: tuple[int, ...] = ()) -> sp.csr_matrix:
     """Non-binary float32 CSR with some forced empty rows."""
     rng = np.random.default_rng(seed)
     dense = np.where(rng.random((n_rows, n_cols)) < density, rng.uniform(0.5, 3.0, (n_rows, n_cols)), 0.0)
@@ -60,9 +58,7 @@ def test_batch_equals_scipy_rows(seed: int) -> None:
         s = int(b.offsets[r])
         cols = b.cols[s : s + lengths[r]].numpy()
         np.testing.assert_array_equal(cols, m.indices[m.indptr[u] : m.indptr[u + 1]])
-        np.testing.assert_array_equal(
-            b.vals[s : s + lengths[r]].numpy(), m.data[m.indptr[u] : m.indptr[u + 1]]
-        )
+        np.testing.assert_array_equal(b.vals[s : s + lengths[r]].numpy(), m.data[m.indptr[u] : m.indptr[u + 1]])
     np.testing.assert_allclose(b.row_sum().numpy(), np.asarray(m[ids].sum(axis=1)).ravel(), rtol=1e-6)
 
 
@@ -87,9 +83,7 @@ def test_from_scipy_keeps_int_and_float64_input_values() -> None:
 def test_from_scipy_sums_duplicate_entries() -> None:
     # A non-canonical CSR (duplicates), as sp.csr_matrix((data, (rows, cols))) before sum_duplicates or
     # as a caller may build it: scipy's semantics are that duplicates add up.
-    m = sp.csr_matrix(
-        (np.array([1.0, 2.0, 4.0], np.float32), np.array([3, 3, 0]), np.array([0, 2, 3])), shape=(2, 5)
-    )
+    m = sp.csr_matrix((np.array([1.0, 2.0, 4.0], np.float32), np.array([3, 3, 0]), np.array([0, 2, 3])), shape=(2, 5))
     assert not m.has_canonical_format
     dense = m.toarray()  # [[0, 0, 0, 3, 0], [4, 0, 0, 0, 0]]
     b = DeviceCSR.from_scipy(m).batch(torch.tensor([0, 1]))
@@ -100,12 +94,6 @@ def test_from_scipy_sums_duplicate_entries() -> None:
     assert b.cols.tolist() == [3, 0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DeviceCSR.from_scipy calls sum_duplicates() on a matrix that shares its "
-    "arrays with the caller's float32 CSR (sp.csr_matrix(m, dtype=float32) does not copy): the "
-    "caller's indptr/indices/data are rewritten in place",
-)
 def test_from_scipy_leaves_the_callers_matrix_alone() -> None:
     m = sp.csr_matrix(
         (np.array([1.0, 2.0, 4.0, 5.0], np.float32), np.array([3, 3, 2, 0]), np.array([0, 2, 4])),
@@ -131,9 +119,7 @@ def test_l2_normalized_matches_dense() -> None:
     )
     # the structure is unchanged, only the values
     nb = b.l2_normalized()
-    assert (
-        torch.equal(nb.rows, b.rows) and torch.equal(nb.cols, b.cols) and torch.equal(nb.offsets, b.offsets)
-    )
+    assert torch.equal(nb.rows, b.rows) and torch.equal(nb.cols, b.cols) and torch.equal(nb.offsets, b.offsets)
 
 
 def test_binary_sets_stored_values_to_one() -> None:
@@ -176,11 +162,7 @@ def test_as_batch_round_trips_a_dense_tensor() -> None:
     check_structure(b, np.diff(m.indptr))
     # the same triples as gathering the rows from a DeviceCSR
     ref = DeviceCSR.from_scipy(m).batch(torch.arange(30))
-    assert (
-        torch.equal(b.cols, ref.cols)
-        and torch.equal(b.vals, ref.vals)
-        and torch.equal(b.offsets, ref.offsets)
-    )
+    assert torch.equal(b.cols, ref.cols) and torch.equal(b.vals, ref.vals) and torch.equal(b.offsets, ref.offsets)
     assert as_batch(ref) is ref
     # float64 input comes back as float32 values
     assert as_batch(dense.double()).vals.dtype == torch.float32

@@ -93,9 +93,7 @@ def test_checkpoint_resume_with_a_fresh_trainer(split: Split, tiny_vae, train_co
     t1 = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg, pia, split.valid)
     saved: dict[int, dict[str, Any]] = {}
     t1.fit(checkpoint=lambda s: saved.setdefault(s["epoch"], deep_copy(s)))
-    torch.manual_seed(
-        123
-    )  # different initial weights and RNG state: everything must come from the checkpoint
+    torch.manual_seed(123)  # different initial weights and RNG state: everything must come from the checkpoint
     t2 = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg, pia, split.valid)
     t2.load_state_dict(saved[2])
     assert t2.epoch == 2
@@ -152,9 +150,7 @@ def test_patience_stops_early_and_rolls_back(split: Split, tiny_vae, train_confi
 
 def test_no_patience_runs_all_epochs_and_ties_keep_the_first(split: Split, tiny_vae, train_config) -> None:
     torch.manual_seed(0)
-    trainer = Trainer(
-        MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=5), valid=split.valid
-    )
+    trainer = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=5), valid=split.valid)
     scripted(trainer, [0.1, 0.3, 0.3, 0.2, 0.1])
     states: dict[int, dict[str, torch.Tensor]] = {}
     history = trainer.fit(checkpoint=lambda s: states.setdefault(s["epoch"], deep_copy(s["model"])))
@@ -218,9 +214,7 @@ def test_progress_output(split: Split, tiny_vae, train_config, capsys: pytest.Ca
         assert "loss=" in line and "anchor=" in line and "val_ndcg@100=" in line
     # quiet when progress is off
     torch.manual_seed(0)
-    Trainer(
-        MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=1), valid=split.valid
-    ).fit()
+    Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=1), valid=split.valid).fit()
     captured = capsys.readouterr()
     assert "epoch" not in captured.out and "epoch" not in captured.err
 
@@ -228,9 +222,7 @@ def test_progress_output(split: Split, tiny_vae, train_config, capsys: pytest.Ca
 def test_bf16_is_ignored_on_cpu(split: Split, train_config) -> None:
     runs = []
     for bf16 in (False, True):
-        rec = make_recommender(
-            "multivae", train=train_config(bf16=bf16), model_config=VAEConfig(hidden_dims=(32,), latent_dim=8)
-        )
+        rec = make_recommender("multivae", train=train_config(bf16=bf16), model_config=VAEConfig(hidden_dims=(32,), latent_dim=8))
         runs.append(rec.fit(split.train, split.valid))
     a, b = (r.module.state_dict() for r in runs)  # type: ignore[attr-defined]
     assert_same_state(a, b)
@@ -239,9 +231,7 @@ def test_bf16_is_ignored_on_cpu(split: Split, train_config) -> None:
 
 def test_on_epoch_callback_sees_every_record(split: Split, train_config) -> None:
     seen: list[dict[str, Any]] = []
-    rec = make_recommender(
-        "multivae", train=train_config(epochs=3), model_config=VAEConfig(hidden_dims=(32,), latent_dim=8)
-    )
+    rec = make_recommender("multivae", train=train_config(epochs=3), model_config=VAEConfig(hidden_dims=(32,), latent_dim=8))
     rec.fit(split.train, split.valid, on_epoch=seen.append)
     assert [r["epoch"] for r in seen] == [1, 2, 3]
     assert seen == rec.history  # type: ignore[attr-defined]
