@@ -175,10 +175,11 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.valid is None:
             return {}
+        was_training = self.model.training
         self.model.eval()
         res = evaluate(self.ae.score, self.valid.fold_in, self.valid.targets, device=self.device,
                        batch_size=self.config.eval_batch_size)
-        self.model.train()
+        self.model.train(was_training)
         return {f"val_{k}": v for k, v in res.mean().items()}
 
     def fit(self, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
