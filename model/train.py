@@ -15,7 +15,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, Protocol
 
-import numpy as np
 import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -231,8 +230,3 @@ class Trainer:
             self.best_epoch = self.epoch
         self.model.eval()
         return self.history
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)

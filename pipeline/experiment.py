@@ -28,7 +28,7 @@ from model.popularity import item_popularity
 from model.recommenders import MODEL_NAMES, make_recommender
 from model.split import Split, SplitError, strong_generalization_split
 from model.train import TrainConfig, resolve_device
-from pipeline.dataset import BinarizeRule, Interactions, load_dataset, prepare
+from pipeline.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
 from pipeline.errors import DataError
 from pipeline.report import write_report
 from pipeline.synth import synth_interactions
@@ -88,12 +88,13 @@ def load_experiment_data(cfg: ExperimentConfig) -> Interactions:
     if cfg.dataset == SYNTHETIC:
         df = synth_interactions(cfg.synthetic_users, cfg.synthetic_items, seed=12345)
         return prepare(df, BinarizeRule(), cfg.min_user_interactions)
-    from pipeline.dataset import read_interactions, resolve_dataset
-
     path = resolve_dataset(cfg.dataset, cfg.data_dir)
-    has_rating = "rating" in read_interactions(path).columns
-    rule = BinarizeRule(min_rating=cfg.min_rating if cfg.min_rating is not None else (4.0 if has_rating else None))
-    return load_dataset(path, cfg.data_dir, rule, cfg.min_user_interactions)
+    df = read_interactions(path)  # read once: the rule depends on whether a rating column exists
+    default = 4.0 if "rating" in df.columns else None
+    rule = BinarizeRule(min_rating=cfg.min_rating if cfg.min_rating is not None else default)
+    data = prepare(df, rule, cfg.min_user_interactions)
+    data.stats["path"] = str(path)
+    return data
 
 
 def activity_groups(counts: np.ndarray) -> dict[str, np.ndarray]:
