@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
 # Reproduces docs/results.md: the experiment on each real data set, then the concatenated report.
-# Budgets are set per data set to what a 2-core CPU can do; on a GPU raise --epochs to 200 (the reference).
-# Usage: bash bench/results.sh [dataset ...]   (default: all four)
+# Budgets are set per data set to what a 2-core CPU can do; PROFILE=gpu runs on CUDA: the MovieLens sets at
+# the reference budget (5 seeds, up to 200 epochs, RecVAE 50, patience 20), gowalla and amazon-cds at what one
+# device lease holds (3 seeds, 100 epochs, RecVAE 30, patience 10, λ_A in {0.1, 1}). PARALLEL=1 runs the data
+# sets side by side (a GPU run is bound by the host's kernel launches, so they share one GPU well).
+# Every run rewrites its results after each seed, so a stopped run keeps the seeds it finished.
+# Usage: [PROFILE=cpu|gpu] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECSYS=${RECSYS:-.venv/bin/recsys}
 OUT=${OUT:-out/results}
 ALL=(ml-latest-small ml-1m-implicit-ge4 gowalla amazon-cds)
 sets=("${@:-${ALL[@]}}")
-for ds in "${sets[@]}"; do
-  case "$ds" in
-    ml-latest-small)
+SIX=popularity,ease,multivae,multivae-pia,recvae,recvae-pia
+run_one() {
+  local ds=$1 args
+  case "${PROFILE:-cpu}:$ds" in
+    gpu:ml-latest-small|gpu:ml-1m-implicit-ge4)
+      args=(--models $SIX --seeds 5 --device cuda) ;;
+    gpu:gowalla|gpu:amazon-cds)
+      args=(--models $SIX --seeds 3 --epochs 100 --recvae-epochs 30 --patience 10 --pia-grid 0.1,1 --device cuda) ;;
+    cpu:ml-latest-small)
       args=(--models popularity,ease,multivae,multivae-pia,recvae,recvae-pia --seeds 5 --epochs 60
             --recvae-epochs 10 --patience 8) ;;
-    ml-1m-implicit-ge4)
+    cpu:ml-1m-implicit-ge4)
       # about 2 s per Multi-VAE epoch on one CPU core: 3 seeds and 30 epochs fit the session's budget
       args=(--models popularity,ease,multivae,multivae-pia,recvae,recvae-pia --seeds 3 --epochs 30
             --recvae-epochs 10 --patience 5) ;;
-    gowalla|amazon-cds)
+    cpu:gowalla|cpu:amazon-cds)
       # 41k / 36k items: about 45 s per Multi-VAE epoch on 2 CPU cores, EASE needs a 41k x 41k inverse.
       args=(--models popularity,multivae,multivae-pia --seeds 1 --epochs 4 --patience 2 --pia-grid 0.1) ;;
-    *) echo "unknown data set $ds" >&2; exit 2 ;;
+    *) echo "unknown data set $ds" >&2; return 2 ;;
   esac
   echo "== $ds: ${args[*]}"
-  "$RECSYS" experiment --dataset "$ds" --out "$OUT/$ds" --no-progress "${args[@]}"
-done
-.venv/bin/python bench/collect_results.py "$OUT" docs/results.md
+  # EXP_TIMEOUT (seconds) stops a run; it keeps the seeds it finished
+  ${EXP_TIMEOUT:+timeout -s INT "$EXP_TIMEOUT"} $RECSYS experiment --dataset "$ds" --out "$OUT/$ds" --no-progress \
+    "${args[@]}" || echo "== $ds: stopped (exit $?)"
+}
+mkdir -p "$OUT"
+if [[ ${PARALLEL:-0} == 1 ]]; then
+  for ds in "${sets[@]}"; do run_one "$ds" >"$OUT/$ds.log" 2>&1 & done
+  wait
+  for ds in "${sets[@]}"; do cat "$OUT/$ds.log"; done
+else
+  for ds in "${sets[@]}"; do run_one "$ds"; done
+fi
+${PY:-.venv/bin/python} bench/collect_results.py "$OUT" docs/results.md

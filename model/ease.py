@@ -1,8 +1,9 @@
 """EASE (Steck, 2019): B = I - P diag(1/diag(P)), P = (X^T X + lambda I)^-1, diag(B) = 0.
 
 Memory: one dense I x I matrix. On the CPU the Gram matrix is inverted in place (LAPACK potrf + potri on
-the same buffer), so peak memory is one I x I matrix plus the sparse Gram; on a GPU torch's Cholesky
-inverse is used (two I x I buffers).
+the same buffer), so peak memory is one I x I matrix plus the sparse Gram. On a GPU the Gram matrix is
+accumulated there from dense user blocks (exact: float32/float64 accumulation, no TF32), then a Cholesky
+factor and its inverse are taken, each freeing its input (two I x I buffers at the peak).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.linalg import lapack
+
+from model.sparse import DeviceCSR
 
 
 class EASEConfig(BaseModel):
@@ -56,18 +59,37 @@ def _spd_inverse_inplace(g: np.ndarray) -> np.ndarray:
     return out
 
 
+def gram_cuda(x: sp.csr_matrix, dtype: torch.dtype, device: torch.device, user_block: int = 4096) -> torch.Tensor:
+    """X^T X [I, I] accumulated on the GPU from dense blocks of users."""
+    csr = DeviceCSR.from_scipy(x, device)
+    n = x.shape[1]
+    g = torch.zeros(n, n, dtype=dtype, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 sums, whatever the caller set
+    try:
+        for start in range(0, x.shape[0], user_block):
+            rows = torch.arange(start, min(x.shape[0], start + user_block), device=device)
+            xb = csr.batch(rows).to_dense().to(dtype)  # [b, I]
+            g.addmm_(xb.T, xb)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return g
+
+
 def ease_weights(x: sp.csr_matrix, config: EASEConfig, device: torch.device | str = "cpu") -> torch.Tensor:
     """The item-item weight matrix B [I, I] on `device`."""
     device = torch.device(device)
     np_dtype = np.dtype(config.dtype)
-    g = gram_dense(sp.csr_matrix(x), np_dtype)
-    g[np.diag_indices_from(g)] += config.l2
     if device.type == "cuda":
-        gt = torch.from_numpy(g).to(device)
-        del g
-        p = torch.cholesky_inverse(torch.linalg.cholesky(gt))
+        gt = gram_cuda(sp.csr_matrix(x), getattr(torch, config.dtype), device)
+        gt.diagonal().add_(config.l2)
+        chol = torch.linalg.cholesky(gt)
         del gt
+        p = torch.cholesky_inverse(chol)
+        del chol
     else:
+        g = gram_dense(sp.csr_matrix(x), np_dtype)
+        g[np.diag_indices_from(g)] += config.l2
         p = torch.from_numpy(_spd_inverse_inplace(g))
     d = torch.diagonal(p).clone()
     p.div_(-d[None, :])  # B_ij = -P_ij / P_jj

@@ -6,11 +6,13 @@ Batches never go through scipy or a dense CPU copy: row slices are gathered on t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,13 @@ class DeviceCSR:
     def row_lengths(self) -> torch.Tensor:
         return self.indptr[1:] - self.indptr[:-1]
 
-    def batch(self, row_ids: torch.Tensor) -> SparseBatch:
+    def batch(self, row_ids: torch.Tensor, total: int | None = None) -> SparseBatch:
+        """Rows `row_ids`; `total` (their nnz, when the caller knows it) spares a host sync on the device."""
         row_ids = row_ids.to(self.device, torch.int64)
         starts = self.indptr[row_ids]
         lengths = self.indptr[row_ids + 1] - starts
-        total = int(lengths.sum())  # one host sync per batch: the output size
+        if total is None:
+            total = int(lengths.sum())  # a host sync: the output size
         n = int(row_ids.numel())
         offsets = torch.cumsum(lengths, 0) - lengths
         rows = torch.repeat_interleave(torch.arange(n, device=self.device), lengths, output_size=total)
@@ -119,15 +123,44 @@ def as_batch(x: SparseBatch | torch.Tensor) -> SparseBatch:
     return SparseBatch(rows, cols, x[rows, cols].float(), offsets, int(x.shape[0]), int(x.shape[1]))
 
 
+SPARSE_MM_IMPLS = ("coo", "bag", "dense")
+
+
+DENSE_MAX_COLS = 200_000  # a dense [500, I] float32 batch stays under 0.4 GB
+
+
+def sparse_mm_impl(device: torch.device, n_cols: int) -> str:
+    """How x @ W is computed for a sparse batch on `device` (env RECSYS_SPARSE_MM overrides, for benchmarks).
+
+    CPU: a COO sparse.mm (measured faster than embedding_bag, whose CPU backward sorts the indices).
+    CUDA: densify the batch on the device and use a plain matmul, up to DENSE_MAX_COLS items, else
+    embedding_bag (on an H100: dense 1.37, embedding_bag 1.54, COO 1.82 s/epoch; docs/benchmarks.md).
+    """
+    auto = "coo" if device.type != "cuda" else ("dense" if n_cols <= DENSE_MAX_COLS else "bag")
+    impl = os.environ.get("RECSYS_SPARSE_MM") or auto
+    if impl not in SPARSE_MM_IMPLS:
+        raise ValueError(f"RECSYS_SPARSE_MM={impl!r}: use one of {', '.join(SPARSE_MM_IMPLS)}")
+    return impl
+
+
 def sparse_matmul(x: SparseBatch, weight: torch.Tensor, vals: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight for a sparse batch x [B, I] and a dense weight [I, H] -> [B, H]."""
-    # A COO matrix already in (row, col) order: no coalescing sort forward; torch's sparse mm backward
-    # gives weight its gradient x^T @ grad. Measured faster on CPU than embedding_bag (whose backward
-    # sorts the indices) and a hand-written gather + index_add.
-    v = (x.vals if vals is None else vals).to(weight.dtype)
-    coo = torch.sparse_coo_tensor(torch.stack([x.rows, x.cols]), v, (x.n_rows, weight.shape[0]),
-                                  is_coalesced=True, check_invariants=False)
-    return torch.sparse.mm(coo, weight)
+    """x @ weight for a sparse batch x [B, I] and a dense weight [I, H] -> [B, H] (float32 unless dense)."""
+    v = x.vals if vals is None else vals
+    impl = sparse_mm_impl(weight.device, x.n_cols)
+    if impl == "dense":  # densify on the device; the product then follows autocast (bf16 on tensor cores)
+        dense = torch.zeros(x.n_rows, x.n_cols, device=v.device, dtype=weight.dtype)
+        dense[x.rows, x.cols] = v.to(weight.dtype)
+        return dense @ weight
+    # sparse kernels have no bf16 CUDA implementation: run them in float32 outside autocast
+    with torch.autocast(weight.device.type, enabled=False):
+        w = weight.float()
+        if impl == "bag":
+            return F.embedding_bag(x.cols, w, x.offsets, mode="sum", per_sample_weights=v.float())
+        # A COO matrix already in (row, col) order: no coalescing sort forward; torch's sparse mm backward
+        # gives weight its gradient x^T @ grad.
+        coo = torch.sparse_coo_tensor(torch.stack([x.rows, x.cols]), v.float(), (x.n_rows, w.shape[0]),
+                                      is_coalesced=True, check_invariants=False)
+        return torch.sparse.mm(coo, w)
 
 
 def row_mean_weights(x: SparseBatch) -> torch.Tensor:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, Protocol
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,7 +80,9 @@ class Trainer:
         self.valid = valid
         self.on_epoch = on_epoch
         torch.manual_seed(config.seed)  # weights were made by the caller; dropout and sampling draw from here
-        self.perm_gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        # batch order is drawn on the CPU, so each batch's nnz is known there: no host sync per batch
+        self.perm_gen = torch.Generator().manual_seed(config.seed)
+        self.row_nnz = torch.as_tensor(np.diff(sp.csr_matrix(train).indptr).astype(np.int64))
         self.pia = pia if pia is not None and pia.enabled else None
         self.anchors: ItemAnchors | None = None
         if self.pia is not None:
@@ -143,9 +146,11 @@ class Trainer:
         sums: dict[str, torch.Tensor | float] = {}
         count = 0
         for _ in range(phase.passes):
-            perm = torch.randperm(n, generator=self.perm_gen, device=self.device)
-            for start in range(0, n, bs):
-                batch = self.train_x.batch(perm[start : start + bs])
+            perm_cpu = torch.randperm(n, generator=self.perm_gen)
+            totals = np.add.reduceat(self.row_nnz[perm_cpu].numpy(), np.arange(0, n, bs)).tolist()
+            perm = perm_cpu.to(self.device)
+            for b, start in enumerate(range(0, n, bs)):
+                batch = self.train_x.batch(perm[start : start + bs], total=totals[b])
                 with self._autocast():
                     out = self.ae.loss(batch, step=self.step, phase=phase)
                     loss = out.loss

@@ -135,6 +135,34 @@ class Experiment:
         per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
         tuning: dict[str, list[dict[str, float]]] = {}
         chosen: dict[str, float | None] = {}
+        def write(done: list[int]) -> dict[str, Any]:
+            """results.json/md for the seeds finished so far (rewritten after each seed: a stopped run keeps them)."""
+            results = {
+                "dataset": cfg.dataset,
+                "data": {k: v for k, v in data.stats.items() if k != "path"} | {"users": data.n_users,
+                                                                                  "items": data.n_items,
+                                                                                  "nnz": int(data.matrix.nnz)},
+                "config": json.loads(cfg.model_dump_json()),
+                "seeds": done,
+                "seeds_planned": len(seeds),
+                "device": self.device,
+                "machine": machine_name(self.device),
+                "models": {m: aggregate(per_seed[m]) for m in models},
+                "per_seed": per_seed,
+                "tuning": tuning,
+                "chosen": chosen,
+                "skipped": {m: f"catalog of {data.n_items} items > max_ease_items={cfg.max_ease_items}" for m in skipped},
+                "pia_uplift": pia_uplift(per_seed),
+                "wall_seconds": time.perf_counter() - t_start,
+            }
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            tmp = cfg.out / "results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=2, default=_json_default))
+            tmp.replace(cfg.out / "results.json")
+            write_report(results, cfg.out / "results.md")
+            return results
+
+        results: dict[str, Any] = {}
         for si, seed in enumerate(seeds):
             try:
                 split = strong_generalization_split(data.matrix, seed=seed, n_valid=_count(cfg.n_valid),
@@ -156,27 +184,7 @@ class Experiment:
                 # one summary line per fit, also without progress bars
                 print(f"[{cfg.dataset}] {name:<13} seed {seed}: " +
                       " ".join(f"{k}={row[k]:.4f}" for k in METRICS) + f" fit {row['fit_seconds']:.1f}s", flush=True)
-        results = {
-            "dataset": cfg.dataset,
-            "data": {k: v for k, v in data.stats.items() if k != "path"} | {"users": data.n_users, "items": data.n_items,
-                                                                              "nnz": int(data.matrix.nnz)},
-            "config": json.loads(cfg.model_dump_json()),
-            "seeds": seeds,
-            "device": self.device,
-            "machine": machine_name(self.device),
-            "models": {m: aggregate(per_seed[m]) for m in models},
-            "per_seed": per_seed,
-            "tuning": tuning,
-            "chosen": chosen,
-            "skipped": {m: f"catalog of {data.n_items} items > max_ease_items={cfg.max_ease_items}" for m in skipped},
-            "pia_uplift": pia_uplift(per_seed),
-            "wall_seconds": time.perf_counter() - t_start,
-        }
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        tmp = cfg.out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2, default=_json_default))
-        tmp.replace(cfg.out / "results.json")
-        write_report(results, cfg.out / "results.md")
+            results = write(seeds[: si + 1])
         return results
 
     def tune(self, name: str, seed: int, split: Split) -> tuple[Recommender, float, list[dict[str, float]]]:
@@ -209,17 +217,18 @@ class Experiment:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample std over seeds; std is None with a single seed (no spread to report)."""
     out: dict[str, Any] = {}
     for m in (*METRICS, "coverage@20", "mean_popularity@20", "fit_seconds"):
         vals = np.array([r[m] for r in rows], dtype=float)
-        out[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+        out[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
     groups: dict[str, Any] = {}
     for g, _, _ in ACTIVITY_GROUPS:
         groups[g] = {"users": float(np.mean([r["groups"][g]["users"] for r in rows]))}
         for m in METRICS:
             vals = np.array([r["groups"][g][m] for r in rows], dtype=float)
             groups[g][m] = {"mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan"),
-                            "std": float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else 0.0}
+                            "std": float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else None}
     out["groups"] = groups
     return out
 
@@ -236,7 +245,7 @@ def pia_uplift(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         rel = [(r["ndcg@100"] / by_seed[r["seed"]]["ndcg@100"] - 1) * 100 for r in rows if r["seed"] in by_seed]
         out[name] = {"base": base, "diffs": diffs, "ndcg@100_rel_pct": rel,
                      "mean": {m: float(np.mean(v)) for m, v in diffs.items()},
-                     "std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in diffs.items()},
+                     "std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else None for m, v in diffs.items()},
                      "seeds_improved": int(sum(d > 0 for d in diffs["ndcg@100"]))}
     return out
 

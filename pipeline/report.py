@@ -9,9 +9,11 @@ from typing import Any
 METRICS = ("recall@20", "recall@50", "ndcg@100")
 
 
-def _ms(d: dict[str, float], digits: int = 4) -> str:
+def _ms(d: dict[str, float | None], digits: int = 4) -> str:
     m, s = d["mean"], d["std"]
-    return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+    if m is None or math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -23,6 +25,9 @@ def render(results: dict[str, Any]) -> str:
         f"(rule {data.get('rule')}) and the >= {cfg['min_user_interactions']} filter. Seeds {results['seeds']}; "
         f"device: {results['machine']}; max epochs {cfg['epochs']} (RecVAE {cfg['recvae_epochs'] or min(cfg['epochs'], 50)}), "
         f"early-stop patience {cfg['patience']}; wall {results['wall_seconds'] / 60:.1f} min.",
+        *(["", f"**Partial run:** {len(results['seeds'])} of {results['seeds_planned']} planned seeds finished "
+           "before the run was stopped; the figures below are over those seeds only."]
+          if len(results["seeds"]) < results.get("seeds_planned", len(results["seeds"])) else []),
         "",
         "| model | Recall@20 | Recall@50 | NDCG@100 | coverage@20 | fit time (s) |",
         "|---|---|---|---|---|---|",
@@ -46,7 +51,8 @@ def render(results: dict[str, Any]) -> str:
             per = ", ".join(f"{d:+.4f}" for d in u["diffs"]["ndcg@100"])
             rel = sum(u["ndcg@100_rel_pct"]) / max(1, len(u["ndcg@100_rel_pct"]))
             lines.append(f"| {name} vs {u['base']} | {results['chosen'].get(name)} | {per} | "
-                         f"{u['mean']['ndcg@100']:+.4f} ± {u['std']['ndcg@100']:.4f} | {rel:+.1f}% | "
+                         f"{u['mean']['ndcg@100']:+.4f}" + (f" ± {sd:.4f}" if (sd := u['std']['ndcg@100']) is not None else "") +
+                         f" | {rel:+.1f}% | "
                          f"{u['mean']['recall@20']:+.4f} | {u['seeds_improved']}/{len(u['diffs']['ndcg@100'])} |")
     if results.get("tuning"):
         lines += ["", "Hyperparameters searched on validation users (first seed's split):", "",

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from model.ease import EASEConfig, _spd_inverse_inplace, ease_weights, gram_dense
+from model.ease import EASEConfig, _spd_inverse_inplace, ease_weights, gram_cuda, gram_dense
 from model.recommenders import EASE
 
 
@@ -94,3 +94,17 @@ def test_ease_recommender_scores_are_history_times_weights(matrix: sp.csr_matrix
     full = hist.toarray().astype(np.float64) @ direct_ease(matrix[:100], 5.0)
     np.testing.assert_allclose(scores, np.take_along_axis(full, items, 1).astype(np.float32), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(items, np.argsort(-full, axis=1, kind="stable")[:, :5])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cuda_ease_matches_the_cpu_path(dtype: str) -> None:
+    rng = np.random.default_rng(3)
+    x = sp.csr_matrix((rng.random((9000, 300)) < 0.05).astype(np.float32))  # > one 4096-user GPU block
+    g = gram_cuda(x, getattr(torch, dtype), torch.device("cuda"))
+    np.testing.assert_array_equal(g.cpu().numpy(), (x.T @ x).toarray())  # counts: exact
+    cpu = ease_weights(x, EASEConfig(l2=50.0, dtype=dtype), "cpu")  # type: ignore[arg-type]
+    gpu = ease_weights(x, EASEConfig(l2=50.0, dtype=dtype), "cuda")  # type: ignore[arg-type]
+    assert gpu.device.type == "cuda" and gpu.dtype == getattr(torch, dtype)
+    tol = {"float64": (1e-9, 1e-12), "float32": (2e-3, 2e-5)}[dtype]
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol[0], atol=tol[1])

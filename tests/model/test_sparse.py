@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 from torch.nn import functional as F
 
-from model.sparse import DeviceCSR, SparseBatch, as_batch
+from model.sparse import SPARSE_MM_IMPLS, DeviceCSR, SparseBatch, as_batch, sparse_matmul
 
 
 def random_csr(n_rows: int, n_cols: int, density: float, seed: int, empty_rows: tuple[int, ...] = ()) -> sp.csr_matrix:
@@ -166,3 +166,37 @@ def test_as_batch_round_trips_a_dense_tensor() -> None:
     assert as_batch(ref) is ref
     # float64 input comes back as float32 values
     assert as_batch(dense.double()).vals.dtype == torch.float32
+
+
+def test_batch_with_known_total_equals_batch_without() -> None:
+    m = random_csr(40, 25, 0.3, 5, empty_rows=(2,))
+    x = DeviceCSR.from_scipy(m)
+    ids = torch.as_tensor([2, 9, 0, 39, 9])
+    total = int(np.diff(m.indptr)[ids.numpy()].sum())
+    a, b = x.batch(ids), x.batch(ids, total=total)
+    for f in ("rows", "cols", "vals", "offsets"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+@pytest.mark.parametrize("impl", SPARSE_MM_IMPLS)
+def test_sparse_matmul_impls_match_dense_values_and_gradients(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_SPARSE_MM", impl)
+    m = random_csr(30, 20, 0.25, 11, empty_rows=(0, 29))
+    b = DeviceCSR.from_scipy(m).batch(torch.arange(30))
+    w = torch.randn(20, 7, dtype=torch.float64).float().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    weights = torch.rand(b.vals.shape)
+    out = sparse_matmul(b, w, weights)
+    ref = b.with_vals(weights).to_dense() @ w_ref
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_sparse_impl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_SPARSE_MM", "cusparse")
+    b = DeviceCSR.from_scipy(random_csr(3, 4, 0.5, 0)).batch(torch.arange(3))
+    with pytest.raises(ValueError, match="RECSYS_SPARSE_MM='cusparse': use one of coo, bag, dense"):
+        sparse_matmul(b, torch.ones(4, 2))

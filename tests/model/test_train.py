@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
@@ -235,3 +236,14 @@ def test_on_epoch_callback_sees_every_record(split: Split, train_config) -> None
     rec.fit(split.train, split.valid, on_epoch=seen.append)
     assert [r["epoch"] for r in seen] == [1, 2, 3]
     assert seen == rec.history  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["coo", "bag", "dense"])
+def test_cuda_bf16_training_runs_every_sparse_impl(impl: str, split: Split, train_config,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_SPARSE_MM", impl)
+    rec = recommender("multivae-pia", train_config(epochs=2, device="cuda", bf16=True)).fit(split.train, split.valid)
+    assert rec.best_epoch >= 1  # type: ignore[attr-defined]
+    items, scores = rec.recommend(split.test.fold_in, 10)
+    assert items.shape == (split.test.fold_in.shape[0], 10) and np.isfinite(scores).all()

@@ -105,3 +105,40 @@ def test_real_data_ml_latest_small(shared_data: Path, tmp_path: Path) -> None:
     res = Experiment(cfg).run()
     assert res["data"]["rule"]["min_rating"] == 4.0  # ratings binarized at >= 4 by default
     assert res["models"]["ease"]["recall@20"]["mean"] > res["models"]["popularity"]["recall@20"]["mean"]
+
+
+def test_a_run_stopped_after_a_seed_keeps_that_seeds_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.experiment as exp_mod
+
+    real = exp_mod.strong_generalization_split
+    calls = []
+
+    def split_then_stop(*args, **kwargs):  # the second seed's split is interrupted (as a timeout would)
+        calls.append(kwargs["seed"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exp_mod, "strong_generalization_split", split_then_stop)
+    cfg = ExperimentConfig(dataset="synthetic", models=("popularity",), seeds=3, out=tmp_path, device="cpu",
+                           synthetic_users=400, synthetic_items=150, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(cfg).run()
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["seeds"] == [0] and res["seeds_planned"] == 3
+    assert len(res["per_seed"]["popularity"]) == 1
+    assert "Partial run:** 1 of 3 planned seeds" in (tmp_path / "results.md").read_text()
+    assert not (tmp_path / "results.json.tmp").exists()
+
+
+def test_one_seed_reports_no_spread(tmp_path: Path) -> None:
+    from pipeline.report import render
+
+    cfg = ExperimentConfig(dataset="synthetic", models=("popularity", "multivae", "multivae-pia"), seeds=1,
+                           out=tmp_path, device="cpu", synthetic_users=400, synthetic_items=150, epochs=2,
+                           pia_grid=(0.1,), progress=False)
+    res = Experiment(cfg).run()
+    assert res["models"]["popularity"]["ndcg@100"]["std"] is None
+    assert res["pia_uplift"]["multivae-pia"]["std"]["ndcg@100"] is None
+    table = render(res)
+    assert "±" not in table.split("NDCG@100 by user activity")[0]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU figures, in one go on a CUDA machine: CUDA-only tests, bench-train (fp32 and bf16), bench-ease on
+# the GPU, and the accuracy experiments at the reference budget (PROFILE=gpu in bench/results.sh).
+# Usage: bash bench/gpu.sh [check] [train] [ease] [exp DATASET...]
+# Needs python3 with torch (CUDA), pydantic, pyarrow, pandas, scipy, psutil, tqdm; PY overrides python3.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 RECSYS_DATA_DIR=${RECSYS_DATA_DIR:-../shared/data}
+while (($#)); do
+  step=$1; shift
+  case "$step" in
+    check) "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+           "$PY" -m pytest -q -p no:cacheprovider tests/model 2>&1 | tail -5 ;;
+    train) "$PY" -m bench.train_epoch --epochs 3
+           "$PY" -m bench.train_epoch --epochs 3 --bf16 --skip-reference ;;
+    profile) "$PY" -m bench.train_epoch --epochs 2 --bf16 --skip-reference --profile --no-record ;;
+    ease) "$PY" -m bench.ease_fit --dataset gowalla --device cuda ;;
+    exp) sets=(); while (($#)) && [[ $1 != check && $1 != train && $1 != ease && $1 != profile ]]; do sets+=("$1"); shift; done
+         PROFILE=gpu RECSYS="$PY -m pipeline.cli" bash bench/results.sh "${sets[@]}" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
