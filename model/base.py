@@ -41,6 +41,10 @@ class Recommender(ABC):
         self.fit_seconds = time.perf_counter() - t0
         return self
 
+    def to(self, device: torch.device | str) -> Recommender:
+        """Move the fitted state to `device` (inference on another machine than training)."""
+        return self
+
     @torch.no_grad()
     def recommend(self, history: sp.csr_matrix, k: int, *, batch_size: int = 2000,
                   filter_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,10 @@ class Popularity(Recommender):
     def score(self, history: SparseBatch) -> torch.Tensor:
         return self.counts.to(history.vals.device).expand(history.n_rows, -1).clone()
 
+    def to(self, device: torch.device | str) -> Popularity:
+        self.counts = self.counts.to(resolve_device(str(device)))
+        return self
+
 
 class EASE(Recommender):
     name = "ease"
@@ -49,6 +53,11 @@ class EASE(Recommender):
 
     def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None:
         self.weights = ease_weights(train, self.config, self.device)
+
+    def to(self, device: torch.device | str) -> EASE:
+        self._device = str(resolve_device(str(device)))
+        self.weights = self.weights.to(self._device)
+        return self
 
     def score(self, history: SparseBatch) -> torch.Tensor:
         w = self.weights
@@ -89,6 +98,11 @@ class Autoencoder(Recommender):
         self.history = trainer.fit(checkpoint=kwargs.get("checkpoint"))
         self.best_epoch = trainer.best_epoch
         self.module = trainer.model
+
+    def to(self, device: torch.device | str) -> Autoencoder:
+        if self.module is not None:
+            self.module.to(resolve_device(str(device)))
+        return self
 
     def score(self, history: SparseBatch) -> torch.Tensor:
         if self.module is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -11,6 +13,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pipeline.errors import DataError
+
+# sub-command modules: data build (ingest, synth, build-matrix), training (train, gate, rollback, ...),
+# inference (infer, recs)
+COMMAND_MODULES = ("pipeline.cli_data", "pipeline.cli_train", "pipeline.cli_infer")
 
 
 def _models(value: str) -> tuple[str, ...]:
@@ -47,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--synthetic-users", type=int, default=3000, help="size of the 'synthetic' data set")
     e.add_argument("--synthetic-items", type=int, default=1000)
     e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_experiment)
+    # Each job area registers its own sub-commands (register(sub)); heavy imports stay inside the commands.
+    for module in COMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register(sub)
     return p
 
 
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"experiment": cmd_experiment}[args.command](args)
+        return int(args.func(args))
     except (DataError, ValidationError) as e:
         print(f"recsys {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,119 @@
+"""The model as it travels: a fitted recommender + its item vocabulary + config + the fallback ranking.
+
+A `ModelBundle` is saved as one folder and logged to MLflow as one pyfunc model (`BundleModel`), so that
+inference can never pair weights with the wrong item index. The registered pyfunc's artifact "bundle" is
+that folder; `BundleModel.load_context` restores it and `predict` scores histories given as external ids.
+
+    bundle/recommender.pt   the fitted model.recommenders object (torch.save; weights on the CPU)
+    bundle/items.parquet    column → external item id, and the training popularity of each column
+    bundle/bundle.json      name, config, snapshot id, format version
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+import torch
+from mlflow.pyfunc import PythonModel
+
+from model.base import Recommender
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelBundle:
+    recommender: Recommender  # fitted
+    item_ids: np.ndarray  # [I] external id of each column (int64 or str)
+    popularity: np.ndarray  # [I] float32 training interactions per column: the cold-start fallback
+    name: str = "multivae-pia"
+    config: dict[str, Any] = field(default_factory=dict)
+    snapshot_id: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.item_ids) != len(self.popularity) or len(self.item_ids) != getattr(self.recommender, "n_items", -1):
+            raise ValueError("item_ids, popularity and the recommender must cover the same item columns")
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def item_index(self) -> dict[Any, int]:
+        """External item id → column (unknown ids are absent)."""
+        return {k: i for i, k in enumerate(self.item_ids.tolist())}
+
+    def fallback(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k columns by training popularity, with their normalized popularity as the score."""
+        k = min(k, self.n_items)
+        order = np.lexsort((np.arange(self.n_items), -self.popularity))[:k]  # ties: lower column first
+        total = float(self.popularity.sum()) or 1.0
+        return order.astype(np.int64), (self.popularity[order] / total).astype(np.float32)
+
+    def recommend(self, history: sp.csr_matrix, k: int, batch_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k columns and scores for rows of `history` (over this bundle's columns), seen items removed."""
+        return self.recommender.recommend(history, k, batch_size=batch_size)
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save(self.recommender, d / "recommender.pt")
+        ids = pa.array(self.item_ids.astype(np.int64)) if np.issubdtype(self.item_ids.dtype, np.integer) \
+            else pa.array(self.item_ids.astype(str))
+        pq.write_table(pa.table({"item_id": ids, "popularity": pa.array(self.popularity.astype(np.float32))}),
+                       d / "items.parquet")
+        meta = {"format_version": FORMAT_VERSION, "name": self.name, "config": self.config,
+                "snapshot_id": self.snapshot_id, "n_items": self.n_items}
+        (d / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | None = None) -> ModelBundle:
+        d = Path(directory)
+        meta = json.loads((d / "bundle.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"model bundle format {meta.get('format_version')} is not {FORMAT_VERSION}: retrain")
+        rec = torch.load(d / "recommender.pt", map_location="cpu", weights_only=False)  # our own registry's file
+        if device is not None:
+            rec.to(device)
+        items = pq.read_table(d / "items.parquet")
+        return cls(rec, items["item_id"].to_numpy(zero_copy_only=False), items["popularity"].to_numpy().astype(np.float32),
+                   meta["name"], meta.get("config", {}), meta.get("snapshot_id", ""))
+
+
+class BundleModel(PythonModel):
+    """pyfunc wrapper. Input: a DataFrame with a list column `item_ids` (a user's history, external ids).
+    Output: a DataFrame with `item_ids` (top-k external ids, best first), `scores`, `fallback` (no known item)."""
+
+    bundle: ModelBundle
+
+    def load_context(self, context: Any) -> None:
+        self.bundle = ModelBundle.load(context.artifacts["bundle"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        k = int((params or {}).get("k", 100))
+        b = self.bundle
+        index = b.item_index()
+        rows, cols = [], []
+        for r, hist in enumerate(model_input["item_ids"]):
+            for it in hist if hist is not None else []:
+                c = index.get(it.item() if hasattr(it, "item") else it)
+                if c is not None:
+                    rows.append(r)
+                    cols.append(c)
+        x = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(model_input), b.n_items))
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        top, scores = b.recommend(x, k)
+        fb_items, fb_scores = b.fallback(k)
+        known = np.diff(x.indptr) > 0
+        out_items = [b.item_ids[top[i]].tolist() if known[i] else b.item_ids[fb_items].tolist() for i in range(len(x.indptr) - 1)]
+        out_scores = [scores[i].tolist() if known[i] else fb_scores.tolist() for i in range(len(x.indptr) - 1)]
+        return pd.DataFrame({"item_ids": out_items, "scores": out_scores, "fallback": ~known})

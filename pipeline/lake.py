@@ -1,0 +1,117 @@
+"""One filesystem layer for the lake: local folders, file:// and s3:// URIs, through pyarrow.fs.
+
+S3 settings come from the environment only (never from code or logs): AWS_ENDPOINT_URL (or
+RECSYS_S3_ENDPOINT) for a non-AWS endpoint such as a moto server, AWS_REGION, and the usual credential chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from pipeline.errors import DataError
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the filesystem and the path inside it (no scheme)."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> Location:
+        for p in parts:
+            if not p or p.startswith("/") or ".." in p.split("/"):
+                raise DataError(f"unsafe path component {p!r}", "use relative names without '..'")
+        path = "/".join([self.path.rstrip("/"), *parts])
+        uri = "/".join([self.uri.rstrip("/"), *parts])
+        return Location(self.fs, path, uri)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.File
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def write_bytes(self, data: bytes) -> None:
+        self.mkdir_parent()
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def read_json(self) -> Any:
+        return json.loads(self.read_bytes())
+
+    def write_json(self, obj: Any) -> None:
+        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def mkdir_parent(self) -> None:
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+
+    def mkdir(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def delete(self) -> None:
+        """Remove a file or a folder tree; absent is fine."""
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    def list(self) -> list[str]:
+        """Names directly under this folder (empty when absent)."""
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted(i.base_name for i in infos)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("RECSYS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "http"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | Path) -> Location:
+    """A local path, file:///abs/path or s3://bucket/prefix → Location. Anything else is a clear error."""
+    text = str(uri)
+    if not text or "\x00" in text:
+        raise DataError(f"invalid location {text!r}", "pass a local path, file:///path or s3://bucket/prefix")
+    parsed = urlparse(text)
+    if parsed.scheme == "s3":
+        bucket = parsed.netloc
+        if not _BUCKET.match(bucket):
+            raise DataError(f"invalid S3 bucket name {bucket!r} in {text!r}", "use s3://<bucket>/<prefix>")
+        key = parsed.path.strip("/")
+        if ".." in key.split("/"):
+            raise DataError(f"'..' in S3 key of {text!r}", "use a plain prefix")
+        path = f"{bucket}/{key}" if key else bucket
+        return Location(s3_filesystem(), path, f"s3://{path}")
+    if parsed.scheme == "file":
+        local = Path(parsed.path)
+    elif parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and os.name == "nt"):
+        local = Path(text)
+    else:
+        raise DataError(f"unsupported URI scheme {parsed.scheme!r} in {text!r}",
+                        "use a local path, file:///path or s3://bucket/prefix")
+    local = local.expanduser().resolve()
+    return Location(pafs.LocalFileSystem(), str(local), str(local))
