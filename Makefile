@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 export RECSYS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv run test lint typecheck bench-train bench-ease experiment results clean
+.PHONY: venv run test lint typecheck bench-train bench-ease bench-build bench-infer experiment results clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,12 @@ bench-train: venv
 
 bench-ease: venv
 	$(PY) -m bench.ease_fit $(ARGS)
+
+bench-build: venv
+	$(PY) -m bench.build_matrix $(ARGS)
+
+bench-infer: venv
+	$(PY) -m bench.infer $(ARGS)
 
 # docs/results.md: the committed accuracy table (see docs/results.md for what each run used).
 results: venv

@@ -37,8 +37,22 @@ def gram_dense(x: sp.csr_matrix, dtype: np.dtype, row_block: int = 4096) -> np.n
     return g
 
 
+# scipy's bundled 32-bit-integer OpenBLAS (0.3.30) crashed with SIGSEGV in spotrf on a 41k x 41k matrix here
+# (33k worked): above this size the inverse goes through torch's LAPACK (MKL), in place through `out=`
+# (torch may hold one transient column-major copy).
+SCIPY_LAPACK_MAX_N = 32_768
+
+
 def _spd_inverse_inplace(g: np.ndarray) -> np.ndarray:
     """Inverse of a symmetric positive definite matrix, overwriting g (C-contiguous)."""
+    if g.shape[0] > SCIPY_LAPACK_MAX_N:
+        t = torch.from_numpy(g)  # shares g's buffer
+        try:
+            torch.linalg.cholesky(t, out=t)
+        except torch.linalg.LinAlgError as err:
+            raise np.linalg.LinAlgError(f"Cholesky failed ({err}): raise l2 so that X^T X + l2*I is positive definite") from err
+        torch.cholesky_inverse(t, out=t)
+        return g
     potrf, potri = (lapack.dpotrf, lapack.dpotri) if g.dtype == np.float64 else (lapack.spotrf, lapack.spotri)
     gf = g.T  # the same buffer seen as Fortran-ordered: LAPACK works on it without a copy
     c, info = potrf(gf, lower=1, overwrite_a=1, clean=0)

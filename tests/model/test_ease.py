@@ -108,3 +108,16 @@ def test_cuda_ease_matches_the_cpu_path(dtype: str) -> None:
     assert gpu.device.type == "cuda" and gpu.dtype == getattr(torch, dtype)
     tol = {"float64": (1e-9, 1e-12), "float32": (2e-3, 2e-5)}[dtype]
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol[0], atol=tol[1])
+
+
+def test_large_catalog_inverse_path_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.ease as ease_mod
+
+    monkeypatch.setattr(ease_mod, "SCIPY_LAPACK_MAX_N", 10)  # force the torch/MKL path on a small matrix
+    g = random_spd(40, 7)
+    expected = np.linalg.inv(g)
+    out = _spd_inverse_inplace(g.copy())
+    np.testing.assert_allclose(out, expected, rtol=1e-8, atol=1e-10)
+    bad = -np.eye(40)
+    with pytest.raises(np.linalg.LinAlgError, match="raise l2"):
+        _spd_inverse_inplace(bad)
