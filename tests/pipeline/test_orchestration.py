@@ -1,0 +1,49 @@
+"""pipeline.orchestration: settings from the environment, date validation, and how task results are read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import pipeline.orchestration as orch
+from pipeline.errors import DataError
+
+
+def test_settings_default_under_recsys_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RECSYS_EVENTS_URI", "RECSYS_LAKE_URI", "RECSYS_RECS_URI", "MLFLOW_TRACKING_URI", "RECSYS_TRAIN_CONFIG"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    s = orch.Settings.from_env()
+    assert s.events_uri == str(tmp_path / "events") and s.lake_uri == str(tmp_path / "lake")
+    assert s.tracking_uri == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    monkeypatch.setenv("RECSYS_LAKE_URI", "s3://lake/prod")
+    assert orch.Settings.from_env().lake_uri == "s3://lake/prod"
+    assert orch.snapshot_uri(orch.Settings.from_env(), "2026-03-01") == "s3://lake/prod/snapshots/as_of=2026-03-01"
+
+
+@pytest.mark.parametrize("bad", ["2026-02-30", "yesterday", "2026-1-1; rm -rf /", ""])
+def test_bad_dates_are_clear_errors(bad: str) -> None:
+    with pytest.raises(DataError, match="invalid date"):
+        orch.check_date(bad)
+
+
+def test_train_reads_the_version_from_the_last_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = orch.Settings(home=tmp_path, events_uri="e", lake_uri="l", recs_uri="r", tracking_uri="t")
+    calls: list[tuple[str, ...]] = []
+
+    def fake(*argv: str) -> str:
+        calls.append(argv)
+        return "epoch 1 ...\nregistered recsys-multivae-pia version 7\n"
+
+    monkeypatch.setattr(orch, "recsys", fake)
+    assert orch.train(s, "l/snapshots/as_of=2026-01-01") == 7
+    assert calls[0][:3] == ("train", "--snapshot", "l/snapshots/as_of=2026-01-01")
+    monkeypatch.setattr(orch, "recsys", lambda *a: "trained, but no registration line\n")
+    with pytest.raises(RuntimeError, match="did not print the registered version"):
+        orch.train(s, "x")
+
+
+def test_a_failing_command_raises_with_its_exit_code() -> None:
+    with pytest.raises(RuntimeError, match="exit code 2"):
+        orch.recsys("experiment", "--dataset", "no-such-data-set", "--out", "/tmp/never-written-recsys")
