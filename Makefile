@@ -5,10 +5,13 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# checkov (CloudFormation policy checks) pins boto3 1.35, which conflicts with the project's boto3: own venv
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 export PYTHONHASHSEED := 0
 export RECSYS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv run test lint typecheck bench-train bench-ease bench-build bench-infer experiment results clean
+.PHONY: venv run test lint typecheck bench-train bench-ease bench-build bench-infer experiment results backfill clean
 
 venv: $(STAMP)
 
@@ -19,16 +22,21 @@ $(STAMP): pyproject.toml requirements.lock
 	echo "environment ready in $$(( $$(date +%s) - start )) s"
 	@touch $(STAMP)
 
+$(CHECKOV_STAMP): tools/checkov.lock
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --disable-pip-version-check -c tools/checkov.lock checkov
+	@touch $(CHECKOV_STAMP)
+
 # The main job on the embedded default: today an experiment on synthetic data (a results table).
 run: venv
 	$(VENV)/bin/recsys experiment --dataset synthetic --models popularity,ease,multivae,multivae-pia \
 		--seeds 2 --epochs 15 --out out/run
 
-test: venv lint
-	$(PY) -m pytest -q
+test: venv lint $(CHECKOV_STAMP)
+	PATH="$$PATH:$(CURDIR)/$(CHECKOV_VENV)/bin" $(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check model pipeline tests bench
+	$(VENV)/bin/ruff check model pipeline tests bench dags
 	$(VENV)/bin/mypy
 
 bench-train: venv
@@ -46,6 +54,12 @@ bench-infer: venv
 # docs/results.md: the committed accuracy table (see docs/results.md for what each run used).
 results: venv
 	bash bench/results.sh
+
+# A date range through a local Airflow (scheduler + dag-processor + api-server on 127.0.0.1, home under
+# RECSYS_HOME/airflow), e.g. `make backfill START=2026-01-01 END=2026-01-07 [DAG=weekly_train]`.
+backfill: venv
+	@test -n "$(START)" -a -n "$(END)" || { echo "usage: make backfill START=YYYY-MM-DD END=YYYY-MM-DD [DAG=daily_inference]" >&2; exit 2; }
+	$(PY) -m pipeline.airflow_local backfill --dag '$(or $(DAG),daily_inference)' --start '$(START)' --end '$(END)'
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

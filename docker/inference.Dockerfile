@@ -1,0 +1,37 @@
+# syntax=docker/dockerfile:1
+# Batch inference image (CPU only, slim): `recsys infer --engine local` on an ECS/Fargate task or any container host.
+# The Spark engine runs on EMR Serverless instead (its image must derive from the EMR Serverless Spark base).
+# Build from the repository root:  docker build -f docker/inference.Dockerfile -t recsys-inference:<git-sha> .
+#
+# Pinned by tag; pin the digest when you first build (docker buildx imagetools inspect python:3.11.13-slim-bookworm).
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+# CPU-only torch wheels (the default PyPI wheel carries CUDA libraries: gigabytes this image never uses).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==$(grep -E '^torch==' requirements.lock | cut -d= -f3)"
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY pipeline ./pipeline
+RUN pip install --no-cache-dir -c requirements.lock . \
+    && python -c "import torch, pipeline.cli; assert torch.version.cuda is None" \
+    && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${PYTHON_IMAGE}
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin recsys
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    RECSYS_HOME=/home/recsys/.recsys
+USER 10001
+WORKDIR /home/recsys
+ENTRYPOINT ["recsys"]
+CMD ["infer", "--help"]

