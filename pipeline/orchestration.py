@@ -47,7 +47,7 @@ class Settings(BaseModel):
             events_uri=env("RECSYS_EVENTS_URI", str(home / "events")),
             lake_uri=env("RECSYS_LAKE_URI", str(home / "lake")),
             recs_uri=env("RECSYS_RECS_URI", str(home / "lake")),
-            tracking_uri=env("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow/mlflow.db"),
+            tracking_uri=env("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",  # = pipeline.registry's default
             model_name=env("RECSYS_MODEL_NAME", "recsys-multivae-pia"),
             window_days=int(env("RECSYS_WINDOW_DAYS", "365")),
             top_n=int(env("RECSYS_TOP_N", "100")),
@@ -113,14 +113,9 @@ def gate(s: Settings, version: int) -> str:
 
 def champion_version(s: Settings) -> str | None:
     """The version behind alias `champion`, or None when no model was promoted yet."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from pipeline.registry import alias_version
 
-    client = mlflow.MlflowClient(tracking_uri=s.tracking_uri)
-    try:
-        return str(client.get_model_version_by_alias(s.model_name, "champion").version)
-    except MlflowException:
-        return None
+    return alias_version(s.model_name, "champion", s.tracking_uri)
 
 
 def infer(s: Settings, date: str) -> str:

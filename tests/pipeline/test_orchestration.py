@@ -16,7 +16,7 @@ def test_settings_default_under_recsys_home(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
     s = orch.Settings.from_env()
     assert s.events_uri == str(tmp_path / "events") and s.lake_uri == str(tmp_path / "lake")
-    assert s.tracking_uri == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    assert s.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("RECSYS_LAKE_URI", "s3://lake/prod")
     assert orch.Settings.from_env().lake_uri == "s3://lake/prod"
     assert orch.snapshot_uri(orch.Settings.from_env(), "2026-03-01") == "s3://lake/prod/snapshots/as_of=2026-03-01"

@@ -1,0 +1,91 @@
+"""`recsys train | gate | promote | rollback` (registered by pipeline.cli; mlflow/torch load inside the commands)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_NAME = "recsys-multivae-pia"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train on a snapshot, log to MLflow, register a `challenger` version")
+    t.add_argument("--snapshot", required=True, help="snapshot URI (local path or s3://)")
+    t.add_argument("--config", type=Path, default=None, help="YAML file of TrainJobConfig keys (CLI flags win)")
+    t.add_argument("--model", default=None, help="multivae-pia (default), multivae, recvae-pia, ...")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    t.add_argument("--bf16", action="store_true", default=None)
+    t.add_argument("--compare-base", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the model without PIA (default on)")
+    t.add_argument("--registered-name", default=None)
+    t.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else SQLite under RECSYS_HOME")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("gate", help="offline metric gates; promote the version to `champion` when it passes")
+    _model_args(g, version=True)
+    g.add_argument("--mode", default="enabled", choices=["enabled", "dry-run"])
+    g.add_argument("--config", type=Path, default=None, help="YAML file of GateConfig keys")
+    g.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("promote", help="manual override: make a version `champion` without gates (recorded)")
+    _model_args(p, version=True)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_promote)
+
+    r = sub.add_parser("rollback", help="move `champion` back to `previous` (recorded)")
+    _model_args(r, version=False)
+    r.add_argument("--reason", default="")
+    r.set_defaults(func=cmd_rollback)
+
+
+def _model_args(p: argparse.ArgumentParser, version: bool) -> None:
+    p.add_argument("--model", default=DEFAULT_NAME, help="registered model name")
+    if version:
+        p.add_argument("--version", required=True)
+    p.add_argument("--ledger", default=None, help="promotion ledger URI (default RECSYS_LEDGER or RECSYS_HOME/...)")
+    p.add_argument("--tracking-uri", default=None)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train_job import load_config, run
+
+    cfg = load_config(args.config, {"snapshot": args.snapshot, "model": args.model, "epochs": args.epochs,
+                                    "device": args.device, "bf16": args.bf16, "compare_base": args.compare_base,
+                                    "registered_name": args.registered_name, "tracking_uri": args.tracking_uri})
+    result = run(cfg)
+    m = result.metrics
+    print(f"test ndcg@100={m.get('test.ndcg_at_100', float('nan')):.4f} recall@20={m.get('test.recall_at_20', float('nan')):.4f}"
+          f" (run {result.run_id})")
+    print(f"registered {result.name} version {result.version}")  # last line: read by the DAG
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from pipeline.gates import load_gate_config
+    from pipeline.promotion import gate
+
+    o = gate(args.model, args.version, mode=args.mode, cfg=load_gate_config(args.config), ledger_uri=args.ledger,
+             tracking=args.tracking_uri)
+    print(o.report)
+    action = "promoted to champion" if o.promoted else \
+        ("not promoted (dry-run)" if args.mode == "dry-run" else "stays challenger")
+    print(f"gate {'passed' if o.passed else 'failed'}: {o.name} version {o.version} {action}")
+    return 0 if o.passed or args.mode == "dry-run" else 1  # a rejection is a non-zero exit for the scheduler
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline.promotion import promote
+
+    e = promote(args.model, args.version, args.reason, ledger_uri=args.ledger, tracking=args.tracking_uri)
+    print(f"promoted {args.model} version {e['version']} to champion (was {e['champion_before']})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipeline.promotion import rollback
+
+    e = rollback(args.model, reason=args.reason, ledger_uri=args.ledger, tracking=args.tracking_uri)
+    print(f"rolled back {args.model}: champion {e['champion_before']} -> {e['champion_after']}, "
+          f"previous now {e['previous_after']}")
+    return 0

@@ -1,0 +1,100 @@
+"""Offline metric gates a candidate must pass before it becomes `champion` (pure checks, no I/O but the YAML read).
+
+Every metric is measured on the candidate's snapshot test users (strong generalization: fold-in → targets).
+Gates, each recorded as pass / fail / skipped with a one-line detail:
+
+- floor.<metric>       absolute floors, e.g. NDCG@100 >= 0.05
+- champion.<metric>    no metric worse than the champion re-scored on the same users, within a relative
+                       tolerance: candidate >= champion * (1 - champion_tolerance).
+                       FIRST MODEL EVER (no champion alias): skipped, detail "no champion: skipped"; the other
+                       gates still apply, so a first model must still clear floors, baselines, coverage, sanity.
+- baseline.popularity  primary metric >= popularity * (1 + popularity_margin)  (must beat it)
+- baseline.ease        primary metric >= EASE * (1 - ease_margin)             (may trail it, within the margin);
+                       skipped when the training job skipped EASE (catalog > max_ease_items)
+- coverage             coverage@top_n >= coverage_floor
+- sanity.nan / sanity.seen   no non-finite score; no fold-in (already seen) item in any top-N list
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import DataError
+
+Status = Literal["pass", "fail", "skipped"]
+
+
+class GateConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metrics: tuple[str, ...] = ("recall@20", "recall@50", "ndcg@100")
+    primary: str = "ndcg@100"
+    floors: dict[str, float] = Field(default_factory=lambda: {"ndcg@100": 0.05})
+    champion_tolerance: float = Field(0.02, description="relative: each metric >= champion * (1 - tolerance)")
+    popularity_margin: float = Field(0.05, description="relative: primary >= popularity * (1 + margin)")
+    ease_margin: float = Field(0.15, description="relative: primary >= EASE * (1 - margin)")
+    coverage_floor: float = Field(0.05, ge=0.0, le=1.0, description="catalog share in anyone's top-N")
+    top_n: int = Field(20, ge=1, description="N of the coverage and sanity checks")
+    sanity_users: int = Field(5000, ge=1, description="test users whose top-N lists are checked for seen items")
+
+
+def load_gate_config(path: str | Path | None) -> GateConfig:
+    if path is None:
+        return GateConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"gate config {p} not found", "pass an existing YAML file to --config")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise DataError(f"gate config {p} is not a mapping", "write `key: value` lines (see GateConfig)")
+    return GateConfig(**data)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    status: Status
+    detail: str
+
+
+def _cmp(gate: str, value: float, bound: float, what: str) -> GateResult:
+    ok = value == value and value >= bound  # NaN fails
+    return GateResult(gate, "pass" if ok else "fail", f"{value:.4f} {'>=' if ok else '<'} {bound:.4f} ({what})")
+
+
+def check(cfg: GateConfig, candidate: dict[str, float], champion: dict[str, float] | None,
+          baselines: dict[str, dict[str, float]], nan_rows: int, seen_hits: int,
+          champion_note: str = "no champion: skipped") -> list[GateResult]:
+    """All gates. `candidate`/`champion`/`baselines[name]` map metric names (e.g. 'ndcg@100') to values."""
+    out = [_cmp(f"floor.{m}", candidate.get(m, float("nan")), v, "absolute floor") for m, v in cfg.floors.items()]
+    for m in cfg.metrics:
+        if champion is None:
+            out.append(GateResult(f"champion.{m}", "skipped", champion_note))
+        else:
+            out.append(_cmp(f"champion.{m}", candidate[m], champion[m] * (1 - cfg.champion_tolerance),
+                            f"champion {champion[m]:.4f}, tolerance {cfg.champion_tolerance:g}"))
+    p = cfg.primary
+    pop = baselines.get("popularity")
+    out.append(GateResult("baseline.popularity", "skipped", "no popularity baseline recorded") if pop is None else
+               _cmp("baseline.popularity", candidate[p], pop[p] * (1 + cfg.popularity_margin),
+                    f"popularity {pop[p]:.4f}, margin +{cfg.popularity_margin:g}"))
+    ease = baselines.get("ease")
+    out.append(GateResult("baseline.ease", "skipped", "no EASE baseline recorded (catalog above max_ease_items)")
+               if ease is None else
+               _cmp("baseline.ease", candidate[p], ease[p] * (1 - cfg.ease_margin),
+                    f"EASE {ease[p]:.4f}, margin -{cfg.ease_margin:g}"))
+    cov = f"coverage@{cfg.top_n}"
+    out.append(_cmp("coverage", candidate.get(cov, float("nan")), cfg.coverage_floor, cov))
+    out.append(GateResult("sanity.nan", "pass" if nan_rows == 0 else "fail", f"{nan_rows} users with non-finite scores"))
+    out.append(GateResult("sanity.seen", "pass" if seen_hits == 0 else "fail",
+                          f"{seen_hits} already-seen items in top-{cfg.top_n} lists"))
+    return out
+
+
+def passed(results: list[GateResult]) -> bool:
+    return all(r.status != "fail" for r in results)

@@ -1,0 +1,1 @@
+"""Tests of the training, gate and promotion jobs."""

@@ -1,0 +1,33 @@
+"""pipeline.registry: load_bundle(model_uri) -> (ModelBundle, version), the inference job's entry point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pipeline.registry import load_bundle, parse_model_uri, tracking_uri
+
+from .conftest import NAME
+
+
+def test_load_bundle_by_alias_and_by_version(trained: dict[str, str]) -> None:
+    bundle, version = load_bundle(f"models:/{NAME}@challenger")
+    assert version == trained["bad"]  # the newest trained version is the challenger
+    b1, v1 = load_bundle(f"models:/{NAME}/{trained['good']}", device="cpu")
+    assert v1 == trained["good"] and b1.n_items == bundle.n_items == 150
+    assert b1.item_ids[0] == 1000 and b1.snapshot_id == "snap-synth" and b1.name == "multivae-pia"
+    top, scores = b1.recommend(sp.csr_matrix(np.eye(3, 150, dtype=np.float32)), 5)
+    assert top.shape == (3, 5) and np.isfinite(scores).all() and top[0, 0] != 0
+
+
+def test_bad_uris_are_clear_errors(trained: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="registered model URI"):
+        load_bundle("runs:/abc/model")
+    with pytest.raises(ValueError, match="no alias 'champion'"):
+        load_bundle(f"models:/{NAME}@champion")
+    assert parse_model_uri("models:/a.b-c/7") == ("a.b-c", None, "7")
+
+
+def test_default_tracking_is_sqlite_under_recsys_home(home) -> None:
+    assert tracking_uri() == f"sqlite:///{home / 'mlflow.db'}" and tracking_uri().startswith("sqlite:////")
