@@ -66,7 +66,7 @@ class Split:
         return len(self.item_index)
 
 
-def _count(name: str, value: int | float, n_users: int) -> int:
+def heldout_count(name: str, value: int | float, n_users: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SplitError(f"{name} must be a user count (int) or a fraction (float), got {value!r}")
     if isinstance(value, numbers.Integral):
@@ -129,8 +129,8 @@ def strong_generalization_split(
     csr.sum_duplicates()  # also sorts indices
     n_users, n_cols = csr.shape
 
-    nv = _count("n_valid", n_valid, n_users)
-    nt = _count("n_test", n_test, n_users)
+    nv = heldout_count("n_valid", n_valid, n_users)
+    nt = heldout_count("n_test", n_test, n_users)
     for name, count in (("validation", nv), ("test", nt)):
         if count < min_heldout_users:
             raise SplitError(

@@ -3,10 +3,13 @@
 Layout under one snapshot folder (URI: a local path or s3://), published by writing manifest.json last:
 
     <snapshot>/manifest.json                 the published pointer: {"run": "run-<id>", files, counts, hashes, ...}
-    <snapshot>/run-<id>/users/*.parquet      user_idx int64, user_id (int64 or string), role: train|valid|test
+    <snapshot>/run-<id>/users/*.parquet      user_idx int64, user_id (int64 or string), role: train|valid|test|inactive
     <snapshot>/run-<id>/items/*.parquet      item_idx int64, item_id (int64 or string)   (column of the matrix)
     <snapshot>/run-<id>/train/*.parquet      user_idx int64, item_idx int64               (training users' items)
     <snapshot>/run-<id>/heldout/*.parquet    user_idx int64, item_idx int64, role: valid|test, part: fold_in|target
+
+user_idx and item_idx are stable across weekly snapshots: a user seen before but without events in this window
+stays as role `inactive` (in no matrix), an item keeps its column even without training interactions this week.
 
 A re-run writes a new run-<id> folder, then replaces manifest.json (one object write: readers see the old
 snapshot or the new one), then deletes the old run folder. Readers trust only what the manifest names.
@@ -147,7 +150,7 @@ def write_snapshot(uri: str, user_ids: np.ndarray, item_ids: np.ndarray, split: 
     return root.uri
 
 
-def _read_table(root: Location, manifest: dict[str, Any], name: str, verify: bool) -> pa.Table:
+def read_table(root: Location, manifest: dict[str, Any], name: str, verify: bool) -> pa.Table:
     rels = sorted(r for r in manifest["files"] if r.split("/")[1] == name)
     if not rels:
         raise DataError(f"snapshot {root.uri} has no {name!r} table in its manifest", "rebuild the snapshot")
@@ -173,7 +176,7 @@ def load_snapshot(uri: str, verify: bool = True) -> Snapshot:
     """One call from a snapshot URI to the trainer's inputs (CSR matrices + id maps)."""
     root = resolve(uri)
     manifest = read_manifest(uri)
-    t = {name: _read_table(root, manifest, name, verify) for name in TABLES}
+    t = {name: read_table(root, manifest, name, verify) for name in TABLES}
     users, items = t["users"].sort_by("user_idx"), t["items"].sort_by("item_idx")
     n_users, n_items = users.num_rows, items.num_rows
     if not np.array_equal(users["user_idx"].to_numpy(), np.arange(n_users)) or \

@@ -1,0 +1,94 @@
+"""bench-build: the weekly matrix build on synthetic ML-20M-shaped events, local[2] (`make bench-build`).
+
+For each size: synthetic events (pipeline/synth_events.py, 28 days, ~27k items, users scaled so that 20M
+events is ~138k users like ML-20M), then the real job (BuildMatrixConfig.run) into a fresh lake. Wall time is
+the job alone (the Spark session is started and warmed once before); peak memory is the largest RSS sum over
+this process and all its children (the JVM), sampled every 0.1 s. Rows go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.common import append_row, git_commit, machine, today
+
+HEADER = ["date", "commit", "machine", "events", "users x items", "snapshot (train nnz)", "job wall (s)",
+          "events/s", "peak RSS driver+JVM (GiB)", "master"]
+
+
+class PeakRSS:
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from pipeline.build_matrix import BuildMatrixConfig, spark_session
+    from pipeline.snapshot import read_manifest
+    from pipeline.synth_events import SynthEventsConfig
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--events", default="10,20", help="millions of events, comma separated (e.g. 10,20,40)")
+    p.add_argument("--master", default="local[2]")
+    p.add_argument("--items", type=int, default=27_000)
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    p.add_argument("--no-append", action="store_true")
+    args = p.parse_args(argv)
+    spark = spark_session(args.master, "8g")
+    spark.range(1000).selectExpr("sum(id)").collect()  # JVM up before timing
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        for millions in (float(x) for x in args.events.split(",")):
+            users = int(138_000 * millions / 20)
+            events = Path(tmp) / f"events-{millions:g}M"
+            t0 = time.perf_counter()
+            r = SynthEventsConfig(users=users, items=args.items, days=28, out=str(events), seed=0,
+                                  mean_items_per_user=20e6 / 138_000).run()
+            gen = time.perf_counter() - t0
+            cfg = BuildMatrixConfig(events=str(events), as_of=dt.date(2024, 1, 28), window_days=28,
+                                    out=str(Path(tmp) / f"lake-{millions:g}M"), spark_master=args.master, seed=0)
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                uri = cfg.run()
+                wall = time.perf_counter() - t0
+            c = read_manifest(uri)["counts"]
+            row = [today(), git_commit(), machine(torch.device("cpu")), f"{r.events:,}", f"{c['users']:,} x {c['items']:,}",
+                   f"{c['train_interactions']:,}", f"{wall:.1f}", f"{r.events / wall:,.0f}", f"{mem.peak / 2**30:.2f}",
+                   args.master]
+            print(f"{millions:g}M: generated in {gen:.1f}s; " + " | ".join(row), flush=True)
+            if not args.no_append:
+                append_row("bench-build: weekly matrix build (Spark job, synthetic ML-20M-shaped events, 28 days)",
+                           HEADER, row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
