@@ -27,10 +27,14 @@ $(CHECKOV_STAMP): tools/checkov.lock
 	$(CHECKOV_VENV)/bin/python -m pip install -q --disable-pip-version-check -c tools/checkov.lock checkov
 	@touch $(CHECKOV_STAMP)
 
-# The main job on the embedded default: today an experiment on synthetic data (a results table).
+# The main job on the embedded default: synthetic events → weekly DAG → daily DAG (pipeline/story.py).
 run: venv
+	RECSYS_HOME=$${RECSYS_HOME:-$(CURDIR)/out/home} $(PY) -m pipeline.story
+
+# The accuracy experiment on synthetic data (a results table): what `make run` did before the pipeline existed.
+experiment: venv
 	$(VENV)/bin/recsys experiment --dataset synthetic --models popularity,ease,multivae,multivae-pia \
-		--seeds 2 --epochs 15 --out out/run
+		--seeds 2 --epochs 15 --out out/experiment
 
 test: venv lint $(CHECKOV_STAMP)
 	PATH="$$PATH:$(CURDIR)/$(CHECKOV_VENV)/bin" $(PY) -m pytest -q

@@ -1,8 +1,8 @@
 """The model as it travels: a fitted recommender + its item vocabulary + config + the fallback ranking.
 
-A `ModelBundle` is saved as one folder and logged to MLflow as one pyfunc model (`BundleModel`), so that
-inference can never pair weights with the wrong item index. The registered pyfunc's artifact "bundle" is
-that folder; `BundleModel.load_context` restores it and `predict` scores histories given as external ids.
+A `ModelBundle` is saved as one folder and logged to MLflow as one pyfunc model (pipeline.pyfunc.BundleModel),
+so that inference can never pair weights with the wrong item index. The registered pyfunc's artifact "bundle"
+is that folder. This module does not import MLflow (inference workers load bundles without it).
 
     bundle/recommender.pt   the fitted model.recommenders object (torch.save; weights on the CPU)
     bundle/items.parquet    column → external item id, and the training popularity of each column
@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
-from mlflow.pyfunc import PythonModel
 
 from model.base import Recommender
 
@@ -86,34 +84,3 @@ class ModelBundle:
         items = pq.read_table(d / "items.parquet")
         return cls(rec, items["item_id"].to_numpy(zero_copy_only=False), items["popularity"].to_numpy().astype(np.float32),
                    meta["name"], meta.get("config", {}), meta.get("snapshot_id", ""))
-
-
-class BundleModel(PythonModel):
-    """pyfunc wrapper. Input: a DataFrame with a list column `item_ids` (a user's history, external ids).
-    Output: a DataFrame with `item_ids` (top-k external ids, best first), `scores`, `fallback` (no known item)."""
-
-    bundle: ModelBundle
-
-    def load_context(self, context: Any) -> None:
-        self.bundle = ModelBundle.load(context.artifacts["bundle"])
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        k = int((params or {}).get("k", 100))
-        b = self.bundle
-        index = b.item_index()
-        rows, cols = [], []
-        for r, hist in enumerate(model_input["item_ids"]):
-            for it in hist if hist is not None else []:
-                c = index.get(it.item() if hasattr(it, "item") else it)
-                if c is not None:
-                    rows.append(r)
-                    cols.append(c)
-        x = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(model_input), b.n_items))
-        x.sum_duplicates()
-        x.data[:] = 1.0
-        top, scores = b.recommend(x, k)
-        fb_items, fb_scores = b.fallback(k)
-        known = np.diff(x.indptr) > 0
-        out_items = [b.item_ids[top[i]].tolist() if known[i] else b.item_ids[fb_items].tolist() for i in range(len(x.indptr) - 1)]
-        out_scores = [scores[i].tolist() if known[i] else fb_scores.tolist() for i in range(len(x.indptr) - 1)]
-        return pd.DataFrame({"item_ids": out_items, "scores": out_scores, "fallback": ~known})

@@ -179,7 +179,7 @@ def _signature(bundle_dir: Path, bundle: Any, snap: Any) -> Any:
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from pipeline.bundle import BundleModel
+    from pipeline.pyfunc import BundleModel
 
     rows = snap.test.fold_in[: min(3, snap.test.fold_in.shape[0])]
     example = [bundle.item_ids[rows[i].indices].tolist() for i in range(rows.shape[0])]
@@ -213,8 +213,9 @@ def run(cfg: TrainJobConfig, on_epoch: Callable[[dict[str, Any]], None] | None =
     from model.recommenders import make_recommender
     from model.train import TrainConfig, resolve_device
     from pipeline import plots
-    from pipeline.bundle import BundleModel, ModelBundle
+    from pipeline.bundle import ModelBundle
     from pipeline.experiment import Experiment, activity_groups, machine_name
+    from pipeline.pyfunc import BundleModel
     from pipeline.snapshot import load_snapshot
 
     t_start = time.perf_counter()

@@ -13,7 +13,8 @@ import scipy.sparse as sp
 from model.recommenders import make_recommender
 from model.train import TrainConfig
 from model.vae import VAEConfig
-from pipeline.bundle import BundleModel, ModelBundle
+from pipeline.bundle import ModelBundle
+from pipeline.pyfunc import BundleModel
 
 
 @pytest.fixture(scope="module")

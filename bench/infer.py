@@ -1,0 +1,140 @@
+"""make bench-infer: daily batch inference end to end on an ML-20M-shaped model and synthetic users.
+
+Untimed set-up: events Parquet for --users users with ML-20M-like histories (pipeline.synth, 74 items per
+user on average, Zipf popularity), written in a child process (so its memory is not counted), and an
+untrained Multi-VAE of the reference architecture (I -> 600 -> 2x200 -> 600 -> I; untrained weights cost the
+same to score). Timed: `pipeline.infer.run` (events Parquet -> histories -> scores, seen masked, top N ->
+checks -> Parquet published). Reported: users/s end to end and for scoring alone, peak RSS of this process,
+and the machine's dense matmul FLOP/s for the decoder's shape, measured in the same run, so that scoring
+efficiency = achieved model FLOP/s / matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import multiprocessing as mp
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHUNK = 1_000_000  # users generated and written per events file
+DAY = "2024-05-03"
+
+
+def write_events(directory: str, n_users: int, n_items: int, seed: int) -> tuple[int, np.ndarray]:
+    """Events files under directory/dt=DAY/; returns (interactions, item popularity)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.synth import synth_ml20m_like_csr
+
+    part = Path(directory) / f"dt={DAY}"
+    part.mkdir(parents=True, exist_ok=True)
+    nnz, pop = 0, np.zeros(n_items, np.float64)
+    for i, start in enumerate(range(0, n_users, CHUNK)):
+        m = synth_ml20m_like_csr(min(CHUNK, n_users - start), n_items, seed=seed + i)
+        users = np.repeat(np.arange(start, start + m.shape[0], dtype=np.int64), np.diff(m.indptr))
+        pq.write_table(pa.table({"user_id": users, "item_id": m.indices.astype(np.int64)}),
+                       part / f"part-{i:05d}.parquet", row_group_size=1 << 20)
+        nnz += m.nnz
+        pop += np.bincount(m.indices, minlength=n_items)
+    return nnz, pop
+
+
+def _child(directory: str, n_users: int, n_items: int, seed: int, q: mp.Queue) -> None:
+    q.put(write_events(directory, n_users, n_items, seed))
+
+
+def matmul_flops(batch: int, hidden: int, n_items: int, device: object, seconds: float = 3.0) -> float:
+    """Dense FLOP/s of torch.mm([batch, hidden] x [hidden, n_items]): the decoder's output layer."""
+    import torch
+
+    a = torch.randn(batch, hidden, device=device)  # type: ignore[call-overload]
+    b = torch.randn(hidden, n_items, device=device)  # type: ignore[call-overload]
+    out = torch.empty(batch, n_items, device=device)  # type: ignore[call-overload]
+    torch.mm(a, b, out=out)
+    sync = torch.cuda.synchronize if out.is_cuda else (lambda: None)
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b, out=out)
+        reps += 1
+    sync()
+    return 2.0 * batch * hidden * n_items * reps / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--users", type=int, default=1_000_000)
+    p.add_argument("--items", type=int, default=20_108)
+    p.add_argument("--top-n", type=int, default=100)
+    p.add_argument("--memory-budget-mb", type=int, default=512)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workdir", type=Path, default=None, help="keep events here (reused when present)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-append", action="store_true", help="do not add a row to docs/benchmarks.md")
+    args = p.parse_args(argv)
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-infer-"))
+    events = work / f"events-{args.users}-{args.items}-{args.seed}"
+    t = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    if events.exists():
+        shutil.rmtree(events)
+    proc = ctx.Process(target=_child, args=(str(events), args.users, args.items, args.seed, q))
+    proc.start()
+    nnz, pop = q.get()
+    proc.join()
+    print(f"events: {args.users:,} users, {nnz:,} interactions written in {time.perf_counter() - t:.0f} s (not timed)")
+
+    import torch
+
+    from bench.common import append_row, git_commit, machine, today
+    from model.recommenders import make_recommender
+    from model.train import resolve_device
+    from model.vae import MultiVAE, VAEConfig
+    from pipeline.bundle import ModelBundle
+    from pipeline.infer import InferConfig, batch_size_for, run
+
+    device = resolve_device(args.device)
+    rec = make_recommender("multivae")
+    rec.module = MultiVAE(args.items, VAEConfig()).eval()  # type: ignore[attr-defined]
+    rec.n_items = args.items
+    bundle = ModelBundle(rec, np.arange(args.items, dtype=np.int64), pop.astype(np.float32), "multivae", {}, "bench")
+    batch = batch_size_for(args.items, args.top_n, args.memory_budget_mb)
+    mm = matmul_flops(batch, 600, args.items, device)
+    out = work / "lake"
+    cfg = InferConfig(date=dt.date.fromisoformat(DAY), events=str(events), out=str(out), top_n=args.top_n,
+                      device=args.device, memory_budget_mb=args.memory_budget_mb)
+    t0 = time.perf_counter()
+    m = run(cfg, bundle, "bench")
+    total = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    users = m["active_users"]
+    per_user = 2 * (nnz / users * 600 + 600 * 400 + 200 * 600 + 600 * args.items)  # model FLOPs per user
+    score_rate = users / m["score_seconds"]
+    eff = per_user * score_rate / mm
+    print(f"batch {batch}, {m['shards']} shards: end to end {total:.1f} s = {users / total:,.0f} users/s; "
+          f"scoring {m['score_seconds']:.1f} s = {score_rate:,.0f} users/s = {per_user * score_rate / 1e9:.1f} GFLOP/s; "
+          f"matmul {mm / 1e9:.1f} GFLOP/s; efficiency {eff:.0%}; peak RSS {rss:.2f} GiB")
+    if not args.no_append:
+        append_row("bench-infer: daily batch inference end to end (Multi-VAE 600/200, top-100, untrained weights)",
+                   ["date", "commit", "machine", "users x items", "interactions", "batch (budget)", "end to end (s)",
+                    "users/s end to end", "users/s scoring", "matmul GFLOP/s", "scoring efficiency", "peak RSS (GiB)"],
+                   [today(), git_commit(), machine(torch.device(device)), f"{users:,} x {args.items:,}", f"{nnz:,}",
+                    f"{batch} ({args.memory_budget_mb} MB)", f"{total:.1f}", f"{users / total:,.0f}",
+                    f"{score_rate:,.0f}", f"{mm / 1e9:.1f}", f"{eff:.0%}", f"{rss:.2f}"])
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""Daily batch inference: every active user's top-N from the champion model, published atomically.
+
+    events (Parquet, dt= partitions or one file) ──scan once──▶ local spill shards (users hashed)
+        ──per shard──▶ histories (CSR over the model's columns) ──batches──▶ scores, seen masked, top N
+        ──▶ checks ──▶ part file ──(all shards)──▶ _manifest.json ──▶ _SUCCESS (pipeline.publish)
+
+Memory does not grow with the number of users: the events are read once as a stream and split into shard
+files on the local disk by a hash of the user id; each shard (a bounded number of events) is then scored,
+checked and written, and released before the next. The score matrix of one batch is [batch, n_items]
+float32; the batch size is computed from the memory budget (`batch_size_for`).
+
+Two engines share `score_histories` and `check_part`: "local" (this process) and "spark" (mapInArrow, one
+model copy per Python worker; pipeline.infer_spark).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline import lake
+from pipeline.errors import DataError
+from pipeline.publish import PartitionWriter, hook
+
+if TYPE_CHECKING:
+    from pipeline.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "models:/multivae-pia@champion"
+OUTPUT_SCHEMA_FIELDS = ("user_id", "item_ids", "scores", "model_version", "fallback")
+
+
+class InferConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    date: dt.date
+    events: str
+    out: str
+    model: str = DEFAULT_MODEL
+    top_n: int = Field(100, ge=1, le=10_000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["local", "spark"] = "local"
+    memory_budget_mb: int = Field(1024, ge=16, description="score matrix + top-k workspace of one batch")
+    history_days: int | None = Field(None, ge=1, description="history window in days ending at `date`; None: all ≤ date")
+    min_weight: float | None = Field(None, description="binarization: keep events with weight >= this (None: all)")
+    shard_events: int | None = Field(None, ge=1, description="events per shard; default from the memory budget")
+    max_batch: int = Field(4096, ge=1)
+    progress: bool = True
+
+
+# -- sizing ---------------------------------------------------------------------------------------------
+
+def batch_size_for(n_items: int, top_n: int, budget_mb: int, hidden: int = 600, max_batch: int = 4096) -> int:
+    """Users per scoring batch so that one batch's workspace fits `budget_mb`.
+
+    Per user: the float32 score row (4·I), the worst case of top-k's tie fixing (an int32 [I] row,
+    metrics._fix_cut_ties), topk's values + indices (12·(k+1)) and the decoder's hidden rows (8·hidden).
+    """
+    k = min(top_n, n_items)
+    per_user = 4 * n_items + 4 * n_items + 12 * (k + 1) + 8 * hidden
+    fit = (budget_mb * 2**20) // per_user
+    if fit < 1:
+        raise DataError(f"a memory budget of {budget_mb} MB cannot hold one user's {n_items} scores",
+                        f"raise --memory-budget-mb to at least {per_user // 2**20 + 1}")
+    return int(min(fit, max_batch))
+
+
+def shard_events_for(budget_mb: int) -> int:
+    # a spilled event costs ~12 bytes on disk, ~60 bytes in memory while its shard is turned into a CSR
+    return max(200_000, budget_mb * 2**20 // 64)
+
+
+# -- events ---------------------------------------------------------------------------------------------
+
+def open_events(uri: str) -> ds.Dataset:
+    loc = lake.resolve(uri)
+    if not loc.exists():
+        raise DataError(f"no events at {loc.uri}", "pass --events pointing at a Parquet file or a dt= partitioned folder")
+    # dt= folders are partitions (kept as strings: ISO dates compare correctly as text); a single file has none
+    part = None if loc.is_file() else ds.partitioning(pa.schema([("dt", pa.string())]), flavor="hive")
+    try:
+        dataset = ds.dataset(loc.path, filesystem=loc.fs, format="parquet", partitioning=part)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read events at {loc.uri}: {e}", "pass Parquet events (user_id, item_id, ...)") from e
+    missing = {"user_id", "item_id"} - set(dataset.schema.names)
+    if missing:
+        raise DataError(f"events at {loc.uri} lack column(s) {sorted(missing)}", "events need user_id and item_id")
+    for name in ("user_id", "item_id"):
+        t = dataset.schema.field(name).type
+        if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise DataError(f"events column {name} has type {t}", "use int64 or string ids")
+    return dataset
+
+
+def events_filter(dataset: ds.Dataset, cfg: InferConfig) -> ds.Expression:
+    """Events up to and including cfg.date, inside the history window (dt partitions and/or event_ts)."""
+    names = dataset.schema.names
+    first = cfg.date - dt.timedelta(days=cfg.history_days - 1) if cfg.history_days else None
+    expr = pc.is_valid(ds.field("user_id")) & pc.is_valid(ds.field("item_id"))
+    if "dt" in names:
+        expr &= ds.field("dt") <= cfg.date.isoformat()
+        if first is not None:
+            expr &= ds.field("dt") >= first.isoformat()
+    if "event_ts" in names and pa.types.is_timestamp(dataset.schema.field("event_ts").type):
+        t = dataset.schema.field("event_ts").type
+        tz = dt.UTC if t.tz else None
+
+        def at(day: dt.date) -> pa.Scalar:
+            return pa.scalar(dt.datetime(day.year, day.month, day.day, tzinfo=tz), type=t)
+
+        expr &= ds.field("event_ts") < at(cfg.date + dt.timedelta(days=1))
+        if first is not None:
+            expr &= ds.field("event_ts") >= at(first)
+    if cfg.min_weight is not None and "weight" in names:
+        expr &= ds.field("weight") >= cfg.min_weight
+    return expr
+
+
+def vocabulary(bundle: ModelBundle) -> pa.Array:
+    ids = bundle.item_ids
+    return pa.array(ids.astype(np.int64)) if np.issubdtype(ids.dtype, np.integer) else pa.array(ids.astype(str))
+
+
+def map_items(items: pa.Array, vocab: pa.Array) -> np.ndarray:
+    """External item ids → model columns (int32), -1 for ids the model does not know."""
+    if items.type != vocab.type:
+        try:
+            items = items.cast(vocab.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. string ids against an int vocabulary
+            return np.full(len(items), -1, np.int32)
+    idx = pc.index_in(items, value_set=vocab)
+    return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def user_hash(users: pa.Array) -> np.ndarray:
+    """A stable uint64 hash of user ids (same id → same shard, across runs and engines)."""
+    if pa.types.is_integer(users.type):
+        x = users.to_numpy(zero_copy_only=False).astype(np.uint64)
+        x = (x ^ (x >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)  # splitmix-style mixing
+        return x ^ (x >> np.uint64(29))
+    return pd.util.hash_array(np.asarray(users.to_numpy(zero_copy_only=False), dtype=object)).astype(np.uint64)
+
+
+class Spill:
+    """Events split into n local shard files (Arrow IPC streams of user_id, col) by user hash."""
+
+    def __init__(self, directory: Path, n_shards: int, user_type: pa.DataType):
+        self.dir = directory
+        self.n = n_shards
+        self.schema = pa.schema([("user_id", user_type), ("col", pa.int32())])
+        self.writers = [pa.ipc.new_stream(str(directory / f"shard-{s:05d}.arrow"), self.schema) for s in range(n_shards)]
+        self.events = 0
+
+    def add(self, users: pa.Array, cols: np.ndarray) -> None:
+        shard = (user_hash(users) % np.uint64(self.n)).astype(np.int64)
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange(self.n + 1))
+        users_sorted = users.take(pa.array(order))
+        cols_sorted = cols[order]
+        for s in range(self.n):
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            if b > a:
+                self.writers[s].write_batch(pa.record_batch([users_sorted.slice(a, b - a), pa.array(cols_sorted[a:b])],
+                                                            schema=self.schema))
+        self.events += len(users)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+    def shard(self, s: int) -> pa.Table:
+        with pa.ipc.open_stream(str(self.dir / f"shard-{s:05d}.arrow")) as r:
+            return r.read_all()
+
+
+def spill_events(dataset: ds.Dataset, cfg: InferConfig, vocab: pa.Array, directory: Path) -> tuple[Spill, dict[str, int]]:
+    """One streaming pass over the events: map items to columns, count unknowns, split users into shards."""
+    expr = events_filter(dataset, cfg)
+    user_type = dataset.schema.field("user_id").type
+    if pa.types.is_integer(user_type) or pa.types.is_large_string(user_type):
+        user_type = pa.int64() if pa.types.is_integer(user_type) else pa.string()
+    per_shard = cfg.shard_events or shard_events_for(cfg.memory_budget_mb)
+    # Row counts come from Parquet metadata (cheap); the filter may drop some, so shards are at most this big.
+    estimate = dataset.count_rows(filter=expr)
+    if estimate == 0:
+        raise DataError(f"no events up to {cfg.date} in {cfg.events}", "check --events and --date (and --history-days)")
+    spill = Spill(directory, max(1, -(-estimate // per_shard)), user_type)
+    unknown_events = 0
+    unknown: set[Any] = set()
+    try:
+        for batch in dataset.to_batches(columns=["user_id", "item_id"], filter=expr, batch_size=1 << 20):
+            if batch.num_rows == 0:
+                continue
+            users = batch.column(0).cast(user_type)
+            items = batch.column(1)
+            cols = map_items(items, vocab)
+            miss = cols < 0
+            if miss.any():
+                unknown_events += int(miss.sum())
+                unknown.update(pc.unique(items.filter(pa.array(miss))).to_pylist())  # bounded by the catalog, not users
+            spill.add(users, cols)
+    finally:
+        spill.close()
+    return spill, {"events": spill.events, "unknown_item_events": unknown_events, "unknown_items": len(unknown)}
+
+
+def shard_histories(table: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Spilled (user_id, col) rows → (distinct users sorted, indptr, known cols per user, deduplicated)."""
+    users = table.column("user_id").combine_chunks()
+    cols = table.column("col").to_numpy()
+    if pa.types.is_integer(users.type):
+        uniq, inverse = np.unique(users.to_numpy(), return_inverse=True)
+        user_arr = pa.array(uniq, pa.int64())
+    else:
+        codes, cats = pd.factorize(np.asarray(users.to_numpy(zero_copy_only=False), dtype=object), sort=True)
+        inverse, user_arr = codes, pa.array(cats.astype(str), pa.string())
+    n = len(user_arr)
+    keep = cols >= 0
+    key = np.sort(inverse[keep].astype(np.int64) * (1 << 31) + cols[keep])  # sort-based: np.unique hashes, slower here
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key  # dedup (user, item)
+    rows, kcols = key >> 31, (key & ((1 << 31) - 1)).astype(np.int32)
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    return user_arr, indptr, kcols
+
+
+# -- scoring --------------------------------------------------------------------------------------------
+
+def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, top_n: int, batch_size: int,
+                    on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-N columns and scores for users given as CSR rows over the model's columns, seen items removed.
+
+    Returns ([U, k] int64 columns, [U, k] float32 scores, [U] bool fallback). Users with no known item get
+    the popularity fallback. Seen items come back as -inf (only when fewer than k unseen items exist);
+    `to_table` drops them.
+    """
+    import scipy.sparse as sp
+
+    n, n_items = len(indptr) - 1, bundle.n_items
+    k = min(top_n, n_items)
+    top = np.empty((n, k), np.int64)
+    scores = np.empty((n, k), np.float32)
+    fallback = np.diff(indptr) == 0
+    fb_items, fb_scores = bundle.fallback(k)
+    top[fallback], scores[fallback] = fb_items, fb_scores
+    if on_batch is not None and fallback.any():
+        on_batch(int(fallback.sum()))
+    known = np.flatnonzero(~fallback)
+    if len(known):
+        csr = sp.csr_matrix((np.ones(len(cols), np.float32), cols, indptr), shape=(n, n_items))
+        csr.has_canonical_format = True  # shard_histories gives sorted, unique columns per row
+        sub = csr[known] if len(known) < n else csr
+        for a in range(0, len(known), batch_size):
+            rows = known[a:a + batch_size]
+            t, s = bundle.recommend(sub[a:a + batch_size], k, batch_size=batch_size)  # one batch per call
+            top[rows], scores[rows] = t, s
+            if on_batch is not None:
+                on_batch(len(rows))
+    return top, scores, fallback
+
+
+def to_table(users: pa.Array, top: np.ndarray, scores: np.ndarray, fallback: np.ndarray, vocab: pa.Array,
+             model_version: str) -> pa.Table:
+    valid = scores != -np.inf  # seen items padded in by top-k when the catalog is nearly exhausted
+    lengths = valid.sum(axis=1)
+    offsets = np.zeros(len(users) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat_cols, flat_scores = top[valid], scores[valid]
+    item_ids = pa.ListArray.from_arrays(pa.array(offsets), vocab.take(pa.array(flat_cols)))
+    score_lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_scores, pa.float32()))
+    return pa.table({"user_id": users, "item_ids": item_ids, "scores": score_lists,
+                     "model_version": pa.array([model_version] * len(users), pa.string()),
+                     "fallback": pa.array(fallback, pa.bool_())})
+
+
+# -- output checks --------------------------------------------------------------------------------------
+
+class OutputCheckError(DataError):
+    def __init__(self, problem: str, fix: str = "nothing was published; fix the model or the job and re-run") -> None:
+        super().__init__(f"output check failed: {problem}", fix)
+
+
+def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.ndarray, vocab: pa.Array,
+               top_n: int, model_version: str) -> None:
+    """Check a shard's output against its histories before it may be published (raises OutputCheckError)."""
+    n, n_items = len(users), len(vocab)
+    if table.schema.names != list(OUTPUT_SCHEMA_FIELDS):
+        raise OutputCheckError(f"columns {table.schema.names}, expected {list(OUTPUT_SCHEMA_FIELDS)}")
+    out_users = table.column("user_id").combine_chunks()
+    if pc.count_distinct(out_users).as_py() != table.num_rows:
+        raise OutputCheckError("duplicate users in the output")
+    if table.num_rows != n:
+        raise OutputCheckError(f"{table.num_rows} rows for {n} active users (one row per active user)")
+    row = pc.index_in(out_users, value_set=users)  # output row → history row
+    if row.null_count:
+        raise OutputCheckError("output users that are not active users")
+    hrow = row.to_numpy().astype(np.int64)
+    seen = np.diff(indptr)[hrow]
+    fb = table.column("fallback").to_numpy()
+    if not np.array_equal(fb, seen == 0):
+        raise OutputCheckError("the fallback flag differs from 'no known item in the history'")
+    mv = table.column("model_version")
+    if mv.null_count or pc.count_distinct(mv).as_py() > 1 or (n and mv[0].as_py() != model_version):
+        raise OutputCheckError(f"model_version is not {model_version!r} on every row")
+    items = table.column("item_ids").combine_chunks()
+    scores = table.column("scores").combine_chunks()
+    lengths = pc.list_value_length(items).fill_null(-1).to_numpy()
+    expected = np.minimum(top_n, n_items - seen)
+    if not np.array_equal(lengths, expected):
+        bad = int(np.flatnonzero(lengths != expected)[0])
+        raise OutputCheckError(f"user {out_users[bad].as_py()} has {lengths[bad]} items, expected {expected[bad]} "
+                               f"(N distinct unseen items, fewer only when the catalog is smaller)")
+    if not np.array_equal(pc.list_value_length(scores).fill_null(-1).to_numpy(), lengths):
+        raise OutputCheckError("scores and item_ids differ in length")
+    flat_cols = pc.index_in(items.flatten(), value_set=vocab)
+    if flat_cols.null_count:
+        raise OutputCheckError("recommended items outside the model's vocabulary")
+    c = flat_cols.to_numpy().astype(np.int64)
+    out_row = np.repeat(hrow, lengths)
+    keys = out_row * n_items + c
+    ordered = np.sort(keys)
+    if np.any(ordered[1:] == ordered[:-1]):
+        raise OutputCheckError("a user's list repeats an item")
+    hist_keys = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr)) * n_items + cols  # sorted (canonical CSR)
+    pos = np.searchsorted(hist_keys, keys)
+    if len(hist_keys) and np.any(hist_keys[np.minimum(pos, len(hist_keys) - 1)] == keys):
+        raise OutputCheckError("a user is recommended an item they have already seen")
+    s = scores.flatten().to_numpy(zero_copy_only=False)
+    if not np.isfinite(s).all():
+        raise OutputCheckError("non-finite scores")
+    starts = np.zeros(len(s), bool)
+    offs = np.cumsum(lengths)[:-1]
+    starts[offs[offs < len(s)]] = True  # first entry of each list: no order across users
+    if len(s) > 1 and np.any((np.diff(s) > 0) & ~starts[1:]):
+        raise OutputCheckError("scores are not in descending order")
+
+
+def finalize_part(table: pa.Table) -> pa.Table:
+    """The last step before a part is checked (a seam for tests that corrupt output)."""
+    return table
+
+
+# -- the job --------------------------------------------------------------------------------------------
+
+def load_model(model_uri: str, device: str | None) -> tuple[ModelBundle, str]:
+    """models:/NAME@ALIAS → (bundle, concrete version): the alias is resolved once.
+
+    A local folder written by ModelBundle.save also works (development, tests): its version is
+    "local-" + the weights' checksum, so outputs still name exactly which weights made them."""
+    if not model_uri.startswith("models:/"):
+        import hashlib
+
+        from pipeline.bundle import ModelBundle
+
+        path = Path(model_uri)
+        if not (path / "bundle.json").is_file():
+            raise DataError(f"--model {model_uri!r} is neither models:/NAME@ALIAS nor a saved bundle folder",
+                            "pass models:/NAME@champion (or a folder with bundle.json)")
+        digest = hashlib.sha256((path / "recommender.pt").read_bytes()).hexdigest()[:12]
+        return ModelBundle.load(path, device), f"local-{digest}"
+    from pipeline.registry import load_bundle  # lazy: MLflow is heavy and only needed here
+
+    return load_bundle(model_uri, device=device)
+
+
+def _resolve_device(name: str) -> str:
+    from model.train import resolve_device
+
+    return str(resolve_device(name))
+
+
+class Progress:
+    def __init__(self, enabled: bool, total: int | None = None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="user", unit_scale=True, disable=not enabled, desc="scoring")
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(cfg: InferConfig, bundle: ModelBundle | None = None, model_version: str | None = None) -> dict[str, Any]:
+    """Score every active user for cfg.date and publish `<out>/recommendations/dt=DATE/`. Returns the manifest."""
+    t0 = time.perf_counter()
+    device = _resolve_device(cfg.device)
+    if bundle is None:
+        bundle, model_version = load_model(cfg.model, device)
+    else:
+        bundle.recommender.to(device)
+        if model_version is None:
+            raise ValueError("pass model_version with an explicit bundle")
+    assert model_version is not None
+    out = lake.resolve(cfg.out)
+    partition = out.join("recommendations", f"dt={cfg.date.isoformat()}")
+    writer = PartitionWriter(partition)
+    if cfg.engine == "spark":
+        from pipeline.infer_spark import run_spark
+
+        stats = run_spark(cfg, bundle, model_version, writer)
+    else:
+        stats = _run_local(cfg, bundle, model_version, writer)
+    extra = {"date": cfg.date.isoformat(), "model_uri": cfg.model, "model_version": str(model_version),
+             "model_name": bundle.name, "snapshot_id": bundle.snapshot_id, "n_items": bundle.n_items,
+             "top_n": cfg.top_n, "engine": cfg.engine, "history_days": cfg.history_days, **stats,
+             "seconds": round(time.perf_counter() - t0, 3)}
+    return writer.commit(extra)
+
+
+def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer: PartitionWriter) -> dict[str, Any]:
+    dataset = open_events(cfg.events)
+    vocab = vocabulary(bundle)
+    bs = batch_size_for(bundle.n_items, cfg.top_n, cfg.memory_budget_mb, max_batch=cfg.max_batch)
+    tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-"))
+    stats: dict[str, Any] = {"batch_size": bs}
+    users_total = fallback_total = 0
+    score_s = 0.0
+    try:
+        spill, counts = spill_events(dataset, cfg, vocab, tmp)
+        stats |= counts | {"shards": spill.n}
+        hook("spilled")
+        bar = Progress(cfg.progress)
+        for s in range(spill.n):
+            users, indptr, cols = shard_histories(spill.shard(s))
+            (tmp / f"shard-{s:05d}.arrow").unlink()  # release disk as we go
+            if len(users) == 0:
+                continue
+            t = time.perf_counter()
+            top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar)
+            score_s += time.perf_counter() - t
+            table = finalize_part(to_table(users, top, scores, fb, vocab, model_version))
+            del top, scores
+            check_part(table, users, indptr, cols, vocab, cfg.top_n, model_version)
+            writer.write_part(table)
+            users_total += len(users)
+            fallback_total += int(fb.sum())
+        bar.close()
+    except BaseException:
+        writer.abort()  # best effort: an uncommitted run folder is invisible anyway and removed by the next run
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats | {"active_users": users_total, "fallback_users": fallback_total, "score_seconds": round(score_s, 3)}

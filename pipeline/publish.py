@@ -1,0 +1,134 @@
+"""Atomic publishing of one date's partition of a dataset in the lake (local folder or s3://).
+
+Layout of a partition:
+
+    <root>/dt=YYYY-MM-DD/run-<id>/part-00000.parquet ...   the data of one run
+    <root>/dt=YYYY-MM-DD/run-<id>/_manifest.json           files, rows, checksums, model version
+    <root>/dt=YYYY-MM-DD/_SUCCESS                          {"run": "run-<id>", "manifest_sha256": ...}
+
+`_SUCCESS` is the commit point: one single-object write (an S3 PUT, or a rename on a local disk) that names
+the run folder readers must use. Until it is written, readers keep seeing the previous run (its folder is
+untouched) or nothing. Old run folders — the replaced run and any run that crashed half-way — are deleted
+only after the new `_SUCCESS` is in place. A crash at any point therefore leaves either the previous
+complete partition or the new complete one visible, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.errors import DataError
+from pipeline.lake import Location
+
+SUCCESS = "_SUCCESS"
+MANIFEST = "_manifest.json"
+RUN_PREFIX = "run-"
+
+
+def hook(point: str) -> None:
+    """Test hook: when RECSYS_HOOK_POINT names `point`, announce it in RECSYS_HOOK_FILE and sleep, so that
+    a test can SIGKILL the process at a known place. Inert otherwise (one env lookup)."""
+    if os.environ.get("RECSYS_HOOK_POINT") != point:
+        return
+    marker = os.environ.get("RECSYS_HOOK_FILE")
+    if marker:
+        with open(marker, "w") as f:
+            f.write(point)
+    time.sleep(float(os.environ.get("RECSYS_HOOK_SLEEP", "60")))
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+def write_single_object(loc: Location, data: bytes) -> None:
+    """Write a small object so that readers see the old content or the new one, never a torn file.
+    S3 PUTs are atomic already; on a local disk write a temporary file and rename it over the target."""
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        tmp = Location(loc.fs, f"{loc.path}.tmp-{secrets.token_hex(4)}", loc.uri + ".tmp")
+        tmp.write_bytes(data)
+        with open(tmp.path, "rb+") as f:  # durable before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp.path, loc.path)
+    else:
+        loc.write_bytes(data)
+
+
+@dataclass
+class PartitionWriter:
+    """Writes one run of a date partition: `write_part` for each table, then `commit(extra)`.
+
+    Nothing is visible to readers before `commit`; `abort` removes the run's folder."""
+
+    partition: Location  # <root>/dt=DATE
+    run_id: str = field(default_factory=new_run_id)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+
+    @property
+    def run_name(self) -> str:
+        return RUN_PREFIX + self.run_id
+
+    @property
+    def run_dir(self) -> Location:
+        return self.partition.join(self.run_name)
+
+    def write_part(self, table: pa.Table) -> dict[str, Any]:
+        buf = io.BytesIO()
+        # deterministic bytes for the same table (no timestamps in Parquet metadata): a re-run gives equal checksums
+        pq.write_table(table, buf, compression="zstd", row_group_size=100_000)
+        data = buf.getvalue()
+        name = f"part-{len(self.files):05d}.parquet"
+        self.run_dir.join(name).write_bytes(data)
+        entry = {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self.files.append(entry)
+        self.rows += table.num_rows
+        hook(f"part-{len(self.files) - 1}")
+        return entry
+
+    def commit(self, extra: dict[str, Any]) -> dict[str, Any]:
+        manifest = {**extra, "run": self.run_name, "files": self.files, "rows": self.rows}
+        body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        self.run_dir.join(MANIFEST).write_bytes(body)
+        hook("manifest")
+        pointer = {"run": self.run_name, "manifest_sha256": hashlib.sha256(body).hexdigest(), "rows": self.rows}
+        write_single_object(self.partition.join(SUCCESS), json.dumps(pointer, sort_keys=True).encode())
+        hook("success")
+        self.cleanup()
+        return manifest
+
+    def cleanup(self) -> None:
+        """Delete every run folder of this partition except the committed one (replaced or crashed runs)."""
+        for name in self.partition.list():
+            if (name.startswith(RUN_PREFIX) and name != self.run_name) or name.startswith(SUCCESS + ".tmp-"):
+                self.partition.join(name).delete()
+
+    def abort(self) -> None:
+        self.run_dir.delete()
+
+
+def committed_run(partition: Location) -> tuple[Location, dict[str, Any]] | None:
+    """The committed run folder and its manifest, or None when the partition has no `_SUCCESS`."""
+    success = partition.join(SUCCESS)
+    if not success.is_file():
+        return None
+    try:
+        pointer = json.loads(success.read_bytes())
+        run = partition.join(str(pointer["run"]))
+        body = run.join(MANIFEST).read_bytes()
+    except (KeyError, ValueError, OSError) as e:
+        raise DataError(f"partition {partition.uri} has an unreadable commit ({e})", "re-run the job for that date") from e
+    if hashlib.sha256(body).hexdigest() != pointer.get("manifest_sha256"):
+        raise DataError(f"manifest of {run.uri} does not match its _SUCCESS", "re-run the job for that date")
+    return run, json.loads(body)

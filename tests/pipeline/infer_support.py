@@ -1,0 +1,73 @@
+"""Shared helpers of the inference tests: a tiny fitted bundle and synthetic events in the lake."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from model.recommenders import make_recommender
+from model.train import TrainConfig
+from model.vae import VAEConfig
+from pipeline import lake
+from pipeline.bundle import ModelBundle
+
+N_ITEMS = 40
+DATES = ("2024-05-01", "2024-05-02", "2024-05-03")
+
+
+def item_ids(string: bool = False) -> np.ndarray:
+    return np.array([f"i{c}" for c in range(N_ITEMS)]) if string else np.arange(1000, 1000 + N_ITEMS, dtype=np.int64)
+
+
+def tiny_bundle(string_items: bool = False, n_items: int = N_ITEMS, seed: int = 0) -> ModelBundle:
+    rng = np.random.default_rng(seed)
+    x = sp.csr_matrix((rng.random((150, n_items)) < 0.2).astype(np.float32))
+    rec = make_recommender("multivae", train=TrainConfig(epochs=1, batch_size=50, device="cpu", progress=False, seed=seed),
+                           model_config=VAEConfig(hidden_dims=(16,), latent_dim=4)).fit(x)
+    pop = np.asarray(x.sum(0)).ravel().astype(np.float32)
+    ids = item_ids(string_items)[:n_items] if n_items <= N_ITEMS else np.arange(1000, 1000 + n_items, dtype=np.int64)
+    return ModelBundle(rec, ids, pop, "multivae", {}, "snap-test")
+
+
+def events_table(n_users: int = 60, seed: int = 1, string_users: bool = False, string_items: bool = False,
+                 unknown_every: int = 0) -> pa.Table:
+    """Events over DATES: each user a few items; every `unknown_every`-th event an item the model lacks."""
+    rng = np.random.default_rng(seed)
+    users, items, days = [], [], []
+    for u in range(n_users):
+        n = int(rng.integers(1, 8))
+        for c in rng.choice(N_ITEMS, size=n, replace=False):
+            users.append(u)
+            items.append(int(c))
+            days.append(DATES[int(rng.integers(0, len(DATES)))])
+    item_col: list = [(f"i{c}" if string_items else 1000 + c) for c in items]
+    if unknown_every:
+        for j in range(0, len(item_col), unknown_every):
+            item_col[j] = "zz-unknown" if string_items else 999_999
+    ts = [dt.datetime.fromisoformat(d) + dt.timedelta(hours=3) for d in days]
+    user_col: list = [f"u{u}" for u in users] if string_users else users
+    return pa.table({"user_id": pa.array(user_col, pa.string() if string_users else pa.int64()),
+                     "item_id": pa.array(item_col, pa.string() if string_items else pa.int64()),
+                     "event_ts": pa.array(ts, pa.timestamp("us")),
+                     "weight": pa.array(rng.random(len(users)) * 5, pa.float64()),
+                     "dt": pa.array(days)})
+
+
+def write_events(table: pa.Table, uri: str) -> str:
+    """Hive dt= partitions under `uri` (local or s3://) through the lake layer."""
+    root = lake.resolve(uri)
+    for day in sorted(set(table.column("dt").to_pylist())):
+        part = table.filter(pa.compute.equal(table.column("dt"), day)).drop_columns(["dt"])
+        loc = root.join(f"dt={day}", "part-0.parquet")
+        loc.mkdir_parent()
+        pq.write_table(part, loc.path, filesystem=loc.fs)
+    return uri
+
+
+def write_events_local(table: pa.Table, directory: Path) -> str:
+    return write_events(table, str(directory))

@@ -1,0 +1,252 @@
+"""pipeline.infer: end to end (local lake and S3 on moto), re-runs, history windows, unknown items, fallback
+users, batch sizing from the memory budget, and every pre-publish output check."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import scipy.sparse as sp
+from infer_support import DATES, events_table, tiny_bundle, write_events
+
+from pipeline import infer, lake
+from pipeline.bundle import ModelBundle
+from pipeline.errors import DataError
+from pipeline.infer import InferConfig, OutputCheckError, batch_size_for, run
+from pipeline.publish import SUCCESS
+from pipeline.recs import read_recommendations
+
+DAY = dt.date(2024, 5, 3)
+
+
+@pytest.fixture(scope="module")
+def bundle() -> ModelBundle:
+    return tiny_bundle()
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, str]:
+    table = events_table(unknown_every=7)
+    return table, write_events(table, str(tmp_path_factory.mktemp("events")))
+
+
+def cfg(events_uri: str, out: str | Path, **kw: object) -> InferConfig:
+    base: dict[str, object] = {"date": DAY, "events": events_uri, "out": str(out), "device": "cpu", "progress": False,
+                               "shard_events": 100, "top_n": 10}
+    return InferConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+def expected(bundle: ModelBundle, table: pa.Table, top_n: int, last: str = DATES[-1], first: str = DATES[0]):
+    """Recommendations computed the plain way: one CSR of all users, bundle.recommend, fallback by hand."""
+    t = table.filter(pc.and_(pc.less_equal(table["dt"], last), pc.greater_equal(table["dt"], first)))
+    index = bundle.item_index()
+    users = sorted(set(t["user_id"].to_pylist()))
+    row = {u: i for i, u in enumerate(users)}
+    x = sp.lil_matrix((len(users), bundle.n_items), dtype=np.float32)
+    for u, it in zip(t["user_id"].to_pylist(), t["item_id"].to_pylist(), strict=True):
+        if it in index:
+            x[row[u], index[it]] = 1.0
+    top, scores = bundle.recommend(x.tocsr(), top_n)
+    fb, _ = bundle.fallback(top_n)
+    out = {}
+    for u in users:
+        r = row[u]
+        if x[r].nnz == 0:
+            out[u] = ([bundle.item_ids[c] for c in fb], True)
+        else:
+            keep = scores[r] > -np.inf
+            out[u] = ([bundle.item_ids[c] for c in top[r][keep]], False)
+    return out
+
+
+def as_dict(table: pa.Table) -> dict:
+    return {r["user_id"]: (r["item_ids"], r["fallback"]) for r in table.to_pylist()}
+
+
+def test_end_to_end_local(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
+    table, uri = events
+    m = run(cfg(uri, tmp_path), bundle, "7")
+    got = read_recommendations(str(tmp_path), DAY.isoformat())
+    assert as_dict(got) == expected(bundle, table, 10)
+    assert m["rows"] == got.num_rows == len(set(table["user_id"].to_pylist())) and m["shards"] > 1
+    assert set(got["model_version"].to_pylist()) == {"7"} and m["model_version"] == "7"
+    assert got.schema.field("scores").type == pa.list_(pa.float32())
+    # unknown items are skipped and counted; users left with no known item get the flagged fallback
+    assert m["unknown_item_events"] == sum(1 for i in table["item_id"].to_pylist() if i == 999_999) > 0
+    assert m["unknown_items"] == 1
+    assert m["fallback_users"] == sum(got["fallback"].to_pylist()) >= 1
+    files = [f["path"] for f in m["files"]]
+    run_dir = tmp_path / "recommendations" / f"dt={DAY}" / m["run"]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([*files, "_manifest.json"])
+
+
+def test_catalog_smaller_than_n_gives_every_unseen_item(tmp_path: Path, bundle: ModelBundle,
+                                                       events: tuple[pa.Table, str]) -> None:
+    table, uri = events
+    run(cfg(uri, tmp_path, top_n=100), bundle, "7")
+    got = read_recommendations(str(tmp_path), DAY)
+    assert as_dict(got) == expected(bundle, table, 100)
+    lengths = {len(v[0]) for v in as_dict(got).values()}
+    assert max(lengths) == bundle.n_items and min(lengths) < bundle.n_items  # fallback users: all; others: unseen
+
+
+def test_history_window_and_date_cut(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
+    table, uri = events
+    run(cfg(uri, tmp_path / "a", date=dt.date(2024, 5, 2)), bundle, "7")
+    assert as_dict(read_recommendations(str(tmp_path / "a"), "2024-05-02")) == expected(bundle, table, 10, last=DATES[1])
+    run(cfg(uri, tmp_path / "b", history_days=1), bundle, "7")  # only the date itself: fewer active users
+    got = as_dict(read_recommendations(str(tmp_path / "b"), DAY))
+    assert got == expected(bundle, table, 10, first=DATES[2])
+    assert len(got) < len(set(table["user_id"].to_pylist()))
+
+
+def test_single_file_with_event_ts_string_ids(tmp_path: Path) -> None:
+    b = tiny_bundle(string_items=True)
+    table = events_table(string_users=True, string_items=True, unknown_every=5)
+    path = tmp_path / "events.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(table.drop_columns(["dt"]), path)  # no partitions: event_ts cuts the history at the date
+    m = run(cfg(str(path), tmp_path / "out", date=dt.date(2024, 5, 2)), b, "v")
+    got = read_recommendations(str(tmp_path / "out"), "latest", user_ids=["u1", "u2", "u3"])
+    want = expected(b, table, 10, last=DATES[1])
+    assert as_dict(got) == {u: want[u] for u in ("u1", "u2", "u3") if u in want}
+    assert m["rows"] == len(want) and m["unknown_items"] == 1
+
+
+def test_rerun_replaces_the_partition_with_identical_content(tmp_path: Path, bundle: ModelBundle,
+                                                            events: tuple[pa.Table, str]) -> None:
+    _, uri = events
+    a = run(cfg(uri, tmp_path), bundle, "7")
+    b = run(cfg(uri, tmp_path), bundle, "7")
+    part = tmp_path / "recommendations" / f"dt={DAY}"
+    assert a["run"] != b["run"]
+    assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, b["run"]])  # the old run folder is gone
+    assert [(f["sha256"], f["rows"]) for f in a["files"]] == [(f["sha256"], f["rows"]) for f in b["files"]]
+    assert read_recommendations(str(tmp_path), DAY).num_rows == a["rows"]
+
+
+def test_memory_budget_sets_the_batch_size(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
+    # per user: 4·I scores + 4·I top-k tie workspace + 12·(k+1) + 8·600
+    assert batch_size_for(20_108, 100, 1024) == min(4096, 2**30 // (8 * 20_108 + 12 * 101 + 4800))
+    assert batch_size_for(20_108, 100, 100, max_batch=10**9) == 100 * 2**20 // (8 * 20_108 + 12 * 101 + 4800)
+    with pytest.raises(DataError, match="memory-budget-mb"):
+        batch_size_for(10_000_000, 100, 16)
+    table, uri = events
+    # a budget for 3 users per batch still gives the same recommendations
+    per_user = 8 * bundle.n_items + 12 * 11 + 8 * 600
+    small = run(cfg(uri, tmp_path / "small", max_batch=3), bundle, "7")
+    assert small["batch_size"] == 3 and batch_size_for(bundle.n_items, 10, 16) == min(4096, 16 * 2**20 // per_user)
+    assert as_dict(read_recommendations(str(tmp_path / "small"), DAY)) == expected(bundle, table, 10)
+
+
+def _drop_row(t: pa.Table) -> pa.Table:
+    return t.slice(1)
+
+
+def _dup_row(t: pa.Table) -> pa.Table:
+    return pa.concat_tables([t.slice(0, t.num_rows - 1), t.slice(0, 1)])
+
+
+def _map_lists(t: pa.Table, fn: Callable[[dict], None]) -> pa.Table:
+    rows = t.to_pylist()
+    for r in rows:
+        if not r["fallback"]:
+            fn(r)
+            break
+    return pa.Table.from_pylist(rows, schema=t.schema)
+
+
+SEEN: dict[int, list[int]] = {}
+
+
+def _seen_item(t: pa.Table) -> pa.Table:
+    def f(r: dict) -> None:
+        r["item_ids"][-1] = SEEN[r["user_id"]][0]
+
+    return _map_lists(t, f)
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[pa.Table], pa.Table], str]] = {
+    "missing user": (_drop_row, "rows for .* active users"),
+    "duplicate user": (_dup_row, "duplicate users"),
+    "seen item": (_seen_item, "already seen"),
+    "short list": (lambda t: _map_lists(t, lambda r: (r["item_ids"].pop(), r["scores"].pop())), "items, expected"),
+    "repeated item": (lambda t: _map_lists(t, lambda r: r["item_ids"].__setitem__(1, r["item_ids"][0])), "repeats an item"),
+    "ascending scores": (lambda t: _map_lists(t, lambda r: r["scores"].reverse()), "descending"),
+    "wrong version": (lambda t: t.set_column(3, "model_version", pa.array(["x"] * t.num_rows)), "model_version"),
+    "fallback flag": (lambda t: t.set_column(4, "fallback", pc.invert(t["fallback"])), "fallback flag"),
+    "nan score": (lambda t: _map_lists(t, lambda r: r["scores"].__setitem__(0, float("nan"))), "non-finite|descending"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_every_output_check_blocks_publishing(name: str, tmp_path: Path, bundle: ModelBundle,
+                                             events: tuple[pa.Table, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    table, uri = events
+    index = bundle.item_index()
+    SEEN.clear()
+    for u, it in zip(table["user_id"].to_pylist(), table["item_id"].to_pylist(), strict=True):
+        if it in index:
+            SEEN.setdefault(u, []).append(it)
+    first = run(cfg(uri, tmp_path), bundle, "7")  # a previous good partition
+    corrupt, message = CORRUPTIONS[name]
+    monkeypatch.setattr(infer, "finalize_part", corrupt)
+    with pytest.raises(OutputCheckError, match=message):
+        run(cfg(uri, tmp_path), bundle, "7")
+    part = tmp_path / "recommendations" / f"dt={DAY}"
+    assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, first["run"]])  # nothing new, nothing left
+    assert read_recommendations(str(tmp_path), DAY).num_rows == first["rows"]
+
+
+def test_bad_inputs_are_clear_errors(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
+    _, uri = events
+    with pytest.raises(DataError, match="no events up to"):
+        run(cfg(uri, tmp_path, date=dt.date(2020, 1, 1)), bundle, "7")
+    with pytest.raises(DataError, match="no events at"):
+        run(cfg(str(tmp_path / "nope"), tmp_path), bundle, "7")
+    bad = tmp_path / "bad.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"user": [1], "item_id": [1]}), bad)
+    with pytest.raises(DataError, match="lack column"):
+        run(cfg(str(bad), tmp_path), bundle, "7")
+    with pytest.raises(DataError, match="neither models"):
+        infer.load_model(str(tmp_path), "cpu")
+    assert not (tmp_path / "recommendations").exists()
+
+
+def test_end_to_end_s3(s3_bucket: str, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
+    table, _ = events
+    ev = write_events(table, f"{s3_bucket}/lake/events")
+    out = f"{s3_bucket}/lake"
+    m = run(cfg(ev, out), bundle, "7")
+    run(cfg(ev, out), bundle, "7")  # re-run on S3: still one run folder
+    part = lake.resolve(out).join("recommendations", f"dt={DAY}")
+    assert len([n for n in part.list() if n.startswith("run-")]) == 1 and SUCCESS in part.list()
+    got = read_recommendations(out, "latest")
+    assert as_dict(got) == expected(bundle, table, 10) and got.num_rows == m["rows"]
+
+
+def test_cli_infer_and_recs(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str],
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    _, uri = events
+    model_dir = bundle.save(tmp_path / "bundle")
+    out = tmp_path / "lake"
+    assert main(["infer", "--date", "2024-05-03", "--events", uri, "--out", str(out), "--model", str(model_dir),
+                 "--device", "cpu", "--top-n", "5", "--no-progress", "--shard-events", "100"]) == 0
+    assert "published" in capsys.readouterr().out
+    assert main(["recs", "--date", "latest", "--user", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("user 3") and "local-" in printed and len(printed.strip().splitlines()) == 6
+    assert main(["infer", "--date", "2024-02-30", "--events", uri, "--out", str(out), "--model", str(model_dir)]) == 2
+    assert "not a calendar date" in capsys.readouterr().err
+    assert main(["recs", "--date", "latest", "--user", "3; rm -rf /", "--out", str(out)]) == 2
+    assert "invalid user id" in capsys.readouterr().err

@@ -1,0 +1,39 @@
+"""Inference through the MLflow registry: models:/NAME@champion is resolved once, to the version every row names."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from infer_support import events_table, tiny_bundle, write_events
+
+from pipeline.infer import InferConfig, run
+from pipeline.recs import read_recommendations
+
+
+@pytest.mark.slow
+def test_infer_from_the_champion_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from pipeline import registry
+    from pipeline.pyfunc import BundleModel
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.setup()
+    exp = registry.ensure_experiment("infer-test")
+    bundle = tiny_bundle()
+    bundle_dir = bundle.save(tmp_path / "bundle")
+    versions = []
+    for _ in range(2):  # two versions; the alias points at the second
+        with mlflow.start_run(experiment_id=exp):
+            info = mlflow.pyfunc.log_model(name="model", python_model=BundleModel(), artifacts={"bundle": str(bundle_dir)})
+        versions.append(registry.register(info.model_uri, "recs-test", {"snapshot": "s"}))
+    registry.client().set_registered_model_alias("recs-test", registry.CHAMPION, versions[1])
+    events = write_events(events_table(n_users=20), str(tmp_path / "events"))
+    m = run(InferConfig(date=dt.date(2024, 5, 3), events=events, out=str(tmp_path / "lake"), model="models:/recs-test@champion",
+                        device="cpu", top_n=5, progress=False))
+    got = read_recommendations(str(tmp_path / "lake"), "latest")
+    assert m["model_version"] == versions[1] == "2"
+    assert set(got["model_version"].to_pylist()) == {"2"} and got.num_rows == m["rows"]

@@ -1,0 +1,100 @@
+"""pipeline.publish: `recsys infer` killed (SIGKILL) at several points leaves readers the previous complete
+partition or none, never a partial one; the next run cleans up what the killed one left."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from infer_support import events_table, tiny_bundle, write_events
+
+from pipeline.errors import DataError
+from pipeline.infer import InferConfig, run
+from pipeline.lake import resolve
+from pipeline.publish import SUCCESS, PartitionWriter, committed_run
+from pipeline.recs import read_recommendations
+
+REPO = Path(__file__).resolve().parents[2]
+DAY = "2024-05-03"
+# (hook point, whether the new run is visible after the kill)
+POINTS = [("spilled", False), ("part-0", False), ("manifest", False), ("success", True)]
+
+
+def _infer_cmd(events: str, out: Path, model: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "infer", "--date", DAY, "--events", events, "--out", str(out),
+            "--model", str(model), "--device", "cpu", "--top-n", "5", "--no-progress", "--shard-events", "100"]
+
+
+def test_sigkill_at_any_point_leaves_previous_or_new_complete_partition(tmp_path: Path) -> None:
+    bundle = tiny_bundle()
+    events = write_events(events_table(n_users=60), str(tmp_path / "events"))
+    model = bundle.save(tmp_path / "bundle")
+    # the previous partition: same data, another model version, so we can tell which run a reader sees
+    base = tmp_path / "base"
+    prev = run(InferConfig(date=DAY, events=events, out=str(base), device="cpu", top_n=5, progress=False,  # type: ignore[arg-type]
+                           shard_events=100), bundle, "previous")
+    assert prev["shards"] >= 2
+    cases = [(point, visible, with_prev) for point, visible in POINTS for with_prev in (True, False)
+             if with_prev or point == "part-0"]
+    procs = []
+    for point, visible, with_prev in cases:  # all killed runs in parallel: each in its own lake
+        out = tmp_path / f"{point}-{with_prev}"
+        if with_prev:
+            shutil.copytree(base, out)
+        else:
+            out.mkdir()
+        marker = tmp_path / f"{point}-{with_prev}.hit"
+        env = {**os.environ, "RECSYS_HOOK_POINT": point, "RECSYS_HOOK_FILE": str(marker), "RECSYS_HOOK_SLEEP": "120",
+               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        procs.append((point, visible, with_prev, out, marker,
+                      subprocess.Popen(_infer_cmd(events, out, model), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT)))
+    deadline = time.time() + 120
+    for point, visible, with_prev, out, marker, proc in procs:
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"{point}: the process ended before its hook: {proc.stdout.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            assert time.time() < deadline, f"{point}: hook never reached"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        if visible:  # killed after the commit: the new run is complete and visible (the old folder may linger)
+            got = read_recommendations(str(out), DAY)
+            assert got.num_rows == prev["rows"] and set(got["model_version"].to_pylist()) == {got["model_version"][0].as_py()}
+            assert got["model_version"][0].as_py().startswith("local-")
+        elif with_prev:  # killed before the commit: readers still see the whole previous partition
+            got = read_recommendations(str(out), DAY)
+            assert got.num_rows == prev["rows"] and set(got["model_version"].to_pylist()) == {"previous"}
+        else:  # no previous partition: readers see none
+            with pytest.raises(DataError, match="no committed recommendations"):
+                read_recommendations(str(out), DAY)
+            with pytest.raises(DataError, match="no committed recommendations"):
+                read_recommendations(str(out), "latest")
+    # a later run replaces whatever the killed one left: one run folder, committed
+    out = tmp_path / "part-0-True"
+    m = run(InferConfig(date=DAY, events=events, out=str(out), device="cpu", top_n=5, progress=False,  # type: ignore[arg-type]
+                        shard_events=100), bundle, "again")
+    part = out / "recommendations" / f"dt={DAY}"
+    assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, m["run"]])
+
+
+def test_commit_pointer_is_verified(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
+    w = PartitionWriter(part)
+    w.write_part(pa.table({"user_id": [1]}))
+    assert committed_run(part) is None  # nothing visible before commit
+    w.commit({"model_version": "1"})
+    run_dir, manifest = committed_run(part)  # type: ignore[misc]
+    assert manifest["rows"] == 1 and run_dir.path.endswith(w.run_name)
+    (Path(run_dir.path) / "_manifest.json").write_text("{}")  # tampered manifest: the pointer's checksum catches it
+    with pytest.raises(DataError, match="does not match"):
+        committed_run(part)
