@@ -37,6 +37,7 @@ class Settings(BaseModel):
     spark_master: str = "local[2]"
     train_config: str | None = None
     gate_mode: str = "enabled"
+    gate_config: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,6 +56,7 @@ class Settings(BaseModel):
             spark_master=env("RECSYS_SPARK_MASTER", "local[2]"),
             train_config=env("RECSYS_TRAIN_CONFIG") or None,
             gate_mode=env("RECSYS_GATE_MODE", "enabled"),
+            gate_config=env("RECSYS_GATE_CONFIG") or None,
         )
 
 
@@ -107,8 +109,11 @@ def train(s: Settings, snapshot: str) -> int:
 
 
 def gate(s: Settings, version: int) -> str:
-    return recsys("gate", "--model", s.model_name, "--version", str(version), "--mode", s.gate_mode,
-                  "--tracking-uri", s.tracking_uri)
+    args = ["gate", "--model", s.model_name, "--version", str(version), "--mode", s.gate_mode,
+            "--tracking-uri", s.tracking_uri]
+    if s.gate_config:
+        args += ["--config", s.gate_config]
+    return recsys(*args)
 
 
 def champion_version(s: Settings) -> str | None:

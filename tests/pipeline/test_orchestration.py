@@ -47,3 +47,13 @@ def test_train_reads_the_version_from_the_last_line(tmp_path: Path, monkeypatch:
 def test_a_failing_command_raises_with_its_exit_code() -> None:
     with pytest.raises(RuntimeError, match="exit code 2"):
         orch.recsys("experiment", "--dataset", "no-such-data-set", "--out", "/tmp/never-written-recsys")
+
+
+def test_gate_passes_the_gate_config_when_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(orch, "recsys", lambda *a: seen.append(a) or "ok")
+    base = {"home": tmp_path, "events_uri": "e", "lake_uri": "l", "recs_uri": "r", "tracking_uri": "t"}
+    orch.gate(orch.Settings(**base), 3)
+    orch.gate(orch.Settings(**base, gate_config="gates.yaml", gate_mode="dry-run"), 4)
+    assert "--config" not in seen[0] and seen[0][seen[0].index("--version") + 1] == "3"
+    assert seen[1][-2:] == ("--config", "gates.yaml") and seen[1][seen[1].index("--mode") + 1] == "dry-run"
