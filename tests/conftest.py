@@ -81,8 +81,12 @@ def spark():
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    import logging
+
     from pyspark.sql import SparkSession
 
+    # py4j logs its connection closes at INFO from __del__ at interpreter exit, after pytest closed the streams
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     session = (SparkSession.builder.master("local[2]").appName("recsys-tests")
                .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
                .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "4")
