@@ -78,20 +78,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=None, help="keep events here (reused when present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-append", action="store_true", help="do not add a row to docs/benchmarks.md")
+    p.add_argument("--events-only", action="store_true", help="write the events (into --workdir) and stop")
     args = p.parse_args(argv)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-infer-"))
     events = work / f"events-{args.users}-{args.items}-{args.seed}"
     t = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    q: mp.Queue = ctx.Queue()
-    if events.exists():
-        shutil.rmtree(events)
-    proc = ctx.Process(target=_child, args=(str(events), args.users, args.items, args.seed, q))
-    proc.start()
-    nnz, pop = q.get()
-    proc.join()
-    print(f"events: {args.users:,} users, {nnz:,} interactions written in {time.perf_counter() - t:.0f} s (not timed)")
+    meta = events.with_name(events.name + ".meta.npz")  # written last: present means the events are complete
+    if meta.is_file():
+        with np.load(meta) as m0:
+            nnz, pop = int(m0["nnz"]), m0["pop"]
+        print(f"events: {args.users:,} users, {nnz:,} interactions reused from {events} (not timed)")
+    else:
+        if events.exists():
+            shutil.rmtree(events)
+        events.parent.mkdir(parents=True, exist_ok=True)
+        ctx = mp.get_context("spawn")
+        q: mp.Queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(str(events), args.users, args.items, args.seed, q))
+        proc.start()
+        nnz, pop = q.get()
+        proc.join()
+        np.savez(meta, nnz=nnz, pop=pop)
+        print(f"events: {args.users:,} users, {nnz:,} interactions written in {time.perf_counter() - t:.0f} s (not timed)")
+    if args.events_only:
+        return
 
     import torch
 
@@ -126,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"batch {batch}, {m['shards']} shards: end to end {total:.1f} s = {users / total:,.0f} users/s; "
           f"scoring {m['score_seconds']:.1f} s = {score_rate:,.0f} users/s = {per_user * score_rate / 1e9:.1f} GFLOP/s; "
           f"matmul {mm / 1e9:.1f} GFLOP/s; efficiency {eff:.0%}; peak RSS {rss:.2f} GiB")
+    print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m.get("phase_seconds", {}).items()))
     if not args.no_append:
         append_row("bench-infer: daily batch inference end to end (Multi-VAE 600/200, top-100, untrained weights)",
                    ["date", "commit", "machine", "users x items", "interactions", "batch (budget)", "end to end (s)",

@@ -15,12 +15,13 @@ model copy per Python worker; pipeline.infer_spark).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -383,6 +384,24 @@ def _resolve_device(name: str) -> str:
     return str(resolve_device(name))
 
 
+class PhaseClock:
+    """Wall seconds per named phase, summed over shards (recorded in the manifest: where a run's time went)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
 class Progress:
     def __init__(self, enabled: bool, total: int | None = None):
         from tqdm import tqdm
@@ -430,24 +449,28 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
     tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-"))
     stats: dict[str, Any] = {"batch_size": bs}
     users_total = fallback_total = 0
-    score_s = 0.0
+    clock = PhaseClock()
     try:
-        spill, counts = spill_events(dataset, cfg, vocab, tmp)
+        with clock("spill"):
+            spill, counts = spill_events(dataset, cfg, vocab, tmp)
         stats |= counts | {"shards": spill.n}
         hook("spilled")
         bar = Progress(cfg.progress)
         for s in range(spill.n):
-            users, indptr, cols = shard_histories(spill.shard(s))
-            (tmp / f"shard-{s:05d}.arrow").unlink()  # release disk as we go
+            with clock("histories"):
+                users, indptr, cols = shard_histories(spill.shard(s))
+                (tmp / f"shard-{s:05d}.arrow").unlink()  # release disk as we go
             if len(users) == 0:
                 continue
-            t = time.perf_counter()
-            top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar)
-            score_s += time.perf_counter() - t
-            table = finalize_part(to_table(users, top, scores, fb, vocab, model_version))
-            del top, scores
-            check_part(table, users, indptr, cols, vocab, cfg.top_n, model_version)
-            writer.write_part(table)
+            with clock("score"):
+                top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar)
+            with clock("table"):
+                table = finalize_part(to_table(users, top, scores, fb, vocab, model_version))
+                del top, scores
+            with clock("check"):
+                check_part(table, users, indptr, cols, vocab, cfg.top_n, model_version)
+            with clock("write"):
+                writer.write_part(table)
             users_total += len(users)
             fallback_total += int(fb.sum())
         bar.close()
@@ -456,4 +479,5 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return stats | {"active_users": users_total, "fallback_users": fallback_total, "score_seconds": round(score_s, 3)}
+    return stats | {"active_users": users_total, "fallback_users": fallback_total,
+                    "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}
