@@ -6,8 +6,9 @@
 
 Memory does not grow with the number of users: the events are read once as a stream and split into shard
 files on the local disk by a hash of the user id; each shard (a bounded number of events) is then scored,
-checked and written, and released before the next. The score matrix of one batch is [batch, n_items]
-float32; the batch size is computed from the memory budget (`batch_size_for`).
+checked and written. Those steps overlap across three shards at most (histories of the next shard and the
+checks and Parquet of the previous one run in worker threads while this one is scored). The score matrix
+of one batch is [batch, n_items] float32; the batch size is computed from the memory budget (`batch_size_for`).
 
 Two engines share `score_histories` and `check_part`: "local" (this process) and "spark" (mapInArrow, one
 model copy per Python worker; pipeline.infer_spark).
@@ -20,8 +21,10 @@ import datetime as dt
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -136,13 +139,33 @@ def vocabulary(bundle: ModelBundle) -> pa.Array:
     return pa.array(ids.astype(np.int64)) if np.issubdtype(ids.dtype, np.integer) else pa.array(ids.astype(str))
 
 
-def map_items(items: pa.Array, vocab: pa.Array) -> np.ndarray:
-    """External item ids → model columns (int32), -1 for ids the model does not know."""
+def _dense_lookup(vocab: pa.Array) -> np.ndarray | None:
+    """For integer ids in a compact range: lut[id] = column (-1 where unknown); else None (hash lookup)."""
+    if not pa.types.is_integer(vocab.type) or len(vocab) == 0 or vocab.null_count:
+        return None
+    ids = vocab.to_numpy().astype(np.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= 16 * len(ids) + (1 << 20):  # sparse ids: a table would waste memory
+        return None
+    lut = np.full(hi + 1, -1, np.int32)
+    lut[ids] = np.arange(len(ids), dtype=np.int32)
+    return lut
+
+
+def map_items(items: pa.Array, vocab: pa.Array, lut: np.ndarray | None = None) -> np.ndarray:
+    """External item ids → model columns (int32), -1 for ids the model does not know.
+
+    `lut` (from `_dense_lookup(vocab)`) turns the hash lookup into one gather: several times faster for the
+    usual integer ids."""
     if items.type != vocab.type:
         try:
             items = items.cast(vocab.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. string ids against an int vocabulary
             return np.full(len(items), -1, np.int32)
+    if lut is not None and items.null_count == 0:
+        ids = items.to_numpy()
+        inside = (ids >= 0) & (ids < len(lut))
+        return np.where(inside, lut[np.where(inside, ids, 0)], np.int32(-1))
     idx = pc.index_in(items, value_set=vocab)
     return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
 
@@ -167,7 +190,12 @@ class Spill:
         self.events = 0
 
     def add(self, users: pa.Array, cols: np.ndarray) -> None:
-        shard = (user_hash(users) % np.uint64(self.n)).astype(np.int64)
+        if self.n == 1:
+            self.writers[0].write_batch(pa.record_batch([users, pa.array(cols)], schema=self.schema))
+            self.events += len(users)
+            return
+        # uint16 shard ids: numpy's stable sort is a radix sort for 16-bit keys (linear, several times faster)
+        shard = (user_hash(users) % np.uint64(self.n)).astype(np.uint16 if self.n <= 1 << 16 else np.int64)
         order = np.argsort(shard, kind="stable")
         bounds = np.searchsorted(shard[order], np.arange(self.n + 1))
         users_sorted = users.take(pa.array(order))
@@ -202,13 +230,14 @@ def spill_events(dataset: ds.Dataset, cfg: InferConfig, vocab: pa.Array, directo
     spill = Spill(directory, max(1, -(-estimate // per_shard)), user_type)
     unknown_events = 0
     unknown: set[Any] = set()
+    lut = _dense_lookup(vocab)
     try:
         for batch in dataset.to_batches(columns=["user_id", "item_id"], filter=expr, batch_size=1 << 20):
             if batch.num_rows == 0:
                 continue
             users = batch.column(0).cast(user_type)
             items = batch.column(1)
-            cols = map_items(items, vocab)
+            cols = map_items(items, vocab, lut)
             miss = cols < 0
             if miss.any():
                 unknown_events += int(miss.sum())
@@ -327,18 +356,17 @@ def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.nd
                                f"(N distinct unseen items, fewer only when the catalog is smaller)")
     if not np.array_equal(pc.list_value_length(scores).fill_null(-1).to_numpy(), lengths):
         raise OutputCheckError("scores and item_ids differ in length")
-    flat_cols = pc.index_in(items.flatten(), value_set=vocab)
-    if flat_cols.null_count:
+    c = map_items(items.flatten(), vocab, _dense_lookup(vocab)).astype(np.int64)
+    if (c < 0).any():
         raise OutputCheckError("recommended items outside the model's vocabulary")
-    c = flat_cols.to_numpy().astype(np.int64)
     out_row = np.repeat(hrow, lengths)
     keys = out_row * n_items + c
     ordered = np.sort(keys)
     if np.any(ordered[1:] == ordered[:-1]):
         raise OutputCheckError("a user's list repeats an item")
     hist_keys = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr)) * n_items + cols  # sorted (canonical CSR)
-    pos = np.searchsorted(hist_keys, keys)
-    if len(hist_keys) and np.any(hist_keys[np.minimum(pos, len(hist_keys) - 1)] == keys):
+    pos = np.searchsorted(hist_keys, ordered)  # sorted queries: about twice as fast as the unsorted keys
+    if len(hist_keys) and np.any(hist_keys[np.minimum(pos, len(hist_keys) - 1)] == ordered):
         raise OutputCheckError("a user is recommended an item they have already seen")
     s = scores.flatten().to_numpy(zero_copy_only=False)
     if not np.isfinite(s).all():
@@ -385,10 +413,12 @@ def _resolve_device(name: str) -> str:
 
 
 class PhaseClock:
-    """Wall seconds per named phase, summed over shards (recorded in the manifest: where a run's time went)."""
+    """Busy seconds per named phase, summed over shards and threads (recorded in the manifest: where a run's
+    time went). Phases run in overlapping threads, so they can add up to more than the wall time."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -396,10 +426,12 @@ class PhaseClock:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            with self._lock:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
     def rounded(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.seconds.items()}
+        with self._lock:
+            return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
 class Progress:
@@ -443,41 +475,63 @@ def run(cfg: InferConfig, bundle: ModelBundle | None = None, model_version: str 
 
 
 def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer: PartitionWriter) -> dict[str, Any]:
+    """Spill, then a three-stage pipeline over shards: histories of shard s+1 are built and shard s-1 is
+    turned into a table, checked and written (two worker threads; numpy, Arrow and Parquet release the GIL)
+    while shard s is scored here. At most three shards are in memory, whatever the number of users."""
     dataset = open_events(cfg.events)
     vocab = vocabulary(bundle)
     bs = batch_size_for(bundle.n_items, cfg.top_n, cfg.memory_budget_mb, max_batch=cfg.max_batch)
     tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-"))
     stats: dict[str, Any] = {"batch_size": bs}
-    users_total = fallback_total = 0
+    totals = {"users": 0, "fallback": 0}
     clock = PhaseClock()
+
+    def load(s: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+        with clock("histories"):
+            h = shard_histories(spill.shard(s))
+            (tmp / f"shard-{s:05d}.arrow").unlink()  # release disk as we go
+            return h
+
+    def publish(users: pa.Array, indptr: np.ndarray, cols: np.ndarray, top: np.ndarray, scores: np.ndarray,
+                fb: np.ndarray) -> None:
+        with clock("table"):
+            table = finalize_part(to_table(users, top, scores, fb, vocab, model_version))
+        with clock("check"):
+            check_part(table, users, indptr, cols, vocab, cfg.top_n, model_version)
+        with clock("write"):
+            writer.write_part(table)
+        totals["users"] += len(users)
+        totals["fallback"] += int(fb.sum())
+
     try:
         with clock("spill"):
             spill, counts = spill_events(dataset, cfg, vocab, tmp)
         stats |= counts | {"shards": spill.n}
         hook("spilled")
         bar = Progress(cfg.progress)
-        for s in range(spill.n):
-            with clock("histories"):
-                users, indptr, cols = shard_histories(spill.shard(s))
-                (tmp / f"shard-{s:05d}.arrow").unlink()  # release disk as we go
-            if len(users) == 0:
-                continue
-            with clock("score"):
-                top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar)
-            with clock("table"):
-                table = finalize_part(to_table(users, top, scores, fb, vocab, model_version))
-                del top, scores
-            with clock("check"):
-                check_part(table, users, indptr, cols, vocab, cfg.top_n, model_version)
-            with clock("write"):
-                writer.write_part(table)
-            users_total += len(users)
-            fallback_total += int(fb.sum())
+        # Leaving this block waits for both workers, so nothing is written after an abort below.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="infer") as pool:
+            nxt: Future[tuple[pa.Array, np.ndarray, np.ndarray]] = pool.submit(load, 0)
+            out: Future[None] | None = None
+            for s in range(spill.n):
+                users, indptr, cols = nxt.result()
+                if s + 1 < spill.n:
+                    nxt = pool.submit(load, s + 1)
+                if len(users) == 0:
+                    continue
+                with clock("score"):
+                    top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar)
+                if out is not None:
+                    out.result()  # one part in flight at most; its error surfaces here
+                out = pool.submit(publish, users, indptr, cols, top, scores, fb)
+                del users, indptr, cols, top, scores, fb
+            if out is not None:
+                out.result()
         bar.close()
     except BaseException:
         writer.abort()  # best effort: an uncommitted run folder is invisible anyway and removed by the next run
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return stats | {"active_users": users_total, "fallback_users": fallback_total,
+    return stats | {"active_users": totals["users"], "fallback_users": totals["fallback"],
                     "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}

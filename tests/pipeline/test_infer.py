@@ -85,6 +85,33 @@ def test_end_to_end_local(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([*files, "_manifest.json"])
 
 
+@pytest.mark.parametrize("vocab_ids", [np.array([5, 0, 9, 3]), np.array([7, 10**15, 2, 40]), np.array(["b", "a", "c"])],
+                         ids=["dense-table", "sparse-ids-hash", "strings"])
+def test_map_items_table_and_hash_agree(vocab_ids: np.ndarray) -> None:
+    vocab = pa.array(vocab_ids)
+    lut = infer._dense_lookup(vocab)
+    assert (lut is not None) == (vocab_ids[0] == 5)
+    pool = list(vocab_ids) + ([-1, 4, 10, 2**40, 6] if vocab_ids.dtype != object and vocab_ids.dtype.kind == "i"
+                              else ["zz", ""])
+    items = pa.array([pool[i] for i in np.random.default_rng(0).integers(0, len(pool), 500)])
+    want = np.array([list(vocab_ids).index(x) if x in list(vocab_ids) else -1 for x in items.to_pylist()], np.int32)
+    assert np.array_equal(infer.map_items(items, vocab, lut), want)
+    assert np.array_equal(infer.map_items(items, vocab), want)  # the hash path
+    if lut is not None:  # other integer widths are cast first; nulls go through the hash path
+        assert infer.map_items(pa.array([9, -1, 3, 4], pa.int32()), vocab, lut).tolist() == [2, -1, 3, -1]
+        assert infer.map_items(pa.array([5, None, 9], pa.int64()), vocab, lut).tolist() == [0, -1, 2]
+
+
+@pytest.mark.parametrize("shard_events", [1, 10**9], ids=["many-shards", "one-shard"])
+def test_shard_count_does_not_change_the_output(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str],
+                                                shard_events: int) -> None:
+    table, uri = events
+    m = run(cfg(uri, tmp_path, shard_events=shard_events), bundle, "7")
+    assert (m["shards"] == 1) == (shard_events == 10**9)
+    assert as_dict(read_recommendations(str(tmp_path), DAY)) == expected(bundle, table, 10)
+    assert set(m["phase_seconds"]) >= {"spill", "histories", "score", "table", "check", "write"}
+
+
 def test_catalog_smaller_than_n_gives_every_unseen_item(tmp_path: Path, bundle: ModelBundle,
                                                        events: tuple[pa.Table, str]) -> None:
     table, uri = events
