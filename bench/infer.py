@@ -50,13 +50,25 @@ def _child(directory: str, n_users: int, n_items: int, seed: int, q: mp.Queue) -
     q.put(write_events(directory, n_users, n_items, seed))
 
 
-def matmul_flops(batch: int, hidden: int, n_items: int, device: object, seconds: float = 3.0) -> float:
-    """Dense FLOP/s of torch.mm([batch, hidden] x [hidden, n_items]): the decoder's output layer."""
+def matmul_flops(batch: int, hidden: int, n_items: int, device: object, seconds: float = 3.0,
+                 precision: str = "fp32") -> float:
+    """Dense FLOP/s of torch.mm([batch, hidden] x [hidden, n_items]) (the decoder's output layer) at the
+    precision the scoring runs at."""
     import torch
 
-    a = torch.randn(batch, hidden, device=device)  # type: ignore[call-overload]
-    b = torch.randn(hidden, n_items, device=device)  # type: ignore[call-overload]
-    out = torch.empty(batch, n_items, device=device)  # type: ignore[call-overload]
+    from pipeline.infer import scoring_precision
+
+    with scoring_precision(precision, str(device)) as chosen:
+        dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
+        return _mm_rate(batch, hidden, n_items, device, seconds, dtype)
+
+
+def _mm_rate(batch: int, hidden: int, n_items: int, device: object, seconds: float, dtype: object) -> float:
+    import torch
+
+    a = torch.randn(batch, hidden, device=device, dtype=dtype)  # type: ignore[call-overload]
+    b = torch.randn(hidden, n_items, device=device, dtype=dtype)  # type: ignore[call-overload]
+    out = torch.empty(batch, n_items, device=device, dtype=dtype)  # type: ignore[call-overload]
     torch.mm(a, b, out=out)
     sync = torch.cuda.synchronize if out.is_cuda else (lambda: None)
     sync()
@@ -75,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-n", type=int, default=100)
     p.add_argument("--memory-budget-mb", type=int, default=512)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"])
     p.add_argument("--workdir", type=Path, default=None, help="keep events here (reused when present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-append", action="store_true", help="do not add a row to docs/benchmarks.md")
@@ -119,16 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     rec.n_items = args.items
     bundle = ModelBundle(rec, np.arange(args.items, dtype=np.int64), pop.astype(np.float32), "multivae", {}, "bench")
     batch = batch_size_for(args.items, args.top_n, args.memory_budget_mb)
-    mm = matmul_flops(batch, 600, args.items, device)
+    mm = matmul_flops(batch, 600, args.items, device, precision=args.precision)
     out = work / "lake"
     cfg = InferConfig(date=dt.date.fromisoformat(DAY), events=str(events), out=str(out), top_n=args.top_n,
-                      device=args.device, memory_budget_mb=args.memory_budget_mb)
+                      device=args.device, precision=args.precision, memory_budget_mb=args.memory_budget_mb)
     t0 = time.perf_counter()
     m = run(cfg, bundle, "bench")
     total = time.perf_counter() - t0
     # the reference again after the run, keeping the faster: a noisy neighbour during either measurement would
     # otherwise inflate the efficiency (it read 123% once when the first measurement was slowed)
-    mm = max(mm, matmul_flops(batch, 600, args.items, device))
+    mm = max(mm, matmul_flops(batch, 600, args.items, device, precision=args.precision))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     users = m["active_users"]
     per_user = 2 * (nnz / users * 600 + 600 * 400 + 200 * 600 + 600 * args.items)  # model FLOPs per user
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                    ["date", "commit", "machine", "users x items", "interactions", "batch (budget)", "end to end (s)",
                     "users/s end to end", "users/s scoring", "matmul GFLOP/s", "scoring efficiency", "peak RSS (GiB)"],
                    [today(), git_commit(), machine(torch.device(device)), f"{users:,} x {args.items:,}", f"{nnz:,}",
-                    f"{batch} ({args.memory_budget_mb} MB)", f"{total:.1f}", f"{users / total:,.0f}",
+                    f"{batch} ({args.memory_budget_mb} MB, {m['precision']})", f"{total:.1f}", f"{users / total:,.0f}",
                     f"{score_rate:,.0f}", f"{mm / 1e9:.1f}", f"{eff:.0%}", f"{rss:.2f}"])
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

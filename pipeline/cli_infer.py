@@ -16,6 +16,8 @@ def register(sub: Any) -> None:
     p.add_argument("--top-n", type=int, default=100)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--engine", default="local", choices=["local", "spark"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
+                   help="scoring matmuls (auto: tf32 on CUDA, fp32 on the CPU)")
     p.add_argument("--memory-budget-mb", type=int, default=1024, help="for one scoring batch's scores + top-k")
     p.add_argument("--history-days", type=int, default=None, help="history window ending at --date (default: all)")
     p.add_argument("--min-weight", type=float, default=None, help="keep events with weight >= this")
@@ -36,7 +38,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from pipeline.recs import parse_date
 
     cfg = InferConfig(date=parse_date(args.date), events=args.events, out=args.out, model=args.model, top_n=args.top_n,
-                      device=args.device, engine=args.engine, memory_budget_mb=args.memory_budget_mb,
+                      device=args.device, precision=args.precision, engine=args.engine, memory_budget_mb=args.memory_budget_mb,
                       history_days=args.history_days, min_weight=args.min_weight, shard_events=args.shard_events,
                       progress=not args.no_progress)
     m = run(cfg)

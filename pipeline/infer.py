@@ -57,6 +57,8 @@ class InferConfig(BaseModel):
     model: str = DEFAULT_MODEL
     top_n: int = Field(100, ge=1, le=10_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(
+        "auto", description="scoring matmuls: auto = tf32 on CUDA, fp32 on the CPU (see scoring_precision)")
     engine: Literal["local", "spark"] = "local"
     memory_budget_mb: int = Field(1024, ge=16, description="score matrix + top-k workspace of one batch")
     history_days: int | None = Field(None, ge=1, description="history window in days ending at `date`; None: all ≤ date")
@@ -270,8 +272,38 @@ def shard_histories(table: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray]:
 
 # -- scoring --------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def scoring_precision(precision: str, device: str) -> Iterator[str]:
+    """Precision of the scoring matmuls; yields the one in effect.
+
+    fp32: exact. tf32 (CUDA only; the CPU stays fp32): matmuls on tensor cores with fp32 storage and
+    accumulation, ~10-bit mantissa inputs; scores and top-k are still fp32. bf16: autocast (half the memory
+    traffic; scores rounded to bf16 before the top-k, so more near-ties). Any precision passes the output checks:
+    they hold for the scores the model produced, whatever their rounding.
+    """
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    chosen = ("tf32" if cuda else "fp32") if precision == "auto" else precision
+    if chosen == "tf32" and not cuda:
+        chosen = "fp32"
+    if chosen == "bf16":
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            yield chosen
+    elif chosen == "tf32":
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield chosen
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    else:
+        yield chosen
+
+
 def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, top_n: int, batch_size: int,
-                    on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    on_batch: Callable[[int], None] | None = None,
+                    precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-N columns and scores for users given as CSR rows over the model's columns, seen items removed.
 
     Returns ([U, k] int64 columns, [U, k] float32 scores, [U] bool fallback). Users with no known item get
@@ -294,12 +326,13 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
         csr = sp.csr_matrix((np.ones(len(cols), np.float32), cols, indptr), shape=(n, n_items))
         csr.has_canonical_format = True  # shard_histories gives sorted, unique columns per row
         sub = csr[known] if len(known) < n else csr
-        for a in range(0, len(known), batch_size):
-            rows = known[a:a + batch_size]
-            t, s = bundle.recommend(sub[a:a + batch_size], k, batch_size=batch_size)  # one batch per call
-            top[rows], scores[rows] = t, s
-            if on_batch is not None:
-                on_batch(len(rows))
+        with scoring_precision(precision, str(bundle.recommender.device)):
+            for a in range(0, len(known), batch_size):
+                rows = known[a:a + batch_size]
+                t, s = bundle.recommend(sub[a:a + batch_size], k, batch_size=batch_size)  # one batch per call
+                top[rows], scores[rows] = t, s
+                if on_batch is not None:
+                    on_batch(len(rows))
     return top, scores, fallback
 
 
@@ -406,6 +439,11 @@ def load_model(model_uri: str, device: str | None) -> tuple[ModelBundle, str]:
     return load_bundle(model_uri, device=device)
 
 
+def _precision_in_effect(precision: str, device: str) -> str:
+    with scoring_precision(precision, device) as chosen:
+        return chosen
+
+
 def _resolve_device(name: str) -> str:
     from model.train import resolve_device
 
@@ -469,7 +507,8 @@ def run(cfg: InferConfig, bundle: ModelBundle | None = None, model_version: str 
         stats = _run_local(cfg, bundle, model_version, writer)
     extra = {"date": cfg.date.isoformat(), "model_uri": cfg.model, "model_version": str(model_version),
              "model_name": bundle.name, "snapshot_id": bundle.snapshot_id, "n_items": bundle.n_items,
-             "top_n": cfg.top_n, "engine": cfg.engine, "history_days": cfg.history_days, **stats,
+             "top_n": cfg.top_n, "engine": cfg.engine, "precision": _precision_in_effect(cfg.precision, device),
+             "history_days": cfg.history_days, **stats,
              "seconds": round(time.perf_counter() - t0, 3)}
     return writer.commit(extra)
 
@@ -520,7 +559,7 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
                 if len(users) == 0:
                     continue
                 with clock("score"):
-                    top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar)
+                    top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar, cfg.precision)
                 if out is not None:
                     out.result()  # one part in flight at most; its error surfaces here
                 out = pool.submit(publish, users, indptr, cols, top, scores, fb)

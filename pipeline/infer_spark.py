@@ -140,6 +140,7 @@ def run_spark(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer:
     data, digest = pack_bundle(bundle)
     shipped = spark.sparkContext.broadcast(data)
     top_n = cfg.top_n
+    precision = cfg.precision
     user_type = hist.schema["user_id"].dataType
     item_type = T.LongType() if pa.types.is_integer(vocab.type) else T.StringType()
     schema = T.StructType([T.StructField("user_id", user_type), T.StructField("item_ids", T.ArrayType(item_type)),
@@ -156,7 +157,7 @@ def run_spark(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer:
             flat = cols.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
             offs = cols.offsets.to_numpy()
             indptr = (offs - offs[0]).astype(np.int64)
-            top, sc, fb = score_histories(b, indptr, flat, top_n, bs)
+            top, sc, fb = score_histories(b, indptr, flat, top_n, bs, precision=precision)
             t = to_table(rb.column(0), top, sc, fb, voc, model_version)
             seen = pa.ListArray.from_arrays(pa.array(indptr.astype(np.int32)), pa.array(flat, pa.int32()))
             yield from t.append_column("seen", seen).to_batches()

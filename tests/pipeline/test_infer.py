@@ -112,6 +112,26 @@ def test_shard_count_does_not_change_the_output(tmp_path: Path, bundle: ModelBun
     assert set(m["phase_seconds"]) >= {"spill", "histories", "score", "table", "check", "write"}
 
 
+def test_precision_auto_is_fp32_on_cpu_and_tf32_falls_back() -> None:
+    with infer.scoring_precision("auto", "cpu") as a, infer.scoring_precision("tf32", "cpu") as b:
+        assert a == b == "fp32"
+    torch = pytest.importorskip("torch")
+    with infer.scoring_precision("bf16", "cpu") as c:
+        assert c == "bf16" and torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_scoring_passes_the_checks_and_mostly_agrees(tmp_path: Path, bundle: ModelBundle,
+                                                          events: tuple[pa.Table, str]) -> None:
+    table, uri = events
+    m = run(cfg(uri, tmp_path, precision="bf16"), bundle, "7")  # the output checks ran on bf16 scores
+    assert m["precision"] == "bf16"
+    got, want = as_dict(read_recommendations(str(tmp_path), DAY)), expected(bundle, table, 10)
+    assert got.keys() == want.keys()
+    overlap = np.mean([len(set(got[u][0]) & set(want[u][0])) / max(1, len(want[u][0])) for u in want])
+    assert overlap > 0.8  # rounding may swap near-ties at the cut, not the whole list
+
+
 def test_catalog_smaller_than_n_gives_every_unseen_item(tmp_path: Path, bundle: ModelBundle,
                                                        events: tuple[pa.Table, str]) -> None:
     table, uri = events
