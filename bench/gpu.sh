@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures, in one go on a CUDA machine: CUDA-only tests, bench-train (fp32 and bf16), bench-ease on
 # the GPU, and the accuracy experiments at the reference budget (PROFILE=gpu in bench/results.sh).
-# Usage: bash bench/gpu.sh [check] [train] [ease] [exp DATASET...]
+# Usage: bash bench/gpu.sh [check] [train] [graph] [infer] [ease] [exp DATASET...]
 # Needs python3 with torch (CUDA), pydantic, pyarrow, pandas, scipy, psutil, tqdm; PY overrides python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,9 +14,14 @@ while (($#)); do
            "$PY" -m pytest -q -p no:cacheprovider tests/model 2>&1 | tail -5 ;;
     train) "$PY" -m bench.train_epoch --epochs 3
            "$PY" -m bench.train_epoch --epochs 3 --bf16 --skip-reference ;;
+    graph) "$PY" -m bench.train_epoch --epochs 3 --cuda-graph
+           "$PY" -m bench.train_epoch --epochs 3 --cuda-graph --bf16 --skip-reference ;;
+    infer) "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer
+           "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer \
+             --precision bf16 ;;
     profile) "$PY" -m bench.train_epoch --epochs 2 --bf16 --skip-reference --profile --no-record ;;
     ease) "$PY" -m bench.ease_fit --dataset gowalla --device cuda ;;
-    exp) sets=(); while (($#)) && [[ $1 != check && $1 != train && $1 != ease && $1 != profile ]]; do sets+=("$1"); shift; done
+    exp) sets=(); while (($#)) && [[ ! $1 =~ ^(check|train|graph|infer|ease|profile)$ ]]; do sets+=("$1"); shift; done
          PROFILE=gpu RECSYS="$PY -m pipeline.cli" bash bench/results.sh "${sets[@]}" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

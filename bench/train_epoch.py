@@ -81,11 +81,12 @@ def reference_epoch(x: sp.csr_matrix, device: torch.device, batch: int, seed: in
 
 
 def project_epoch(x: sp.csr_matrix, device: torch.device, batch: int, seed: int, bf16: bool,
-                  epochs: int = 1, profile: bool = False) -> list[float]:
+                  epochs: int = 1, profile: bool = False, cuda_graph: bool = False) -> list[float]:
     """Seconds of each of `epochs` epochs (the first one includes CUDA/allocator warm-up)."""
     torch.manual_seed(seed)
     model = MultiVAE(x.shape[1], VAEConfig())
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, device=str(device), seed=seed, bf16=bf16, progress=True)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, device=str(device), seed=seed, bf16=bf16, progress=True,
+                      cuda_graph=cuda_graph)
     times: list[float] = []
     last = [0.0]
 
@@ -119,6 +120,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for this project's trainer (CUDA)")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each step as one CUDA graph (model.graph_step)")
     p.add_argument("--epochs", type=int, default=1,
                    help="epochs of this project's trainer; the last one is reported (>1 excludes warm-up)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops (not recorded)")
@@ -130,7 +132,7 @@ def main() -> None:
     x = synth_ml20m_like_csr(args.users, args.items, args.mean_items, seed=0)
     print(f"matrix {x.shape[0]:,} x {x.shape[1]:,}, {x.nnz:,} interactions ({x.nnz / x.shape[0]:.1f}/user), "
           f"built in {time.perf_counter() - t0:.1f}s; device {machine(device)}", flush=True)
-    times = project_epoch(x, device, args.batch, 0, args.bf16, args.epochs, args.profile)
+    times = project_epoch(x, device, args.batch, 0, args.bf16, args.epochs, args.profile, args.cuda_graph)
     ours = times[-1]
     print(f"this project: {ours:.3f} s/epoch (epochs: {', '.join(f'{t:.3f}' for t in times)})", flush=True)
     ref_times = [float("nan")] if args.skip_reference else reference_epoch(x, device, args.batch, 0, args.epochs)
@@ -144,7 +146,8 @@ def main() -> None:
             ["date", "commit", "machine", "matrix", "precision", "this project (s/epoch)",
              "reference path (s/epoch)", "speed-up"],
             [today(), git_commit(), machine(device), f"{x.shape[0]:,} x {x.shape[1]:,}, {x.nnz:,} nnz",
-             "bf16 autocast" if args.bf16 and device.type == "cuda" else "fp32",
+             ("bf16 autocast" if args.bf16 and device.type == "cuda" else "fp32")
+             + (", CUDA graph" if args.cuda_graph else ""),
              f"{ours:.3f}" + (f" (epoch {len(times)} of {len(times)})" if len(times) > 1 else ""),
              f"{ref:.2f}", f"{ratio:.2f}x"],
         )

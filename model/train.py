@@ -23,10 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.evaluate import evaluate
+from model.graph_step import GraphStep, dense_matrix
 from model.pia import ItemAnchors, PIAConfig, pia_weight
 from model.sparse import DeviceCSR, SparseBatch
 from model.split import HeldOut
-from model.vae import LossOut, Phase
+from model.vae import LossOut, MultiVAE, Phase
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     bf16: bool = Field(False, description="bf16 autocast; CUDA only")
+    cuda_graph: bool = Field(False, description="Multi-VAE/DAE on CUDA: replay each step as one CUDA graph "
+                                                "(dense uint8 copy of the binary matrix on the device; model.graph_step)")
     eval_every: int = Field(1, ge=1)
     eval_batch_size: int = Field(2000, ge=1)
     patience: int | None = Field(None, ge=1, description="stop after this many evaluations without a better one")
@@ -89,13 +92,17 @@ class Trainer:
             self.anchors = ItemAnchors(train.shape[1], self.ae.latent_dim, self.pia).to(self.device)
             if self.pia.init == "encoder":
                 self.anchors.init_from_encoder(lambda b: self.ae.encode(b)[0])
+        self._graph: GraphStep | None = None
+        self._graph_matrix: torch.Tensor | None = None
+        if config.cuda_graph:
+            self._graph_matrix = self._check_graph_ok(train)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         for group, params in self.ae.param_groups().items():
             if self.anchors is not None and group in ("all", "encoder"):
                 params = [*params, *self.anchors.parameters()]
             # fused: one kernel for the whole update (Adam over 2 x I x 600 weights is memory-bound)
             self.optimizers[group] = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
-                                                      fused=True)
+                                                      fused=True, capturable=config.cuda_graph)
         self.epoch = 0  # epochs completed
         self.step = 0  # updates of the main (or encoder) group: drives beta and lambda_A schedules
         self.history: list[dict[str, Any]] = []
@@ -135,12 +142,47 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # -- training -------------------------------------------------------------------------------
+    def _check_graph_ok(self, train: sp.csr_matrix) -> torch.Tensor:
+        """The dense device matrix for the CUDA-graph step, or a clear error saying why it cannot be used."""
+        why = None
+        if self.device.type != "cuda":
+            why = f"it needs a CUDA device (training runs on {self.device})"
+        elif not isinstance(self.model, MultiVAE) or [p.group for p in self.ae.phases()] != ["all"]:
+            why = f"it supports Multi-VAE/Multi-DAE only, not {type(self.model).__name__}"
+        elif train.nnz and not np.all(sp.csr_matrix(train).data == 1):
+            why = "it needs binary (0/1) training values"
+        elif train.shape[0] * train.shape[1] > 32 * 2**30:
+            why = f"its dense uint8 copy of a {train.shape[0]:,} x {train.shape[1]:,} matrix would exceed 32 GiB"
+        if why is not None:
+            raise ValueError(f"cuda_graph=True cannot be used: {why}; train with cuda_graph=False")
+        x = self.train_x
+        return dense_matrix(x.indptr, x.indices, (x.n_rows, x.n_cols))
+
+    def _run_graph_phase(self, phase: Phase, bar: tqdm) -> dict[str, float]:
+        assert self._graph_matrix is not None and isinstance(self.model, MultiVAE)
+        if self._graph is None:  # captured at first use, after any resume has loaded weights and state
+            self._graph = GraphStep(self.model, self.anchors if phase.pia else None, self.optimizers[phase.group],
+                                    self._graph_matrix, self.config.batch_size, phase.dropout, self.config.bf16)
+        n, bs = self.train_x.n_rows, self.config.batch_size
+        for _ in range(phase.passes):
+            perm = torch.randperm(n, generator=self.perm_gen).to(self.device)
+            for start in range(0, n, bs):
+                lam = pia_weight(self.pia, self.step) if self.pia is not None else 0.0
+                self._graph.run(perm[start : start + bs], self.model.beta(self.step), lam)
+                self.step += 1
+                bar.update(1)
+        means = self._graph.take_means()
+        bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in ("loss", "anchor")})
+        return means
+
     def _autocast(self):
         if self.config.bf16 and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
     def _run_phase(self, phase: Phase, bar: tqdm) -> dict[str, float]:
+        if self._graph_matrix is not None:
+            return self._run_graph_phase(phase, bar)
         opt = self.optimizers[phase.group]
         n, bs = self.train_x.n_rows, self.config.batch_size
         sums: dict[str, torch.Tensor | float] = {}
