@@ -48,7 +48,7 @@ def fit_once(dataset: str, data_dir: Path, dtype: str, textbook: bool, device: s
         b = p / -np.diag(p)
         np.fill_diagonal(b, 0.0)
     else:
-        b = ease_weights(x, EASEConfig(l2=500.0, dtype=dtype), device)  # type: ignore[arg-type]
+        b = ease_weights(x, EASEConfig(l2=500.0, dtype=dtype), device)
         assert isinstance(b, torch.Tensor)
         if cuda:
             torch.cuda.synchronize()
