@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,23 +47,29 @@ class Recommender(ABC):
         return self
 
     @torch.no_grad()
-    def recommend(self, history: sp.csr_matrix, k: int, *, batch_size: int = 2000,
-                  filter_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k item columns and scores per row of `history`, best first: ([U, k] int64, [U, k] float32)."""
+    def recommend(self, history: sp.csr_matrix, k: int, *, batch_size: int = 2000, filter_seen: bool = True,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item columns and scores per row of `history`, best first: ([U, k] int64, [U, k] float32).
+
+        The history goes to the device once; results stay there until the end (one copy back), and each
+        batch's nnz comes from the host's indptr, so a GPU is not stopped by a host sync per batch for them.
+        `on_batch(n)` is called after each batch (progress)."""
         if history.shape[1] != self.n_items:
             raise ValueError(f"history has {history.shape[1]} item columns, the model has {self.n_items}")
         x = DeviceCSR.from_scipy(history, self.device)
-        k = min(k, self.n_items)
-        items, scores = [], []
-        for start in range(0, x.n_rows, batch_size):
-            rows = torch.arange(start, min(x.n_rows, start + batch_size), device=x.device)
-            hist = x.batch(rows)
-            s = self.score(hist).float()
+        indptr = np.asarray(history.indptr)
+        n, k = x.n_rows, min(k, self.n_items)
+        items = torch.empty(n, k, dtype=torch.int64, device=x.device)  # [U, k]
+        scores = torch.empty(n, k, dtype=torch.float32, device=x.device)
+        for start in range(0, n, batch_size):
+            end = min(n, start + batch_size)
+            hist = x.batch(torch.arange(start, end, device=x.device), total=int(indptr[end] - indptr[start]))
+            s = self.score(hist).float()  # [B, I]
             if filter_seen:
                 s[hist.rows, hist.cols] = -torch.inf
             top = topk_items(s, k)
-            items.append(top.cpu())
-            scores.append(torch.gather(s, 1, top).cpu())
-        if not items:
-            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        return torch.cat(items).numpy(), torch.cat(scores).numpy()
+            items[start:end] = top
+            scores[start:end] = torch.gather(s, 1, top)
+            if on_batch is not None:
+                on_batch(end - start)
+        return items.cpu().numpy(), scores.cpu().numpy()

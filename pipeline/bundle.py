@@ -12,6 +12,7 @@ is that folder. This module does not import MLflow (inference workers load bundl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,10 @@ class ModelBundle:
         total = float(self.popularity.sum()) or 1.0
         return order.astype(np.int64), (self.popularity[order] / total).astype(np.float32)
 
-    def recommend(self, history: sp.csr_matrix, k: int, batch_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(self, history: sp.csr_matrix, k: int, batch_size: int = 2000,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k columns and scores for rows of `history` (over this bundle's columns), seen items removed."""
-        return self.recommender.recommend(history, k, batch_size=batch_size)
+        return self.recommender.recommend(history, k, batch_size=batch_size, on_batch=on_batch)
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)

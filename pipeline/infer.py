@@ -327,12 +327,8 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
         csr.has_canonical_format = True  # shard_histories gives sorted, unique columns per row
         sub = csr[known] if len(known) < n else csr
         with scoring_precision(precision, str(bundle.recommender.device)):
-            for a in range(0, len(known), batch_size):
-                rows = known[a:a + batch_size]
-                t, s = bundle.recommend(sub[a:a + batch_size], k, batch_size=batch_size)  # one batch per call
-                top[rows], scores[rows] = t, s
-                if on_batch is not None:
-                    on_batch(len(rows))
+            t, s = bundle.recommend(sub, k, batch_size=batch_size, on_batch=on_batch)
+        top[known], scores[known] = t, s
     return top, scores, fallback
 
 

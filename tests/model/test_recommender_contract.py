@@ -111,7 +111,9 @@ class TestRecommenderContract:
 
     def test_batching_does_not_change_results(self, fitted: Recommender, history: sp.csr_matrix) -> None:
         items1, scores1 = fitted.recommend(history, K, batch_size=1)
-        items7, scores7 = fitted.recommend(history, K, batch_size=7)
+        seen: list[int] = []
+        items7, scores7 = fitted.recommend(history, K, batch_size=7, on_batch=seen.append)
+        assert sum(seen) == history.shape[0] and max(seen) == 7  # progress: every row once, per batch
         items_all, scores_all = fitted.recommend(history, K, batch_size=1000)
         np.testing.assert_array_equal(items1, items_all)
         np.testing.assert_array_equal(items7, items_all)
