@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recvae-epochs", type=int, default=None)
     e.add_argument("--patience", type=int, default=20)
     e.add_argument("--bf16", action="store_true")
+    e.add_argument("--cuda-graph", action="store_true", help="Multi-VAE/DAE steps as CUDA graphs (CUDA only)")
     e.add_argument("--min-rating", type=float, default=None)
     e.add_argument("--n-valid", type=float, default=0.1, help="validation users: a fraction (<1) or a count")
     e.add_argument("--n-test", type=float, default=0.1, help="test users: a fraction (<1) or a count")
@@ -68,7 +69,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     cfg = ExperimentConfig(
         dataset=args.dataset, data_dir=args.data_dir, models=args.models, seeds=args.seeds,
         first_seed=args.first_seed, out=args.out, device=args.device, epochs=args.epochs,
-        recvae_epochs=args.recvae_epochs, patience=args.patience, bf16=args.bf16, min_rating=args.min_rating,
+        recvae_epochs=args.recvae_epochs, patience=args.patience, bf16=args.bf16, cuda_graph=args.cuda_graph,
+        min_rating=args.min_rating,
         n_valid=args.n_valid, n_test=args.n_test,
         pia_grid=args.pia_grid, ease_grid=args.ease_grid, max_ease_items=args.max_ease_items,
         synthetic_users=args.synthetic_users, synthetic_items=args.synthetic_items, progress=not args.no_progress,

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     t.add_argument("--bf16", action="store_true", default=None)
+    t.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="Multi-VAE/DAE on CUDA: replay each training step as one CUDA graph")
     t.add_argument("--compare-base", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the model without PIA (default on)")
     t.add_argument("--registered-name", default=None)
@@ -51,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train_job import load_config, run
 
     cfg = load_config(args.config, {"snapshot": args.snapshot, "model": args.model, "epochs": args.epochs,
-                                    "device": args.device, "bf16": args.bf16, "compare_base": args.compare_base,
+                                    "device": args.device, "bf16": args.bf16, "cuda_graph": args.cuda_graph,
+                                    "compare_base": args.compare_base,
                                     "registered_name": args.registered_name, "tracking_uri": args.tracking_uri})
     result = run(cfg)
     m = result.metrics

@@ -56,6 +56,7 @@ class ExperimentConfig(BaseModel):
     recvae_epochs: int | None = Field(None, ge=1)
     patience: int | None = Field(20, ge=1, description="early stop after this many epochs without a better val NDCG@100")
     bf16: bool = False
+    cuda_graph: bool = False  # Multi-VAE/DAE only (model.graph_step); RecVAE trains eagerly
     min_rating: float | None = Field(None, description="binarize: rating >= this (default 4 when a rating column exists)")
     min_user_interactions: int = Field(5, ge=1)
     n_valid: float = Field(0.1, gt=0)
@@ -110,7 +111,8 @@ class Experiment:
         recvae = name.startswith("recvae")
         epochs = (self.cfg.recvae_epochs or min(self.cfg.epochs, 50)) if recvae else self.cfg.epochs
         return TrainConfig(epochs=epochs, lr=5e-4 if recvae else 1e-3, seed=seed, device=self.device,
-                           bf16=self.cfg.bf16, patience=self.cfg.patience, progress=self.cfg.progress)
+                           bf16=self.cfg.bf16, cuda_graph=self.cfg.cuda_graph and name.startswith("multi"),
+                           patience=self.cfg.patience, progress=self.cfg.progress)
 
     def build(self, name: str, seed: int, hp: float | None) -> Recommender:
         pia = PIAConfig(weight=hp, estimator=self.cfg.pia_estimator) if name.endswith("-pia") and hp else None

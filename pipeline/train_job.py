@@ -54,6 +54,7 @@ class TrainJobConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     bf16: bool = Field(False, description="bf16 autocast on CUDA")
+    cuda_graph: bool = Field(False, description="Multi-VAE/DAE on CUDA: each step replayed as one CUDA graph")
     vae: VAEConfig = VAEConfig()  # Multi-VAE/DAE architecture (ignored by RecVAE)
     pia: PIAConfig = PIAConfig(weight=1.0)  # lambda_A 1 was chosen on validation for ml-latest-small and ml-1m
     compare_base: bool = Field(True, description="also train the model without PIA (latent plot, logged metrics)")
@@ -235,9 +236,10 @@ def run(cfg: TrainJobConfig, on_epoch: Callable[[dict[str, Any]], None] | None =
                             bf16=cfg.bf16, patience=cfg.patience, progress=cfg.progress)
 
     def build(name: str) -> Any:
-        arch_cfg = cfg.vae if name.startswith("multi") else None
-        return make_recommender(name, train=train_cfg, pia=cfg.pia if name.endswith("-pia") else None,
-                                ease=cfg.ease, model_config=arch_cfg)
+        multi = name.startswith("multi")
+        return make_recommender(name, train=train_cfg.model_copy(update={"cuda_graph": cfg.cuda_graph and multi}),
+                                pia=cfg.pia if name.endswith("-pia") else None, ease=cfg.ease,
+                                model_config=cfg.vae if multi else None)
 
     def test_eval(rec: Any) -> Any:
         return evaluate(rec.score, snap.test.fold_in, snap.test.targets, device=rec.device,
