@@ -126,6 +126,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._graph = None  # the optimizer's state tensors are replaced below: capture again at next use
         self.model.load_state_dict(state["model"])
         if self.anchors is not None and state["anchors"] is not None:
             self.anchors.load_state_dict(state["anchors"])
