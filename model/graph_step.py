@@ -10,6 +10,8 @@ each replay. The last, short batch is padded with weight-0 rows, so every epoch 
 once in batches of `batch_size`.
 
 `dense_loss` is the function both paths run; tests check it against the sparse model's loss on the CPU.
+The warm-up before capture draws random numbers, so a resumed run's dropout and z noise differ from an
+uninterrupted one's (weights and optimizer state resume exactly; the eager path also resumes the noise).
 """
 
 from __future__ import annotations
