@@ -234,7 +234,9 @@ def spill_events(dataset: ds.Dataset, cfg: InferConfig, vocab: pa.Array, directo
     unknown: set[Any] = set()
     lut = _dense_lookup(vocab)
     try:
-        for batch in dataset.to_batches(columns=["user_id", "item_id"], filter=expr, batch_size=1 << 20):
+        # Bounded read-ahead: Arrow's defaults (16 batches x 4 files) held 4.6 GiB on ten 74M-row files
+        for batch in dataset.to_batches(columns=["user_id", "item_id"], filter=expr, batch_size=1 << 20,
+                                        batch_readahead=2, fragment_readahead=1):
             if batch.num_rows == 0:
                 continue
             users = batch.column(0).cast(user_type)
