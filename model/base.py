@@ -30,8 +30,11 @@ class Recommender(ABC):
     def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None: ...
 
     @abstractmethod
-    def score(self, history: SparseBatch) -> torch.Tensor:
-        """Scores [B, I] for users given their histories (rows over this model's item columns)."""
+    def score(self, history: SparseBatch, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, I] for users given their histories (rows over this model's item columns).
+
+        `out`, a float32 [B, I] buffer, may hold the result (recommend reuses one across batches); always
+        use the returned tensor."""
 
     def fit(self, train: sp.csr_matrix, valid: HeldOut | None = None, **kwargs: Any) -> Recommender:
         if train.shape[0] == 0 or train.nnz == 0:
@@ -61,10 +64,11 @@ class Recommender(ABC):
         n, k = x.n_rows, min(k, self.n_items)
         items = torch.empty(n, k, dtype=torch.int64, device=x.device)  # [U, k]
         scores = torch.empty(n, k, dtype=torch.float32, device=x.device)
+        buf = torch.empty(min(n, batch_size), self.n_items, dtype=torch.float32, device=x.device)  # [B, I]
         for start in range(0, n, batch_size):
             end = min(n, start + batch_size)
             hist = x.batch(torch.arange(start, end, device=x.device), total=int(indptr[end] - indptr[start]))
-            s = self.score(hist).float()  # [B, I]
+            s = self.score(hist, out=buf[: end - start]).float()  # [B, I]
             if filter_seen:
                 s[hist.rows, hist.cols] = -torch.inf
             top = topk_items(s, k)

@@ -31,6 +31,21 @@ class ItemInput(nn.Module):
         return sparse_matmul(as_batch(x), self.weight) + self.bias  # [B, H]
 
 
+def item_output(layer: nn.Linear, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """layer(h) for the wide [B, I] item-output layer, written into `out` when one fits.
+
+    Scoring reuses one output buffer across batches: on the CPU a fresh [3217, 20108] float32 result costs
+    about 120 ms of page faults per batch (freshly mapped memory), against about 800 ms for the product.
+    Under autograd or autocast, or when `out` does not match, this is plainly layer(h).
+    """
+    n_out = layer.out_features
+    if (out is None or torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type)
+            or out.shape != (h.shape[0], n_out) or out.dtype != h.dtype or out.device != h.device
+            or not out.is_contiguous()):
+        return layer(h)
+    return torch.addmm(layer.bias, h, layer.weight.t(), out=out)  # [B, I]
+
+
 def linear(n_in: int, n_out: int) -> nn.Linear:
     layer = nn.Linear(n_in, n_out)
     nn.init.xavier_normal_(layer.weight)

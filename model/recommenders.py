@@ -31,8 +31,11 @@ class Popularity(Recommender):
     def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None:
         self.counts = item_popularity(train)
 
-    def score(self, history: SparseBatch) -> torch.Tensor:
-        return self.counts.to(history.vals.device).expand(history.n_rows, -1).clone()
+    def score(self, history: SparseBatch, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.counts.to(history.vals.device).expand(history.n_rows, -1)  # [B, I], a view
+        if out is not None and out.shape == rows.shape and out.dtype == rows.dtype and out.device == rows.device:
+            return out.copy_(rows)
+        return rows.clone()
 
     def to(self, device: torch.device | str) -> Popularity:
         self.counts = self.counts.to(resolve_device(str(device)))
@@ -59,9 +62,9 @@ class EASE(Recommender):
         self.weights = self.weights.to(self._device)
         return self
 
-    def score(self, history: SparseBatch) -> torch.Tensor:
+    def score(self, history: SparseBatch, out: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weights
-        # x_u @ B as a weighted sum of B's rows for the user's items
+        # x_u @ B as a weighted sum of B's rows for the user's items (embedding_bag has no `out`: unused here)
         return nn.functional.embedding_bag(history.cols, w, history.offsets, mode="sum",
                                            per_sample_weights=history.vals.to(w.dtype)).float()
 
@@ -104,10 +107,10 @@ class Autoencoder(Recommender):
             self.module.to(resolve_device(str(device)))
         return self
 
-    def score(self, history: SparseBatch) -> torch.Tensor:
+    def score(self, history: SparseBatch, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.module is None:
             raise RuntimeError("the model is not fitted")
-        return self.module.score(history)  # type: ignore[operator]
+        return self.module.score(history, out=out)  # type: ignore[operator]
 
     def inference_state(self) -> dict[str, torch.Tensor]:
         """The weights inference needs: no anchors (they never enter the module), no RecVAE old encoder."""

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
-from model.layers import ItemInput, log_normal_pdf, multinomial_nll
+from model.layers import ItemInput, item_output, log_normal_pdf, multinomial_nll
 from model.sparse import SparseBatch, as_batch
 from model.vae import LossOut, Phase
 
@@ -70,17 +70,18 @@ class RecVAE(nn.Module):
     def encode(self, x: SparseBatch, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(x, dropout)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, I]; `out` (optional, [B, I]) is a buffer they may be written into (scoring)."""
+        return item_output(self.decoder, z, out)  # [B, I] logits
 
     @torch.no_grad()
-    def score(self, x: SparseBatch | torch.Tensor) -> torch.Tensor:
+    def score(self, x: SparseBatch | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         was = self.training
         self.eval()
         mu, _ = self.encode(as_batch(x))
-        out = self.decode(mu)
+        logits = self.decode(mu, out)
         self.train(was)
-        return out
+        return logits
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights the inference path needs (the old encoder is training-only)."""

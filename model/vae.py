@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from model.layers import ItemInput, gaussian_kl, linear, multinomial_nll
+from model.layers import ItemInput, gaussian_kl, item_output, linear, multinomial_nll
 from model.sparse import SparseBatch, as_batch
 
 
@@ -83,22 +84,21 @@ class MultiVAE(nn.Module):
         mu, logvar = h.chunk(2, dim=-1)  # [B, d] each
         return mu, logvar
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, I]; `out` (optional, [B, I]) is a buffer they may be written into (scoring)."""
         h = z
-        for i, layer in enumerate(self.decoder):
-            if i > 0:
-                h = torch.tanh(h)
-            h = layer(h)
-        return h  # [B, I] logits
+        for layer in self.decoder[:-1]:
+            h = torch.tanh(layer(h))
+        return item_output(cast(nn.Linear, self.decoder[-1]), h, out)  # [B, I] logits
 
     @torch.no_grad()
-    def score(self, x: SparseBatch | torch.Tensor) -> torch.Tensor:
+    def score(self, x: SparseBatch | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         was = self.training
         self.eval()
         mu, _ = self.encode(as_batch(x))
-        out = self.decode(mu)
+        logits = self.decode(mu, out)
         self.train(was)
-        return out
+        return logits
 
     # -- training -----------------------------------------------------------------------------
     def phases(self) -> list[Phase]:

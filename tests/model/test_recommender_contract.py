@@ -16,6 +16,7 @@ from model.ease import EASEConfig
 from model.pia import PIAConfig
 from model.recommenders import MODEL_NAMES, Autoencoder, make_recommender
 from model.recvae import RecVAEConfig
+from model.sparse import DeviceCSR
 from model.split import Split
 from model.train import TrainConfig
 from model.vae import VAEConfig, dae_config
@@ -119,6 +120,19 @@ class TestRecommenderContract:
         np.testing.assert_array_equal(items7, items_all)
         np.testing.assert_allclose(scores1, scores_all, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(scores7, scores_all, rtol=1e-5, atol=1e-6)
+
+    def test_score_into_a_buffer_equals_a_fresh_score(self, fitted: Recommender, history: sp.csr_matrix) -> None:
+        batch = DeviceCSR.from_scipy(history[:9], fitted.device).batch(torch.arange(9))
+        with torch.no_grad():
+            fresh = fitted.score(batch).float().clone()
+            buf = torch.full((9, fitted.n_items), float("nan"), device=fitted.device)
+            into = fitted.score(batch, out=buf)
+            torch.testing.assert_close(into.float(), fresh)
+            if fitted.name != "ease":  # EASE's embedding_bag has no out=; the others write into the buffer
+                assert into.data_ptr() == buf.data_ptr()
+            wrong = torch.zeros(3, fitted.n_items, device=fitted.device)  # mismatched: ignored, not written
+            torch.testing.assert_close(fitted.score(batch, out=wrong).float(), fresh)
+            assert not wrong.any()
 
     def test_k_is_clipped_to_the_catalog(self, fitted: Recommender, history: sp.csr_matrix) -> None:
         items, scores = fitted.recommend(history, 10_000, filter_seen=False)

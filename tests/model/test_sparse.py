@@ -8,7 +8,8 @@ import scipy.sparse as sp
 import torch
 from torch.nn import functional as F
 
-from model.sparse import SPARSE_MM_IMPLS, DeviceCSR, SparseBatch, as_batch, sparse_matmul
+from model.layers import item_output, linear
+from model.sparse import SPARSE_MM_IMPLS, DeviceCSR, SparseBatch, as_batch, sparse_matmul, sparse_mm_impl
 
 
 def random_csr(n_rows: int, n_cols: int, density: float, seed: int, empty_rows: tuple[int, ...] = ()) -> sp.csr_matrix:
@@ -200,3 +201,29 @@ def test_unknown_sparse_impl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     b = DeviceCSR.from_scipy(random_csr(3, 4, 0.5, 0)).batch(torch.arange(3))
     with pytest.raises(ValueError, match="RECSYS_SPARSE_MM='cusparse': use one of coo, bag, dense"):
         sparse_matmul(b, torch.ones(4, 2))
+
+
+def test_cpu_picks_coo_for_training_and_embedding_bag_for_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RECSYS_SPARSE_MM", raising=False)
+    cpu = torch.device("cpu")
+    assert sparse_mm_impl(cpu, 100) == "coo"
+    with torch.no_grad():
+        assert sparse_mm_impl(cpu, 100) == "bag"
+        b = DeviceCSR.from_scipy(random_csr(12, 9, 0.3, 4, empty_rows=(5,))).batch(torch.arange(12))
+        w = torch.randn(9, 6)
+        torch.testing.assert_close(sparse_matmul(b, w), b.to_dense() @ w, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("RECSYS_SPARSE_MM", "coo")
+    with torch.no_grad():
+        assert sparse_mm_impl(cpu, 100) == "coo"  # the override still wins
+
+
+def test_item_output_is_the_linear_layer_with_and_without_autograd() -> None:
+    torch.manual_seed(0)
+    layer, h = linear(7, 33), torch.randn(5, 7)
+    ref = layer(h)
+    with torch.no_grad():
+        fast = item_output(layer, h)
+    torch.testing.assert_close(fast, ref.detach(), rtol=1e-6, atol=1e-6)
+    grad_path = item_output(layer, h)
+    assert grad_path.requires_grad  # training keeps autograd
+    torch.testing.assert_close(grad_path, ref)
