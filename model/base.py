@@ -19,6 +19,9 @@ from model.split import HeldOut
 
 class Recommender(ABC):
     name: ClassVar[str]
+    # whether score(..., out=) writes into the buffer; recommend allocates one only then (a buffer the model
+    # ignores would be a second [B, I] block outside the inference memory budget)
+    scores_into_buffer: ClassVar[bool] = False
     n_items: int = 0
     fit_seconds: float = 0.0
 
@@ -64,11 +67,12 @@ class Recommender(ABC):
         n, k = x.n_rows, min(k, self.n_items)
         items = torch.empty(n, k, dtype=torch.int64, device=x.device)  # [U, k]
         scores = torch.empty(n, k, dtype=torch.float32, device=x.device)
-        buf = torch.empty(min(n, batch_size), self.n_items, dtype=torch.float32, device=x.device)  # [B, I]
+        buf = (torch.empty(min(n, batch_size), self.n_items, dtype=torch.float32, device=x.device)  # [B, I]
+               if self.scores_into_buffer else None)
         for start in range(0, n, batch_size):
             end = min(n, start + batch_size)
             hist = x.batch(torch.arange(start, end, device=x.device), total=int(indptr[end] - indptr[start]))
-            s = self.score(hist, out=buf[: end - start]).float()  # [B, I]
+            s = self.score(hist, out=None if buf is None else buf[: end - start]).float()  # [B, I]
             if filter_seen:
                 s[hist.rows, hist.cols] = -torch.inf
             top = topk_items(s, k)

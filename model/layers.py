@@ -31,6 +31,12 @@ class ItemInput(nn.Module):
         return sparse_matmul(as_batch(x), self.weight) + self.bias  # [B, H]
 
 
+def buffer_fits(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `out` can receive a result of this shape, dtype and device (a contiguous match)."""
+    return (out is not None and tuple(out.shape) == shape and out.dtype == dtype and out.device == device
+            and out.is_contiguous())
+
+
 def item_output(layer: nn.Linear, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """layer(h) for the wide [B, I] item-output layer, written into `out` when one fits.
 
@@ -38,10 +44,8 @@ def item_output(layer: nn.Linear, h: torch.Tensor, out: torch.Tensor | None = No
     about 120 ms of page faults per batch (freshly mapped memory), against about 800 ms for the product.
     Under autograd or autocast, or when `out` does not match, this is plainly layer(h).
     """
-    n_out = layer.out_features
-    if (out is None or torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type)
-            or out.shape != (h.shape[0], n_out) or out.dtype != h.dtype or out.device != h.device
-            or not out.is_contiguous()):
+    if (torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type)
+            or not buffer_fits(out, (h.shape[0], layer.out_features), h.dtype, h.device)):
         return layer(h)
     return torch.addmm(layer.bias, h, layer.weight.t(), out=out)  # [B, I]
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from model.base import Recommender
 from model.ease import EASEConfig, ease_weights
+from model.layers import buffer_fits
 from model.pia import PIAConfig
 from model.popularity import item_popularity
 from model.recvae import RecVAE, RecVAEConfig
@@ -24,6 +25,7 @@ from model.vae import MultiVAE, VAEConfig, dae_config
 
 class Popularity(Recommender):
     name = "popularity"
+    scores_into_buffer = True
 
     def __init__(self) -> None:
         self.counts = torch.zeros(0)
@@ -33,7 +35,7 @@ class Popularity(Recommender):
 
     def score(self, history: SparseBatch, out: torch.Tensor | None = None) -> torch.Tensor:
         rows = self.counts.to(history.vals.device).expand(history.n_rows, -1)  # [B, I], a view
-        if out is not None and out.shape == rows.shape and out.dtype == rows.dtype and out.device == rows.device:
+        if out is not None and buffer_fits(out, tuple(rows.shape), rows.dtype, rows.device):
             return out.copy_(rows)
         return rows.clone()
 
@@ -71,6 +73,8 @@ class EASE(Recommender):
 
 class Autoencoder(Recommender):
     """Multi-VAE, Multi-DAE or RecVAE, each with optional PIA (training only)."""
+
+    scores_into_buffer = True
 
     def __init__(self, arch: str, model_config: BaseModel | None = None, train: TrainConfig | None = None,
                  pia: PIAConfig | None = None, name: str | None = None):

@@ -223,7 +223,12 @@ def test_item_output_is_the_linear_layer_with_and_without_autograd() -> None:
     ref = layer(h)
     with torch.no_grad():
         fast = item_output(layer, h)
+        buf = torch.full((5, 33), float("nan"))
+        into = item_output(layer, h, buf)
     torch.testing.assert_close(fast, ref.detach(), rtol=1e-6, atol=1e-6)
-    grad_path = item_output(layer, h)
-    assert grad_path.requires_grad  # training keeps autograd
+    assert into.data_ptr() == buf.data_ptr()  # scoring writes into the caller's buffer
+    torch.testing.assert_close(into, ref.detach(), rtol=1e-6, atol=1e-6)
+    other = torch.zeros(5, 33)
+    grad_path = item_output(layer, h, other)
+    assert grad_path.requires_grad and not other.any()  # training keeps autograd and leaves the buffer alone
     torch.testing.assert_close(grad_path, ref)
