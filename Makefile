@@ -11,7 +11,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 export PYTHONHASHSEED := 0
 export RECSYS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv run test lint typecheck bench-train bench-ease bench-build bench-infer experiment results backfill clean
+.PHONY: venv run test lint typecheck bench-train bench-ease bench-build bench-infer bench-recs experiment results backfill clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,9 @@ bench-build: venv
 
 bench-infer: venv
 	$(PY) -m bench.infer $(ARGS)
+
+bench-recs: venv
+	$(PY) -m bench.recs_lookup $(ARGS)
 
 # docs/results.md: the committed accuracy table (see docs/results.md for what each run used).
 results: venv

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import lake
 from pipeline.errors import DataError
 from pipeline.publish import PartitionWriter, hook
+from pipeline.sharding import scheme_for, user_hash
 
 if TYPE_CHECKING:
     from pipeline.bundle import ModelBundle
@@ -170,15 +171,6 @@ def map_items(items: pa.Array, vocab: pa.Array, lut: np.ndarray | None = None) -
         return np.where(inside, lut[np.where(inside, ids, 0)], np.int32(-1))
     idx = pc.index_in(items, value_set=vocab)
     return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
-
-
-def user_hash(users: pa.Array) -> np.ndarray:
-    """A stable uint64 hash of user ids (same id → same shard, across runs and engines)."""
-    if pa.types.is_integer(users.type):
-        x = users.to_numpy(zero_copy_only=False).astype(np.uint64)
-        x = (x ^ (x >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)  # splitmix-style mixing
-        return x ^ (x >> np.uint64(29))
-    return pd.util.hash_array(np.asarray(users.to_numpy(zero_copy_only=False), dtype=object)).astype(np.uint64)
 
 
 class Spill:
@@ -409,6 +401,12 @@ def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.nd
         raise OutputCheckError("scores are not in descending order")
 
 
+def user_range(users: pa.Array) -> dict[str, Any]:
+    """A part's smallest and largest user id, for its manifest entry (readers skip parts outside the range)."""
+    lo_hi = pc.min_max(users)
+    return {"user_min": lo_hi["min"].as_py(), "user_max": lo_hi["max"].as_py()}
+
+
 def finalize_part(table: pa.Table) -> pa.Table:
     """The last step before a part is checked (a seam for tests that corrupt output)."""
     return table
@@ -529,21 +527,22 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
             (tmp / f"shard-{s:05d}.arrow").unlink()  # release disk as we go
             return h
 
-    def publish(users: pa.Array, indptr: np.ndarray, cols: np.ndarray, top: np.ndarray, scores: np.ndarray,
+    def publish(s: int, users: pa.Array, indptr: np.ndarray, cols: np.ndarray, top: np.ndarray, scores: np.ndarray,
                 fb: np.ndarray) -> None:
         with clock("table"):
             table = finalize_part(to_table(users, top, scores, fb, vocab, model_version))
         with clock("check"):
             check_part(table, users, indptr, cols, vocab, cfg.top_n, model_version)
         with clock("write"):
-            writer.write_part(table)
+            writer.write_part(table, shard=s, **user_range(users))
         totals["users"] += len(users)
         totals["fallback"] += int(fb.sum())
 
     try:
         with clock("spill"):
             spill, counts = spill_events(dataset, cfg, vocab, tmp)
-        stats |= counts | {"shards": spill.n}
+        stats |= counts | {"shards": spill.n,
+                           "user_sharding": {"scheme": scheme_for(spill.schema.field("user_id").type), "n_shards": spill.n}}
         hook("spilled")
         bar = Progress(cfg.progress)
         # Leaving this block waits for both workers, so nothing is written after an abort below.
@@ -560,7 +559,7 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
                     top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar, cfg.precision)
                 if out is not None:
                     out.result()  # one part in flight at most; its error surfaces here
-                out = pool.submit(publish, users, indptr, cols, top, scores, fb)
+                out = pool.submit(publish, s, users, indptr, cols, top, scores, fb)
                 del users, indptr, cols, top, scores, fb
             if out is not None:
                 out.result()

@@ -35,6 +35,7 @@ from pipeline.infer import (
     score_histories,
     shard_events_for,
     to_table,
+    user_range,
     vocabulary,
 )
 from pipeline.publish import PartitionWriter, hook
@@ -164,7 +165,10 @@ def run_spark(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer:
 
     tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-spark-"))
     try:
-        hist.repartition(n_parts, "user_id").mapInArrow(score, schema).write.parquet(str(tmp / "scored"))
+        # Ranges of users (not hash buckets), sorted within: each published part then covers a disjoint user
+        # range, and a reader looking up one user opens one part (and one row group of it).
+        (hist.repartitionByRange(n_parts, "user_id").sortWithinPartitions("user_id")
+         .mapInArrow(score, schema).write.parquet(str(tmp / "scored")))
         hook("spilled")
         rows = fallback = 0
         for f in sorted((tmp / "scored").glob("part-*.parquet")):
@@ -179,7 +183,7 @@ def run_spark(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer:
             users = t.column("user_id").combine_chunks()
             t = finalize_part(t)
             check_part(t, users, indptr, cols, vocab, cfg.top_n, model_version)
-            writer.write_part(t)
+            writer.write_part(t, **user_range(users))
             rows += t.num_rows
             fallback += int(np.sum(t.column("fallback").to_numpy()))
         if rows != counts["users"]:

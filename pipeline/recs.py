@@ -2,13 +2,15 @@
 
     read_recommendations("s3://lake", "2024-05-01")            one date's table
     read_recommendations("/lake", "latest", user_ids=[42, 7])  the newest committed date, a few users
+    for batch in iter_recommendations("s3://lake", "latest"):   a whole date, streamed part by part
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +20,7 @@ import pyarrow.parquet as pq
 from pipeline import lake
 from pipeline.errors import DataError
 from pipeline.publish import SUCCESS, committed_run
+from pipeline.sharding import scheme_for, shard_of
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _USER = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
@@ -90,37 +93,137 @@ def _user_filter(table_type: pa.DataType, user_ids: Iterable[Any]) -> pa.Array:
     return pa.array([str(u) for u in ids], pa.string())
 
 
+def files_for_users(manifest: dict[str, Any], wanted: pa.Array) -> list[dict[str, Any]]:
+    """The manifest's part files that can hold any of `wanted` (typed like the partition's user_id).
+
+    Two indexes, both optional (older partitions have neither, and then every file is a candidate): the
+    shard each part holds under a user-hash scheme this reader knows (local engine: one part per shard),
+    and each part's user range (both engines; the Spark engine writes disjoint ranges)."""
+    files: list[dict[str, Any]] = list(manifest.get("files", []))
+    if len(wanted) == 0:
+        return []
+    sharding = manifest.get("user_sharding") or {}
+    if (sharding.get("scheme") == scheme_for(wanted.type) and isinstance(sharding.get("n_shards"), int)
+            and sharding["n_shards"] > 0 and all("shard" in f for f in files)):
+        shards = set(shard_of(wanted, sharding["n_shards"]).tolist())
+        files = [f for f in files if f["shard"] in shards]
+    keys = sorted(set(wanted.to_pylist()))
+
+    def may_hold(f: dict[str, Any]) -> bool:
+        lo, hi = f.get("user_min"), f.get("user_max")
+        if lo is None or hi is None or type(lo) is not type(keys[0]) or type(hi) is not type(keys[0]):
+            return True  # no usable range: the file must be read
+        i = bisect.bisect_left(keys, lo)
+        return i < len(keys) and keys[i] <= hi
+
+    return [f for f in files if may_hold(f)]
+
+
+def _open_committed(out_uri: str, date: str | dt.date) -> tuple[dt.date, lake.Location, lake.Location, dict[str, Any]]:
+    day = resolve_date(out_uri, date)
+    partition = recommendations_root(out_uri).join(f"dt={day.isoformat()}")
+    found = committed_run(partition)
+    if found is None:
+        raise DataError(f"no committed recommendations for {day} under {partition.uri}",
+                        "run `recsys infer --date` for that date, or use --date latest")
+    run, manifest = found
+    return day, partition, run, manifest
+
+
+def _user_type(run: lake.Location, manifest: dict[str, Any]) -> pa.DataType:
+    files = manifest.get("files") or []
+    if not files:
+        return pa.int64()
+    known = {type(f.get("user_min")) for f in files}
+    if known == {int}:  # the manifest's user ranges tell the type: no request to the store
+        return pa.int64()
+    if known == {str}:
+        return pa.string()
+    with run.fs.open_input_file(run.join(files[0]["path"]).path) as f:  # the footer only: one small read
+        return pq.read_schema(f).field("user_id").type
+
+
+def _row_groups_for(meta: pq.FileMetaData, keys: list[Any]) -> list[int]:
+    """Row groups whose user_id statistics can hold one of the sorted `keys` (all, where there are none)."""
+    col = meta.schema.to_arrow_schema().get_field_index("user_id")
+    groups = []
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max or type(st.min) is not type(keys[0]):
+            groups.append(g)
+            continue
+        i = bisect.bisect_left(keys, st.min)
+        if i < len(keys) and keys[i] <= st.max:
+            groups.append(g)
+    return groups
+
+
+def _read_part(loc: lake.Location, columns: list[str] | None, wanted: pa.Array | None = None) -> pa.Table:
+    """One part file, or only its rows for `wanted` users: the footer, then the row groups that can hold them
+    (on S3: one HEAD and two ranged GETs for a point lookup)."""
+    with loc.fs.open_input_file(loc.path) as f:
+        pf = pq.ParquetFile(f, pre_buffer=True)
+        if wanted is None:
+            return pf.read(columns=columns)
+        keys = sorted(set(wanted.to_pylist()))
+        need = None if columns is None else list(dict.fromkeys([*columns, "user_id"]))
+        table = pf.read_row_groups(_row_groups_for(pf.metadata, keys), columns=need)
+        table = table.filter(pc.is_in(table.column("user_id"), value_set=wanted))
+        return table if columns is None else table.select(columns)
+
+
 def read_recommendations(out_uri: str, date: str | dt.date = "latest", user_ids: Iterable[Any] | None = None,
                          columns: list[str] | None = None) -> pa.Table:
     """The committed recommendations of `date` ('latest': newest committed date), optionally a few users.
 
-    Raises DataError when the date has no committed partition (absent, or a run that never finished)."""
-    day = resolve_date(out_uri, date)
-    partition = recommendations_root(out_uri).join(f"dt={day.isoformat()}")
+    With `user_ids`, only the parts that can hold them are opened (the manifest's shard and range index) and
+    only their row groups that can hold them are read (Parquet statistics: parts are sorted by user), so a
+    lookup reads megabytes whatever the size of the date. For a whole large date prefer
+    `iter_recommendations`, which streams. Raises DataError when the date has no committed partition
+    (absent, or a run that never finished)."""
+    ids = None if user_ids is None else list(user_ids)
     for attempt in range(3):  # a re-run may delete the folder we were pointed at: re-read the pointer
-        found = committed_run(partition)
-        if found is None:
-            raise DataError(f"no committed recommendations for {day} under {partition.uri}",
-                            "run `recsys infer --date` for that date, or use --date latest")
-        run, manifest = found
+        day, _, run, manifest = _open_committed(out_uri, date)
         try:
-            tables = [pq.read_table(run.join(f["path"]).path, filesystem=run.fs, columns=columns) for f in manifest["files"]]
-        except (OSError, FileNotFoundError, pa.ArrowInvalid):
+            if ids is None:
+                tables = [_read_part(run.join(f["path"]), columns) for f in manifest["files"]]
+            else:
+                wanted = _user_filter(_user_type(run, manifest), ids)
+                tables = [_read_part(run.join(f["path"]), columns, wanted) for f in files_for_users(manifest, wanted)]
+        except (OSError, pa.ArrowInvalid):
             if attempt == 2:
                 raise
             continue
         break
-    table = pa.concat_tables(tables) if tables else _empty(manifest)
-    if user_ids is not None:
-        wanted = _user_filter(table.schema.field("user_id").type, user_ids)
-        table = table.filter(pc.is_in(table.column("user_id"), value_set=wanted))
+    table = pa.concat_tables(tables) if tables else _empty(columns)
     return table.replace_schema_metadata({"dt": day.isoformat(), "model_version": str(manifest.get("model_version", ""))})
 
 
-def _empty(manifest: dict[str, Any]) -> pa.Table:
-    return pa.table({"user_id": pa.array([], pa.int64()), "item_ids": pa.array([], pa.list_(pa.int64())),
-                     "scores": pa.array([], pa.list_(pa.float32())), "model_version": pa.array([], pa.string()),
-                     "fallback": pa.array([], pa.bool_())})
+def iter_recommendations(out_uri: str, date: str | dt.date = "latest", batch_size: int = 65_536,
+                         columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream a committed date as record batches, part by part: memory stays at one batch whatever the
+    number of users (for bulk consumers: loading a key-value store, exporting).
+
+    The committed run is resolved once. If the date is re-run meanwhile, the new commit deletes the run being
+    read; the iteration then stops with a DataError (read again from the start) rather than mixing runs."""
+    day, partition, run, manifest = _open_committed(out_uri, date)
+    for f in manifest["files"]:
+        try:
+            pf = pq.ParquetFile(run.fs.open_input_file(run.join(f["path"]).path))
+            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+        except OSError as e:  # FileNotFoundError included
+            now = committed_run(partition)
+            if now is None or now[0].path != run.path:
+                raise DataError(f"recommendations for {day} were replaced by a re-run while being read",
+                                "read them again from the start") from e
+            raise
+
+
+def _empty(columns: list[str] | None) -> pa.Table:
+    table = pa.table({"user_id": pa.array([], pa.int64()), "item_ids": pa.array([], pa.list_(pa.int64())),
+                      "scores": pa.array([], pa.list_(pa.float32())), "model_version": pa.array([], pa.string()),
+                      "fallback": pa.array([], pa.bool_())})
+    return table.select(columns) if columns else table
 
 
 def user_recommendations(out_uri: str, date: str | dt.date, user_id: Any) -> dict[str, Any]:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from infer_support import events_table, tiny_bundle, write_events
 
 from pipeline.infer import InferConfig, run
-from pipeline.recs import read_recommendations
+from pipeline.recs import files_for_users, read_recommendations
 
 
 @pytest.mark.slow
@@ -29,3 +32,13 @@ def test_spark_engine_equals_local_engine(tmp_path: Path, spark) -> None:
     for u, r in la.items():
         assert r["item_ids"] == lb[u]["item_ids"] and r["fallback"] == lb[u]["fallback"] and lb[u]["model_version"] == "3"
         np.testing.assert_allclose(r["scores"], lb[u]["scores"], rtol=1e-5, atol=1e-6)
+    # Spark parts cover disjoint user ranges, sorted within: a lookup opens exactly the part holding the user
+    assert len(b["files"]) > 1 and "user_sharding" not in b
+    ranges = sorted((f["user_min"], f["user_max"]) for f in b["files"])
+    assert all(hi < lo2 for (_, hi), (lo2, _) in itertools.pairwise(ranges))
+    run_dir = tmp_path / "spark" / "recommendations" / "dt=2024-05-03" / b["run"]
+    for f in b["files"]:
+        users = pq.read_table(run_dir / f["path"], columns=["user_id"])["user_id"].to_pylist()
+        assert users == sorted(users) and (users[0], users[-1]) == (f["user_min"], f["user_max"])
+        assert [g["path"] for g in files_for_users(b, pa.array(users[-1:], pa.int64()))] == [f["path"]]
+        assert read_recommendations(str(tmp_path / "spark"), "latest", user_ids=users[-1:]).to_pylist() == [lb[users[-1]]]

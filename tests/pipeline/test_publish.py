@@ -98,3 +98,53 @@ def test_commit_pointer_is_verified(tmp_path: Path) -> None:
     (Path(run_dir.path) / "_manifest.json").write_text("{}")  # tampered manifest: the pointer's checksum catches it
     with pytest.raises(DataError, match="does not match"):
         committed_run(part)
+
+
+def test_unreadable_commit_pointers(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
+    w = PartitionWriter(part)
+    w.write_part(pa.table({"user_id": [1]}))
+    w.commit({"model_version": "1"})
+    success = Path(part.path) / SUCCESS
+    good = success.read_text()
+    for bad in ("not json", '{"run": "run-gone", "manifest_sha256": "x"}', '{"no_run": 1}', '["run-x"]',
+                '{"run": "../escape"}'):
+        success.write_text(bad)
+        with pytest.raises(DataError, match=r"unreadable commit|unsafe path"):
+            committed_run(part)
+    success.write_text(good)
+    assert committed_run(part) is not None
+
+
+def test_commit_read_survives_a_rerun_between_pointer_and_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-run commits (and deletes the old run) after a reader read `_SUCCESS` but before it read the manifest:
+    the reader reads the pointer again and gets the new run, instead of failing."""
+    import pyarrow as pa
+
+    from pipeline import lake
+
+    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
+    first = PartitionWriter(part)
+    first.write_part(pa.table({"user_id": [1]}))
+    first.commit({"model_version": "1"})
+    stale = (Path(part.path) / SUCCESS).read_bytes()
+    second = PartitionWriter(part)
+    second.write_part(pa.table({"user_id": [1, 2]}))
+    second.commit({"model_version": "2"})  # deletes the first run's folder
+    assert not Path(first.run_dir.path).exists()
+
+    real = lake.Location.read_bytes
+    reads = []
+
+    def racing(self: lake.Location) -> bytes:
+        reads.append(self.path)
+        if self.path.endswith(SUCCESS) and len(reads) == 1:
+            return stale  # the pointer as it was before the re-run committed
+        return real(self)
+
+    monkeypatch.setattr(lake.Location, "read_bytes", racing)
+    run_dir, manifest = committed_run(part)  # type: ignore[misc]
+    assert manifest["model_version"] == "2" and run_dir.path == second.run_dir.path
+    assert sum(p.endswith(SUCCESS) for p in reads) == 2
