@@ -19,7 +19,7 @@ from pipeline.bundle import ModelBundle
 from pipeline.errors import DataError
 from pipeline.infer import InferConfig, OutputCheckError, batch_size_for, run
 from pipeline.publish import SUCCESS
-from pipeline.recs import read_recommendations
+from pipeline.recs import iter_recommendations, read_recommendations
 
 DAY = dt.date(2024, 5, 3)
 
@@ -278,6 +278,12 @@ def test_end_to_end_s3(s3_bucket: str, bundle: ModelBundle, events: tuple[pa.Tab
     assert len([n for n in part.list() if n.startswith("run-")]) == 1 and SUCCESS in part.list()
     got = read_recommendations(out, "latest")
     assert as_dict(got) == expected(bundle, table, 10) and got.num_rows == m["rows"]
+    # lookups and streaming through the S3 filesystem (the index picks parts; row groups read by range)
+    users = got["user_id"].to_pylist()[::5]
+    few = read_recommendations(out, DAY, user_ids=users)
+    assert sorted(few["user_id"].to_pylist()) == sorted(users) and len(m["files"]) > 1
+    assert as_dict(few) == {u: v for u, v in as_dict(got).items() if u in set(users)}
+    assert sum(b.num_rows for b in iter_recommendations(out, "latest", batch_size=7)) == m["rows"]
 
 
 def test_cli_infer_and_recs(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str],
