@@ -16,7 +16,9 @@ while (($#)); do
            "$PY" -m bench.train_epoch --epochs 3 --bf16 --skip-reference ;;
     graph) "$PY" -m bench.train_epoch --epochs 3 --cuda-graph
            "$PY" -m bench.train_epoch --epochs 3 --cuda-graph --bf16 --skip-reference ;;
-    infer) "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer
+    infer) "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer \
+             --parallel-shards 1
+           "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer
            "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer \
              --precision bf16 ;;
     profile) "$PY" -m bench.train_epoch --epochs 2 --bf16 --skip-reference --profile --no-record ;;

@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-budget-mb", type=int, default=512)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"])
+    p.add_argument("--parallel-shards", type=int, default=None,
+                   help="shards prepared and published concurrently (default: one per 4 CPU cores)")
     p.add_argument("--workdir", type=Path, default=None, help="keep events here (reused when present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-append", action="store_true", help="do not add a row to docs/benchmarks.md")
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     mm = matmul_flops(batch, 600, args.items, device, precision=args.precision)
     out = work / "lake"
     cfg = InferConfig(date=dt.date.fromisoformat(DAY), events=str(events), out=str(out), top_n=args.top_n,
-                      device=args.device, precision=args.precision, memory_budget_mb=args.memory_budget_mb)
+                      device=args.device, precision=args.precision, memory_budget_mb=args.memory_budget_mb,
+                      parallel_shards=args.parallel_shards)
     t0 = time.perf_counter()
     m = run(cfg, bundle, "bench")
     total = time.perf_counter() - t0
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     per_user = 2 * (nnz / users * 600 + 600 * 400 + 200 * 600 + 600 * args.items)  # model FLOPs per user
     score_rate = users / m["score_seconds"]
     eff = per_user * score_rate / mm
-    print(f"batch {batch}, {m['shards']} shards: end to end {total:.1f} s = {users / total:,.0f} users/s; "
+    print(f"batch {batch}, {m['shards']} shards, {m['parallel_shards']} in flight: "
+          f"end to end {total:.1f} s = {users / total:,.0f} users/s; "
           f"scoring {m['score_seconds']:.1f} s = {score_rate:,.0f} users/s = {per_user * score_rate / 1e9:.1f} GFLOP/s; "
           f"matmul {mm / 1e9:.1f} GFLOP/s; efficiency {eff:.0%}; peak RSS {rss:.2f} GiB")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m.get("phase_seconds", {}).items()))
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                    ["date", "commit", "machine", "users x items", "interactions", "batch (budget)", "end to end (s)",
                     "users/s end to end", "users/s scoring", "matmul GFLOP/s", "scoring efficiency", "peak RSS (GiB)"],
                    [today(), git_commit(), machine(torch.device(device)), f"{users:,} x {args.items:,}", f"{nnz:,}",
-                    f"{batch} ({args.memory_budget_mb} MB, {m['precision']})", f"{total:.1f}", f"{users / total:,.0f}",
+                    f"{batch} ({args.memory_budget_mb} MB, {m['precision']}, P={m['parallel_shards']})",
+                    f"{total:.1f}", f"{users / total:,.0f}",
                     f"{score_rate:,.0f}", f"{mm / 1e9:.1f}", f"{eff:.0%}", f"{rss:.2f}"])
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -22,6 +22,8 @@ def register(sub: Any) -> None:
     p.add_argument("--history-days", type=int, default=None, help="history window ending at --date (default: all)")
     p.add_argument("--min-weight", type=float, default=None, help="keep events with weight >= this")
     p.add_argument("--shard-events", type=int, default=None, help="events per shard (default from the budget)")
+    p.add_argument("--parallel-shards", type=int, default=None,
+                   help="shards prepared and published concurrently (default: one per 4 CPU cores, at most 8)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_infer)
 
@@ -40,7 +42,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     cfg = InferConfig(date=parse_date(args.date), events=args.events, out=args.out, model=args.model, top_n=args.top_n,
                       device=args.device, precision=args.precision, engine=args.engine, memory_budget_mb=args.memory_budget_mb,
                       history_days=args.history_days, min_weight=args.min_weight, shard_events=args.shard_events,
-                      progress=not args.no_progress)
+                      parallel_shards=args.parallel_shards, progress=not args.no_progress)
     m = run(cfg)
     print(f"published {m['rows']} users ({m['fallback_users']} fallback) for {m['date']} with model version "
           f"{m['model_version']}: {len(m['files'])} files, {m['unknown_item_events']} events with unknown items skipped")

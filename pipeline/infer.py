@@ -6,8 +6,9 @@
 
 Memory does not grow with the number of users: the events are read once as a stream and split into shard
 files on the local disk by a hash of the user id; each shard (a bounded number of events) is then scored,
-checked and written. Those steps overlap across three shards at most (histories of the next shard and the
-checks and Parquet of the previous one run in worker threads while this one is scored). The score matrix
+checked and written. Those steps overlap across shards (histories of the next shards and the checks and
+Parquet of the previous ones run in worker threads while one is scored; `parallel_shards` bounds how many,
+1 on small machines, so memory is bounded by the shard size, not the user count). The score matrix
 of one batch is [batch, n_items] float32; the batch size is computed from the memory budget (`batch_size_for`).
 
 Two engines share `score_histories` and `check_part`: "local" (this process) and "spark" (mapInArrow, one
@@ -19,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -66,6 +69,10 @@ class InferConfig(BaseModel):
     min_weight: float | None = Field(None, description="binarization: keep events with weight >= this (None: all)")
     shard_events: int | None = Field(None, ge=1, description="events per shard; default from the memory budget")
     max_batch: int = Field(4096, ge=1)
+    parallel_shards: int | None = Field(None, ge=1, le=64, description=(
+        "shards whose histories and whose checks + Parquet may be in flight at once, besides the one being "
+        "scored; default: one per 4 CPU cores, at most 8. Host memory grows with it (~1.5 GB per shard at the "
+        "default budget); it matters where scoring is fast (a GPU) and host work is the bottleneck"))
     progress: bool = True
 
 
@@ -84,6 +91,10 @@ def batch_size_for(n_items: int, top_n: int, budget_mb: int, hidden: int = 600, 
         raise DataError(f"a memory budget of {budget_mb} MB cannot hold one user's {n_items} scores",
                         f"raise --memory-budget-mb to at least {per_user // 2**20 + 1}")
     return int(min(fit, max_batch))
+
+
+def default_parallel_shards() -> int:
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
 def shard_events_for(budget_mb: int) -> int:
@@ -524,15 +535,18 @@ def run(cfg: InferConfig, bundle: ModelBundle | None = None, model_version: str 
 
 
 def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer: PartitionWriter) -> dict[str, Any]:
-    """Spill, then a three-stage pipeline over shards: histories of shard s+1 are built and shard s-1 is
-    turned into a table, checked and written (two worker threads; numpy, Arrow and Parquet release the GIL)
-    while shard s is scored here. At most three shards are in memory, whatever the number of users."""
+    """Spill, then a pipeline over shards: while shard s is scored here, worker threads build the histories of
+    the next P shards and turn up to P scored shards into tables, check and write them (numpy, Arrow and
+    Parquet release the GIL). P = cfg.parallel_shards (1 on small machines: three shards in memory at most,
+    whatever the number of users). Parts are named by shard, so the output does not depend on P or timing."""
     dataset = open_events(cfg.events)
     vocab = vocabulary(bundle)
     bs = batch_size_for(bundle.n_items, cfg.top_n, cfg.memory_budget_mb, max_batch=cfg.max_batch)
+    depth = cfg.parallel_shards or default_parallel_shards()
     tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-"))
-    stats: dict[str, Any] = {"batch_size": bs}
+    stats: dict[str, Any] = {"batch_size": bs, "parallel_shards": depth}
     totals = {"users": 0, "fallback": 0}
+    totals_lock = threading.Lock()
     clock = PhaseClock()
 
     def load(s: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
@@ -548,9 +562,10 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
         with clock("check"):
             check_part(table, users, indptr, cols, vocab, cfg.top_n, model_version)
         with clock("write"):
-            writer.write_part(table, shard=s, **user_range(users))
-        totals["users"] += len(users)
-        totals["fallback"] += int(fb.sum())
+            writer.write_part(table, part=s, shard=s, **user_range(users))
+        with totals_lock:
+            totals["users"] += len(users)
+            totals["fallback"] += int(fb.sum())
 
     try:
         with clock("spill"):
@@ -559,24 +574,31 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
                            "user_sharding": {"scheme": scheme_for(spill.schema.field("user_id").type), "n_shards": spill.n}}
         hook("spilled")
         bar = Progress(cfg.progress)
-        # Leaving this block waits for both workers, so nothing is written after an abort below.
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="infer") as pool:
-            nxt: Future[tuple[pa.Array, np.ndarray, np.ndarray]] = pool.submit(load, 0)
-            out: Future[None] | None = None
-            for s in range(spill.n):
-                users, indptr, cols = nxt.result()
-                if s + 1 < spill.n:
-                    nxt = pool.submit(load, s + 1)
-                if len(users) == 0:
-                    continue
-                with clock("score"):
-                    top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar, cfg.precision)
-                if out is not None:
-                    out.result()  # one part in flight at most; its error surfaces here
-                out = pool.submit(publish, s, users, indptr, cols, top, scores, fb)
-                del users, indptr, cols, top, scores, fb
-            if out is not None:
-                out.result()
+        # Leaving this block waits for the workers, so nothing is written after an abort below.
+        with ThreadPoolExecutor(max_workers=2 * depth, thread_name_prefix="infer") as pool:
+            loads: deque[Future[tuple[pa.Array, np.ndarray, np.ndarray]]] = deque(
+                pool.submit(load, s) for s in range(min(depth, spill.n)))
+            parts: deque[Future[None]] = deque()
+            try:
+                for s in range(spill.n):
+                    users, indptr, cols = loads.popleft().result()
+                    if s + depth < spill.n:
+                        loads.append(pool.submit(load, s + depth))
+                    if len(users) == 0:
+                        continue
+                    with clock("score"):
+                        top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar, cfg.precision)
+                    while len(parts) >= depth:
+                        parts.popleft().result()  # at most `depth` parts in flight; an error surfaces here
+                    parts.append(pool.submit(publish, s, users, indptr, cols, top, scores, fb))
+                    del users, indptr, cols, top, scores, fb
+                while parts:
+                    parts.popleft().result()
+            except BaseException:
+                queued: list[Future[Any]] = [*loads, *parts]
+                for f in queued:
+                    f.cancel()  # queued work is dropped; running work finishes before the pool exits
+                raise
         bar.close()
     except BaseException:
         writer.abort()  # best effort: an uncommitted run folder is invisible anyway and removed by the next run

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,7 @@ class PartitionWriter:
     run_id: str = field(default_factory=new_run_id)
     files: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def run_name(self) -> str:
@@ -85,25 +87,39 @@ class PartitionWriter:
     def run_dir(self) -> Location:
         return self.partition.join(self.run_name)
 
-    def write_part(self, table: pa.Table, **index: Any) -> dict[str, Any]:
+    def write_part(self, table: pa.Table, part: int | None = None, **index: Any) -> dict[str, Any]:
         """Write one part file; `index` (JSON values, e.g. the part's shard and user range) goes into its
-        manifest entry, for readers that look up a few keys without opening every file."""
+        manifest entry, for readers that look up a few keys without opening every file.
+
+        Thread-safe. `part` names the file (part-NNNNN) so that parts written concurrently, finishing in any
+        order, get the same names and manifest order on every run; default: the next number."""
         buf = io.BytesIO()
         # deterministic bytes for the same table (no timestamps in Parquet metadata): a re-run gives equal checksums.
         # Row groups of 20k rows (~11 MB at top-100): a point lookup reads one, while scans lose ~4% to compression
         pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         data = buf.getvalue()
-        name = f"part-{len(self.files):05d}.parquet"
+        with self._lock:
+            number = len(self.files) if part is None else part
+            name = f"part-{number:05d}.parquet"
+            if any(f["path"] == name for f in self.files):
+                raise ValueError(f"{name} was written twice in run {self.run_name}")
+            self.files.append({"path": name})  # reserved: the name is taken before the (slow) upload
         self.run_dir.join(name).write_bytes(data)
         entry = {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                  **index}
-        self.files.append(entry)
-        self.rows += table.num_rows
-        hook(f"part-{len(self.files) - 1}")
+        with self._lock:
+            self.files[next(i for i, f in enumerate(self.files) if f["path"] == name)] = entry
+            self.rows += table.num_rows
+            written = len(self.files)
+        hook(f"part-{written - 1}")
         return entry
 
     def commit(self, extra: dict[str, Any]) -> dict[str, Any]:
-        manifest = {**extra, "run": self.run_name, "files": self.files, "rows": self.rows}
+        with self._lock:
+            files = sorted(self.files, key=lambda f: f["path"])
+            if any("sha256" not in f for f in files):
+                raise RuntimeError("commit while a part is still being written")
+        manifest = {**extra, "run": self.run_name, "files": files, "rows": self.rows}
         body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         self.run_dir.join(MANIFEST).write_bytes(body)
         hook("manifest")

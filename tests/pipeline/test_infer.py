@@ -4,6 +4,7 @@ users, batch sizing from the memory budget, and every pre-publish output check."
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,6 +111,40 @@ def test_shard_count_does_not_change_the_output(tmp_path: Path, bundle: ModelBun
     assert (m["shards"] == 1) == (shard_events == 10**9)
     assert as_dict(read_recommendations(str(tmp_path), DAY)) == expected(bundle, table, 10)
     assert set(m["phase_seconds"]) >= {"spill", "histories", "score", "table", "check", "write"}
+
+
+def test_parallel_shards_give_identical_parts(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
+    """Parts finish in any order when several shards are in flight; their names, bytes and manifest order do not
+    depend on it."""
+    _, uri = events
+    runs = [run(cfg(uri, tmp_path / f"p{p}", shard_events=20, parallel_shards=p), bundle, "7") for p in (1, 4, 64)]
+    assert runs[0]["shards"] > 8 and [r["parallel_shards"] for r in runs] == [1, 4, 64]
+    files = [[{k: f[k] for k in ("path", "sha256", "rows", "shard", "user_min", "user_max")} for f in r["files"]]
+             for r in runs]
+    assert files[0] == files[1] == files[2]
+    assert [f["path"] for f in files[0]] == sorted(f["path"] for f in files[0])
+    assert all(f["path"] == f"part-{f['shard']:05d}.parquet" for f in files[0])
+
+
+def test_a_failed_check_in_a_later_shard_publishes_nothing_when_parallel(
+        tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, uri = events
+    first = run(cfg(uri, tmp_path, shard_events=20), bundle, "7")
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def corrupt_fifth(t: pa.Table) -> pa.Table:
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        return _dup_row(t) if n == 5 else t
+
+    monkeypatch.setattr(infer, "finalize_part", corrupt_fifth)
+    with pytest.raises(OutputCheckError, match="duplicate users"):
+        run(cfg(uri, tmp_path, shard_events=20, parallel_shards=4), bundle, "7")
+    part = tmp_path / "recommendations" / f"dt={DAY}"
+    assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, first["run"]])
+    assert read_recommendations(str(tmp_path), DAY).num_rows == first["rows"]
 
 
 def test_precision_auto_is_fp32_on_cpu_and_tf32_falls_back() -> None:

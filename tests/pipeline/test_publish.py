@@ -148,3 +148,20 @@ def test_commit_read_survives_a_rerun_between_pointer_and_manifest(tmp_path: Pat
     run_dir, manifest = committed_run(part)  # type: ignore[misc]
     assert manifest["model_version"] == "2" and run_dir.path == second.run_dir.path
     assert sum(p.endswith(SUCCESS) for p in reads) == 2
+
+
+def test_parts_written_concurrently_are_named_and_listed_by_number(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
+    w = PartitionWriter(part)
+    with ThreadPoolExecutor(4) as pool:  # finishing in any order
+        list(pool.map(lambda n: w.write_part(pa.table({"user_id": list(range(n + 1))}), part=n, shard=n), [7, 3, 0, 5, 1]))
+    with pytest.raises(ValueError, match=r"part-00003\.parquet was written twice"):
+        w.write_part(pa.table({"user_id": [1]}), part=3)
+    m = w.commit({"model_version": "1"})
+    assert [f["path"] for f in m["files"]] == [f"part-{n:05d}.parquet" for n in (0, 1, 3, 5, 7)]
+    assert [f["rows"] for f in m["files"]] == [1, 2, 4, 6, 8] and m["rows"] == 21
+    assert sorted(p.name for p in Path(w.run_dir.path).iterdir()) == sorted([*(f["path"] for f in m["files"]), "_manifest.json"])
