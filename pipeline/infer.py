@@ -71,8 +71,8 @@ class InferConfig(BaseModel):
     max_batch: int = Field(4096, ge=1)
     parallel_shards: int | None = Field(None, ge=1, le=64, description=(
         "shards whose histories and whose checks + Parquet may be in flight at once, besides the one being "
-        "scored; default: one per 4 CPU cores, at most 8. Host memory grows with it (~1.5 GB per shard at the "
-        "default budget); it matters where scoring is fast (a GPU) and host work is the bottleneck"))
+        "scored; default: one per 4 CPU cores, at most 8. It matters where scoring is fast (a GPU) and host work "
+        "is the bottleneck; there host memory grows with it (up to P shards' results, tables and checks at once)"))
     progress: bool = True
 
 
