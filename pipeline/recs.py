@@ -209,8 +209,8 @@ def iter_recommendations(out_uri: str, date: str | dt.date = "latest", batch_siz
     day, partition, run, manifest = _open_committed(out_uri, date)
     for f in manifest["files"]:
         try:
-            pf = pq.ParquetFile(run.fs.open_input_file(run.join(f["path"]).path))
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+            with run.fs.open_input_file(run.join(f["path"]).path) as handle:
+                yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns)
         except OSError as e:  # FileNotFoundError included
             now = committed_run(partition)
             if now is None or now[0].path != run.path:
