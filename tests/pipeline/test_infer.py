@@ -113,6 +113,25 @@ def test_shard_count_does_not_change_the_output(tmp_path: Path, bundle: ModelBun
     assert set(m["phase_seconds"]) >= {"spill", "histories", "score", "table", "check", "write"}
 
 
+def test_spill_in_worker_threads_writes_the_serial_bytes(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches are mapped and split in threads but written in scan order: the shard files, event and unknown-item
+    counts are the same for any thread count (small batches, so many are in flight)."""
+    table, uri = events
+    monkeypatch.setattr(infer, "SPILL_BATCH_ROWS", 7)
+    dataset, vocab = infer.open_events(uri), infer.vocabulary(bundle)
+    got = []
+    for threads in (1, 3):
+        monkeypatch.setattr(infer.os, "cpu_count", lambda threads=threads: threads)
+        d = tmp_path / f"t{threads}"
+        d.mkdir()
+        spill, counts = infer.spill_events(dataset, cfg(uri, tmp_path, shard_events=30), vocab, d)
+        got.append((counts, [(d / f"shard-{s:05d}.arrow").read_bytes() for s in range(spill.n)]))
+    assert got[0] == got[1] and len(got[0][1]) > 2
+    assert got[0][0] == {"events": table.num_rows, "unknown_item_events": sum(i == 999_999 for i in table["item_id"].to_pylist()),
+                         "unknown_items": 1}
+
+
 def test_parallel_shards_give_identical_parts(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
     """Parts finish in any order when several shards are in flight; their names, bytes and manifest order do not
     depend on it."""
