@@ -193,7 +193,9 @@ def check_range(start: str, end: str) -> tuple[dt.date, dt.date]:
 # -- the services ---------------------------------------------------------------------------------------------
 
 class AirflowError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class LocalAirflow:
@@ -321,7 +323,8 @@ class LocalAirflow:
             with urllib.request.urlopen(req, timeout=60) as r:
                 raw = r.read()
         except urllib.error.HTTPError as e:
-            raise AirflowError(f"{method} {path}: HTTP {e.code} {e.read().decode(errors='replace')[:1000]}") from None
+            raise AirflowError(f"{method} {path}: HTTP {e.code} {e.read().decode(errors='replace')[:1000]}",
+                               e.code) from None
         return json.loads(raw) if raw else None
 
     def _get_token(self) -> str:
@@ -362,18 +365,41 @@ def _abandon(af: LocalAirflow, dag_id: str, backfill_id: int, runs: Iterable[dic
                        {"state": "failed"})
 
 
-def _run_backfill(af: LocalAirflow, dag_id: str, start: dt.date, end: dt.date, timeout: float,
-                  max_active_runs: int, poll: float) -> list[DateResult]:
-    q = urllib.parse.quote
-    af.api("PATCH", f"/api/v2/dags/{q(dag_id)}", {"is_paused": False})  # backfill runs of a paused DAG never start
-    # a finished backfill is only marked complete by the scheduler's 30 s sweep, and until then a new one is
-    # refused (409): close any open one (cancel fails only still-queued runs; LocalAirflow's lock means none of
-    # ours is live)
-    for b in af.api("GET", f"/api/v2/backfills?dag_id={q(dag_id)}&limit=100")["backfills"]:
+def _close_open_backfills(af: LocalAirflow, dag_id: str) -> None:
+    """A finished backfill is only marked complete by the scheduler's 30 s sweep, and until then a new one is
+    refused (409): close any open one (cancel fails only still-queued runs; LocalAirflow's lock means none of
+    ours is live)."""
+    for b in af.api("GET", f"/api/v2/backfills?dag_id={urllib.parse.quote(dag_id)}&limit=100")["backfills"]:
         if b.get("completed_at") is None:
             af._say(f"closing earlier backfill {b['id']} of {dag_id}")
             with contextlib.suppress(AirflowError):
                 af.api("PUT", f"/api/v2/backfills/{b['id']}/cancel")
+
+
+BACKFILL_CREATE_ATTEMPTS = 5
+
+
+def _create_backfill(af: LocalAirflow, dag_id: str, body: dict[str, Any], wait: float = 2.0) -> dict[str, Any]:
+    """POST the backfill, retrying while SQLite is locked by the scheduler: Airflow answers 503 "Database is
+    locked" and removes the half-made backfill (best effort, so any that is left open is closed before the
+    retry). Seen in CI about once in a few dozen runs on 2 cores."""
+    for attempt in range(1, BACKFILL_CREATE_ATTEMPTS + 1):
+        try:
+            return dict(af.api("POST", "/api/v2/backfills", body))
+        except AirflowError as e:
+            if e.status != 503 or attempt == BACKFILL_CREATE_ATTEMPTS:
+                raise
+            af._say(f"backfill of {dag_id} refused ({str(e)[:120]}); retry {attempt} in {wait * attempt:.0f} s")
+            time.sleep(wait * attempt)
+            _close_open_backfills(af, dag_id)
+    raise AssertionError("unreachable")
+
+
+def _run_backfill(af: LocalAirflow, dag_id: str, start: dt.date, end: dt.date, timeout: float,
+                  max_active_runs: int, poll: float) -> list[DateResult]:
+    q = urllib.parse.quote
+    af.api("PATCH", f"/api/v2/dags/{q(dag_id)}", {"is_paused": False})  # backfill runs of a paused DAG never start
+    _close_open_backfills(af, dag_id)
     body = {"dag_id": dag_id, "from_date": _iso(start), "to_date": _iso(end), "max_active_runs": max_active_runs,
             "reprocess_behavior": "completed"}  # re-runs done dates too: a second backfill rebuilds them
     planned = af.api("POST", "/api/v2/backfills/dry_run", body)["backfills"]
@@ -381,7 +407,7 @@ def _run_backfill(af: LocalAirflow, dag_id: str, start: dt.date, end: dt.date, t
     if not dates:
         raise DataError(f"{dag_id} has no logical date between {start} and {end}",
                         "widen the range (weekly DAGs run on one day a week)")
-    backfill = af.api("POST", "/api/v2/backfills", body)
+    backfill = _create_backfill(af, dag_id, body)
     created = _ts(backfill["created_at"])
     af._say(f"backfill {backfill['id']} of {dag_id}: {len(dates)} logical date(s) {dates[0]} .. {dates[-1]}")
     deadline = time.monotonic() + timeout

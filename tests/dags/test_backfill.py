@@ -79,6 +79,42 @@ def test_bad_dag_or_dates_fail_before_anything_starts(tmp_path, capsys, dag, sta
     assert not home.exists()  # nothing was created, migrated or started
 
 
+class _LockedApi:
+    """Stands in for the api-server's HTTP answers only (a real SQLite lock cannot be provoked on demand): POST
+    /backfills answers 503 `locked` times, and one half-made backfill stays open after the first refusal."""
+
+    def __init__(self, locked: int, status: int = 503) -> None:
+        self.locked, self.status = locked, status
+        self.calls: list[tuple[str, str]] = []
+
+    def api(self, method: str, path: str, body: object = None) -> object:
+        self.calls.append((method, path))
+        if method == "POST" and path == "/api/v2/backfills":
+            if self.locked:
+                self.locked -= 1
+                raise al.AirflowError(f"POST {path}: HTTP {self.status} Database is locked", self.status)
+            return {"id": 7, "created_at": "2024-01-01T00:00:00Z"}
+        if method == "GET":
+            return {"backfills": [{"id": 6, "completed_at": None}]}
+        return None
+
+    def _say(self, text: str) -> None:
+        pass
+
+
+def test_backfill_creation_retries_while_sqlite_is_locked() -> None:
+    af = _LockedApi(locked=2)
+    assert al._create_backfill(af, "d", {"dag_id": "d"}, wait=0.0)["id"] == 7  # type: ignore[arg-type]
+    posts = [c for c in af.calls if c == ("POST", "/api/v2/backfills")]
+    assert len(posts) == 3 and af.calls.count(("PUT", "/api/v2/backfills/6/cancel")) == 2  # left-overs closed
+    with pytest.raises(al.AirflowError, match="HTTP 503"):
+        al._create_backfill(_LockedApi(locked=99), "d", {}, wait=0.0)  # type: ignore[arg-type]
+    refused = _LockedApi(locked=1, status=409)  # anything but a lock is not retried
+    with pytest.raises(al.AirflowError, match="HTTP 409"):
+        al._create_backfill(refused, "d", {}, wait=0.0)  # type: ignore[arg-type]
+    assert len(refused.calls) == 1
+
+
 # -- slow: a real Airflow -------------------------------------------------------------------------------------
 
 def _descendants(af: al.LocalAirflow) -> set[int]:
