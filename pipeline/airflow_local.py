@@ -382,7 +382,7 @@ BACKFILL_CREATE_ATTEMPTS = 5
 def _create_backfill(af: LocalAirflow, dag_id: str, body: dict[str, Any], wait: float = 2.0) -> dict[str, Any]:
     """POST the backfill, retrying while SQLite is locked by the scheduler: Airflow answers 503 "Database is
     locked" and removes the half-made backfill (best effort, so any that is left open is closed before the
-    retry). Seen in CI about once in a few dozen runs on 2 cores."""
+    retry). Seen once, in a fresh-clone CI run on 2 cores."""
     for attempt in range(1, BACKFILL_CREATE_ATTEMPTS + 1):
         try:
             return dict(af.api("POST", "/api/v2/backfills", body))

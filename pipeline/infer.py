@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import lake
 from pipeline.errors import DataError
 from pipeline.publish import PartitionWriter, hook
-from pipeline.sharding import scheme_for, user_hash
+from pipeline.sharding import scheme_for, shard_of
 
 if TYPE_CHECKING:
     from pipeline.bundle import ModelBundle
@@ -201,8 +201,7 @@ class Spill:
         """(shard, rows) pieces of one batch of events; pure, so batches can be split in worker threads."""
         if self.n == 1:
             return [(0, pa.record_batch([users, pa.array(cols)], schema=self.schema))]
-        # uint16 shard ids: numpy's stable sort is a radix sort for 16-bit keys (linear, several times faster)
-        shard = (user_hash(users) % np.uint64(self.n)).astype(np.uint16 if self.n <= 1 << 16 else np.int64)
+        shard = shard_of(users, self.n)  # the readers' rule too (pipeline.recs looks a user's part up by it)
         order = np.argsort(shard, kind="stable")
         bounds = np.searchsorted(shard[order], np.arange(self.n + 1))
         users_sorted = users.take(pa.array(order))
@@ -598,8 +597,8 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
     depth = cfg.parallel_shards or default_parallel_shards()
     tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-"))
     stats: dict[str, Any] = {"batch_size": bs, "parallel_shards": depth}
-    totals = {"users": 0, "fallback": 0}
-    totals_lock = threading.Lock()
+    fallback_users = 0
+    fallback_lock = threading.Lock()
     clock = PhaseClock()
 
     def load(s: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
@@ -616,9 +615,9 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
             check_part(table, users, indptr, cols, vocab, cfg.top_n, model_version)
         with clock("write"):
             writer.write_part(table, part=s, shard=s, **user_range(users))
-        with totals_lock:
-            totals["users"] += len(users)
-            totals["fallback"] += int(fb.sum())
+        nonlocal fallback_users
+        with fallback_lock:
+            fallback_users += int(fb.sum())
 
     try:
         with clock("spill"):
@@ -658,5 +657,5 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return stats | {"active_users": totals["users"], "fallback_users": totals["fallback"],
+    return stats | {"active_users": writer.rows, "fallback_users": fallback_users,
                     "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}

@@ -78,6 +78,7 @@ class PartitionWriter:
     files: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _taken: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def run_name(self) -> str:
@@ -98,17 +99,16 @@ class PartitionWriter:
         # Row groups of 20k rows (~11 MB at top-100): a point lookup reads one, while scans lose ~4% to compression
         pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         data = buf.getvalue()
-        with self._lock:
-            number = len(self.files) if part is None else part
-            name = f"part-{number:05d}.parquet"
-            if any(f["path"] == name for f in self.files):
+        with self._lock:  # the name is taken before the (slow) upload
+            name = f"part-{len(self._taken) if part is None else part:05d}.parquet"
+            if name in self._taken:
                 raise ValueError(f"{name} was written twice in run {self.run_name}")
-            self.files.append({"path": name})  # reserved: the name is taken before the (slow) upload
+            self._taken.add(name)
         self.run_dir.join(name).write_bytes(data)
         entry = {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                  **index}
         with self._lock:
-            self.files[next(i for i, f in enumerate(self.files) if f["path"] == name)] = entry
+            self.files.append(entry)
             self.rows += table.num_rows
             written = len(self.files)
         hook(f"part-{written - 1}")
@@ -116,9 +116,9 @@ class PartitionWriter:
 
     def commit(self, extra: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            files = sorted(self.files, key=lambda f: f["path"])
-            if any("sha256" not in f for f in files):
+            if len(self.files) != len(self._taken):
                 raise RuntimeError("commit while a part is still being written")
+            files = sorted(self.files, key=lambda f: f["path"])
         manifest = {**extra, "run": self.run_name, "files": files, "rows": self.rows}
         body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         self.run_dir.join(MANIFEST).write_bytes(body)

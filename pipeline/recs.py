@@ -107,16 +107,21 @@ def files_for_users(manifest: dict[str, Any], wanted: pa.Array) -> list[dict[str
             and sharding["n_shards"] > 0 and all("shard" in f for f in files)):
         shards = set(shard_of(wanted, sharding["n_shards"]).tolist())
         files = [f for f in files if f["shard"] in shards]
-    keys = sorted(set(wanted.to_pylist()))
+    keys = _sorted_keys(wanted)
+    return [f for f in files if _may_hold(keys, f.get("user_min"), f.get("user_max"))]
 
-    def may_hold(f: dict[str, Any]) -> bool:
-        lo, hi = f.get("user_min"), f.get("user_max")
-        if lo is None or hi is None or type(lo) is not type(keys[0]) or type(hi) is not type(keys[0]):
-            return True  # no usable range: the file must be read
-        i = bisect.bisect_left(keys, lo)
-        return i < len(keys) and keys[i] <= hi
 
-    return [f for f in files if may_hold(f)]
+def _sorted_keys(wanted: pa.Array) -> list[Any]:
+    return sorted(set(wanted.to_pylist()))
+
+
+def _may_hold(keys: list[Any], lo: Any, hi: Any) -> bool:
+    """Whether [lo, hi] (a part's or a row group's user range) holds one of the sorted `keys`; True when the
+    range is unknown or of another type (then it must be read)."""
+    if lo is None or hi is None or type(lo) is not type(keys[0]) or type(hi) is not type(keys[0]):
+        return True
+    i = bisect.bisect_left(keys, lo)
+    return i < len(keys) and keys[i] <= hi
 
 
 def _open_committed(out_uri: str, date: str | dt.date) -> tuple[dt.date, lake.Location, lake.Location, dict[str, Any]]:
@@ -146,16 +151,9 @@ def _user_type(run: lake.Location, manifest: dict[str, Any]) -> pa.DataType:
 def _row_groups_for(meta: pq.FileMetaData, keys: list[Any]) -> list[int]:
     """Row groups whose user_id statistics can hold one of the sorted `keys` (all, where there are none)."""
     col = meta.schema.to_arrow_schema().get_field_index("user_id")
-    groups = []
-    for g in range(meta.num_row_groups):
-        st = meta.row_group(g).column(col).statistics
-        if st is None or not st.has_min_max or type(st.min) is not type(keys[0]):
-            groups.append(g)
-            continue
-        i = bisect.bisect_left(keys, st.min)
-        if i < len(keys) and keys[i] <= st.max:
-            groups.append(g)
-    return groups
+    stats = [meta.row_group(g).column(col).statistics for g in range(meta.num_row_groups)]
+    return [g for g, st in enumerate(stats)
+            if st is None or not st.has_min_max or _may_hold(keys, st.min, st.max)]
 
 
 def _read_part(loc: lake.Location, columns: list[str] | None, wanted: pa.Array | None = None) -> pa.Table:
@@ -165,7 +163,7 @@ def _read_part(loc: lake.Location, columns: list[str] | None, wanted: pa.Array |
         pf = pq.ParquetFile(f, pre_buffer=True)
         if wanted is None:
             return pf.read(columns=columns)
-        keys = sorted(set(wanted.to_pylist()))
+        keys = _sorted_keys(wanted)
         need = None if columns is None else list(dict.fromkeys([*columns, "user_id"]))
         table = pf.read_row_groups(_row_groups_for(pf.metadata, keys), columns=need)
         table = table.filter(pc.is_in(table.column("user_id"), value_set=wanted))

@@ -31,5 +31,6 @@ def user_hash(users: pa.Array) -> np.ndarray:
 
 
 def shard_of(users: pa.Array, n_shards: int) -> np.ndarray:
-    """[len(users)] shard numbers in [0, n_shards)."""
-    return (user_hash(users) % np.uint64(n_shards)).astype(np.int64)
+    """[len(users)] shard numbers in [0, n_shards): uint16 when they fit (numpy's stable sort of 16-bit keys is
+    a linear radix sort, which the spill relies on), else int64."""
+    return (user_hash(users) % np.uint64(n_shards)).astype(np.uint16 if n_shards <= 1 << 16 else np.int64)
