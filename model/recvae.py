@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from model.layers import ItemInput, item_output, log_normal_pdf, multinomial_nll
-from model.sparse import SparseBatch, as_batch
-from model.vae import LossOut, Phase
+from model.sparse import SparseBatch
+from model.vae import LossOut, Phase, score_at_posterior_mean
 
 
 class RecVAEConfig(BaseModel):
@@ -74,14 +74,8 @@ class RecVAE(nn.Module):
         """Logits [B, I]; `out` (optional, [B, I]) is a buffer they may be written into (scoring)."""
         return item_output(self.decoder, z, out)  # [B, I] logits
 
-    @torch.no_grad()
     def score(self, x: SparseBatch | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        was = self.training
-        self.eval()
-        mu, _ = self.encode(as_batch(x))
-        logits = self.decode(mu, out)
-        self.train(was)
-        return logits
+        return score_at_posterior_mean(self, x, out)
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights the inference path needs (the old encoder is training-only)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +18,9 @@ from torch import nn
 
 from model.layers import ItemInput, gaussian_kl, item_output, linear, multinomial_nll
 from model.sparse import SparseBatch, as_batch
+
+if TYPE_CHECKING:
+    from model.recvae import RecVAE
 
 
 class VAEConfig(BaseModel):
@@ -53,6 +56,19 @@ class Phase:
     passes: int
     dropout: float
     pia: bool  # whether the anchor loss is added in this phase
+
+
+@torch.no_grad()
+def score_at_posterior_mean(model: MultiVAE | RecVAE, x: SparseBatch | torch.Tensor,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inference for a Gaussian-posterior model: decode the posterior mean (no sampling, no dropout), in eval
+    mode whatever mode the model was in."""
+    was = model.training
+    model.eval()
+    mu, _ = model.encode(as_batch(x))
+    logits = model.decode(mu, out)
+    model.train(was)
+    return logits
 
 
 class MultiVAE(nn.Module):
@@ -91,14 +107,8 @@ class MultiVAE(nn.Module):
             h = torch.tanh(layer(h))
         return item_output(cast(nn.Linear, self.decoder[-1]), h, out)  # [B, I] logits
 
-    @torch.no_grad()
     def score(self, x: SparseBatch | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        was = self.training
-        self.eval()
-        mu, _ = self.encode(as_batch(x))
-        logits = self.decode(mu, out)
-        self.train(was)
-        return logits
+        return score_at_posterior_mean(self, x, out)
 
     # -- training -----------------------------------------------------------------------------
     def phases(self) -> list[Phase]:

@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -353,16 +353,36 @@ def _iso(d: dt.date) -> str:
     return f"{d.isoformat()}T00:00:00Z"
 
 
-def _abandon(af: LocalAirflow, dag_id: str, backfill_id: int, runs: Iterable[dict[str, Any]]) -> None:
+def _abandon(af: LocalAirflow, dag_id: str, backfill_id: int, runs_path: str, settle: float = 30.0,
+             poll: float = 1.0) -> None:
     """Cancel the backfill (fails its queued runs) and fail its running ones: cancel alone leaves those
-    `running` in the DB, and the scheduler of the next `make backfill` on this home would carry them on."""
+    `running` in the DB, and the scheduler of the next `make backfill` on this home would carry them on.
+
+    Checked until none is live, a poll after each write: on SQLite the scheduler can write back `running` over
+    a run failed a moment earlier (it had read the run as queued; SQLite has no row locks), so one pass is not
+    enough."""
+    q = urllib.parse.quote
     with contextlib.suppress(AirflowError):
         af.api("PUT", f"/api/v2/backfills/{backfill_id}/cancel")
-    for r in runs:
-        if r.get("run_type") == "backfill" and r["state"] not in TERMINAL:
+    deadline = time.monotonic() + settle
+    while True:
+        time.sleep(poll)
+        try:
+            runs = af.api("GET", runs_path)["dag_runs"]
+        except AirflowError as e:
+            if time.monotonic() > deadline:
+                af._say(f"warning: could not check that backfill {backfill_id} left no live run: {e}")
+                return
+            continue
+        live = [r["dag_run_id"] for r in runs if r.get("run_type") == "backfill" and r["state"] not in TERMINAL]
+        if not live:
+            return
+        if time.monotonic() > deadline:
+            af._say(f"warning: backfill {backfill_id} runs still live after {settle:.0f} s: {', '.join(live)}")
+            return
+        for run_id in live:
             with contextlib.suppress(AirflowError):
-                af.api("PATCH", f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(r['dag_run_id'])}",
-                       {"state": "failed"})
+                af.api("PATCH", f"/api/v2/dags/{q(dag_id)}/dagRuns/{q(run_id)}", {"state": "failed"})
 
 
 def _close_open_backfills(af: LocalAirflow, dag_id: str) -> None:
@@ -410,13 +430,14 @@ def _run_backfill(af: LocalAirflow, dag_id: str, start: dt.date, end: dt.date, t
     backfill = _create_backfill(af, dag_id, body)
     created = _ts(backfill["created_at"])
     af._say(f"backfill {backfill['id']} of {dag_id}: {len(dates)} logical date(s) {dates[0]} .. {dates[-1]}")
+    runs_path = (f"/api/v2/dags/{q(dag_id)}/dagRuns?logical_date_gte={q(_iso(start))}"
+                 f"&logical_date_lte={q(_iso(end))}&limit=1000")
     deadline = time.monotonic() + timeout
     latest: dict[str, dict[str, Any]] = {}
     try:
         while True:
             af._check_alive()
-            runs = af.api("GET", f"/api/v2/dags/{q(dag_id)}/dagRuns?logical_date_gte={q(_iso(start))}"
-                          f"&logical_date_lte={q(_iso(end))}&limit=1000")["dag_runs"]
+            runs = af.api("GET", runs_path)["dag_runs"]
             latest = {r["logical_date"][:10]: r for r in runs}
             # a reprocessed date keeps its run row: only a run queued by this backfill counts as its result
             done = [d for d in dates if d in latest and latest[d]["state"] in TERMINAL
@@ -425,12 +446,12 @@ def _run_backfill(af: LocalAirflow, dag_id: str, start: dt.date, end: dt.date, t
                 break
             if time.monotonic() > deadline:
                 af._say(f"timeout after {timeout:.0f} s: cancelling backfill {backfill['id']}")
-                _abandon(af, dag_id, backfill["id"], latest.values())
+                _abandon(af, dag_id, backfill["id"], runs_path)
                 break
             time.sleep(poll)
     except BaseException:  # Ctrl-C: leave no run that the next start of this home would pick up again
         with contextlib.suppress(Exception):
-            _abandon(af, dag_id, backfill["id"], latest.values())
+            _abandon(af, dag_id, backfill["id"], runs_path)
         raise
     results = []
     for d in dates:

@@ -115,6 +115,50 @@ def test_backfill_creation_retries_while_sqlite_is_locked() -> None:
     assert len(refused.calls) == 1
 
 
+class _RacingScheduler:
+    """Stands in for the api-server's HTTP answers only (the scheduler's timing cannot be forced): the run is
+    `queued` at cancel time, and the scheduler writes `running` back over the first PATCH to `failed`, as it can
+    on SQLite when it read the run before the cancel."""
+
+    def __init__(self, write_backs: int = 1, gets_failing: int = 0) -> None:
+        self.state, self.write_backs, self.gets_failing = "queued", write_backs, gets_failing
+        self.calls: list[tuple[str, str]] = []
+        self.said: list[str] = []
+
+    def api(self, method: str, path: str, body: object = None) -> object:
+        self.calls.append((method, path))
+        if method == "PUT":  # cancel: fails queued runs, but the scheduler starts this one regardless
+            self.state = "running"
+        elif method == "PATCH":
+            if self.write_backs:
+                self.write_backs -= 1
+                self.state = "running"
+            else:
+                self.state = "failed"
+        elif method == "GET":
+            if self.gets_failing:
+                self.gets_failing -= 1
+                raise al.AirflowError("GET: HTTP 500 database is locked", 500)
+            return {"dag_runs": [{"dag_run_id": "backfill__2026-01-10", "run_type": "backfill", "state": self.state},
+                                 {"dag_run_id": "manual__x", "run_type": "manual", "state": "running"}]}
+        return None
+
+    def _say(self, text: str) -> None:
+        self.said.append(text)
+
+
+def test_abandon_fails_runs_again_until_none_is_live() -> None:
+    af = _RacingScheduler(write_backs=1, gets_failing=1)
+    al._abandon(af, "d", 3, "/runs", settle=5.0, poll=0.0)  # type: ignore[arg-type]
+    assert af.state == "failed"
+    assert [c for c in af.calls if c[0] == "PATCH"] == [("PATCH", "/api/v2/dags/d/dagRuns/backfill__2026-01-10")] * 2
+    assert af.calls[0] == ("PUT", "/api/v2/backfills/3/cancel") and af.said == []  # a manual run is not ours
+
+    stuck = _RacingScheduler(write_backs=10**6)  # never settles: a warning names the run, no endless loop
+    al._abandon(stuck, "d", 3, "/runs", settle=0.05, poll=0.01)  # type: ignore[arg-type]
+    assert stuck.state == "running" and "backfill__2026-01-10" in stuck.said[-1]
+
+
 # -- slow: a real Airflow -------------------------------------------------------------------------------------
 
 def _descendants(af: al.LocalAirflow) -> set[int]:
