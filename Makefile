@@ -63,10 +63,11 @@ results: venv
 	bash bench/results.sh
 
 # A date range through a local Airflow (scheduler + dag-processor + api-server on 127.0.0.1, home under
-# RECSYS_HOME/airflow), e.g. `make backfill START=2026-01-01 END=2026-01-07 [DAG=weekly_train]`.
+# RECSYS_HOME/airflow), e.g. `make backfill START=2026-01-01 END=2026-01-07 [DAG=weekly_train]
+# [ARGS="--timeout 3600 --max-active-runs 1"]`.
 backfill: venv
 	@test -n "$(START)" -a -n "$(END)" || { echo "usage: make backfill START=YYYY-MM-DD END=YYYY-MM-DD [DAG=daily_inference]" >&2; exit 2; }
-	$(PY) -m pipeline.airflow_local backfill --dag '$(or $(DAG),daily_inference)' --start '$(START)' --end '$(END)'
+	$(PY) -m pipeline.airflow_local backfill --dag '$(or $(DAG),daily_inference)' --start '$(START)' --end '$(END)' $(ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
