@@ -17,6 +17,7 @@ import multiprocessing as mp
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +81,29 @@ def _mm_rate(batch: int, hidden: int, n_items: int, device: object, seconds: flo
     return 2.0 * batch * hidden * n_items * reps / (time.perf_counter() - t0)
 
 
+class RssSampler:
+    """RSS of this process every `every` seconds in a daemon thread: shows whether memory creeps over shards."""
+
+    def __init__(self, every: float) -> None:
+        self.samples: list[float] = []
+        self.done = threading.Event()
+        self.every = every
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self.done.is_set():
+            with open("/proc/self/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            self.samples.append(kib / 2**20)
+            self.done.wait(self.every)
+
+    def report(self) -> None:
+        self.done.set()
+        tenths = np.array_split(np.array(self.samples), 10)
+        print("RSS by tenth of the run (GiB, median/max): "
+              + ", ".join(f"{np.median(t):.2f}/{t.max():.2f}" for t in tenths if len(t)))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=1_000_000)
@@ -91,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parallel-shards", type=int, default=None,
                    help="shards prepared and published concurrently (default: one per 4 CPU cores)")
     p.add_argument("--workdir", type=Path, default=None, help="keep events here (reused when present)")
+    p.add_argument("--shard-events", type=int, default=None, help="events per shard (default: from the budget)")
+    p.add_argument("--rss-every", type=float, default=None,
+                   help="sample RSS every S seconds and print its median and max by tenth of the run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-append", action="store_true", help="do not add a row to docs/benchmarks.md")
     p.add_argument("--events-only", action="store_true", help="write the events (into --workdir) and stop")
@@ -138,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     out = work / "lake"
     cfg = InferConfig(date=dt.date.fromisoformat(DAY), events=str(events), out=str(out), top_n=args.top_n,
                       device=args.device, precision=args.precision, memory_budget_mb=args.memory_budget_mb,
-                      parallel_shards=args.parallel_shards)
+                      parallel_shards=args.parallel_shards, shard_events=args.shard_events)
+    sampler = RssSampler(args.rss_every) if args.rss_every else None
     t0 = time.perf_counter()
     m = run(cfg, bundle, "bench")
+    if sampler is not None:
+        sampler.report()
     total = time.perf_counter() - t0
     # the reference again after the run, keeping the faster: a noisy neighbour during either measurement would
     # otherwise inflate the efficiency (it read 123% once when the first measurement was slowed)
