@@ -304,12 +304,14 @@ def shard_histories(table: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     if len(key) > 1:
         key = key[np.r_[True, key[1:] != key[:-1]]]  # dedup (user, item)
     high, low = key >> 31, key & ((1 << 31) - 1)
-    first = np.r_[True, high[1:] != high[:-1]] if len(key) else np.zeros(0, bool)
-    row = np.cumsum(first) - 1
+    starts = np.flatnonzero(np.r_[True, high[1:] != high[:-1]]) if len(key) else np.zeros(0, np.int64)
     known = low != 0
-    indptr = np.zeros(int(first.sum()) + 1, np.int64)
-    np.cumsum(np.bincount(row[known], minlength=len(indptr) - 1), out=indptr[1:])
-    return decode(high[first]), indptr, (low[known] - 1).astype(np.int32)
+    # After the dedup a user has at most one unknown entry (low == 0), and it sorts first in the user's run.
+    # Counting from the run starts avoids a cumsum + bincount over every event (a third of this function's time).
+    lengths = np.diff(np.r_[starts, len(key)]) - ~known[starts]
+    indptr = np.zeros(len(starts) + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return decode(high[starts]), indptr, (low[known] - 1).astype(np.int32)
 
 
 # -- scoring --------------------------------------------------------------------------------------------
@@ -447,7 +449,8 @@ def user_range(users: pa.Array) -> dict[str, Any]:
     return {"user_min": lo_hi["min"].as_py(), "user_max": lo_hi["max"].as_py()}
 
 
-CHECK_CHUNK_USERS = 16_384  # ~13 MB per temporary at top-100: reused by malloc, not page-faulted anew
+CHECK_CHUNK_USERS = 16_384  # most users per chunk of the list checks
+CHECK_MARK_BYTES = 32 << 20  # the chunk's [users, n_items] int32 marks; at least 64 users (huge catalogs exceed it)
 
 
 def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -463,25 +466,33 @@ def _check_lists_against_histories(hrow: np.ndarray, lengths: np.ndarray, c: np.
                                    cols: np.ndarray, n_items: int) -> None:
     """No list repeats an item, no list holds a seen item. hrow (output row → history row) is a permutation
     (checked before), so taking output rows in history order, chunk by chunk, pairs each chunk with one
-    contiguous slice of the CSR. Chunks keep the temporaries small: the whole shard at once allocated ~8 fresh
-    arrays of 90 MB per shard, and their page faults took as long as the checks."""
+    contiguous slice of the CSR.
+
+    Each chunk marks its cells in a dense [users, n_items] int32 array, reused from chunk to chunk: seen cells
+    get -1 (reset after the chunk), then each recommended cell its position in the chunk. A recommended cell
+    reading -1 is seen; one not reading back its own position was written twice (a repeat). Random access
+    within a user's row stays in cache, so this is faster than sorting the (user, item) keys and searching
+    them in the CSR, which it replaced (docs/benchmarks.md, "check")."""
     n = len(hrow)
     by_hist = np.argsort(hrow, kind="stable")  # output rows in history order
     out_start = np.cumsum(lengths) - lengths
-    for a in range(0, n, CHECK_CHUNK_USERS):
-        b = min(n, a + CHECK_CHUNK_USERS)
+    step = min(CHECK_CHUNK_USERS, max(64, CHECK_MARK_BYTES // (4 * max(n_items, 1))))
+    mark = np.zeros(min(step, n) * n_items, np.int32)
+    for a in range(0, n, step):
+        b = min(n, a + step)
         rows = by_hist[a:b]
         lens = lengths[rows]
-        keys = np.repeat(np.arange(a, b, dtype=np.int64) * n_items, lens) + c[_concat_ranges(out_start[rows], lens)]
-        keys.sort()
-        if np.any(keys[1:] == keys[:-1]):
-            raise OutputCheckError("a user's list repeats an item")
+        rec = np.repeat(np.arange(b - a, dtype=np.int64) * n_items, lens) + c[_concat_ranges(out_start[rows], lens)]
         lo, hi = int(indptr[a]), int(indptr[b])
-        hist = np.repeat(np.arange(a, b, dtype=np.int64) * n_items, np.diff(indptr[a:b + 1])) + cols[lo:hi]
-        if len(hist):  # sorted (canonical CSR), and sorted queries search about twice as fast
-            pos = np.minimum(np.searchsorted(hist, keys), len(hist) - 1)
-            if np.any(hist[pos] == keys):
-                raise OutputCheckError("a user is recommended an item they have already seen")
+        seen = np.repeat(np.arange(b - a, dtype=np.int64) * n_items, np.diff(indptr[a:b + 1])) + cols[lo:hi]
+        mark[seen] = -1
+        if np.any(mark[rec] == -1):
+            raise OutputCheckError("a user is recommended an item they have already seen")
+        pos = np.arange(1, len(rec) + 1, dtype=np.int32)
+        mark[rec] = pos
+        if np.any(mark[rec] != pos):
+            raise OutputCheckError("a user's list repeats an item")
+        mark[seen] = 0  # a stale position is harmless (every recommended cell is written before it is read)
 
 
 def finalize_part(table: pa.Table) -> pa.Table:
