@@ -42,3 +42,6 @@ def test_spark_engine_equals_local_engine(tmp_path: Path, spark) -> None:
         assert users == sorted(users) and (users[0], users[-1]) == (f["user_min"], f["user_max"])
         assert [g["path"] for g in files_for_users(b, pa.array(users[-1:], pa.int64()))] == [f["path"]]
         assert read_recommendations(str(tmp_path / "spark"), "latest", user_ids=users[-1:]).to_pylist() == [lb[users[-1]]]
+    # downstream Spark jobs read the published files (scores are BYTE_STREAM_SPLIT-encoded: pipeline.publish)
+    got = {r["user_id"]: r for r in spark.read.parquet(*(str(run_dir / f["path"]) for f in b["files"])).collect()}
+    assert got.keys() == lb.keys() and all(list(got[u]["scores"]) == lb[u]["scores"] for u in lb)
