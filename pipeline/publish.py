@@ -52,8 +52,8 @@ def hook(point: str) -> None:
 
 def parquet_encodings(schema: pa.Schema) -> dict[str, list[str]]:
     """Per-column Parquet encodings: floating-point leaves (the scores, nearly all distinct) get BYTE_STREAM_SPLIT
-    and no dictionary, which Arrow would build and then drop; the rest keep the dictionary default. On a 113k-user
-    top-100 part: 24% smaller, written 28% faster (docs/benchmarks.md, bench-infer notes)."""
+    and no dictionary, which Arrow would build and then drop; the rest keep the dictionary default. bench-recs'
+    1M-user partition: 469 MiB instead of 551; bench-infer's write phase: 6.8 s instead of 8.2-8.6."""
     floats: list[str] = []
     others: list[str] = []
     for f in schema:
