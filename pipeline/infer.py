@@ -382,7 +382,10 @@ def to_table(users: pa.Array, top: np.ndarray, scores: np.ndarray, fallback: np.
     lengths = valid.sum(axis=1)
     offsets = np.zeros(len(users) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat_cols, flat_scores = top[valid], scores[valid]
+    if offsets[-1] == top.size:  # the usual case: every list full, so the rows are already the flat values
+        flat_cols, flat_scores = top.reshape(-1), scores.reshape(-1)
+    else:
+        flat_cols, flat_scores = top[valid], scores[valid]
     item_ids = pa.ListArray.from_arrays(pa.array(offsets), vocab.take(pa.array(flat_cols)))
     score_lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_scores, pa.float32()))
     return pa.table({"user_id": users, "item_ids": item_ids, "scores": score_lists,
