@@ -477,7 +477,7 @@ def _check_lists_against_histories(hrow: np.ndarray, lengths: np.ndarray, c: np.
     get -1 (reset after the chunk), then each recommended cell its position in the chunk. A recommended cell
     reading -1 is seen; one not reading back its own position was written twice (a repeat). Random access
     within a user's row stays in cache, so this is faster than sorting the (user, item) keys and searching
-    them in the CSR, which it replaced (docs/benchmarks.md, "check")."""
+    them in the CSR, which it replaced (docs/benchmarks.md, "Host work per shard cut")."""
     n = len(hrow)
     by_hist = np.argsort(hrow, kind="stable")  # output rows in history order
     out_start = np.cumsum(lengths) - lengths

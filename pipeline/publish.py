@@ -110,7 +110,7 @@ class PartitionWriter:
         order, get the same names and manifest order on every run; default: the next number."""
         buf = io.BytesIO()
         # deterministic bytes for the same table (no timestamps in Parquet metadata): a re-run gives equal checksums.
-        # Row groups of 20k rows (~8 MB at top-100): a point lookup reads one, while scans lose ~4% to compression
+        # Row groups of 20k rows (~8-9 MB at top-100): a point lookup reads one, while scans lose ~4% to compression
         pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS, **parquet_encodings(table.schema))
         data = buf.getvalue()
         with self._lock:  # the name is taken before the (slow) upload
