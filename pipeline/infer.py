@@ -154,14 +154,15 @@ def vocabulary(bundle: ModelBundle) -> pa.Array:
 
 
 def _dense_lookup(vocab: pa.Array) -> np.ndarray | None:
-    """For integer ids in a compact range: lut[id] = column (-1 where unknown); else None (hash lookup)."""
+    """For integer ids in a compact range: lut[id] = column (-1 where unknown, and in one slot past the largest
+    id, where map_items sends ids outside the table); else None (hash lookup)."""
     if not pa.types.is_integer(vocab.type) or len(vocab) == 0 or vocab.null_count:
         return None
     ids = vocab.to_numpy().astype(np.int64)
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= 16 * len(ids) + (1 << 20):  # sparse ids: a table would waste memory
         return None
-    lut = np.full(hi + 1, -1, np.int32)
+    lut = np.full(hi + 2, -1, np.int32)
     lut[ids] = np.arange(len(ids), dtype=np.int32)
     return lut
 
@@ -177,9 +178,9 @@ def map_items(items: pa.Array, vocab: pa.Array, lut: np.ndarray | None = None) -
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. string ids against an int vocabulary
             return np.full(len(items), -1, np.int32)
     if lut is not None and items.null_count == 0:
-        ids = items.to_numpy()
-        inside = (ids >= 0) & (ids < len(lut))
-        return np.where(inside, lut[np.where(inside, ids, 0)], np.int32(-1))
+        # as unsigned, negative ids are huge too: one clamp sends every id outside the table to its -1 slot
+        ids = items.to_numpy().astype(np.int64, copy=False).view(np.uint64)
+        return lut[np.minimum(ids, np.uint64(len(lut) - 1))]
     idx = pc.index_in(items, value_set=vocab)
     return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
 
