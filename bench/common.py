@@ -55,5 +55,10 @@ def append_row(section: str, header: list[str], row: list[str]) -> None:
     DOC.write_text(text)
 
 
+def rss_gib() -> float:
+    """This process's resident set size now (GiB)."""
+    return psutil.Process().memory_info().rss / 2**30
+
+
 def today() -> str:
     return dt.date.today().isoformat()

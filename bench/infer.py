@@ -91,10 +91,10 @@ class RssSampler:
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
+        from bench.common import rss_gib
+
         while not self.done.is_set():
-            with open("/proc/self/status") as f:
-                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-            self.samples.append(kib / 2**20)
+            self.samples.append(rss_gib())
             self.done.wait(self.every)
 
     def report(self) -> None:

@@ -85,12 +85,8 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - t, r
 
 
-def rss_now() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
 def measure(store: str, out_uri: str, n_users: int, lookups: int, ref_lookups: int) -> list[str]:
+    from bench.common import rss_gib
     from pipeline.recs import iter_recommendations, read_recommendations
 
     t_build, m = timed(build_partition, out_uri, n_users)
@@ -114,18 +110,18 @@ def measure(store: str, out_uri: str, n_users: int, lookups: int, ref_lookups: i
     assert t.num_rows == 1000
     del t
 
-    base = rss_now()
+    base = rss_gib()
     peak_stream = 0.0
     t0 = time.perf_counter()
     rows = 0
     for b in iter_recommendations(out_uri, DAY):
         rows += b.num_rows
-        peak_stream = max(peak_stream, rss_now() - base)
+        peak_stream = max(peak_stream, rss_gib() - base)
     t_stream = time.perf_counter() - t0
     assert rows == n_users
-    base = rss_now()
+    base = rss_gib()
     t_whole, whole = timed(read_recommendations, out_uri, DAY)
-    add_whole = rss_now() - base
+    add_whole = rss_gib() - base
     del whole
 
     med, med_ref = statistics.median(one), statistics.median(ref)
