@@ -186,7 +186,12 @@ def main(argv: list[str] | None = None) -> None:
           f"scoring {m['score_seconds']:.1f} s = {score_rate:,.0f} users/s = {per_user * score_rate / 1e9:.1f} GFLOP/s; "
           f"matmul {mm / 1e9:.1f} GFLOP/s (before {mm_before / 1e9:.1f}, after {mm_after / 1e9:.1f}); "
           f"efficiency {eff:.0%}; peak RSS {rss:.2f} GiB")
-    print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m.get("phase_seconds", {}).items()))
+    ph = m["phase_seconds"]
+    print("phases (busy s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+    # what a faster scorer cannot remove: the main thread's time outside scoring
+    hidden_not = ph["spill"] + ph.get("wait_histories", 0.0) + ph.get("wait_publish", 0.0)
+    print(f"main thread outside scoring: {hidden_not:.2f} s (spill {ph['spill']:.2f}, waiting for histories "
+          f"{ph.get('wait_histories', 0.0):.2f}, waiting for publishing {ph.get('wait_publish', 0.0):.2f})")
     if not args.no_append:
         append_row("bench-infer: daily batch inference end to end (Multi-VAE 600/200, top-100, untrained weights)",
                    ["date", "commit", "machine", "users x items", "interactions", "batch (budget)", "end to end (s)",

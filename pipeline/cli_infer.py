@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
     p.add_argument("--memory-budget-mb", type=int, default=1024, help="for one scoring batch's scores + top-k")
     p.add_argument("--history-days", type=int, default=None, help="history window ending at --date (default: all)")
     p.add_argument("--min-weight", type=float, default=None, help="keep events with weight >= this")
-    p.add_argument("--shard-events", type=int, default=None, help="events per shard (default from the budget)")
+    p.add_argument("--shard-events", type=int, default=None, help="events per shard (default: budget / 64 bytes, at most 4M)")
     p.add_argument("--parallel-shards", type=int, default=None,
                    help="shards prepared and published concurrently (default: one per 4 CPU cores, at most 8)")
     p.add_argument("--no-progress", action="store_true")

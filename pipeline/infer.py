@@ -67,7 +67,7 @@ class InferConfig(BaseModel):
     memory_budget_mb: int = Field(1024, ge=16, description="score matrix + top-k workspace of one batch")
     history_days: int | None = Field(None, ge=1, description="history window in days ending at `date`; None: all ≤ date")
     min_weight: float | None = Field(None, description="binarization: keep events with weight >= this (None: all)")
-    shard_events: int | None = Field(None, ge=1, description="events per shard; default from the memory budget")
+    shard_events: int | None = Field(None, ge=1, description="events per shard; default: shard_events_for(budget)")
     max_batch: int = Field(4096, ge=1)
     parallel_shards: int | None = Field(None, ge=1, le=64, description=(
         "shards whose histories and whose checks + Parquet may be in flight at once, besides the one being "
@@ -97,9 +97,16 @@ def default_parallel_shards() -> int:
     return max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
+SHARD_EVENTS_MAX = 4_000_000  # ~54k users of 74 events; a ~25 MB Parquet part at top-100
+
+
 def shard_events_for(budget_mb: int) -> int:
-    # a spilled event costs ~12 bytes on disk, ~60 bytes in memory while its shard is turned into a CSR
-    return max(200_000, budget_mb * 2**20 // 64)
+    """Default events per shard: what the budget holds (a spilled event costs ~12 bytes on disk, ~60 bytes in
+    memory while its shard is turned into a CSR), at most SHARD_EVENTS_MAX whatever the budget. Scoring cannot
+    hide the first shard's histories or the last shard's publishing, and on a GPU those decide the end-to-end
+    time: at 1M users on 2 cores, one 74M-event shard kept the main thread 19.3 s outside scoring, 9 shards
+    3.8 s, 19 shards (this cap) 2.7 s; smaller sorts also cut host busy time (histories 10.3 -> 6.4 s)."""
+    return min(SHARD_EVENTS_MAX, max(200_000, budget_mb * 2**20 // 64))
 
 
 # -- events ---------------------------------------------------------------------------------------------
@@ -542,7 +549,9 @@ def _resolve_device(name: str) -> str:
 
 class PhaseClock:
     """Busy seconds per named phase, summed over shards and threads (recorded in the manifest: where a run's
-    time went). Phases run in overlapping threads, so they can add up to more than the wall time."""
+    time went). Phases run in overlapping threads, so they can add up to more than the wall time. The main
+    thread's own time is spill + wait_histories + score + wait_publish: the waits are what scoring could not
+    hide (the first shard's histories, the last shard's publishing, and any shard where host work was slower)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -650,19 +659,22 @@ def _run_local(cfg: InferConfig, bundle: ModelBundle, model_version: str, writer
             parts: deque[Future[None]] = deque()
             try:
                 for s in range(spill.n):
-                    users, indptr, cols = loads.popleft().result()
+                    with clock("wait_histories"):
+                        users, indptr, cols = loads.popleft().result()
                     if s + depth < spill.n:
                         loads.append(pool.submit(load, s + depth))
                     if len(users) == 0:
                         continue
                     with clock("score"):
                         top, scores, fb = score_histories(bundle, indptr, cols, cfg.top_n, bs, bar, cfg.precision)
-                    while len(parts) >= depth:
-                        parts.popleft().result()  # at most `depth` parts in flight; an error surfaces here
+                    with clock("wait_publish"):
+                        while len(parts) >= depth:
+                            parts.popleft().result()  # at most `depth` parts in flight; an error surfaces here
                     parts.append(pool.submit(publish, s, users, indptr, cols, top, scores, fb))
                     del users, indptr, cols, top, scores, fb
-                while parts:
-                    parts.popleft().result()
+                with clock("wait_publish"):
+                    while parts:
+                        parts.popleft().result()
             except BaseException:
                 queued: list[Future[Any]] = [*loads, *parts]
                 for f in queued:

@@ -110,7 +110,10 @@ def test_shard_count_does_not_change_the_output(tmp_path: Path, bundle: ModelBun
     m = run(cfg(uri, tmp_path, shard_events=shard_events), bundle, "7")
     assert (m["shards"] == 1) == (shard_events == 10**9)
     assert as_dict(read_recommendations(str(tmp_path), DAY)) == expected(bundle, table, 10)
-    assert set(m["phase_seconds"]) >= {"spill", "histories", "score", "table", "check", "write"}
+    ph = m["phase_seconds"]
+    assert set(ph) >= {"spill", "histories", "score", "table", "check", "write", "wait_histories", "wait_publish"}
+    # spill, waits and scoring run one after another in the main thread: together at most the run's wall time
+    assert ph["spill"] + ph["wait_histories"] + ph["score"] + ph["wait_publish"] <= m["seconds"]
 
 
 def test_spill_in_worker_threads_writes_the_serial_bytes(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str],
@@ -230,6 +233,13 @@ def test_rerun_replaces_the_partition_with_identical_content(tmp_path: Path, bun
     assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, b["run"]])  # the old run folder is gone
     assert [(f["sha256"], f["rows"]) for f in a["files"]] == [(f["sha256"], f["rows"]) for f in b["files"]]
     assert read_recommendations(str(tmp_path), DAY).num_rows == a["rows"]
+
+
+def test_default_shard_size_follows_the_budget_up_to_a_cap() -> None:
+    assert infer.shard_events_for(1) == 200_000  # the floor
+    assert infer.shard_events_for(128) == 128 * 2**20 // 64 < infer.SHARD_EVENTS_MAX
+    # a large budget (a GPU's batch) does not make shards large: the first and last shards are not overlapped
+    assert infer.shard_events_for(1024) == infer.shard_events_for(8192) == infer.SHARD_EVENTS_MAX
 
 
 def test_memory_budget_sets_the_batch_size(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
