@@ -20,6 +20,8 @@ while (($#)); do
              --parallel-shards 1
            "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer
            "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer \
+             --parallel-shards 8
+           "$PY" -m bench.infer --users 1000000 --device cuda --memory-budget-mb 8192 --workdir /tmp/bench-infer \
              --precision bf16 ;;
     profile) "$PY" -m bench.train_epoch --epochs 2 --bf16 --skip-reference --profile --no-record ;;
     ease) "$PY" -m bench.ease_fit --dataset gowalla --device cuda ;;

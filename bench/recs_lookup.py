@@ -2,7 +2,7 @@
 
 Untimed set-up: a committed `recommendations/dt=DAY` partition for --users users (top-100 lists over 20,108
 items, Zipf popularity, descending scores), written through pipeline.publish exactly as `recsys infer`'s
-local engine writes it: users hashed into parts of ~112k users (the bench-infer shard size), each part sorted
+local engine writes it: users hashed into parts of ~54k users (the default shard size), each part sorted
 by user, with the manifest's shard and user-range index. On the local disk and/or a moto S3 server on
 127.0.0.1 (never real AWS).
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 DAY = "2024-05-03"
-USERS_PER_PART = 112_000  # bench-infer's shards at the 512 MB budget: 8.3M events / 74 per user
+USERS_PER_PART = 54_000  # recsys infer's default shards: pipeline.infer.SHARD_EVENTS_MAX (4M) / 74 events per user
 N_ITEMS, TOP_N = 20_108, 100
 
 
