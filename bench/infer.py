@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     ph = m["phase_seconds"]
     print("phases (busy s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
     # what a faster scorer cannot remove: the main thread's time outside scoring
-    hidden_not = ph["spill"] + ph.get("wait_histories", 0.0) + ph.get("wait_publish", 0.0)
-    print(f"main thread outside scoring: {hidden_not:.2f} s (spill {ph['spill']:.2f}, waiting for histories "
-          f"{ph.get('wait_histories', 0.0):.2f}, waiting for publishing {ph.get('wait_publish', 0.0):.2f})")
+    outside = ph["spill"] + ph["wait_histories"] + ph["wait_publish"]
+    print(f"main thread outside scoring: {outside:.2f} s (spill {ph['spill']:.2f}, waiting for histories "
+          f"{ph['wait_histories']:.2f}, waiting for publishing {ph['wait_publish']:.2f})")
     if not args.no_append:
         append_row("bench-infer: daily batch inference end to end (Multi-VAE 600/200, top-100, untrained weights)",
                    ["date", "commit", "machine", "users x items", "interactions", "batch (budget)", "end to end (s)",
