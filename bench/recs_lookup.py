@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 DAY = "2024-05-03"
-USERS_PER_PART = 54_000  # recsys infer's default shards: pipeline.infer.SHARD_EVENTS_MAX (4M) / 74 events per user
+EVENTS_PER_USER = 74  # ML-20M's mean history, as in bench-infer: recsys infer's default shards hold ~54k such users
 N_ITEMS, TOP_N = 20_108, 100
 
 
@@ -38,13 +38,13 @@ def build_partition(out_uri: str, n_users: int, seed: int = 0) -> dict[str, Any]
     import pyarrow as pa
 
     from pipeline import lake
-    from pipeline.infer import user_range
+    from pipeline.infer import SHARD_EVENTS_MAX, user_range
     from pipeline.publish import PartitionWriter
     from pipeline.sharding import scheme_for, shard_of
 
     rng = np.random.default_rng(seed)
     users = pa.array(np.unique(rng.integers(0, 50 * n_users, int(n_users * 1.05)))[:n_users], pa.int64())
-    n_shards = max(1, -(-n_users // USERS_PER_PART))
+    n_shards = max(1, -(-n_users * EVENTS_PER_USER // SHARD_EVENTS_MAX))  # as many parts as infer would write
     shard = shard_of(users, n_shards)
     cdf = np.cumsum(1.0 / np.arange(1, N_ITEMS + 1) ** 0.8)
     cdf /= cdf[-1]
