@@ -34,26 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("experiment", help="strong-generalization evaluation of several models over seeds")
     e.add_argument("--dataset", required=True, help="a name under the data folder, a Parquet path, or 'synthetic'")
-    e.add_argument("--models", type=_models, default=("popularity", "ease", "multivae", "multivae-pia"))
-    e.add_argument("--seeds", type=int, default=5)
-    e.add_argument("--first-seed", type=int, default=0)
-    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--models", type=_models, default=("popularity", "ease", "multivae", "multivae-pia"),
+                   help="comma-separated: popularity, ease, multidae, multivae, multivae-pia, recvae, recvae-pia")
+    e.add_argument("--seeds", type=int, default=5, help="seeds to run; each is its own user split and initialization")
+    e.add_argument("--first-seed", type=int, default=0, help="seed of the first run (to add seeds to a finished run)")
+    e.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RECSYS_DATA_DIR", "../shared/data")))
-    e.add_argument("--epochs", type=int, default=200)
-    e.add_argument("--recvae-epochs", type=int, default=None)
-    e.add_argument("--patience", type=int, default=20)
-    e.add_argument("--bf16", action="store_true")
+    e.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RECSYS_DATA_DIR", "../shared/data")),
+                   help="where data set names resolve (env RECSYS_DATA_DIR)")
+    e.add_argument("--epochs", type=int, default=200, help="max epochs of the autoencoders")
+    e.add_argument("--recvae-epochs", type=int, default=None, help="max epochs of RecVAE (default: min(--epochs, 50))")
+    e.add_argument("--patience", type=int, default=20,
+                   help="early stop after this many epochs without a better validation NDCG@100")
+    e.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     e.add_argument("--cuda-graph", action="store_true", help="Multi-VAE/DAE steps as CUDA graphs (CUDA only)")
-    e.add_argument("--min-rating", type=float, default=None)
+    e.add_argument("--min-rating", type=float, default=None,
+                   help="binarize: rating >= this (default 4 when a rating column exists)")
     e.add_argument("--n-valid", type=float, default=0.1, help="validation users: a fraction (<1) or a count")
     e.add_argument("--n-test", type=float, default=0.1, help="test users: a fraction (<1) or a count")
-    e.add_argument("--pia-grid", type=_floats, default=(0.01, 0.1, 1.0))
-    e.add_argument("--ease-grid", type=_floats, default=(100.0, 250.0, 500.0, 1000.0))
-    e.add_argument("--max-ease-items", type=int, default=50_000)
+    e.add_argument("--pia-grid", type=_floats, default=(0.01, 0.1, 1.0),
+                   help="λ_A values tried for the PIA models, chosen on validation users")
+    e.add_argument("--ease-grid", type=_floats, default=(100.0, 250.0, 500.0, 1000.0),
+                   help="EASE l2 values tried, chosen on validation users")
+    e.add_argument("--max-ease-items", type=int, default=50_000, help="skip EASE (I x I dense) above this catalog size")
     e.add_argument("--synthetic-users", type=int, default=3000, help="size of the 'synthetic' data set")
-    e.add_argument("--synthetic-items", type=int, default=1000)
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--synthetic-items", type=int, default=1000, help="catalog of the 'synthetic' data set")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
     e.set_defaults(func=cmd_experiment)
     # Each job area registers its own sub-commands (register(sub)); heavy imports stay inside the commands.
     for module in COMMAND_MODULES:
