@@ -7,26 +7,29 @@ from pathlib import Path
 
 DEFAULT_NAME = "recsys-multivae-pia"
 
+TRACKING_HELP = "default: MLFLOW_TRACKING_URI, else SQLite under RECSYS_HOME"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train on a snapshot, log to MLflow, register a `challenger` version")
     t.add_argument("--snapshot", required=True, help="snapshot URI (local path or s3://)")
     t.add_argument("--config", type=Path, default=None, help="YAML file of TrainJobConfig keys (CLI flags win)")
     t.add_argument("--model", default=None, help="multivae-pia (default), multivae, recvae-pia, ...")
-    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--epochs", type=int, default=None, help="max epochs (default: the config's)")
     t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     t.add_argument("--bf16", action="store_true", default=None)
     t.add_argument("--cuda-graph", action="store_true", default=None,
                    help="Multi-VAE/DAE on CUDA: replay each training step as one CUDA graph")
     t.add_argument("--compare-base", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the model without PIA (default on)")
-    t.add_argument("--registered-name", default=None)
-    t.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else SQLite under RECSYS_HOME")
+    t.add_argument("--registered-name", default=None, help="MLflow registered model name")
+    t.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("gate", help="offline metric gates; promote the version to `champion` when it passes")
     _model_args(g, version=True)
-    g.add_argument("--mode", default="enabled", choices=["enabled", "dry-run"])
+    g.add_argument("--mode", default="enabled", choices=["enabled", "dry-run"],
+                   help="dry-run tags the version and logs the report, but promotes nothing and skips the ledger")
     g.add_argument("--config", type=Path, default=None, help="YAML file of GateConfig keys")
     g.set_defaults(func=cmd_gate)
 
@@ -44,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _model_args(p: argparse.ArgumentParser, version: bool) -> None:
     p.add_argument("--model", default=DEFAULT_NAME, help="registered model name")
     if version:
-        p.add_argument("--version", required=True)
+        p.add_argument("--version", required=True, help="registered model version")
     p.add_argument("--ledger", default=None, help="promotion ledger URI (default RECSYS_LEDGER or RECSYS_HOME/...)")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
