@@ -13,9 +13,10 @@ def register(sub: Any) -> None:
     p.add_argument("--events", required=True, help="events Parquet: a dt= partitioned folder or one file (local or s3://)")
     p.add_argument("--out", required=True, help="lake root: writes <out>/recommendations/dt=DATE/")
     p.add_argument("--model", default="models:/multivae-pia@champion", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--top-n", type=int, default=100)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--engine", default="local", choices=["local", "spark"])
+    p.add_argument("--top-n", type=int, default=100, help="items per user (fewer only when the catalog is smaller)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    p.add_argument("--engine", default="local", choices=["local", "spark"],
+                   help="spark: the same scoring through mapInArrow, one model copy per executor")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
                    help="scoring matmuls (auto: tf32 on CUDA, fp32 on the CPU)")
     p.add_argument("--memory-budget-mb", type=int, default=1024, help="for one scoring batch's scores + top-k")
@@ -24,12 +25,12 @@ def register(sub: Any) -> None:
     p.add_argument("--shard-events", type=int, default=None, help="events per shard (default: budget / 64 bytes, at most 4M)")
     p.add_argument("--parallel-shards", type=int, default=None,
                    help="shards prepared and published concurrently (default: one per 4 CPU cores, at most 8)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.set_defaults(func=cmd_infer)
 
     r = sub.add_parser("recs", help="print one user's published recommendations")
     r.add_argument("--date", default="latest", help="YYYY-MM-DD or 'latest' (newest committed date)")
-    r.add_argument("--user", required=True)
+    r.add_argument("--user", required=True, help="user_id as in the events")
     r.add_argument("--out", required=True, help="lake root given to `recsys infer --out`")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=cmd_recs)
