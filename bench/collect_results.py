@@ -49,14 +49,22 @@ Reading PIA:
 """
 
 
-ORDER = ("ml-1m-implicit-ge4", "gowalla", "amazon-cds", "ml-latest-small")
+ORDER = ("ml-1m-implicit-ge4", "gowalla", "gowalla-pia-cpu", "amazon-cds", "amazon-cds-pia-cpu", "ml-latest-small")
+# headings of the runs that add seeds to a data set's section (bench/results.sh PROFILE=cpu-pia)
+TITLES = {
+    f"{ds}-pia-cpu": f"{ds}, more seeds on the 2-core CPU: Multi-VAE against Multi-VAE + PIA"
+    for ds in ("gowalla", "amazon-cds")
+}
 
 
 def main(out: Path, doc: Path) -> None:
     parts = [HEADER]
     subs = [p for p in out.iterdir() if (p / "results.md").exists()]
     for sub in sorted(subs, key=lambda p: (ORDER.index(p.name) if p.name in ORDER else len(ORDER), p.name)):
-        parts.append((sub / "results.md").read_text())
+        text = (sub / "results.md").read_text()
+        if sub.name in TITLES:  # its results.md is titled by the data set, like the main run's section
+            text = f"### {TITLES[sub.name]}\n" + text.partition("\n")[2]
+        parts.append(text)
         res = json.loads((sub / "results.json").read_text()) if (sub / "results.json").exists() else {}
         note = f"config: {json.dumps(res['config'])}" if res else "no results.json (see the log)"
         parts.append(f"<sub>{note}</sub>\n")
