@@ -39,8 +39,8 @@ run_one() {
     *) echo "unknown data set $ds" >&2; return 2 ;;
   esac
   echo "== $ds: ${args[*]}"
-  # EXP_TIMEOUT (seconds) stops a run; it keeps the seeds it finished
-  ${EXP_TIMEOUT:+timeout -s INT "$EXP_TIMEOUT"} $RECSYS experiment --dataset "$ds" --out "$OUT/$sub" --no-progress \
+  # EXP_TIMEOUT (seconds) stops a run; it keeps the seeds it finished. -v: one log line per epoch, no bars
+  ${EXP_TIMEOUT:+timeout -s INT "$EXP_TIMEOUT"} $RECSYS -v experiment --dataset "$ds" --out "$OUT/$sub" --no-progress \
     "${args[@]}" || echo "== $ds: stopped (exit $?)"
 }
 mkdir -p "$OUT"

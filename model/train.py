@@ -260,11 +260,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3g}", val=f"{value:.4f}", best=f"{self.best_value:.4f}")
             record["step"] = self.step
             self.history.append(record)
+            shown = {k: v for k, v in record.items() if k in ("loss", "anchor", f"val_{cfg.select_metric}")}
+            line = (f"epoch {self.epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()) +
+                    f" ({record['train_seconds']:.1f}s)")
             if cfg.progress:
-                shown = {k: v for k, v in record.items() if k in ("loss", "anchor", f"val_{cfg.select_metric}")}
-                tqdm.write(f"epoch {self.epoch}/{cfg.epochs} " +
-                           " ".join(f"{k}={v:.4f}" for k, v in shown.items()) +
-                           f" ({record['train_seconds']:.1f}s)")
+                tqdm.write(line)
+            else:  # logs and CI: no bars, but `-v` still shows one line per epoch
+                log.info("%s", line)
             if self.on_epoch is not None:
                 self.on_epoch(record)
             if checkpoint is not None:

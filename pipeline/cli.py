@@ -29,7 +29,8 @@ def _floats(value: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recsys", description="Multi-VAE + PIA recommender pipeline")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log at INFO level (with --no-progress, training logs one line per epoch instead of bars)")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("experiment", help="strong-generalization evaluation of several models over seeds")
