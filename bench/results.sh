@@ -7,8 +7,9 @@
 # Every run rewrites its results after each seed, so a stopped run keeps the seeds it finished.
 # PROFILE=cpu-pia adds seeds to the PIA comparison on gowalla / amazon-cds where no GPU is lent: Multi-VAE against
 # Multi-VAE + PIA only, seeds 1-2, up to 30 epochs, λ_A = 1 (the value seed 0's validation users chose on both),
-# written to OUT/DATASET-pia-cpu (about 40 min per seed on 2 CPU cores).
-# Usage: [PROFILE=cpu|gpu|cpu-pia] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
+# written to OUT/DATASET-pia-cpu (40 min per seed for gowalla, 50 for amazon-cds, on 2 CPU cores).
+# PROFILE=cpu-ease: EASE on gowalla seeds 1-2 with l2 = 100 (seed 0's choice), to OUT/gowalla-ease-cpu.
+# Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECSYS=${RECSYS:-.venv/bin/recsys}
@@ -36,6 +37,10 @@ run_one() {
     cpu-pia:gowalla|cpu-pia:amazon-cds)
       sub=$ds-pia-cpu
       args=(--models multivae,multivae-pia --seeds 2 --first-seed 1 --epochs 30 --patience 10 --pia-grid 1) ;;
+    cpu-ease:gowalla)
+      # one 41k x 41k inverse per fit: about 12 min and 13 GiB RSS here, so only seed 0's chosen l2
+      sub=$ds-ease-cpu
+      args=(--models ease --seeds 2 --first-seed 1 --ease-grid 100) ;;
     *) echo "unknown data set $ds" >&2; return 2 ;;
   esac
   echo "== $ds: ${args[*]}"
