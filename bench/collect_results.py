@@ -41,7 +41,7 @@ ML-20M is not available here; these data sets are smaller and sparser, so absolu
 - **ml-latest-small: this project's 2-core CPU, 5 seeds**; Multi-VAE(+PIA) up to 60 epochs, patience 8;
   RecVAE(+PIA) 10 epochs (below its reference 50: RecVAE is under-trained here).
 - Logs of the GPU runs and the CPU seeds of gowalla and amazon-cds: docs/results-logs/. Commands: bench/results.sh
-  (PROFILE=cpu|gpu|cpu-pia, PARALLEL=1, EXP_TIMEOUT); bench/gpu.sh runs the GPU steps on a CUDA machine.
+  (PROFILE=cpu|gpu|cpu-pia|cpu-ease, PARALLEL=1, EXP_TIMEOUT); bench/gpu.sh runs the GPU steps on a CUDA machine.
 
 Reading PIA:
 - **Multi-VAE + PIA beats Multi-VAE clearly** wherever it was measured at a real budget:
