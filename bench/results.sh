@@ -9,7 +9,9 @@
 # Multi-VAE + PIA only, seeds 1-2, up to 30 epochs, λ_A = 1 (the value seed 0's validation users chose on both),
 # written to OUT/DATASET-pia-cpu (40 min per seed for gowalla, 50 for amazon-cds, on 2 CPU cores).
 # PROFILE=cpu-ease: EASE on gowalla seeds 1-2 with l2 = 100 (seed 0's choice), to OUT/gowalla-ease-cpu.
-# Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
+# PROFILE=cpu-ease-grid: EASE on gowalla seed 0 with l2 in {25, 50, 100}, below seed 0's first grid (whose low end,
+# 100, won), tuned on validation users as always, to OUT/gowalla-ease-grid-cpu.
+# Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECSYS=${RECSYS:-.venv/bin/recsys}
@@ -41,6 +43,10 @@ run_one() {
       # one 41k x 41k inverse per fit: about 12 min and 13 GiB RSS here, so only seed 0's chosen l2
       sub=$ds-ease-cpu
       args=(--models ease --seeds 2 --first-seed 1 --ease-grid 100) ;;
+    cpu-ease-grid:gowalla)
+      # three fits, the best one kept while the next runs: 15.8 min and about 20 GiB RSS at the peak here
+      sub=$ds-ease-grid-cpu
+      args=(--models ease --seeds 1 --ease-grid 25,50,100) ;;
     *) echo "unknown data set $ds" >&2; return 2 ;;
   esac
   echo "== $ds: ${args[*]}"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS = ("recall@20", "recall@50", "ndcg@100")
+CLOSED_FORM = ("popularity", "ease")
 
 
 def _ms(d: dict[str, float | None], digits: int = 4) -> str:
@@ -16,6 +17,15 @@ def _ms(d: dict[str, float | None], digits: int = 4) -> str:
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _budget(cfg: dict[str, Any]) -> str:
+    """The epoch budget, named only for the models that train by epochs (EASE and popularity are closed form)."""
+    trained = [m for m in cfg["models"] if m not in CLOSED_FORM]
+    if not trained:
+        return "closed-form models only (no epochs)"
+    recvae = f" (RecVAE {cfg['recvae_epochs'] or min(cfg['epochs'], 50)})" if any(m.startswith("recvae") for m in trained) else ""
+    return f"max epochs {cfg['epochs']}{recvae}, early-stop patience {cfg['patience']}"
+
+
 def render(results: dict[str, Any]) -> str:
     data, cfg = results["data"], results["config"]
     lines = [
@@ -23,8 +33,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"{data['users']:,} users × {data['items']:,} items, {data['nnz']:,} positives after binarize "
         f"(rule {data.get('rule')}) and the >= {cfg['min_user_interactions']} filter. Seeds {results['seeds']}; "
-        f"device: {results['machine']}; max epochs {cfg['epochs']} (RecVAE {cfg['recvae_epochs'] or min(cfg['epochs'], 50)}), "
-        f"early-stop patience {cfg['patience']}; wall {results['wall_seconds'] / 60:.1f} min.",
+        f"device: {results['machine']}; {_budget(cfg)}; wall {results['wall_seconds'] / 60:.1f} min.",
         *(["", f"**Partial run:** {len(results['seeds'])} of {results['seeds_planned']} planned seeds finished "
            "before the run was stopped; the figures below are over those seeds only."]
           if len(results["seeds"]) < results.get("seeds_planned", len(results["seeds"])) else []),

@@ -142,3 +142,16 @@ def test_one_seed_reports_no_spread(tmp_path: Path) -> None:
     assert res["pia_uplift"]["multivae-pia"]["std"]["ndcg@100"] is None
     table = render(res)
     assert "±" not in table.split("NDCG@100 by user activity")[0]
+    # the budget line names the epochs these models trained for; a RecVAE budget would be noise here
+    assert "max epochs 2, early-stop patience" in table and "RecVAE" not in table.split("\n\n")[1]
+
+
+def test_budget_line_names_only_what_ran() -> None:
+    from pipeline.report import _budget
+
+    cfg = {"epochs": 30, "recvae_epochs": None, "patience": 10}
+    assert _budget({**cfg, "models": ["ease"]}) == "closed-form models only (no epochs)"
+    assert _budget({**cfg, "models": ["popularity", "multivae"]}) == "max epochs 30, early-stop patience 10"
+    assert _budget({**cfg, "models": ["recvae-pia"], "recvae_epochs": 20}) == \
+        "max epochs 30 (RecVAE 20), early-stop patience 10"
+    assert _budget({**cfg, "models": ["recvae"], "epochs": 200}) == "max epochs 200 (RecVAE 50), early-stop patience 10"
