@@ -11,7 +11,9 @@
 # PROFILE=cpu-ease: EASE on gowalla seeds 1-2 with l2 = 100 (seed 0's choice), to OUT/gowalla-ease-cpu.
 # PROFILE=cpu-ease-grid: EASE on gowalla seed 0 with l2 in {25, 50, 100}, below seed 0's first grid (whose low end,
 # 100, won), tuned on validation users as always, to OUT/gowalla-ease-grid-cpu.
-# Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
+# PROFILE=cpu-recvae: RecVAE against RecVAE + PIA on gowalla seed 1 at seed 0's GPU budget (30 epochs, patience 10,
+# λ_A = 0.1, seed 0's choice), to OUT/gowalla-recvae-cpu.
+# Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid|cpu-recvae] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECSYS=${RECSYS:-.venv/bin/recsys}
@@ -47,6 +49,11 @@ run_one() {
       # three fits, the best one kept while the next runs: 15.8 min and about 20 GiB RSS at the peak here
       sub=$ds-ease-grid-cpu
       args=(--models ease --seeds 1 --ease-grid 25,50,100) ;;
+    cpu-recvae:gowalla)
+      # about 64 s per RecVAE epoch here: some 70 min for the pair
+      sub=$ds-recvae-cpu
+      args=(--models recvae,recvae-pia --seeds 1 --first-seed 1 --epochs 30 --recvae-epochs 30 --patience 10
+            --pia-grid 0.1) ;;
     *) echo "unknown data set $ds" >&2; return 2 ;;
   esac
   echo "== $ds: ${args[*]}"
