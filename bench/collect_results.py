@@ -38,7 +38,8 @@ ML-20M is not available here; these data sets are smaller and sparser, so absolu
   gowalla`), seed 0, l2 in {25, 50, 100}, because 100 had won at the low end of {100, 250, 500, 1000}. Validation
   NDCG@100 for 25 / 50 / 100 / 250: 0.2472 / 0.2519 / 0.2528 / 0.2445, so 100 stays the choice and the grids now
   bracket it. The CPU reproduced the H100's seed-0 figures to four decimals (validation 0.2528, test NDCG@100
-  0.2499), as it did seed 1's test (0.2453 on both). About 5 min per fit and 20 GiB RSS at the peak in this run.
+  0.2499), as it did seed 1's test (0.2453 on both). About 5 min per fit; 19 GiB in use
+  mid-run (one `free -g` sample: the best fit is kept while the next one runs).
 - **gowalla, RecVAE and RecVAE + PIA on seed 1: the 2-core CPU** (`PROFILE=cpu-recvae bash bench/results.sh
   gowalla`) at seed 0's budget (30 epochs, patience 10) and λ_A = 0.1 (seed 0's choice), so this seed pairs with
   seed 0 directly. About 60 s per epoch, 27 and 33 min per fit, 60 min wall.

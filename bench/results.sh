@@ -46,11 +46,11 @@ run_one() {
       sub=$ds-ease-cpu
       args=(--models ease --seeds 2 --first-seed 1 --ease-grid 100) ;;
     cpu-ease-grid:gowalla)
-      # three fits, the best one kept while the next runs: 15.8 min and about 20 GiB RSS at the peak here
+      # three fits, the best one kept while the next runs: 15.8 min here, 19 GiB in use mid-run (free -g)
       sub=$ds-ease-grid-cpu
       args=(--models ease --seeds 1 --ease-grid 25,50,100) ;;
     cpu-recvae:gowalla)
-      # about 64 s per RecVAE epoch here: some 70 min for the pair
+      # about 57 s per RecVAE epoch here, 64 s with PIA: 60 min for the pair
       sub=$ds-recvae-cpu
       args=(--models recvae,recvae-pia --seeds 1 --first-seed 1 --epochs 30 --recvae-epochs 30 --patience 10
             --pia-grid 0.1) ;;

@@ -137,6 +137,17 @@ ARCHS: dict[str, tuple[Callable[[int, Any], nn.Module], Callable[[], BaseModel]]
 }
 
 MODEL_NAMES = ("popularity", "ease", "multidae", "multivae", "multivae-pia", "recvae", "recvae-pia")
+CLOSED_FORM = ("popularity", "ease")  # fit in one solve: no epochs, no early stopping
+RECVAE_EPOCHS = 50  # RecVAE's reference budget (Shenbin et al. 2020)
+
+
+def epoch_budget(name: str, epochs: int, recvae_epochs: int | None = None) -> int | None:
+    """Max epochs of model `name` under an experiment's budget; None for the closed-form models."""
+    if name in CLOSED_FORM:
+        return None
+    if name.startswith("recvae"):
+        return recvae_epochs or min(epochs, RECVAE_EPOCHS)
+    return epochs
 
 
 def make_recommender(name: str, *, train: TrainConfig | None = None, pia: PIAConfig | None = None,
@@ -155,5 +166,5 @@ def make_recommender(name: str, *, train: TrainConfig | None = None, pia: PIACon
     else:
         pia = PIAConfig()
     if arch == "recvae" and train is None:
-        train = TrainConfig(lr=5e-4, epochs=50)
+        train = TrainConfig(lr=5e-4, epochs=RECVAE_EPOCHS)
     return Autoencoder(arch, model_config, train, pia, name=name)

@@ -25,7 +25,7 @@ from model.ease import EASEConfig
 from model.evaluate import EvalResult, evaluate
 from model.pia import PIAConfig
 from model.popularity import item_popularity
-from model.recommenders import MODEL_NAMES, make_recommender
+from model.recommenders import MODEL_NAMES, epoch_budget, make_recommender
 from model.split import Split, SplitError, strong_generalization_split
 from model.train import TrainConfig, resolve_device
 from pipeline.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
@@ -108,9 +108,8 @@ class Experiment:
         self.device = str(resolve_device(cfg.device))
 
     def train_config(self, name: str, seed: int) -> TrainConfig:
-        recvae = name.startswith("recvae")
-        epochs = (self.cfg.recvae_epochs or min(self.cfg.epochs, 50)) if recvae else self.cfg.epochs
-        return TrainConfig(epochs=epochs, lr=5e-4 if recvae else 1e-3, seed=seed, device=self.device,
+        epochs = epoch_budget(name, self.cfg.epochs, self.cfg.recvae_epochs) or self.cfg.epochs
+        return TrainConfig(epochs=epochs, lr=5e-4 if name.startswith("recvae") else 1e-3, seed=seed, device=self.device,
                            bf16=self.cfg.bf16, cuda_graph=self.cfg.cuda_graph and name.startswith("multi"),
                            patience=self.cfg.patience, progress=self.cfg.progress)
 

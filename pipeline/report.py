@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from model.recommenders import CLOSED_FORM, epoch_budget
+
 METRICS = ("recall@20", "recall@50", "ndcg@100")
-CLOSED_FORM = ("popularity", "ease")
 
 
 def _ms(d: dict[str, float | None], digits: int = 4) -> str:
@@ -22,8 +23,9 @@ def _budget(cfg: dict[str, Any]) -> str:
     trained = [m for m in cfg["models"] if m not in CLOSED_FORM]
     if not trained:
         return "closed-form models only (no epochs)"
-    recvae = f" (RecVAE {cfg['recvae_epochs'] or min(cfg['epochs'], 50)})" if any(m.startswith("recvae") for m in trained) else ""
-    return f"max epochs {cfg['epochs']}{recvae}, early-stop patience {cfg['patience']}"
+    recvae = [m for m in trained if m.startswith("recvae")]
+    extra = f" (RecVAE {epoch_budget(recvae[0], cfg['epochs'], cfg['recvae_epochs'])})" if recvae else ""
+    return f"max epochs {cfg['epochs']}{extra}, early-stop patience {cfg['patience']}"
 
 
 def render(results: dict[str, Any]) -> str:
