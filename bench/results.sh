@@ -12,8 +12,9 @@
 # PROFILE=cpu-ease-grid: EASE on gowalla seed 0 with l2 in {25, 50, 100}, below seed 0's first grid (whose low end,
 # 100, won), tuned on validation users as always, to OUT/gowalla-ease-grid-cpu.
 # PROFILE=cpu-recvae: RecVAE against RecVAE + PIA on gowalla seed 1 at seed 0's GPU budget (30 epochs, patience 10,
-# λ_A = 0.1, seed 0's choice), to OUT/gowalla-recvae-cpu; on amazon-cds, seed 0 (RecVAE + PIA unfinished on the H100)
-# at the same budget with λ_A = 0.1 fixed, to OUT/amazon-cds-recvae-cpu.
+# λ_A = 0.1, seed 0's choice), to OUT/gowalla-recvae-cpu (SEED=2: seed 2, to OUT/gowalla-recvae-cpu-seed2); on
+# amazon-cds, seed 0 (RecVAE + PIA unfinished on the H100) at the same budget with λ_A = 0.1 fixed, to
+# OUT/amazon-cds-recvae-cpu.
 # Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid|cpu-recvae] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,9 +52,11 @@ run_one() {
       sub=$ds-ease-grid-cpu
       args=(--models ease --seeds 1 --ease-grid 25,50,100) ;;
     cpu-recvae:gowalla)
-      # about 57 s per RecVAE epoch here, 64 s with PIA: 60 min for the pair
-      sub=$ds-recvae-cpu
-      args=(--models recvae,recvae-pia --seeds 1 --first-seed 1 --epochs 30 --recvae-epochs 30 --patience 10
+      # about 57 s per RecVAE epoch here, 64 s with PIA: 60 min for the pair. SEED=2 runs the third split instead.
+      local seed=${SEED:-1}
+      [[ $seed =~ ^[0-9]+$ ]] || { echo "SEED must be a non-negative integer, got '$seed'" >&2; return 2; }
+      sub=$ds-recvae-cpu; [[ $seed == 1 ]] || sub=$ds-recvae-cpu-seed$seed
+      args=(--models recvae,recvae-pia --seeds 1 --first-seed "$seed" --epochs 30 --recvae-epochs 30 --patience 10
             --pia-grid 0.1) ;;
     cpu-recvae:amazon-cds)
       # seed 0, whose RecVAE + PIA the H100 run did not finish; λ_A = 0.1 fixed (not searched: a second value would
