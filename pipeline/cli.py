@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--synthetic-users", type=int, default=3000, help="size of the 'synthetic' data set")
     e.add_argument("--synthetic-items", type=int, default=1000, help="catalog of the 'synthetic' data set")
     e.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    e.add_argument("--resume", action="store_true",
+                   help="continue a stopped run in --out: the fits in its checkpoint.json are reused, the rest run "
+                        "(same options; --seeds and --models may grow)")
     e.set_defaults(func=cmd_experiment)
     # Each job area registers its own sub-commands (register(sub)); heavy imports stay inside the commands.
     for module in COMMAND_MODULES:
@@ -81,6 +84,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         n_valid=args.n_valid, n_test=args.n_test,
         pia_grid=args.pia_grid, ease_grid=args.ease_grid, max_ease_items=args.max_ease_items,
         synthetic_users=args.synthetic_users, synthetic_items=args.synthetic_items, progress=not args.no_progress,
+        resume=args.resume,
     )
     results = Experiment(cfg).run()
     print(render(results))

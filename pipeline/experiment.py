@@ -4,6 +4,9 @@ Per seed: one user split (seed s), models trained on the training users, the epo
 hyperparameter chosen on validation users only, test users scored once. Hyperparameter grids (EASE's
 l2, PIA's lambda_A) are searched on the validation users of the first seed's split; the chosen values are
 then used for every seed (the first seed reuses the model trained during the search).
+
+Every finished fit is recorded in OUT/checkpoint.json; `resume=True` (`--resume`) reuses those fits and runs only
+the rest, so a run stopped by a timeout or a restart loses at most the fit it was in.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ ACTIVITY_GROUPS: tuple[tuple[str, int, float], ...] = (
     ("[5-10]", 5, 10), ("[11-50]", 11, 50), ("[51-100]", 51, 100), ("[100+]", 101, math.inf),
 )
 SYNTHETIC = "synthetic"
+CHECKPOINT = "checkpoint.json"
+# options a resumed run may change: where it writes, bars, and how many seeds/models it runs (fits are keyed by both)
+RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models"})
 
 
 class ExperimentConfig(BaseModel):
@@ -68,6 +74,7 @@ class ExperimentConfig(BaseModel):
     synthetic_users: int = 3000
     synthetic_items: int = 1000
     progress: bool = True
+    resume: bool = False  # reuse the fits recorded in out/checkpoint.json (same options, else a clear error)
 
     @field_validator("models")
     @classmethod
@@ -133,9 +140,28 @@ class Experiment:
         skipped = [m for m in cfg.models if m not in models]
         counts = np.diff(data.matrix.indptr)
         seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+        fingerprint = self.fingerprint(data)
+        ckpt = read_checkpoint(cfg.out, fingerprint) if cfg.resume else None
+        if ckpt is None and (cfg.out / CHECKPOINT).exists():
+            log.warning("%s holds the fits of an earlier run: starting over (--resume continues it)", cfg.out / CHECKPOINT)
+        earlier = ckpt or {"per_seed": {}, "tuning": {}, "chosen": {}, "wall_seconds": 0.0}
+        restored = {(m, r["seed"]): r for m, rows in earlier["per_seed"].items() for r in rows}
+        earlier_wall = float(earlier["wall_seconds"])
         per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
         tuning: dict[str, list[dict[str, float]]] = {}
         chosen: dict[str, float | None] = {}
+        resumed: list[str] = []
+
+        def save_checkpoint() -> None:
+            """Every fit so far, also of unfinished seeds and of the earlier run's other models and seeds."""
+            fits = restored | {(m, r["seed"]): r for m, rows in per_seed.items() for r in rows}
+            state = {"version": 1, "fingerprint": fingerprint,
+                     "per_seed": {m: [r for (m2, _), r in sorted(fits.items()) if m2 == m]
+                                  for m in dict.fromkeys(m for m, _ in fits)},
+                     "tuning": earlier["tuning"] | tuning, "chosen": earlier["chosen"] | chosen,
+                     "wall_seconds": earlier_wall + time.perf_counter() - t_start}
+            _write_atomic(cfg.out / CHECKPOINT, json.dumps(state, indent=1, default=_json_default))
+
         def write(done: list[int]) -> dict[str, Any]:
             """results.json/md for the seeds finished so far (rewritten after each seed: a stopped run keeps them)."""
             results = {
@@ -143,7 +169,7 @@ class Experiment:
                 "data": {k: v for k, v in data.stats.items() if k != "path"} | {"users": data.n_users,
                                                                                   "items": data.n_items,
                                                                                   "nnz": int(data.matrix.nnz)},
-                "config": json.loads(cfg.model_dump_json()),
+                "config": json.loads(cfg.model_dump_json(exclude={"resume"})),
                 "seeds": done,
                 "seeds_planned": len(seeds),
                 "device": self.device,
@@ -154,25 +180,27 @@ class Experiment:
                 "chosen": chosen,
                 "skipped": {m: f"catalog of {data.n_items} items > max_ease_items={cfg.max_ease_items}" for m in skipped},
                 "pia_uplift": pia_uplift(per_seed),
-                "wall_seconds": time.perf_counter() - t_start,
+                "resumed": resumed,
+                "wall_seconds": earlier_wall + time.perf_counter() - t_start,
             }
-            cfg.out.mkdir(parents=True, exist_ok=True)
-            tmp = cfg.out / "results.json.tmp"
-            tmp.write_text(json.dumps(results, indent=2, default=_json_default))
-            tmp.replace(cfg.out / "results.json")
+            _write_atomic(cfg.out / "results.json", json.dumps(results, indent=2, default=_json_default))
             write_report(results, cfg.out / "results.md")
             return results
 
         results: dict[str, Any] = {}
         for si, seed in enumerate(seeds):
-            try:
-                split = strong_generalization_split(data.matrix, seed=seed, n_valid=_count(cfg.n_valid),
-                                                    n_test=_count(cfg.n_test))
-            except SplitError as e:
-                raise DataError(f"the data set is too small for the held-out split: {e}",
-                                "use a larger data set, or smaller --n-valid/--n-test") from e
-            pop = item_popularity(split.train)
+            split: Split | None = None
             for name in models:
+                if (name, seed) in restored:
+                    per_seed[name].append(restored[(name, seed)])
+                    if si == 0 and self.grid(name):  # the search was done on this split by the earlier run
+                        chosen[name], tuning[name] = earlier["chosen"][name], earlier["tuning"][name]
+                    resumed.append(f"{name} seed {seed}")
+                    print(f"[{cfg.dataset}] {name:<13} seed {seed}: restored from {cfg.out / CHECKPOINT}", flush=True)
+                    continue
+                if split is None:
+                    split = self.split(data, seed)
+                    pop = item_popularity(split.train)
                 if si == 0 and self.grid(name):
                     rec, chosen[name], tuning[name] = self.tune(name, seed, split)
                 else:
@@ -181,12 +209,28 @@ class Experiment:
                 res = evaluate(rec.score, split.test.fold_in, split.test.targets, device=rec.device, item_popularity=pop)
                 row = self.summarize(name, seed, rec, res, counts[split.test.users])
                 per_seed[name].append(row)
+                save_checkpoint()
                 log.info("%s seed %d: %s", name, seed, {k: round(row[k], 4) for k in METRICS})
                 # one summary line per fit, also without progress bars
                 print(f"[{cfg.dataset}] {name:<13} seed {seed}: " +
                       " ".join(f"{k}={row[k]:.4f}" for k in METRICS) + f" fit {row['fit_seconds']:.1f}s", flush=True)
             results = write(seeds[: si + 1])
         return results
+
+    def fingerprint(self, data: Interactions) -> dict[str, Any]:
+        """What a checkpoint's fits depend on: every option but RESUMABLE, the device, and the data's shape."""
+        return json.loads(json.dumps({
+            "config": json.loads(self.cfg.model_dump_json(exclude=set(RESUMABLE))), "device": self.device,
+            "data": {"users": data.n_users, "items": data.n_items, "nnz": int(data.matrix.nnz)},
+        }))
+
+    def split(self, data: Interactions, seed: int) -> Split:
+        try:
+            return strong_generalization_split(data.matrix, seed=seed, n_valid=_count(self.cfg.n_valid),
+                                               n_test=_count(self.cfg.n_test))
+        except SplitError as e:
+            raise DataError(f"the data set is too small for the held-out split: {e}",
+                            "use a larger data set, or smaller --n-valid/--n-test") from e
 
     def tune(self, name: str, seed: int, split: Split) -> tuple[Recommender, float, list[dict[str, float]]]:
         """Grid search on validation users; returns the best model (already fit), its value, the table."""
@@ -249,6 +293,45 @@ def pia_uplift(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                      "std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else None for m, v in diffs.items()},
                      "seeds_improved": int(sum(d > 0 for d in diffs["ndcg@100"]))}
     return out
+
+
+def read_checkpoint(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The earlier run's state in out/checkpoint.json, or None when there is none; refuses one made otherwise."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        log.info("--resume: no %s yet, so every fit runs", path)
+        return None
+    start_over = f"delete {path} (or give a new --out) to start over"
+    try:
+        ckpt = json.loads(path.read_text())
+        if not isinstance(ckpt, dict) or ckpt.get("version") != 1 or not all(
+                isinstance(ckpt.get(k), dict) for k in ("per_seed", "tuning", "chosen")):
+            raise ValueError("not a checkpoint written by this version of `recsys experiment`")
+        if set(ckpt["tuning"]) != set(ckpt["chosen"]) or not all(
+                isinstance(r, dict) and "seed" in r for rows in ckpt["per_seed"].values() for r in rows):
+            raise ValueError("its fits or searches are incomplete")
+        ckpt["wall_seconds"] = float(ckpt["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--resume: cannot use {path}: {e}", start_over) from e
+    changed = _differences(ckpt.get("fingerprint", {}), fingerprint)
+    if changed:
+        raise DataError(f"--resume: {path} was written by a run with other options or data ({'; '.join(changed)})",
+                        f"resume with the same options, or {start_over}")
+    return ckpt
+
+
+def _differences(then: Any, now: Any, key: str = "") -> list[str]:
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [d for k in sorted(then.keys() | now.keys(), key=str)
+                for d in _differences(then.get(k), now.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if then == now else [f"{key.removeprefix('config.')}: {then!r} then, {now!r} now"]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _count(v: float) -> int | float:

@@ -155,3 +155,91 @@ def test_budget_line_names_only_what_ran() -> None:
     assert _budget({**cfg, "models": ["recvae-pia"], "recvae_epochs": 20}) == \
         "max epochs 30 (RecVAE 20), early-stop patience 10"
     assert _budget({**cfg, "models": ["recvae"], "epochs": 200}) == "max epochs 200 (RecVAE 50), early-stop patience 10"
+
+
+def _small(tmp_path: Path, **kw) -> ExperimentConfig:
+    base = dict(dataset="synthetic", models=("popularity", "ease", "multivae"), seeds=1, out=tmp_path, device="cpu",
+                synthetic_users=400, synthetic_items=150, epochs=2, patience=None, ease_grid=(10.0, 200.0),
+                progress=False)
+    return ExperimentConfig(**(base | kw))
+
+
+def _same(a: object, b: object) -> bool:  # equal, NaN included (an activity group without test users)
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _stop_at(monkeypatch: pytest.MonkeyPatch, model: str, nth: int = 1) -> list[str]:
+    """Records every model built; the nth build of `model` is interrupted (as a timeout or a restart would)."""
+    import pipeline.experiment as exp_mod
+
+    real, built = exp_mod.make_recommender, []
+
+    def build(name: str, **kw):
+        built.append(name)
+        if name == model and built.count(model) == nth:
+            raise KeyboardInterrupt
+        return real(name, **kw)
+
+    monkeypatch.setattr(exp_mod, "make_recommender", build)
+    return built
+
+
+def test_resume_reuses_finished_fits_and_runs_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = _stop_at(monkeypatch, "multivae")
+    with pytest.raises(KeyboardInterrupt):  # stopped inside seed 0: results.json has no seed yet, the checkpoint has two fits
+        Experiment(_small(tmp_path, resume=True)).run()  # --resume with no checkpoint yet runs every fit
+    assert built == ["popularity", "ease", "ease", "multivae"] and not (tmp_path / "results.json").exists()
+    ckpt = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert set(ckpt["per_seed"]) == {"popularity", "ease"} and ckpt["chosen"]["ease"] in (10.0, 200.0)
+
+    built = _stop_at(monkeypatch, "none")
+    res = Experiment(_small(tmp_path, resume=True)).run()
+    assert built == ["multivae"]  # neither popularity nor EASE's two-value search ran again
+    assert res["resumed"] == ["popularity seed 0", "ease seed 0"]
+    assert _same(res["per_seed"]["ease"], ckpt["per_seed"]["ease"])  # the same fit, its measured fit time included
+    assert res["chosen"]["ease"] == ckpt["chosen"]["ease"] and res["tuning"]["ease"] == ckpt["tuning"]["ease"]
+    assert res["seeds"] == [0] and res["models"]["multivae"]["ndcg@100"]["mean"] > 0
+    assert res["wall_seconds"] >= ckpt["wall_seconds"]
+    assert "**Resumed:** 2 fit(s) restored" in (tmp_path / "results.md").read_text()
+    assert "resume" not in res["config"]  # how the run was started is not part of what it measured
+
+
+def test_resume_adds_seeds_to_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = Experiment(_small(tmp_path, models=("popularity", "ease"))).run()
+    built = _stop_at(monkeypatch, "none")
+    res = Experiment(_small(tmp_path, models=("popularity", "ease"), seeds=2, resume=True)).run()
+    assert built == ["popularity", "ease"]  # seed 1 only, EASE at seed 0's chosen l2 (no second search)
+    assert res["seeds"] == [0, 1] and _same(res["per_seed"]["ease"][0], first["per_seed"]["ease"][0])
+    assert res["models"]["ease"]["ndcg@100"]["std"] is not None
+
+
+def test_a_run_without_resume_starts_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Experiment(_small(tmp_path, models=("popularity",))).run()
+    built = _stop_at(monkeypatch, "none")
+    res = Experiment(_small(tmp_path, models=("popularity",))).run()
+    assert built == ["popularity"] and res["resumed"] == []
+
+
+def test_resume_with_other_options_is_refused_and_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o"
+    args = ["experiment", "--dataset", "synthetic", "--models", "popularity", "--seeds", "1", "--out", str(out),
+            "--device", "cpu", *FAST]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc = main([*args, "--epochs", "5", "--resume"])  # FAST's --epochs 3 became 5
+    err = capsys.readouterr().err
+    assert rc == 2 and "epochs: 3 then, 5 now" in err and "start over" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"version": 1}', '{"version": 1, "per_seed": {}, "tuning": {"ease": []},'
+                                  ' "chosen": {}, "wall_seconds": 1}', "[]"])
+def test_resume_from_an_unusable_checkpoint_is_a_clear_error(tmp_path: Path, text: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "checkpoint.json").write_text(text)
+    rc = main(["experiment", "--dataset", "synthetic", "--models", "popularity", "--out", str(tmp_path),
+               "--device", "cpu", "--resume", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot use" in err and "checkpoint.json" in err and "to start over" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json"]
+    assert (tmp_path / "checkpoint.json").read_text() == text
