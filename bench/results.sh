@@ -4,7 +4,8 @@
 # the reference budget (5 seeds, up to 200 epochs, RecVAE 50, patience 20), gowalla and amazon-cds at what one
 # device lease holds (3 seeds, 100 epochs, RecVAE 30, patience 10, λ_A in {0.1, 1}). PARALLEL=1 runs the data
 # sets side by side (a GPU run is bound by the host's kernel launches, so they share one GPU well).
-# Every run rewrites its results after each seed, so a stopped run keeps the seeds it finished.
+# Every run rewrites its results after each seed and its checkpoint after each fit, and runs with --resume: running
+# the same command again after a stop (timeout, restart) reuses the finished fits. Delete OUT/<run> to start over.
 # PROFILE=cpu-pia adds seeds to the PIA comparison on gowalla / amazon-cds where no GPU is lent: Multi-VAE against
 # Multi-VAE + PIA only, seeds 1-2, up to 30 epochs, λ_A = 1 (the value seed 0's validation users chose on both),
 # written to OUT/DATASET-pia-cpu (40 min per seed for gowalla, 50 for amazon-cds, on 2 CPU cores).
@@ -69,7 +70,7 @@ run_one() {
   echo "== $ds: ${args[*]}"
   # EXP_TIMEOUT (seconds) stops a run; it keeps the seeds it finished. -v: one log line per epoch, no bars
   ${EXP_TIMEOUT:+timeout -s INT "$EXP_TIMEOUT"} $RECSYS -v experiment --dataset "$ds" --out "$OUT/$sub" --no-progress \
-    "${args[@]}" || echo "== $ds: stopped (exit $?)"
+    --resume "${args[@]}" || echo "== $ds: stopped (exit $?)"
 }
 mkdir -p "$OUT"
 if [[ ${PARALLEL:-0} == 1 ]]; then
