@@ -99,8 +99,8 @@ TITLES = {
     "gowalla-ease-grid-cpu": "gowalla, EASE l2 below the first grid on the 2-core CPU (seed 0)",
     "gowalla-recvae-cpu": "gowalla, seed 1 on the 2-core CPU: RecVAE against RecVAE + PIA (seed 0's budget)",
     "gowalla-recvae-cpu-seed2": "gowalla, seed 2 on the 2-core CPU: RecVAE against RecVAE + PIA (seed 0's budget)",
-    "amazon-cds-recvae-cpu": "amazon-cds, seed 0 on the 2-core CPU: RecVAE against RecVAE + PIA (the H100 run's budget, "
-                             "λ_A = 0.1 fixed)",
+    **{f"amazon-cds-recvae-cpu{sfx}": f"amazon-cds, seed {s} on the 2-core CPU: RecVAE against RecVAE + PIA (the H100 "
+                                       "run's budget, λ_A = 0.1 fixed)" for s, sfx in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
 }
 
 

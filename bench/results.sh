@@ -15,7 +15,7 @@
 # PROFILE=cpu-recvae: RecVAE against RecVAE + PIA on gowalla seed 1 at seed 0's GPU budget (30 epochs, patience 10,
 # λ_A = 0.1, seed 0's choice), to OUT/gowalla-recvae-cpu (SEED=2: seed 2, to OUT/gowalla-recvae-cpu-seed2); on
 # amazon-cds, seed 0 (RecVAE + PIA unfinished on the H100) at the same budget with λ_A = 0.1 fixed, to
-# OUT/amazon-cds-recvae-cpu.
+# OUT/amazon-cds-recvae-cpu (SEED=1|2: that split, to OUT/amazon-cds-recvae-cpu-seedN).
 # Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid|cpu-recvae] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,11 @@ OUT=${OUT:-out/results}
 ALL=(ml-latest-small ml-1m-implicit-ge4 gowalla amazon-cds)
 sets=("${@:-${ALL[@]}}")
 SIX=popularity,ease,multivae,multivae-pia,recvae,recvae-pia
+seed_or() {  # SEED, or the profile's default split; refuses what is not a non-negative integer
+  local seed=${SEED:-$1}
+  [[ $seed =~ ^[0-9]+$ ]] || { echo "SEED must be a non-negative integer, got '$seed'" >&2; return 2; }
+  echo "$seed"
+}
 run_one() {
   local ds=$1 sub=$1 args
   case "${PROFILE:-cpu}:$ds" in
@@ -54,16 +59,17 @@ run_one() {
       args=(--models ease --seeds 1 --ease-grid 25,50,100) ;;
     cpu-recvae:gowalla)
       # about 57 s per RecVAE epoch here, 64 s with PIA: 60 min for the pair. SEED=2 runs the third split instead.
-      local seed=${SEED:-1}
-      [[ $seed =~ ^[0-9]+$ ]] || { echo "SEED must be a non-negative integer, got '$seed'" >&2; return 2; }
+      local seed; seed=$(seed_or 1) || return 2
       sub=$ds-recvae-cpu; [[ $seed == 1 ]] || sub=$ds-recvae-cpu-seed$seed
       args=(--models recvae,recvae-pia --seeds 1 --first-seed "$seed" --epochs 30 --recvae-epochs 30 --patience 10
             --pia-grid 0.1) ;;
     cpu-recvae:amazon-cds)
       # seed 0, whose RecVAE + PIA the H100 run did not finish; λ_A = 0.1 fixed (not searched: a second value would
-      # add about 40 min here), the value gowalla's RecVAE + PIA chose and the only one the H100 run finished
-      sub=$ds-recvae-cpu
-      args=(--models recvae,recvae-pia --seeds 1 --first-seed 0 --epochs 30 --recvae-epochs 30 --patience 10
+      # add about 40 min here), the value gowalla's RecVAE + PIA chose and the only one the H100 run finished.
+      # SEED=1 or 2: the other splits (about 75 min each), to OUT/amazon-cds-recvae-cpu-seedN.
+      local seed; seed=$(seed_or 0) || return 2
+      sub=$ds-recvae-cpu; [[ $seed == 0 ]] || sub=$ds-recvae-cpu-seed$seed
+      args=(--models recvae,recvae-pia --seeds 1 --first-seed "$seed" --epochs 30 --recvae-epochs 30 --patience 10
             --pia-grid 0.1) ;;
     *) echo "unknown data set $ds" >&2; return 2 ;;
   esac
