@@ -39,7 +39,7 @@ def render(results: dict[str, Any]) -> str:
         *(["", f"**Partial run:** {len(results['seeds'])} of {results['seeds_planned']} planned seeds finished "
            "before the run was stopped; the figures below are over those seeds only."]
           if len(results["seeds"]) < results.get("seeds_planned", len(results["seeds"])) else []),
-        *(["", f"**Resumed:** {len(results['resumed'])} fit(s) restored from the checkpoint of an earlier, stopped "
+        *(["", f"**Resumed:** {len(results['resumed'])} fit(s) restored from the checkpoint of an earlier "
            f"run ({', '.join(results['resumed'])}); the wall time counts both runs."] if results.get("resumed") else []),
         "",
         "| model | Recall@20 | Recall@50 | NDCG@100 | coverage@20 | fit time (s) |",
