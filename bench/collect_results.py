@@ -55,6 +55,9 @@ ML-20M is not available here; these data sets are smaller and sparser, so absolu
   choice, and the one value the H100 run validated: 0.1311 there, 0.1337 here). About 78 and 85 s per epoch, 29 and
   43 min per fit, 72 min wall. RecVAE's test NDCG@100 came out 0.1262 against the H100's 0.1244 on the same split:
   close, not identical (its training is not bit-reproducible across devices, unlike EASE's solve).
+- **amazon-cds, RecVAE and RecVAE + PIA on seed 1: the 2-core CPU** (`SEED=1 PROFILE=cpu-recvae bash
+  bench/results.sh amazon-cds`), the same budget and λ_A. About 85 and 97 s per epoch, 35 and 41 min per fit, 76
+  min wall.
 - **ml-latest-small: this project's 2-core CPU, 5 seeds**; Multi-VAE(+PIA) up to 60 epochs, patience 8;
   RecVAE(+PIA) 10 epochs (below its reference 50: RecVAE is under-trained here).
 - Logs of the GPU runs and the CPU seeds of gowalla and amazon-cds: docs/results-logs/. Commands: bench/results.sh
@@ -72,15 +75,16 @@ Reading PIA:
   That is larger than the paper's +1–3% on ML-20M. Part of it is likely that our Multi-VAE baseline is weaker
   than a fully tuned one: on ml-1m it trails RecVAE by 0.033 and EASE by 0.037.
 - **PIA and catalog coverage.** On gowalla and amazon-cds PIA improves every activity group, the lightest users
-  included. It lowers coverage@20 on the 30-epoch CPU seeds (amazon-cds 0.541 → 0.430, gowalla 0.339 → 0.327)
-  and on ml-1m (0.357 → 0.330), but raised it on gowalla's H100 seed (0.321 → 0.343). RecVAE + PIA lowers it on
-  all three gowalla seeds (0.361 → 0.311, 0.365 → 0.306, 0.372 → 0.295) and on amazon-cds seed 0 (0.481 →
-  0.422). A service that values catalog breadth should watch coverage when it turns PIA on.
-- **RecVAE + PIA gains little on ml-1m, much more on the sparser sets.** On ml-1m: +0.0016 ± 0.0016 (+0.4%),
-  better on 4/5 seeds, with λ_A = 0.01 (λ_A = 1 hurts it badly, 0.373 validation NDCG). On gowalla, at one budget:
-  +0.0161 (+7.6%) on seed 0 (H100), +0.0153 (+7.5%) on seed 1 and +0.0138 (+6.7%) on seed 2 (CPU), so +0.0151 ±
-  0.0012 over the three splits, better on 3/3. On amazon-cds seed 0 (CPU, the H100 run's budget, λ_A = 0.1 not
-  tuned): +0.0138 (+10.9%), 0.1262 → 0.1400. Every activity group improved on all four of these splits.
+  included. It lowers coverage@20 on the 30-epoch CPU seeds (amazon-cds 0.541 → 0.430, gowalla 0.339 → 0.327) and
+  on ml-1m (0.357 → 0.330), but raised it on gowalla's H100 seed (0.321 → 0.343). RecVAE + PIA lowers it on all
+  three gowalla seeds (0.361 → 0.311, 0.365 → 0.306, 0.372 → 0.295) and on amazon-cds seeds 0 and 1 (0.481 → 0.422,
+  0.491 → 0.369). A service that values catalog breadth should watch coverage when it turns PIA on.
+- **RecVAE + PIA gains little on ml-1m, much more on the sparser sets.** On ml-1m: +0.0016 ± 0.0016 (+0.4%), better
+  on 4/5 seeds, with λ_A = 0.01 (λ_A = 1 hurts it badly, 0.373 validation NDCG). On gowalla, at one budget: +0.0161
+  (+7.6%) on seed 0 (H100), +0.0153 (+7.5%) on seed 1 and +0.0138 (+6.7%) on seed 2 (CPU), so +0.0151 ± 0.0012 over
+  the three splits, better on 3/3. On amazon-cds (CPU, the H100 run's budget, λ_A = 0.1 not tuned): +0.0138
+  (+10.9%) on seed 0, 0.1262 → 0.1400, and +0.0117 (+10.2%) on seed 1, 0.1145 → 0.1262; +0.0128 ± 0.0015 over the
+  two, better on 2/2. Every activity group improved on all five of these splits.
 - **EASE is the strongest model** on all three larger data sets at these budgets (gowalla seeds 1-2, the same
   splits: EASE 0.2453 / 0.2425 against Multi-VAE + PIA 0.1941 / 0.1924 at 30 epochs; amazon-cds seed 0: EASE
   0.1548 against RecVAE + PIA 0.1400). A well-tuned EASE is known to be a strong baseline; the autoencoders might
