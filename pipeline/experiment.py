@@ -33,6 +33,8 @@ from model.split import Split, SplitError, strong_generalization_split
 from model.train import TrainConfig, resolve_device
 from pipeline.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
 from pipeline.errors import DataError
+from pipeline.lake import resolve
+from pipeline.publish import write_single_object
 from pipeline.report import write_report
 from pipeline.synth import synth_interactions
 
@@ -146,7 +148,7 @@ class Experiment:
             log.warning("%s holds the fits of an earlier run: starting over (--resume continues it)", cfg.out / CHECKPOINT)
         earlier = ckpt or {"per_seed": {}, "tuning": {}, "chosen": {}, "wall_seconds": 0.0}
         restored = {(m, r["seed"]): r for m, rows in earlier["per_seed"].items() for r in rows}
-        earlier_wall = float(earlier["wall_seconds"])
+        earlier_wall = earlier["wall_seconds"]
         per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
         tuning: dict[str, list[dict[str, float]]] = {}
         chosen: dict[str, float | None] = {}
@@ -155,12 +157,13 @@ class Experiment:
         def save_checkpoint() -> None:
             """Every fit so far, also of unfinished seeds and of the earlier run's other models and seeds."""
             fits = restored | {(m, r["seed"]): r for m, rows in per_seed.items() for r in rows}
-            state = {"version": 1, "fingerprint": fingerprint,
-                     "per_seed": {m: [r for (m2, _), r in sorted(fits.items()) if m2 == m]
-                                  for m in dict.fromkeys(m for m, _ in fits)},
+            grouped: dict[str, list[dict[str, Any]]] = {}
+            for (m, _), r in sorted(fits.items()):
+                grouped.setdefault(m, []).append(r)
+            state = {"version": 1, "fingerprint": fingerprint, "per_seed": grouped,
                      "tuning": earlier["tuning"] | tuning, "chosen": earlier["chosen"] | chosen,
                      "wall_seconds": earlier_wall + time.perf_counter() - t_start}
-            _write_atomic(cfg.out / CHECKPOINT, json.dumps(state, indent=1, default=_json_default))
+            _write(cfg.out / CHECKPOINT, json.dumps(state, indent=1, default=_json_default))
 
         def write(done: list[int]) -> dict[str, Any]:
             """results.json/md for the seeds finished so far (rewritten after each seed: a stopped run keeps them)."""
@@ -183,7 +186,7 @@ class Experiment:
                 "resumed": resumed,
                 "wall_seconds": earlier_wall + time.perf_counter() - t_start,
             }
-            _write_atomic(cfg.out / "results.json", json.dumps(results, indent=2, default=_json_default))
+            _write(cfg.out / "results.json", json.dumps(results, indent=2, default=_json_default))
             write_report(results, cfg.out / "results.md")
             return results
 
@@ -219,10 +222,8 @@ class Experiment:
 
     def fingerprint(self, data: Interactions) -> dict[str, Any]:
         """What a checkpoint's fits depend on: every option but RESUMABLE, the device, and the data's shape."""
-        return json.loads(json.dumps({
-            "config": json.loads(self.cfg.model_dump_json(exclude=set(RESUMABLE))), "device": self.device,
-            "data": {"users": data.n_users, "items": data.n_items, "nnz": int(data.matrix.nnz)},
-        }))
+        return {"config": json.loads(self.cfg.model_dump_json(exclude=set(RESUMABLE))), "device": self.device,
+                "data": {"users": data.n_users, "items": data.n_items, "nnz": int(data.matrix.nnz)}}
 
     def split(self, data: Interactions, seed: int) -> Split:
         try:
@@ -327,11 +328,9 @@ def _differences(then: Any, now: Any, key: str = "") -> list[str]:
     return [] if then == now else [f"{key.removeprefix('config.')}: {then!r} then, {now!r} now"]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _write(path: Path, text: str) -> None:
+    """Readers (and a resumed run) see the old file or the new one, never a torn one."""
+    write_single_object(resolve(path), text.encode())
 
 
 def _count(v: float) -> int | float:
