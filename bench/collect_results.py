@@ -94,7 +94,8 @@ Reading PIA:
 
 
 ORDER = ("ml-1m-implicit-ge4", "gowalla", "gowalla-pia-cpu", "gowalla-ease-cpu", "gowalla-ease-grid-cpu", "gowalla-recvae-cpu",
-         "gowalla-recvae-cpu-seed2", "amazon-cds", "amazon-cds-pia-cpu", "amazon-cds-recvae-cpu", "ml-latest-small")
+         "gowalla-recvae-cpu-seed2", "amazon-cds", "amazon-cds-pia-cpu", "amazon-cds-recvae-cpu", "amazon-cds-recvae-cpu-seed1",
+         "amazon-cds-recvae-cpu-seed2", "ml-latest-small")
 # headings of the runs that add seeds or grid values to a data set's section (bench/results.sh PROFILE=cpu-*)
 TITLES = {
     **{f"{ds}-pia-cpu": f"{ds}, more seeds on the 2-core CPU: Multi-VAE against Multi-VAE + PIA"
