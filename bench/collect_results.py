@@ -99,13 +99,14 @@ Reading PIA:
 
 
 ORDER = ("ml-1m-implicit-ge4", "gowalla", "gowalla-pia-cpu", "gowalla-ease-cpu", "gowalla-ease-grid-cpu", "gowalla-recvae-cpu",
-         "gowalla-recvae-cpu-seed2", "amazon-cds", "amazon-cds-pia-cpu", "amazon-cds-recvae-cpu", "amazon-cds-recvae-cpu-seed1",
-         "amazon-cds-recvae-cpu-seed2", "ml-latest-small")
+         "gowalla-recvae-cpu-seed2", "amazon-cds", "amazon-cds-pia-cpu", "amazon-cds-ease-cpu", "amazon-cds-recvae-cpu",
+         "amazon-cds-recvae-cpu-seed1", "amazon-cds-recvae-cpu-seed2", "ml-latest-small")
 # headings of the runs that add seeds or grid values to a data set's section (bench/results.sh PROFILE=cpu-*)
 TITLES = {
     **{f"{ds}-pia-cpu": f"{ds}, more seeds on the 2-core CPU: Multi-VAE against Multi-VAE + PIA"
        for ds in ("gowalla", "amazon-cds")},
-    "gowalla-ease-cpu": "gowalla, more seeds on the 2-core CPU: EASE (l2 = 100, seed 0's choice)",
+    **{f"{ds}-ease-cpu": f"{ds}, more seeds on the 2-core CPU: EASE (l2 = 100, seed 0's choice)"
+       for ds in ("gowalla", "amazon-cds")},
     "gowalla-ease-grid-cpu": "gowalla, EASE l2 below the first grid on the 2-core CPU (seed 0)",
     "gowalla-recvae-cpu": "gowalla, seed 1 on the 2-core CPU: RecVAE against RecVAE + PIA (seed 0's budget)",
     "gowalla-recvae-cpu-seed2": "gowalla, seed 2 on the 2-core CPU: RecVAE against RecVAE + PIA (seed 0's budget)",

@@ -9,7 +9,8 @@
 # PROFILE=cpu-pia adds seeds to the PIA comparison on gowalla / amazon-cds where no GPU is lent: Multi-VAE against
 # Multi-VAE + PIA only, seeds 1-2, up to 30 epochs, λ_A = 1 (the value seed 0's validation users chose on both),
 # written to OUT/DATASET-pia-cpu (40 min per seed for gowalla, 50 for amazon-cds, on 2 CPU cores).
-# PROFILE=cpu-ease: EASE on gowalla seeds 1-2 with l2 = 100 (seed 0's choice), to OUT/gowalla-ease-cpu.
+# PROFILE=cpu-ease: EASE on seeds 1-2 of gowalla or amazon-cds with l2 = 100 (seed 0's choice on both), to
+# OUT/DATASET-ease-cpu.
 # PROFILE=cpu-ease-grid: EASE on gowalla seed 0 with l2 in {25, 50, 100}, below seed 0's first grid (whose low end,
 # 100, won), tuned on validation users as always, to OUT/gowalla-ease-grid-cpu.
 # PROFILE=cpu-recvae: RecVAE against RecVAE + PIA on gowalla seed 1 at seed 0's GPU budget (30 epochs, patience 10,
@@ -49,8 +50,8 @@ run_one() {
     cpu-pia:gowalla|cpu-pia:amazon-cds)
       sub=$ds-pia-cpu
       args=(--models multivae,multivae-pia --seeds 2 --first-seed 1 --epochs 30 --patience 10 --pia-grid 1) ;;
-    cpu-ease:gowalla)
-      # one 41k x 41k inverse per fit: about 12 min and 13 GiB RSS here, so only seed 0's chosen l2
+    cpu-ease:gowalla|cpu-ease:amazon-cds)
+      # one 41k x 41k (36k x 36k) inverse per fit: about 12 min and 13 GiB RSS here, so only seed 0's chosen l2
       sub=$ds-ease-cpu
       args=(--models ease --seeds 2 --first-seed 1 --ease-grid 100) ;;
     cpu-ease-grid:gowalla)
