@@ -51,7 +51,8 @@ run_one() {
       sub=$ds-pia-cpu
       args=(--models multivae,multivae-pia --seeds 2 --first-seed 1 --epochs 30 --patience 10 --pia-grid 1) ;;
     cpu-ease:gowalla|cpu-ease:amazon-cds)
-      # one 41k x 41k (36k x 36k) inverse per fit: about 12 min and 13 GiB RSS here, so only seed 0's chosen l2
+      # one 41k x 41k (36k x 36k) inverse per fit: about 12 min and 13 GiB RSS here (amazon-cds: 4 min, 9.9 GiB),
+      # so only seed 0's chosen l2
       sub=$ds-ease-cpu
       args=(--models ease --seeds 2 --first-seed 1 --ease-grid 100) ;;
     cpu-ease-grid:gowalla)
