@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from model.metrics import topk_items
-from model.sparse import DeviceCSR, SparseBatch
+from model.sparse import DeviceCSR, SparseBatch, canonical_csr
 from model.split import HeldOut
 
 
@@ -62,6 +62,7 @@ class Recommender(ABC):
         `on_batch(n)` is called after each batch (progress)."""
         if history.shape[1] != self.n_items:
             raise ValueError(f"history has {history.shape[1]} item columns, the model has {self.n_items}")
+        history = canonical_csr(history)  # duplicates summed: host row lengths match the device copy
         x = DeviceCSR.from_scipy(history, self.device)
         indptr = np.asarray(history.indptr)
         n, k = x.n_rows, min(k, self.n_items)

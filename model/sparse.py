@@ -54,6 +54,16 @@ class SparseBatch:
         return self.with_vals(torch.ones_like(self.vals))
 
 
+def canonical_csr(matrix: sp.spmatrix | sp.sparray) -> sp.csr_matrix:
+    """float32 CSR with sorted, unique (row, col) entries (duplicates summed): the COO products rely on it, and row
+    lengths taken on the host must match the device copy's. The caller's arrays are never rewritten."""
+    m = sp.csr_matrix(matrix, dtype=np.float32)
+    if not m.has_canonical_format:
+        m = m.copy()
+        m.sum_duplicates()
+    return m
+
+
 class DeviceCSR:
     """CSR arrays on a device; `batch(row_ids)` gathers rows without leaving the device."""
 
@@ -65,10 +75,7 @@ class DeviceCSR:
 
     @classmethod
     def from_scipy(cls, matrix: sp.csr_matrix, device: torch.device | str = "cpu") -> DeviceCSR:
-        m = sp.csr_matrix(matrix, dtype=np.float32)
-        if not m.has_canonical_format:  # sorted, unique (row, col): the COO products rely on it
-            m = m.copy()  # never rewrite the caller's arrays
-            m.sum_duplicates()
+        m = canonical_csr(matrix)
         return cls(
             torch.as_tensor(m.indptr.astype(np.int64), device=device),
             torch.as_tensor(m.indices.astype(np.int64), device=device),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from model.evaluate import evaluate
 from model.graph_step import GraphStep, dense_matrix
 from model.pia import ItemAnchors, PIAConfig, pia_weight
-from model.sparse import DeviceCSR, SparseBatch
+from model.sparse import DeviceCSR, SparseBatch, canonical_csr
 from model.split import HeldOut
 from model.vae import LossOut, MultiVAE, Phase
 
@@ -79,13 +79,14 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.ae: Autoencoder = model  # type: ignore[assignment]
+        train = canonical_csr(train)  # duplicate (user, item) entries summed: host row lengths match the device copy
         self.train_x = DeviceCSR.from_scipy(train, self.device)
         self.valid = valid
         self.on_epoch = on_epoch
         torch.manual_seed(config.seed)  # weights were made by the caller; dropout and sampling draw from here
         # batch order is drawn on the CPU, so each batch's nnz is known there: no host sync per batch
         self.perm_gen = torch.Generator().manual_seed(config.seed)
-        self.row_nnz = torch.as_tensor(np.diff(sp.csr_matrix(train).indptr).astype(np.int64))
+        self.row_nnz = torch.as_tensor(np.diff(train.indptr).astype(np.int64))
         self.pia = pia if pia is not None and pia.enabled else None
         self.anchors: ItemAnchors | None = None
         if self.pia is not None:

@@ -57,6 +57,15 @@ def history(split: Split) -> sp.csr_matrix:
 COLD = 10
 
 
+def with_duplicates(m: sp.csr_matrix) -> sp.csr_matrix:
+    """`m` with each non-empty row's first entry stored twice (a non-canonical CSR, as outside callers may pass)."""
+    rows = [(m.indices[m.indptr[r]:m.indptr[r + 1]], m.data[m.indptr[r]:m.indptr[r + 1]]) for r in range(m.shape[0])]
+    indices = np.concatenate([np.r_[i[:1], i] for i, _ in rows]).astype(np.int32)
+    data = np.concatenate([np.r_[d[:1], d] for _, d in rows]).astype(np.float32)
+    indptr = np.r_[0, np.cumsum([len(i) + (len(i) > 0) for i, _ in rows])]
+    return sp.csr_matrix((data, indices, indptr), shape=m.shape)
+
+
 def seen_sets(history: sp.csr_matrix) -> list[set[int]]:
     return [set(history.indices[history.indptr[r] : history.indptr[r + 1]].tolist()) for r in range(history.shape[0])]
 
@@ -158,6 +167,17 @@ class TestRecommenderContract:
         for cols in (fitted.n_items - 1, fitted.n_items + 3):
             with pytest.raises(ValueError, match="item columns"):
                 fitted.recommend(sp.csr_matrix((2, cols), dtype=np.float32), K)
+
+    def test_duplicate_entries_are_summed_not_a_crash(self, fitted: Recommender, history: sp.csr_matrix) -> None:
+        # a (user, item) pair stored twice: the device copy merges it, so the host's row lengths must agree
+        doubled = with_duplicates(history)
+        assert doubled.nnz > history.nnz and not doubled.has_canonical_format
+        items, _ = fitted.recommend(doubled, K)
+        seen = seen_sets(history)
+        assert all(not (set(row.tolist()) & seen[u]) for u, row in enumerate(items))
+        fresh = tiny_recommender(fitted.name)
+        assert fresh.fit(with_duplicates(history)) is fresh
+        assert fresh.recommend(history, K)[0].shape == (history.shape[0], K)
 
     def test_fit_on_empty_matrix_raises(self, fitted: Recommender) -> None:
         fresh = tiny_recommender(fitted.name)
