@@ -17,7 +17,10 @@
 # λ_A = 0.1, seed 0's choice), to OUT/gowalla-recvae-cpu (SEED=2: seed 2, to OUT/gowalla-recvae-cpu-seed2); on
 # amazon-cds, seed 0 (RecVAE + PIA unfinished on the H100) at the same budget with λ_A = 0.1 fixed, to
 # OUT/amazon-cds-recvae-cpu (SEED=1|2: that split, to OUT/amazon-cds-recvae-cpu-seedN).
-# Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid|cpu-recvae] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
+# PROFILE=cpu-recvae-grid: RecVAE + PIA on amazon-cds seed 0 with λ_A in {0.01, 1}, the values around the 0.1 that
+# cpu-recvae fixed (validation NDCG@100 0.1337, a deterministic CPU figure), chosen on validation users, to
+# OUT/amazon-cds-recvae-grid-cpu (two fits of about 45 min here).
+# Usage: [PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid|cpu-recvae|cpu-recvae-grid] [PARALLEL=1] bash bench/results.sh [dataset ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECSYS=${RECSYS:-.venv/bin/recsys}
@@ -73,6 +76,9 @@ run_one() {
       sub=$ds-recvae-cpu; [[ $seed == 0 ]] || sub=$ds-recvae-cpu-seed$seed
       args=(--models recvae,recvae-pia --seeds 1 --first-seed "$seed" --epochs 30 --recvae-epochs 30 --patience 10
             --pia-grid 0.1) ;;
+    cpu-recvae-grid:amazon-cds)
+      sub=$ds-recvae-grid-cpu
+      args=(--models recvae-pia --seeds 1 --epochs 30 --recvae-epochs 30 --patience 10 --pia-grid 0.01,1) ;;
     *) echo "unknown data set $ds" >&2; return 2 ;;
   esac
   echo "== $ds: ${args[*]}"
