@@ -122,6 +122,7 @@ class MultiVAE(nn.Module):
             return 0.0
         if self.config.anneal_steps == 0:
             return self.config.beta_max
+        # Liang et al.'s code: beta = step / total_anneal_steps, capped (0.2 is reached at 40k of the 200k updates)
         return min(self.config.beta_max, step / self.config.anneal_steps)
 
     def loss(self, x: SparseBatch, *, step: int, phase: Phase) -> LossOut:
