@@ -21,8 +21,8 @@
    (1 when that is 0 and n >= 2, as model/split.py does) with the smallest hash of (seed, user, item) are
    targets, the rest fold-in.
 7. The volume gates (against the previous manifest), then the tables (sorted, so same input + seed gives
-   byte-identical files) are written with snapshot.write_tables under a new run folder and published by
-   snapshot.publish (manifest last; older runs of this as-of are removed).
+   byte-identical files) are written under a new run folder and published by snapshot.write_run (manifest
+   last; the run it replaced is kept for readers still on it, older runs are removed).
 
 The final (user_idx, item_idx) tables are collected to the driver as Arrow: the trainer loads exactly these
 rows into one process anyway (load_snapshot), so the driver holding them once is within the same bound, and
@@ -51,7 +51,7 @@ from pipeline import dq
 from pipeline.dq import DQConfig
 from pipeline.errors import DataError
 from pipeline.lake import Location, resolve
-from pipeline.snapshot import MANIFEST, new_run_id, publish, read_table, write_tables
+from pipeline.snapshot import MANIFEST, read_table, write_run
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -395,7 +395,6 @@ def _assemble(cfg: BuildMatrixConfig, spark: SparkSession, pos: DataFrame, per_u
               "pairs": n_pairs, "new_users": len(all_users) - (len(prev_users) if prev_users is not None else 0),
               "new_items": len(all_items) - (len(prev_items) if prev_items is not None else 0)}
     root = resolve(cfg.snapshot_uri())
-    run_id = new_run_id()
     manifest = {
         "snapshot_id": f"as_of={cfg.as_of.isoformat()}", "as_of": cfg.as_of.isoformat(),
         "window": {"start": cfg.window_start.isoformat(), "end": cfg.as_of.isoformat(), "days": cfg.window_days,
@@ -405,11 +404,6 @@ def _assemble(cfg: BuildMatrixConfig, spark: SparkSession, pos: DataFrame, per_u
         "inputs": [{"path": i.path, "bytes": i.size} for i in inputs.files],
         "previous_snapshot": prev[0].uri if prev else None,
     }
-    try:
-        files = write_tables(root, run_id, tables)
-        publish(root, run_id, files, manifest)
-    except BaseException:
-        root.join(run_id).delete()  # the manifest still names the previous run, if any
-        raise
+    write_run(root, tables, manifest)  # removes the new run only if it never got published
     logger.info("published %s: %s", root.uri, counts)
     return root.uri

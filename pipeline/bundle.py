@@ -6,7 +6,7 @@ is that folder. This module does not import MLflow (inference workers load bundl
 
     bundle/recommender.pt   the fitted model.recommenders object (torch.save; weights on the CPU)
     bundle/items.parquet    column → external item id, and the training popularity of each column
-    bundle/bundle.json      name, config, snapshot id, format version
+    bundle/bundle.json      name, config (credentials stripped from URIs), snapshot id, format version
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import scipy.sparse as sp
 import torch
 
 from model.base import Recommender
+from pipeline.redact import redact_values
 
 FORMAT_VERSION = 1
 
@@ -69,7 +70,7 @@ class ModelBundle:
             else pa.array(self.item_ids.astype(str))
         pq.write_table(pa.table({"item_id": ids, "popularity": pa.array(self.popularity.astype(np.float32))}),
                        d / "items.parquet")
-        meta = {"format_version": FORMAT_VERSION, "name": self.name, "config": self.config,
+        meta = {"format_version": FORMAT_VERSION, "name": self.name, "config": redact_values(self.config),
                 "snapshot_id": self.snapshot_id, "n_items": self.n_items}
         (d / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
         return d

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import DataError
+from pipeline.redact import redact_argv
 
 _VERSION_LINE = re.compile(r"registered (?P<name>\S+) version (?P<version>\d+)\s*$")
 
@@ -81,7 +82,9 @@ def recsys(*argv: str) -> str:
     with contextlib.redirect_stdout(Tee()):
         rc = main(list(argv))
     if rc != 0:
-        raise RuntimeError(f"`recsys {' '.join(argv)}` failed with exit code {rc} (its message is in the log above)")
+        # redacted: --tracking-uri may carry user:password, and this message reaches Airflow's UI and alerts
+        raise RuntimeError(f"`recsys {' '.join(redact_argv(argv))}` failed with exit code {rc} "
+                           "(its message is in the log above)")
     return buf.getvalue()
 
 

@@ -11,14 +11,20 @@ Layout under one snapshot folder (URI: a local path or s3://), published by writ
 user_idx and item_idx are stable across weekly snapshots: a user seen before but without events in this window
 stays as role `inactive` (in no matrix), an item keeps its column even without training interactions this week.
 
-A re-run writes a new run-<id> folder, then replaces manifest.json (one object write: readers see the old
-snapshot or the new one), then deletes the old run folder. Readers trust only what the manifest names.
+A re-run writes a new run-<id> folder, then replaces manifest.json (one atomic object write: readers see the
+old snapshot or the new one). From then on the new run is published and is never removed, whatever fails
+later. Clean-up keeps the run the new manifest replaced, so a reader that read the previous manifest a
+moment earlier can still read its files (only a second rebuild within that read removes them); older runs
+and unpublished leftovers are deleted, and a failed delete is only a warning (the next build retries it).
+Readers trust only what the manifest names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +37,9 @@ import scipy.sparse as sp
 from model.split import HeldOut, Split
 from pipeline.errors import DataError
 from pipeline.lake import Location, resolve
+from pipeline.publish import write_single_object
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -77,13 +86,53 @@ def new_run_id() -> str:
     return f"run-{uuid.uuid4().hex[:12]}"
 
 
+def published_run(root: Location) -> str | None:
+    """The run the current manifest names; None without a readable manifest (I/O errors raise)."""
+    try:
+        return str(root.join(MANIFEST).read_json()["run"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None  # absent or corrupt: it names no run anyone can read
+
+
 def publish(root: Location, run_id: str, files: dict[str, dict[str, Any]], manifest: dict[str, Any]) -> None:
-    """Write manifest.json last (the publish step), then remove runs the new manifest no longer names."""
+    """Write manifest.json last (the publish step), then remove runs older than the one it replaced."""
+    keep = {run_id, published_run(root)}
     body = {**manifest, "format_version": FORMAT_VERSION, "run": run_id, "files": files}
-    root.join(MANIFEST).write_json(body)
-    for name in root.list():
-        if name.startswith("run-") and name != run_id:
+    write_single_object(root.join(MANIFEST), json.dumps(body, indent=2, sort_keys=True, default=str).encode())
+    # published: nothing below may fail the build or touch run_id
+    try:
+        stale = [n for n in root.list() if (n.startswith("run-") and n not in keep) or n.startswith(MANIFEST + ".tmp-")]
+    except Exception as e:
+        log.warning("snapshot %s: could not list old runs (%s); the next build removes them", root.uri, e)
+        stale = []
+    for name in stale:
+        try:
             root.join(name).delete()
+        except Exception as e:
+            log.warning("snapshot %s: could not delete %s (%s); the next build retries", root.uri, name, e)
+
+
+def discard(root: Location, run_id: str) -> None:
+    """Remove a run that failed to publish, unless the manifest names it (a write that failed late may have
+    landed) or cannot be read: a stray folder is harmless, a published one deleted is not."""
+    try:
+        if published_run(root) == run_id:
+            return
+    except Exception:
+        return
+    root.join(run_id).delete()
+
+
+def write_run(root: Location, tables: dict[str, pa.Table], manifest: dict[str, Any]) -> str:
+    """Write `tables` as a new run and publish it; returns its run id. A failure before the manifest names the
+    new run removes its folder (the previous snapshot stays published)."""
+    run_id = new_run_id()
+    try:
+        publish(root, run_id, write_tables(root, run_id, tables), manifest)
+    except BaseException:
+        discard(root, run_id)
+        raise
+    return run_id
 
 
 def write_tables(root: Location, run_id: str, tables: dict[str, pa.Table]) -> dict[str, dict[str, Any]]:
@@ -139,14 +188,12 @@ def write_snapshot(uri: str, user_ids: np.ndarray, item_ids: np.ndarray, split: 
                    manifest: dict[str, Any] | None = None) -> str:
     """Write a snapshot from memory (tests, small data, the experiment harness); returns the snapshot URI."""
     root = resolve(uri)
-    run_id = new_run_id()
     tables = snapshot_tables(user_ids, item_ids, split)
-    files = write_tables(root, run_id, tables)
     counts = {"users": tables["users"].num_rows, "items": tables["items"].num_rows,
               "train_users": len(split.train_users), "train_interactions": tables["train"].num_rows,
               "valid_users": len(split.valid.users), "test_users": len(split.test.users)}
-    publish(root, run_id, files, {"snapshot_id": root.path.rstrip("/").rsplit("/", 1)[-1], "counts": counts,
-                                  **(manifest or {})})
+    write_run(root, tables, {"snapshot_id": root.path.rstrip("/").rsplit("/", 1)[-1], "counts": counts,
+                             **(manifest or {})})
     return root.uri
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.airflow_local import airflow_env
 from pipeline.orchestration import Settings, check_date
+from pipeline.redact import redact_uri
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== where things are")
     print(f"   events:           {settings.events_uri}")
     print(f"   snapshots:        {settings.lake_uri}/snapshots/")
-    print(f"   MLflow:           {settings.tracking_uri} (artifacts under {home / 'artifacts'}; `mlflow ui "
-          f"--backend-store-uri {settings.tracking_uri}`)")
+    shown = redact_uri(settings.tracking_uri)  # a remote store's URI may carry user:password
+    print(f"   MLflow:           {shown} (artifacts under {home / 'artifacts'}; `mlflow ui "
+          f"--backend-store-uri {shown}`)")
     print(f"   champion:         models:/{settings.model_name}@champion = version {version} "
           f"(gate: {tags.get('gate.verdict', '?')}; report: the version's MLflow run, artifacts gate/)")
     print(f"   recommendations:  {settings.recs_uri}/recommendations/dt={date}/ ({recs.num_rows:,} users)")

@@ -33,6 +33,7 @@ from model.pia import PIAConfig
 from model.vae import VAEConfig
 from pipeline import registry
 from pipeline.errors import DataError
+from pipeline.redact import redact_values
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ DEFAULT_REGISTERED_NAME = "recsys-multivae-pia"
 
 
 class TrainJobConfig(BaseModel):
-    """Everything the job needs; logged whole as run params. YAML files give the same keys (nested for vae/pia/ease)."""
+    """Everything the job needs; logged whole as run params (credentials stripped from URIs). YAML files give
+    the same keys (nested for vae/pia/ease)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -249,7 +251,8 @@ def run(cfg: TrainJobConfig, on_epoch: Callable[[dict[str, Any]], None] | None =
         run_id = active.info.run_id
         mlflow.set_tags({"snapshot_id": snap.snapshot_id, "snapshot_uri": cfg.snapshot, "git_commit": commit,
                          "model": cfg.model, "device": device, "machine": machine_name(device)})
-        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        public_cfg = redact_values(cfg.model_dump(mode="json"))  # tracking_uri may carry user:password
+        mlflow.log_params(flatten(public_cfg))
         digest = registry_digest(snap.manifest)
         with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all are fine
             warnings.simplefilter("ignore")
@@ -300,7 +303,7 @@ def run(cfg: TrainJobConfig, on_epoch: Callable[[dict[str, Any]], None] | None =
             # -- the model: one pyfunc with the bundle as its artifact ---------------------------------
             main.to("cpu")
             bundle = ModelBundle(main, snap.item_ids, snap.item_popularity(), cfg.model,
-                                 cfg.model_dump(mode="json") | {"best_epoch": main.best_epoch}, snap.snapshot_id)
+                                 public_cfg | {"best_epoch": main.best_epoch}, snap.snapshot_id)
             bundle_dir = bundle.save(d / "bundle")
             signature, example = _signature(bundle_dir, bundle, snap)
             info = mlflow.pyfunc.log_model(name="model", python_model=BundleModel(), artifacts={"bundle": str(bundle_dir)},
@@ -312,7 +315,8 @@ def run(cfg: TrainJobConfig, on_epoch: Callable[[dict[str, Any]], None] | None =
 
     # Registered last: a run that dies above leaves no version (and never touches `champion`).
     tags = {"snapshot_id": snap.snapshot_id, "snapshot_uri": cfg.snapshot, "git_commit": commit, "run_id": run_id,
-            "model": cfg.model, "device": device, "gate.verdict": "pending"}
+            "model": cfg.model, "device": device, "gate.verdict": "pending",
+            "snapshot_digest": digest}  # the gate checks the snapshot it reloads against this
     tags.update({k: f"{v:.6g}" for k, v in metrics.items() if k.startswith(("test.", "baseline.")) and "group." not in k})
     version = registry.register(info.model_uri, cfg.registered_name, tags, cfg.tracking_uri)
     return TrainResult(cfg.registered_name, version, run_id, metrics)

@@ -52,3 +52,16 @@ def test_pyfunc_predict_maps_ids_filters_seen_and_falls_back(tmp_path: Path, bun
     fb, _ = bundle.fallback(5)
     assert out["item_ids"][1] == [f"i{c}" for c in fb]
     assert bundle.popularity[fb].tolist() == sorted(bundle.popularity.tolist(), reverse=True)[:5]
+
+
+def test_saved_config_holds_no_credentials(tmp_path: Path, bundle: ModelBundle) -> None:
+    secret = {"tracking_uri": "https://alice:s3cret@mlflow.example.com/?token=t0k", "epochs": 1,
+              "nested": {"uri": "https://bob:hunter2@host"}}
+    b = ModelBundle(bundle.recommender, bundle.item_ids, bundle.popularity, "multivae-pia", secret, "snap-1")
+    path = b.save(tmp_path / "b")
+    text = (path / "bundle.json").read_text()
+    assert not [w for w in ("alice", "s3cret", "t0k", "bob", "hunter2") if w in text]
+    loaded = ModelBundle.load(path)
+    assert loaded.config["tracking_uri"] == "https://mlflow.example.com/?token=***"
+    assert loaded.config["nested"] == {"uri": "https://host"} and loaded.config["epochs"] == 1
+    assert b.config["tracking_uri"] == secret["tracking_uri"]  # the in-memory bundle is not altered

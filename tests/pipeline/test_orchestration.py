@@ -57,3 +57,21 @@ def test_gate_passes_the_gate_config_when_set(tmp_path: Path, monkeypatch: pytes
     orch.gate(orch.Settings(**base, gate_config="gates.yaml", gate_mode="dry-run"), 4)
     assert "--config" not in seen[0] and seen[0][seen[0].index("--version") + 1] == "3"
     assert seen[1][-2:] == ("--config", "gates.yaml") and seen[1][seen[1].index("--mode") + 1] == "dry-run"
+
+
+def test_a_failing_command_never_shows_tracking_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(pipeline.cli, "main", lambda argv: seen.append(argv) or 1)  # a gate rejection: exit 1
+    s = orch.Settings(home=tmp_path, events_uri="e", lake_uri="l", recs_uri="r",
+                      tracking_uri="https://alice:s3cret@mlflow.example.com/?token=t0k")
+    with pytest.raises(RuntimeError, match="exit code 1") as e:
+        orch.gate(s, 3)
+    text = str(e.value)
+    assert not [w for w in ("alice", "s3cret", "t0k") if w in text]
+    assert "--tracking-uri https://mlflow.example.com/?token=***" in text and "--version 3" in text
+    assert "https://alice:s3cret@mlflow.example.com/?token=t0k" in seen[0]  # the command itself still gets it
+    with pytest.raises(RuntimeError) as e:
+        orch.recsys("train", "--tracking-uri=https://alice:s3cret@h")
+    assert "s3cret" not in str(e.value) and "--tracking-uri=https://h" in str(e.value)

@@ -1,4 +1,5 @@
-"""pipeline.snapshot: the in-memory writer and the one-call loader round-trip; publish replaces, never duplicates."""
+"""pipeline.snapshot: the in-memory writer and the one-call loader round-trip; publish replaces, keeps the replaced
+run for readers still on it, and never unpublishes a run once its manifest is written."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import pytest
 import scipy.sparse as sp
 
 from model.split import strong_generalization_split
+from pipeline import snapshot
 from pipeline.errors import DataError
-from pipeline.snapshot import MANIFEST, load_snapshot, write_snapshot
+from pipeline.lake import Location, resolve
+from pipeline.publish import write_single_object
+from pipeline.snapshot import MANIFEST, load_snapshot, read_manifest, read_table, write_snapshot
 from pipeline.synth import synth_interactions
 
 
@@ -39,15 +43,91 @@ def test_round_trip(tmp_path: Path, data) -> None:
     np.testing.assert_array_equal(snap.item_popularity(), np.asarray(split.train.sum(0)).ravel())
 
 
-def test_rewrite_replaces_the_run_and_keeps_one(tmp_path: Path, data) -> None:
+def _runs(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if p.name.startswith("run-")}
+
+
+def _write(root: Path, data) -> str:
     _, split, user_ids, item_ids = data
+    write_snapshot(str(root), user_ids, item_ids, split)
+    return str(read_manifest(str(root))["run"])
+
+
+def test_rewrite_keeps_the_replaced_run_for_readers_and_removes_older(tmp_path: Path, data) -> None:
     root = tmp_path / "snap"
-    write_snapshot(str(root), user_ids, item_ids, split)
-    first = load_snapshot(str(root)).manifest["run"]
-    write_snapshot(str(root), user_ids, item_ids, split)
-    second = load_snapshot(str(root)).manifest["run"]
+    first = _write(root, data)
+    (root / "run-crashed0000").mkdir()  # an unpublished leftover of a killed build
+    (root / (MANIFEST + ".tmp-dead")).write_text("{")  # a manifest write killed before its rename
+    second = _write(root, data)
+    assert first != second and sorted(p.name for p in root.iterdir()) == sorted([MANIFEST, first, second])
+    third = _write(root, data)
+    assert _runs(root) == {second, third}
+    assert load_snapshot(str(root)).manifest["run"] == third
+
+
+def test_a_reader_of_the_previous_manifest_can_finish_after_a_rebuild(tmp_path: Path, data) -> None:
+    root = tmp_path / "snap"
+    _write(root, data)
+    old = read_manifest(str(root))  # a trainer has read the manifest, not yet the files
+    _write(root, data)
+    assert read_table(resolve(str(root)), old, "train", verify=True).num_rows == old["counts"]["train_interactions"]
+
+
+class Timeout(BaseException):
+    """Like Airflow's task timeout: not an Exception."""
+
+
+@pytest.mark.parametrize("error", [OSError("S3 503"), Timeout()])
+def test_cleanup_failure_after_the_manifest_never_unpublishes(tmp_path: Path, data, error: BaseException,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "snap"
+    first, second = _write(root, data), _write(root, data)
+
+    def fail(self: Location) -> None:
+        raise error
+
+    monkeypatch.setattr(Location, "delete", fail)
+    if isinstance(error, Exception):
+        third = _write(root, data)
+        assert f"could not delete {first}" in caplog.text  # a warning; the build succeeded
+    else:
+        with pytest.raises(Timeout):
+            _write(root, data)
+        third = str(read_manifest(str(root))["run"])
+    assert third not in (first, second) and _runs(root) == {first, second, third}
+    assert load_snapshot(str(root)).manifest["run"] == third  # the manifest names a folder that exists
+    monkeypatch.undo()
+    fourth = _write(root, data)  # the next build retries the clean-up
+    assert _runs(root) == {third, fourth}
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_failed_manifest_write(tmp_path: Path, data, landed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not landed: the new run is removed, the previous snapshot stays published. Landed (an S3 PUT that
+    succeeded but timed out on the client): the new run is published and must stay."""
+    root = tmp_path / "snap"
+    first = _write(root, data)
+
+    def write(loc: Location, body: bytes) -> None:
+        if landed:
+            write_single_object(loc, body)
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(snapshot, "write_single_object", write)
+    with pytest.raises(OSError, match="connection reset"):
+        _write(root, data)
+    published = load_snapshot(str(root)).manifest["run"]
+    assert (published != first) == landed and _runs(root) == {first, published}
+
+
+def test_corrupt_previous_manifest_is_replaced(tmp_path: Path, data) -> None:
+    root = tmp_path / "snap"
+    first = _write(root, data)
+    (root / MANIFEST).write_text("not json")
+    second = _write(root, data)
+    assert load_snapshot(str(root)).manifest["run"] == second and _runs(root) == {second}  # nobody could read first
     assert first != second
-    assert sorted(p.name for p in root.iterdir()) == sorted([MANIFEST, second])
 
 
 def test_missing_manifest_and_tampered_file_are_clear_errors(tmp_path: Path, data) -> None:

@@ -64,7 +64,29 @@ def test_rerun_is_identical_and_replaces(lake: Path, events: Path):
     after = read_manifest(str(uri))
     strip = lambda files: {k.split("/", 1)[1]: (v["sha256"], v["rows"]) for k, v in files.items()}  # noqa: E731
     assert before["run"] != after["run"] and strip(before["files"]) == strip(after["files"])
-    assert [p.name for p in uri.iterdir() if p.name.startswith("run-")] == [after["run"]]
+    # the replaced run stays for readers that read the old manifest a moment earlier
+    assert sorted(p.name for p in uri.iterdir() if p.name.startswith("run-")) == sorted([before["run"], after["run"]])
+
+
+def test_failed_cleanup_after_publish_keeps_the_new_run(lake: Path, events: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture):
+    """Deleting old runs fails (S3 error, permissions) after the manifest switch: the build still succeeds and
+    the manifest names a folder that exists; the old run is left for the next build."""
+    from pipeline.lake import Location
+
+    uri = lake / "snapshots" / f"as_of={WEEK1}"
+    before = read_manifest(str(uri))
+    stale = uri / "run-stale0000000"
+    stale.mkdir()
+
+    def fail(self: Location) -> None:
+        raise OSError("AccessDenied")
+
+    monkeypatch.setattr(Location, "delete", fail)
+    assert config(events, lake).run() == str(uri)
+    after = load_snapshot(str(uri)).manifest  # verifies every file the manifest names
+    assert after["run"] != before["run"] and (uri / after["run"]).is_dir() and (uri / before["run"]).is_dir()
+    assert stale.is_dir() and "could not delete run-stale0000000" in caplog.text
 
 
 def test_other_seed_other_split(lake: Path, events: Path, tmp_path: Path):

@@ -13,14 +13,16 @@ import pytest
 
 from pipeline import registry
 from pipeline.promotion import aliases
-from pipeline.train_job import load_config, metric_key, run
+from pipeline.snapshot import load_snapshot
+from pipeline.train_job import load_config, metric_key, registry_digest, run
 
 from .conftest import NAME, cwd_has_mlruns, tiny
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def test_run_logs_params_curves_metrics_plots_input_and_registers_challenger(trained: dict[str, str]) -> None:
+def test_run_logs_params_curves_metrics_plots_input_and_registers_challenger(trained: dict[str, str],
+                                                                            synth_snapshot: str) -> None:
     c = registry.client()
     r = c.get_run(trained["good_run"])
     assert r.data.params["vae.hidden_dims"] == "[32]" and r.data.params["pia.weight"] == "1.0"
@@ -41,6 +43,7 @@ def test_run_logs_params_curves_metrics_plots_input_and_registers_challenger(tra
     v = c.get_model_version(NAME, trained["good"])
     assert v.tags["snapshot_id"] == "snap-synth" and v.tags["run_id"] == r.info.run_id
     assert float(v.tags["baseline.popularity.ndcg_at_100"]) > 0 and "test.ndcg_at_100" in v.tags
+    assert v.tags["snapshot_digest"] == registry_digest(load_snapshot(synth_snapshot).manifest)  # what the gate checks
     assert aliases(NAME) == {"challenger": trained["bad"]}  # training never sets champion
     assert not cwd_has_mlruns()
 
@@ -95,3 +98,21 @@ def test_killed_training_process_registers_nothing(trained: dict[str, str], synt
     assert proc.returncode == -signal.SIGKILL
     assert {v.version for v in c.search_model_versions(f"name='{NAME}'")} == before
     assert aliases(NAME)["champion"] == trained["good"]
+
+
+def test_tracking_credentials_reach_no_param_tag_bundle_or_log(home: Path, synth_snapshot: str,
+                                                               monkeypatch: pytest.MonkeyPatch, capsys,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    secret_uri = "https://alice:s3cret@mlflow.example.com/?token=t0k"
+    local = registry.tracking_uri
+    monkeypatch.setattr(registry, "tracking_uri", lambda explicit=None: local(None))  # the secret URI's stand-in
+    res = run(tiny(synth_snapshot, epochs=1, baselines=False, tracking_uri=secret_uri))
+    c = registry.client()
+    r = c.get_run(res.run_id)
+    v = c.get_model_version(NAME, res.version)
+    bundle, _ = registry.load_bundle(f"models:/{NAME}/{res.version}")
+    assert r.data.params["tracking_uri"] == bundle.config["tracking_uri"] == "https://mlflow.example.com/?token=***"
+    out = capsys.readouterr()
+    seen = [str(r.data.params), str(r.data.tags), str(v.tags), str(bundle.config), out.out, out.err, caplog.text]
+    assert not [(w, t) for t in seen for w in ("alice", "s3cret", "t0k") if w in t]
+    assert v.tags["snapshot_digest"] == registry_digest(load_snapshot(synth_snapshot).manifest)
