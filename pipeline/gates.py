@@ -11,6 +11,9 @@ Gates, each recorded as pass / fail / skipped with a one-line detail:
 - baseline.popularity  primary metric >= popularity * (1 + popularity_margin)  (must beat it)
 - baseline.ease        primary metric >= EASE * (1 - ease_margin)             (may trail it, within the margin);
                        skipped when the training job skipped EASE (catalog > max_ease_items)
+                       NO BASELINES AT ALL (trained with `baselines: false`): both baseline gates FAIL (closed),
+                       since a first model would otherwise only need the absolute floors; the gate config's
+                       `allow_missing_baselines: true` turns them into `skipped`. The detail says which applied.
 - coverage             coverage@top_n >= coverage_floor
 - sanity.nan / sanity.seen   no non-finite score; no fold-in (already seen) item in any top-N list
 """
@@ -41,6 +44,7 @@ class GateConfig(BaseModel):
     coverage_floor: float = Field(0.05, ge=0.0, le=1.0, description="catalog share in anyone's top-N")
     top_n: int = Field(20, ge=1, description="N of the coverage and sanity checks")
     sanity_users: int = Field(5000, ge=1, description="test users whose top-N lists are checked for seen items")
+    allow_missing_baselines: bool = Field(False, description="no baselines recorded (baselines: false): skip, not fail")
 
 
 def load_gate_config(path: str | Path | None) -> GateConfig:
@@ -79,15 +83,19 @@ def check(cfg: GateConfig, candidate: dict[str, float], champion: dict[str, floa
             out.append(_cmp(f"champion.{m}", candidate[m], champion[m] * (1 - cfg.champion_tolerance),
                             f"champion {champion[m]:.4f}, tolerance {cfg.champion_tolerance:g}"))
     p = cfg.primary
-    pop = baselines.get("popularity")
-    out.append(GateResult("baseline.popularity", "skipped", "no popularity baseline recorded") if pop is None else
+    pop, ease = baselines.get("popularity"), baselines.get("ease")
+    # Training fits popularity whenever baselines are on, so no popularity means `baselines: false`.
+    none_status: Status = "skipped" if cfg.allow_missing_baselines else "fail"
+    none_detail = "baselines were not computed at training (baselines: false); " + (
+        "allowed by allow_missing_baselines: true" if cfg.allow_missing_baselines else
+        "failing closed: retrain with baselines: true, or set allow_missing_baselines: true in the gate config")
+    out.append(GateResult("baseline.popularity", none_status, none_detail) if pop is None else
                _cmp("baseline.popularity", candidate[p], pop[p] * (1 + cfg.popularity_margin),
                     f"popularity {pop[p]:.4f}, margin +{cfg.popularity_margin:g}"))
-    ease = baselines.get("ease")
-    out.append(GateResult("baseline.ease", "skipped", "no EASE baseline recorded (catalog above max_ease_items)")
-               if ease is None else
-               _cmp("baseline.ease", candidate[p], ease[p] * (1 - cfg.ease_margin),
-                    f"EASE {ease[p]:.4f}, margin -{cfg.ease_margin:g}"))
+    out.append(_cmp("baseline.ease", candidate[p], ease[p] * (1 - cfg.ease_margin),
+                    f"EASE {ease[p]:.4f}, margin -{cfg.ease_margin:g}") if ease is not None else
+               GateResult("baseline.ease", none_status, none_detail) if pop is None else
+               GateResult("baseline.ease", "skipped", "no EASE baseline recorded (catalog above max_ease_items)"))
     cov = f"coverage@{cfg.top_n}"
     out.append(_cmp("coverage", candidate.get(cov, float("nan")), cfg.coverage_floor, cov))
     out.append(GateResult("sanity.nan", "pass" if nan_rows == 0 else "fail", f"{nan_rows} users with non-finite scores"))

@@ -14,6 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import DataError
+
 if TYPE_CHECKING:  # mlflow and torch stay lazy: the CLI imports this module for every command
     from mlflow import MlflowClient
 
@@ -83,6 +85,25 @@ def git_commit() -> str:
         return "unknown"
 
 
+def canonical_version(version: object) -> str:
+    """A model version from outside (CLI, ledger, URI) as MLflow spells it: '02' -> '2'. MLflow itself accepts
+    '02', so comparing raw strings with alias values would treat one version as two."""
+    s = str(version)
+    if not (s.isascii() and s.isdigit()) or int(s) == 0:
+        raise DataError(f"model version {s!r} is not a positive integer", "pass a registered version number, e.g. 3")
+    return str(int(s))
+
+
+def version_exists(name: str, version: str, explicit_uri: str | None = None) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(explicit_uri).get_model_version(name, canonical_version(version))
+    except MlflowException:
+        return False
+    return True
+
+
 def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
     """models:/NAME@ALIAS or models:/NAME/VERSION → (name, alias, version)."""
     if not model_uri.startswith("models:/"):
@@ -94,7 +115,7 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
     name, _, version = rest.rpartition("/")
     if not name or not version:
         raise ValueError(f"{model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
-    return name, None, version
+    return name, None, canonical_version(version)
 
 
 def resolve_version(model_uri: str, explicit_uri: str | None = None) -> tuple[str, str]:
@@ -128,7 +149,7 @@ def load_bundle(model_uri: str, device: str | None = None, tracking: str | None 
 
 
 def version_tags(name: str, version: str, explicit_uri: str | None = None) -> dict[str, str]:
-    return dict(client(explicit_uri).get_model_version(name, version).tags)
+    return dict(client(explicit_uri).get_model_version(name, canonical_version(version)).tags)
 
 
 def alias_version(name: str, alias: str, explicit_uri: str | None = None) -> str | None:

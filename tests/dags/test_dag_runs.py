@@ -3,9 +3,9 @@
 Each run is a subprocess with the environment of pipeline.airflow_local.airflow_env (a migrated SQLite Airflow DB
 in a temp AIRFLOW_HOME), so no Airflow import or configuration leaks into (or from) this pytest process. The data:
 `recsys synth` events (500 users x 200 items x 14 days, 2026-01-04 .. 2026-01-17), RECSYS_HOME in a temp folder,
-a tiny training config. `baselines: false` keeps the first-model gate lenient without a gate config (the
-popularity/EASE gates are then skipped; floors, coverage and sanity still apply): a 3-epoch model does not beat
-popularity on this data, and orchestration.gate passes no `--config`.
+a tiny training config. `baselines: false` plus a gate config with `allow_missing_baselines: true` keeps the
+first-model gate lenient (the popularity/EASE gates are then skipped; floors, coverage and sanity still apply): a
+3-epoch model does not beat popularity on this data. Without that gate config missing baselines fail the gate.
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ class Env:
         self.tracking = f"sqlite:///{self.home / 'mlflow.db'}"
         self.train_config = root / "train.yaml"
         self.train_config.write_text(TINY_TRAIN)
+        self.gate_config = root / "gates.yaml"
+        self.gate_config.write_text("allow_missing_baselines: true\n")
         self.recsys_env = {
             "RECSYS_HOME": str(self.home), "RECSYS_TRAIN_CONFIG": str(self.train_config), "RECSYS_MODEL_NAME": MODEL,
             "RECSYS_WINDOW_DAYS": "14", "RECSYS_TOP_N": "20", "RECSYS_SPARK_MASTER": "local[2]", "RECSYS_DEVICE": "cpu",
-            "RECSYS_GATE_MODE": "enabled", "MLFLOW_TRACKING_URI": self.tracking,
+            "RECSYS_GATE_MODE": "enabled", "RECSYS_GATE_CONFIG": str(self.gate_config), "MLFLOW_TRACKING_URI": self.tracking,
             "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
             # the DAGs retry with exponential backoff (2-5 min): cap each retry's wait so a failing run ends quickly
             "AIRFLOW__CORE__MAX_TASK_RETRY_DELAY": "1",

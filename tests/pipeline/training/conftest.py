@@ -100,3 +100,21 @@ def easy_gates():
 
 def cwd_has_mlruns() -> bool:
     return Path(os.getcwd(), "mlruns").exists()
+
+
+def copy_version(of: str, **tags: str) -> str:
+    """A new version of NAME with the weights and tags of version `of` (gate.* dropped; `tags` override)."""
+    from pipeline import registry
+
+    c = registry.client()
+    mv = c.get_model_version(NAME, of)
+    keep = {k: v for k, v in mv.tags.items() if not k.startswith("gate.")} | tags
+    return str(c.create_model_version(NAME, mv.source, run_id=mv.run_id, tags=keep).version)
+
+
+def snapshot_digest(uri: str) -> str:
+    """The digest training records as the version tag `snapshot_digest`."""
+    from pipeline.snapshot import read_manifest
+    from pipeline.train_job import registry_digest
+
+    return registry_digest(read_manifest(uri))

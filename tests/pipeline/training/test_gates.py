@@ -53,3 +53,16 @@ def test_yaml_config(tmp_path: Path) -> None:
         load_gate_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError):
         GateConfig(coverage_floor=2.0)
+
+
+def test_no_baselines_fail_closed_unless_allowed() -> None:
+    res = check(GateConfig(), CAND, None, {}, 0, 0)
+    assert [r.gate for r in res if r.status == "fail"] == ["baseline.popularity", "baseline.ease"]
+    assert all("baselines were not computed at training (baselines: false); failing closed" in r.detail
+               for r in res if r.gate.startswith("baseline."))
+    res = check(GateConfig(allow_missing_baselines=True), CAND, None, {}, 0, 0)
+    assert passed(res) and {r.status for r in res if r.gate.startswith("baseline.")} == {"skipped"}
+    assert "allowed by allow_missing_baselines" in next(r.detail for r in res if r.gate == "baseline.ease")
+    # popularity but no EASE: training skipped EASE for the catalog size, not a missing-baselines config
+    res = check(GateConfig(), CAND, None, {"popularity": BASE["popularity"]}, 0, 0)
+    assert passed(res) and "max_ease_items" in next(r.detail for r in res if r.gate == "baseline.ease")

@@ -31,3 +31,19 @@ def test_bad_uris_are_clear_errors(trained: dict[str, str]) -> None:
 
 def test_default_tracking_is_sqlite_under_recsys_home(home) -> None:
     assert tracking_uri() == f"sqlite:///{home / 'mlflow.db'}" and tracking_uri().startswith("sqlite:////")
+
+
+def test_versions_are_canonical_positive_integers(trained: dict[str, str]) -> None:
+    from pipeline.errors import DataError
+    from pipeline.registry import canonical_version, version_tags
+
+    assert canonical_version("007") == "7" and canonical_version(3) == "3"
+    assert parse_model_uri("models:/m/02") == ("m", None, "2")
+    assert version_tags(NAME, f"0{trained['good']}")["snapshot_id"] == "snap-synth"
+    _, v = load_bundle(f"models:/{NAME}/0{trained['good']}")
+    assert v == trained["good"]
+    for bad in ("0", "-2", "x", "", "2.0"):
+        with pytest.raises(DataError, match="is not a positive integer"):
+            canonical_version(bad)
+    with pytest.raises(DataError, match="'latest' is not a positive integer"):
+        parse_model_uri("models:/m/latest")
