@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import threading
@@ -137,9 +138,16 @@ def events_filter(dataset: ds.Dataset, cfg: InferConfig) -> ds.Expression:
     first = cfg.date - dt.timedelta(days=cfg.history_days - 1) if cfg.history_days else None
     expr = pc.is_valid(ds.field("user_id")) & pc.is_valid(ds.field("item_id"))
     if "dt" in names:
-        expr &= ds.field("dt") <= cfg.date.isoformat()
+        dt_type = dataset.schema.field("dt").type  # string for dt= folders; a single file may hold dates
+        if not (pa.types.is_string(dt_type) or pa.types.is_large_string(dt_type) or pa.types.is_date(dt_type)):
+            raise DataError(f"events column dt has type {dt_type}", "store dt as YYYY-MM-DD strings or as dates")
+
+        def day_value(day: dt.date) -> pa.Scalar:
+            return pa.scalar(day if pa.types.is_date(dt_type) else day.isoformat(), type=dt_type)
+
+        expr &= ds.field("dt") <= day_value(cfg.date)
         if first is not None:
-            expr &= ds.field("dt") >= first.isoformat()
+            expr &= ds.field("dt") >= day_value(first)
     if "event_ts" in names and pa.types.is_timestamp(dataset.schema.field("event_ts").type):
         t = dataset.schema.field("event_ts").type
         tz = dt.UTC if t.tz else None
@@ -150,7 +158,12 @@ def events_filter(dataset: ds.Dataset, cfg: InferConfig) -> ds.Expression:
         expr &= ds.field("event_ts") < at(cfg.date + dt.timedelta(days=1))
         if first is not None:
             expr &= ds.field("event_ts") >= at(first)
-    if cfg.min_weight is not None and "weight" in names:
+    if cfg.min_weight is not None:  # silently keeping every event would publish unfiltered recommendations
+        w = dataset.schema.field("weight").type if "weight" in names else None
+        if w is None or not (pa.types.is_integer(w) or pa.types.is_floating(w)):
+            raise DataError(f"--min-weight needs a numeric weight column; the events have "
+                            f"{'none' if w is None else f'one of type {w}'}",
+                            "drop --min-weight, or pass events with a numeric weight column")
         expr &= ds.field("weight") >= cfg.min_weight
     return expr
 
@@ -195,6 +208,15 @@ def map_items(items: pa.Array, vocab: pa.Array, lut: np.ndarray | None = None) -
 SPILL_BATCH_ROWS = 1 << 20
 
 
+def max_spill_shards() -> int:
+    """Shard files the spill may keep open at once: half the soft open-files limit (`ulimit -n`), leaving the
+    rest to the Parquet readers, the model's libraries and the publisher."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    return max(1, soft // 2)
+
+
 class Spill:
     """Events split into n local shard files (Arrow IPC streams of user_id, col) by user hash."""
 
@@ -202,8 +224,18 @@ class Spill:
         self.dir = directory
         self.n = n_shards
         self.schema = pa.schema([("user_id", user_type), ("col", pa.int32())])
-        self.writers = [pa.ipc.new_stream(str(directory / f"shard-{s:05d}.arrow"), self.schema) for s in range(n_shards)]
+        # Files opened here, not by path: a writer's close() keeps a file it opened itself open until garbage
+        # collection, which kept every shard's descriptor (and the disk of unlinked shards) for the whole run.
+        self.files: list[pa.NativeFile] = []
+        self.writers: list[pa.ipc.RecordBatchStreamWriter] = []
         self.events = 0
+        try:
+            for s in range(n_shards):
+                self.files.append(pa.OSFile(str(directory / f"shard-{s:05d}.arrow"), "wb"))
+                self.writers.append(pa.ipc.new_stream(self.files[-1], self.schema))
+        except BaseException:
+            self.close()  # the files opened so far
+            raise
 
     def split(self, users: pa.Array, cols: np.ndarray) -> list[tuple[int, pa.RecordBatch]]:
         """(shard, rows) pieces of one batch of events; pure, so batches can be split in worker threads."""
@@ -223,8 +255,12 @@ class Spill:
             self.events += rows.num_rows
 
     def close(self) -> None:
-        for w in self.writers:
-            w.close()
+        try:
+            for w in self.writers:
+                w.close()
+        finally:
+            for f in self.files:
+                f.close()
 
     def shard(self, s: int) -> pa.Table:
         with pa.ipc.open_stream(str(self.dir / f"shard-{s:05d}.arrow")) as r:
@@ -242,7 +278,13 @@ def spill_events(dataset: ds.Dataset, cfg: InferConfig, vocab: pa.Array, directo
     estimate = dataset.count_rows(filter=expr)
     if estimate == 0:
         raise DataError(f"no events up to {cfg.date} in {cfg.events}", "check --events and --date (and --history-days)")
-    spill = Spill(directory, max(1, -(-estimate // per_shard)), user_type)
+    n_shards, limit = max(1, -(-estimate // per_shard)), max_spill_shards()
+    if n_shards > limit:  # one open file per shard: beyond the limit the spill would die with EMFILE
+        raise DataError(f"{estimate} events in shards of {per_shard} need {n_shards} spill files open at once, more "
+                        f"than the {limit} allowed (half the open-files limit, `ulimit -n`)",
+                        f"pass --shard-events {-(-estimate // limit)} or more (by default the shard size follows "
+                        f"--memory-budget-mb, at most {SHARD_EVENTS_MAX} events), or raise `ulimit -n`")
+    spill = Spill(directory, n_shards, user_type)
     unknown_events = 0
     unknown: set[Any] = set()
     lut = _dense_lookup(vocab)

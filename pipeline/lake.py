@@ -6,13 +6,15 @@ RECSYS_S3_ENDPOINT) for a non-AWS endpoint such as a moto server, AWS_REGION, an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -48,9 +50,24 @@ class Location:
             return f.read()
 
     def write_bytes(self, data: bytes) -> None:
+        """Write a file whole. On a local disk readers see the old content or the new, never a torn file (a
+        temporary file in the same folder, then a rename); S3 PUTs are atomic already. No fsync: durability is
+        the caller's choice (pipeline.publish)."""
         self.mkdir_parent()
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(data)
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+            return
+        head, name = os.path.split(self.path)
+        tmp = os.path.join(head, f".{name}.tmp-{secrets.token_hex(4)}")  # dot: dataset discovery skips it
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def read_json(self) -> Any:
         return json.loads(self.read_bytes())
@@ -107,8 +124,14 @@ def resolve(uri: str | Path) -> Location:
         path = f"{bucket}/{key}" if key else bucket
         return Location(s3_filesystem(), path, f"s3://{path}")
     if parsed.scheme == "file":
-        local = Path(parsed.path)
-    elif parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and os.name == "nt"):
+        if parsed.netloc.lower() not in ("", "localhost"):  # file://host/path would silently drop the host
+            raise DataError(f"file URI {text!r} names host {parsed.netloc!r}",
+                            "use file:///absolute/path (three slashes) or a plain local path")
+        decoded = unquote(parsed.path)
+        if "\x00" in decoded:
+            raise DataError(f"invalid location {text!r}", "pass a local path, file:///path or s3://bucket/prefix")
+        local = Path(decoded)
+    elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
         local = Path(text)
     else:
         raise DataError(f"unsupported URI scheme {parsed.scheme!r} in {text!r}",

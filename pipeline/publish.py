@@ -8,13 +8,25 @@ Layout of a partition:
 
 `_SUCCESS` is the commit point: one single-object write (an S3 PUT, or a rename on a local disk) that names
 the run folder readers must use. Until it is written, readers keep seeing the previous run (its folder is
-untouched) or nothing. Old run folders — the replaced run and any run that crashed half-way — are deleted
-only after the new `_SUCCESS` is in place. A crash at any point therefore leaves either the previous
-complete partition or the new complete one visible, never a mix.
+untouched) or nothing. On a local disk the parts and the manifest are fsynced before it, so a power loss
+cannot leave it pointing at empty files. A crash at any point therefore leaves either the previous complete
+partition or the new complete one visible, never a mix.
+
+Runs of the same date may overlap (an Airflow retry while a zombie attempt lives, a manual re-run). Run ids
+sort by start time, and the newest started run wins:
+- after its commit a run deletes only older run folders (the replaced run, crashed runs, an older run still
+  writing); a newer run's folder is left to that run, which deletes this one when it commits;
+- before its commit a run checks that every file it wrote is still there (a newer run's commit deletes older
+  runs) and that `_SUCCESS` does not name a newer run; if either fails it removes its folder and raises,
+  leaving `_SUCCESS` as it was.
+One race is left, as no check-then-write can close it on S3: a newer run that commits between an older run's
+checks and its `_SUCCESS` write, deleting the older run, leaves `_SUCCESS` naming a deleted folder; readers then
+get a clear DataError until the date is re-run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -64,21 +76,48 @@ def parquet_encodings(schema: pa.Schema) -> dict[str, list[str]]:
     return {"use_dictionary": others, "use_byte_stream_split": floats}
 
 
+_last_run_us = 0
+_run_id_lock = threading.Lock()
+
+
 def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+    """UTC start time to the microsecond, then a random suffix: ids of one date sort by start time (cleanup
+    relies on it). Strictly increasing within a process, so writers created back to back are ordered too."""
+    global _last_run_us
+    with _run_id_lock:
+        _last_run_us = us = max(time.time_ns() // 1000, _last_run_us + 1)
+    seconds, micro = divmod(us, 1_000_000)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}.{micro:06d}-{secrets.token_hex(4)}"
+
+
+def _is_local(loc: Location) -> bool:
+    return isinstance(loc.fs, pafs.LocalFileSystem)
+
+
+def fsync_path(path: str) -> None:
+    """fsync a local file or folder (a folder: its entries, e.g. a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_single_object(loc: Location, data: bytes) -> None:
-    """Write a small object so that readers see the old content or the new one, never a torn file.
-    S3 PUTs are atomic already; on a local disk write a temporary file and rename it over the target."""
-    if isinstance(loc.fs, pafs.LocalFileSystem):
-        tmp = Location(loc.fs, f"{loc.path}.tmp-{secrets.token_hex(4)}", loc.uri + ".tmp")
-        tmp.write_bytes(data)
-        with open(tmp.path, "rb+") as f:  # durable before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp.path, loc.path)
-    else:
+    """Write a small object so that readers see the old content or the new one, never a torn file, and (on a
+    local disk) durably. S3 PUTs are atomic already; on a local disk write a temporary file, fsync it, rename it
+    over the target and fsync the folder."""
+    if not _is_local(loc):
         loc.write_bytes(data)
+        return
+    loc.mkdir_parent()
+    tmp = f"{loc.path}.tmp-{secrets.token_hex(4)}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # durable before the rename makes it visible
+    os.replace(tmp, loc.path)
+    fsync_path(os.path.dirname(loc.path))
 
 
 @dataclass
@@ -118,7 +157,10 @@ class PartitionWriter:
             if name in self._taken:
                 raise ValueError(f"{name} was written twice in run {self.run_name}")
             self._taken.add(name)
-        self.run_dir.join(name).write_bytes(data)
+        loc = self.run_dir.join(name)
+        loc.write_bytes(data)
+        if _is_local(loc):
+            fsync_path(loc.path)  # here, in the writing thread, rather than serially in commit
         entry = {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                  **index}
         with self._lock:
@@ -136,17 +178,42 @@ class PartitionWriter:
         manifest = {**extra, "run": self.run_name, "files": files, "rows": self.rows}
         body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         self.run_dir.join(MANIFEST).write_bytes(body)
+        if _is_local(self.run_dir):  # parts were fsynced by write_part; their names and the folder's here
+            for path in (self.run_dir.join(MANIFEST).path, self.run_dir.path, self.partition.path):
+                fsync_path(path)
         hook("manifest")
+        self._check_before_commit([f["path"] for f in files])
         pointer = {"run": self.run_name, "manifest_sha256": hashlib.sha256(body).hexdigest(), "rows": self.rows}
         write_single_object(self.partition.join(SUCCESS), json.dumps(pointer, sort_keys=True).encode())
         hook("success")
         self.cleanup()
         return manifest
 
+    def _check_before_commit(self, parts: list[str]) -> None:
+        """Raise (after removing this run's folder) when a newer run for this date deleted files of this run or
+        has committed already: this run must not replace it. `_SUCCESS` is left as it was."""
+        missing = sorted({*parts, MANIFEST} - set(self.run_dir.list()))
+        newer: Any = None
+        if not missing:
+            with contextlib.suppress(FileNotFoundError, ValueError):  # no commit yet, or an unreadable one
+                newer = json.loads(self.partition.join(SUCCESS).read_bytes())
+            newer = newer.get("run") if isinstance(newer, dict) else None
+            if not (isinstance(newer, str) and newer > self.run_name):
+                return
+        self.abort()
+        if missing:
+            why = f"{', '.join(missing[:3])} vanished from its folder: a newer run for this date removed it"
+        else:
+            why = f"a newer run, {newer}, has committed this date already"
+        raise DataError(f"run {self.run_name} of {self.partition.uri} was not published ({why})",
+                        "let one run per date finish; re-run the date if the newer run did not publish it")
+
     def cleanup(self) -> None:
-        """Delete every run folder of this partition except the committed one (replaced or crashed runs)."""
+        """Delete the run folders older than this run (the replaced run, crashed runs, an older run still being
+        written) and stale `_SUCCESS` temporary files. Newer run folders belong to runs that may still be
+        writing: the newest run deletes the rest when it commits."""
         for name in self.partition.list():
-            if (name.startswith(RUN_PREFIX) and name != self.run_name) or name.startswith(SUCCESS + ".tmp-"):
+            if (name.startswith(RUN_PREFIX) and name < self.run_name) or name.startswith(SUCCESS + ".tmp-"):
                 self.partition.join(name).delete()
 
     def abort(self) -> None:

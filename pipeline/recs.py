@@ -24,7 +24,9 @@ from pipeline.sharding import scheme_for, shard_of
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _USER = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+_INT = re.compile(r"^-?[0-9]+$")
 MAX_USERS = 100_000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def parse_date(text: str | dt.date) -> dt.date:
@@ -42,15 +44,23 @@ def parse_date(text: str | dt.date) -> dt.date:
 
 
 def parse_user_id(text: Any) -> int | str:
-    """A user id from outside (CLI, a service): an int, or a short string of safe characters."""
+    """A user id from outside (CLI, a service), checked but kept as given: an int64, or a short string of safe
+    characters. Whether "007" is the integer 7 or the string "007" depends on the partition (`_user_filter`)."""
     if isinstance(text, bool):
         raise DataError(f"invalid user id {text!r}", "pass an integer or a string id")
     if isinstance(text, int):
-        return text
+        return _int64(text)
     if not isinstance(text, str) or not _USER.match(text):
         raise DataError(f"invalid user id {str(text)[:40]!r}",
                         "pass an integer or a 1-128 character id of letters, digits, _ . : @ -")
-    return int(text) if re.fullmatch(r"-?\d{1,18}", text) else text
+    return text
+
+
+def _int64(value: int) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise DataError(f"user id {str(value)[:40]} is outside the int64 range of user ids",
+                        "pass the id as stored in the events (a 64-bit signed integer)")
+    return value
 
 
 def recommendations_root(out_uri: str) -> lake.Location:
@@ -83,14 +93,18 @@ def resolve_date(out_uri: str, date: str | dt.date) -> dt.date:
 
 
 def _user_filter(table_type: pa.DataType, user_ids: Iterable[Any]) -> pa.Array:
+    """The asked ids typed like the partition's user_id: digit strings become integers only for an integer
+    partition; a string partition is matched on the exact text ("007" is not "7")."""
     ids = [parse_user_id(u) for u in user_ids]
     if len(ids) > MAX_USERS:
         raise DataError(f"{len(ids)} user ids asked for", f"ask for at most {MAX_USERS} at a time, or read the whole date")
-    if pa.types.is_integer(table_type):
-        if not all(isinstance(u, int) for u in ids):
-            raise DataError("string user ids asked for, but this partition has integer user ids", "pass integer ids")
-        return pa.array(ids, pa.int64())
-    return pa.array([str(u) for u in ids], pa.string())
+    if not pa.types.is_integer(table_type):
+        return pa.array([str(u) for u in ids], pa.string())
+    for u in ids:
+        if isinstance(u, str) and not _INT.match(u):
+            raise DataError(f"user id {u!r} is not an integer, but this partition has integer user ids",
+                            "pass integer ids")
+    return pa.array([_int64(int(u)) for u in ids], pa.int64())
 
 
 def files_for_users(manifest: dict[str, Any], wanted: pa.Array) -> list[dict[str, Any]]:

@@ -367,3 +367,86 @@ def test_cli_infer_and_recs(tmp_path: Path, bundle: ModelBundle, events: tuple[p
     assert "not a calendar date" in capsys.readouterr().err
     assert main(["recs", "--date", "latest", "--user", "3; rm -rf /", "--out", str(out)]) == 2
     assert "invalid user id" in capsys.readouterr().err
+
+
+def _published(out: Path) -> list[str]:
+    part = out / "recommendations" / f"dt={DAY}"
+    return sorted(p.name for p in part.iterdir()) if part.exists() else []
+
+
+def test_min_weight_filters_and_needs_a_numeric_weight_column(tmp_path: Path, bundle: ModelBundle,
+                                                             events: tuple[pa.Table, str]) -> None:
+    import pyarrow.parquet as pq
+
+    table, uri = events
+    run(cfg(uri, tmp_path, min_weight=2.5), bundle, "7")
+    heavy = table.filter(pc.greater_equal(table["weight"], 2.5))
+    assert as_dict(read_recommendations(str(tmp_path), DAY)) == expected(bundle, heavy, 10)
+    before = _published(tmp_path)
+    for name, weight in (("none", None), ("text", pa.array(["3"] * table.num_rows))):
+        path = tmp_path / f"events-{name}.parquet"
+        t = table.drop_columns(["weight"])
+        pq.write_table(t if weight is None else t.append_column("weight", weight), path)
+        with pytest.raises(DataError, match=r"--min-weight needs a numeric weight column; the events have "
+                                            rf"{'none' if weight is None else 'one of type string'}\. Fix: drop --min-weight"):
+            run(cfg(str(path), tmp_path, min_weight=2.5), bundle, "8")
+        assert _published(tmp_path) == before  # the earlier partition is untouched
+    assert set(read_recommendations(str(tmp_path), DAY)["model_version"].to_pylist()) == {"7"}
+
+
+def test_single_file_with_date_typed_dt(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.Table, str]) -> None:
+    import pyarrow.parquet as pq
+
+    table, _ = events
+    dates = pc.cast(pc.strptime(table["dt"], format="%Y-%m-%d", unit="s"), pa.date32())
+    path = tmp_path / "events.parquet"
+    pq.write_table(table.drop_columns(["dt", "event_ts"]).append_column("dt", dates), path)  # dt alone cuts the history
+    run(cfg(str(path), tmp_path / "a", date=dt.date(2024, 5, 2)), bundle, "7")
+    assert as_dict(read_recommendations(str(tmp_path / "a"), "latest")) == expected(bundle, table, 10, last=DATES[1])
+    run(cfg(str(path), tmp_path / "b", history_days=1), bundle, "7")
+    assert as_dict(read_recommendations(str(tmp_path / "b"), "latest")) == expected(bundle, table, 10, first=DATES[2])
+    bad = tmp_path / "int-dt.parquet"
+    pq.write_table(table.drop_columns(["dt"]).append_column("dt", pa.array([20240501] * table.num_rows)), bad)
+    with pytest.raises(DataError, match=r"events column dt has type int64\. Fix: store dt as YYYY-MM-DD strings or as dates"):
+        run(cfg(str(bad), tmp_path / "c"), bundle, "7")
+    assert _published(tmp_path / "c") == []
+
+
+def test_too_many_shards_is_a_clear_error_and_publishes_nothing(tmp_path: Path, bundle: ModelBundle,
+                                                                events: tuple[pa.Table, str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    table, uri = events
+    run(cfg(uri, tmp_path), bundle, "7")
+    before = _published(tmp_path)
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (16, 16))  # room for 8 spill files
+    assert infer.max_spill_shards() == 8
+    with pytest.raises(DataError, match=r"need \d+ spill files open at once, more than the 8 allowed.*"
+                                        r"Fix: pass --shard-events (\d+) or more"):
+        run(cfg(uri, tmp_path, shard_events=10), bundle, "8")
+    assert _published(tmp_path) == before
+    need = -(-table.num_rows // 8)
+    assert run(cfg(uri, tmp_path, shard_events=need), bundle, "8")["shards"] <= 8  # the suggested value works
+
+
+def test_spill_closes_the_files_it_opened_when_one_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    real = pa.ipc.new_stream
+    opened: list[pa.ipc.RecordBatchStreamWriter] = []  # held here, so garbage collection cannot close them
+
+    def new_stream(sink: pa.NativeFile, schema: pa.Schema) -> pa.ipc.RecordBatchStreamWriter:
+        if len(opened) == 3:
+            raise OSError(24, "Too many open files")
+        opened.append(real(sink, schema))
+        return opened[-1]
+
+    open_before = len(os.listdir("/proc/self/fd"))
+    spill = infer.Spill(tmp_path, 10, pa.int64())
+    spill.close()  # closed while the Spill lives on (as it does in _run_local): no descriptor left open
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    monkeypatch.setattr(pa.ipc, "new_stream", new_stream)
+    with pytest.raises(OSError, match="Too many open files"):
+        infer.Spill(tmp_path, 10, pa.int64())
+    assert len(opened) == 3 and len(os.listdir("/proc/self/fd")) == open_before

@@ -189,3 +189,105 @@ def test_parts_encode_scores_by_byte_stream_split_and_read_back_unchanged(tmp_pa
     assert "RLE_DICTIONARY" in enc["item_ids.list.element"] and "RLE_DICTIONARY" in enc["model_version"]
     again = PartitionWriter(resolve(tmp_path / "recommendations" / "dt=2024-01-02")).write_part(table, part=0)
     assert again["sha256"] == entry["sha256"]  # same table, same bytes (re-runs compare by checksum)
+
+
+def _users(root: Path, day: str) -> list[int]:
+    return sorted(read_recommendations(str(root), day)["user_id"].to_pylist())
+
+
+def _overlap_setup(tmp_path: Path) -> tuple[Path, str, PartitionWriter, PartitionWriter]:
+    """A committed previous partition, then run A and a later-started run B of the same date, both writing."""
+    import pyarrow as pa
+
+    day = "2024-01-01"
+    part = resolve(tmp_path / "recommendations" / f"dt={day}")
+    prev = PartitionWriter(part)
+    prev.write_part(pa.table({"user_id": [9]}))
+    prev.commit({"model_version": "prev"})
+    a, b = PartitionWriter(part), PartitionWriter(part)
+    assert a.run_name < b.run_name  # run ids sort by start time
+    a.write_part(pa.table({"user_id": [1]}), part=0)
+    a.write_part(pa.table({"user_id": [2]}), part=1)
+    b.write_part(pa.table({"user_id": [10]}), part=0)
+    return tmp_path, day, a, b
+
+
+def test_overlapping_runs_older_commits_first_then_newer(tmp_path: Path) -> None:
+    """A commits while B still writes: A's cleanup leaves B's folder alone, B commits its full data and removes A."""
+    import pyarrow as pa
+
+    root, day, a, b = _overlap_setup(tmp_path)
+    a.commit({"model_version": "a"})
+    assert _users(root, day) == [1, 2] and Path(b.run_dir.path).is_dir()
+    b.write_part(pa.table({"user_id": [11]}), part=1)
+    b.commit({"model_version": "b"})
+    assert _users(root, day) == [10, 11]
+    assert sorted(p.name for p in Path(b.partition.path).iterdir()) == sorted([SUCCESS, b.run_name])
+
+
+def test_overlapping_runs_newer_commits_first_older_is_refused(tmp_path: Path) -> None:
+    """B commits first (deleting A's folder); A writes on and commits: a clear error, B's partition untouched."""
+    import pyarrow as pa
+
+    root, day, a, b = _overlap_setup(tmp_path)
+    b.commit({"model_version": "b"})
+    assert not Path(a.run_dir.path).exists()
+    a.write_part(pa.table({"user_id": [3]}), part=2)  # recreates A's folder with one part of three
+    success = (Path(b.partition.path) / SUCCESS).read_bytes()
+    with pytest.raises(DataError, match=r"was not published \(part-00000\.parquet.* vanished.*Fix: .*re-run"):
+        a.commit({"model_version": "a"})
+    assert (Path(b.partition.path) / SUCCESS).read_bytes() == success
+    assert _users(root, day) == [10]
+    assert sorted(p.name for p in Path(b.partition.path).iterdir()) == sorted([SUCCESS, b.run_name])
+
+
+def test_an_older_run_does_not_replace_a_newer_commit(tmp_path: Path) -> None:
+    """B commits before A wrote anything (so nothing of A was deleted): A still may not replace B."""
+    import pyarrow as pa
+
+    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
+    a, b = PartitionWriter(part), PartitionWriter(part)
+    b.write_part(pa.table({"user_id": [10]}))
+    b.commit({"model_version": "b"})
+    a.write_part(pa.table({"user_id": [1]}))
+    with pytest.raises(DataError, match=rf"newer run, {b.run_name}, has committed"):
+        a.commit({"model_version": "a"})
+    assert _users(tmp_path, "2024-01-01") == [10]
+    assert sorted(p.name for p in Path(part.path).iterdir()) == sorted([SUCCESS, b.run_name])
+
+
+def test_run_ids_sort_by_start_time() -> None:
+    from pipeline.publish import new_run_id
+
+    ids = [new_run_id() for _ in range(2000)]  # many within one microsecond tick: still strictly increasing
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert ids[0] > "20200101T000000-0a1b2c3d"  # a run named by the old second-precision format is older
+
+
+def test_parts_and_manifest_are_durable_before_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        real_replace(src, dst)
+        events.append(("replace", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
+    w = PartitionWriter(part)
+    w.write_part(pa.table({"user_id": [1]}))
+    w.write_part(pa.table({"user_id": [2]}))
+    w.commit({"model_version": "1"})
+    committed = events.index(("replace", str(Path(part.path) / SUCCESS)))
+    before = {path for kind, path in events[:committed] if kind == "fsync"}
+    run_dir = Path(w.run_dir.path)
+    assert {str(run_dir / n) for n in ("part-00000.parquet", "part-00001.parquet", "_manifest.json")} <= before
+    assert {str(run_dir), part.path} <= before  # the new names, and the run folder's own entry
+    assert ("fsync", part.path) in events[committed:]  # the rename of _SUCCESS itself

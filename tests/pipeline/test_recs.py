@@ -6,12 +6,14 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from infer_support import events_table, tiny_bundle, write_events
 
+from pipeline import lake
 from pipeline.errors import DataError
 from pipeline.infer import InferConfig, run
-from pipeline.publish import SUCCESS
+from pipeline.publish import SUCCESS, PartitionWriter
 from pipeline.recs import committed_dates, parse_date, parse_user_id, read_recommendations, user_recommendations
 
 
@@ -70,8 +72,46 @@ def test_bad_user_ids(bad: object) -> None:
         parse_user_id(bad)
 
 
-def test_good_user_ids() -> None:
-    assert parse_user_id("42") == 42 and parse_user_id(7) == 7 and parse_user_id("user-9@x") == "user-9@x"
+def test_good_user_ids() -> None:  # kept as given: only the partition's type decides what "007" means
+    assert parse_user_id("42") == "42" and parse_user_id("007") == "007" and parse_user_id(7) == 7
+    assert parse_user_id("user-9@x") == "user-9@x" and parse_user_id(2**63 - 1) == 2**63 - 1
+
+
+def _publish(root: Path, day: str, users: pa.Array) -> None:
+    n = len(users)
+    table = pa.table({"user_id": users, "item_ids": pa.array([[1, 2]] * n, pa.list_(pa.int64())),
+                      "scores": pa.array([[0.5, 0.25]] * n, pa.list_(pa.float32())),
+                      "model_version": pa.array(["v"] * n), "fallback": pa.array([False] * n)})
+    w = PartitionWriter(lake.resolve(root / "recommendations" / f"dt={day}"))
+    w.write_part(table)
+    w.commit({"model_version": "v"})
+
+
+def test_string_user_ids_are_matched_exactly(tmp_path: Path) -> None:
+    _publish(tmp_path, "2024-05-01", pa.array(["007", "7", "-1", "alice"]))
+    for asked, found in ((["007"], ["007"]), (["7"], ["7"]), ([7], ["7"]), (["-1", "alice"], ["-1", "alice"])):
+        assert sorted(read_recommendations(str(tmp_path), "latest", user_ids=asked)["user_id"].to_pylist()) == found
+    assert user_recommendations(str(tmp_path), "latest", "007")["user_id"] == "007"
+
+
+def test_integer_user_ids_across_the_int64_range(tmp_path: Path) -> None:
+    top, low = 2**63 - 1, -(2**63)
+    _publish(tmp_path, "2024-05-01", pa.array([low, -5, 7, top], pa.int64()))
+    asked = [str(top), "-5", "007", low]  # digit strings of any length, with a sign, leading zeros
+    assert sorted(read_recommendations(str(tmp_path), "latest", user_ids=asked)["user_id"].to_pylist()) == [low, -5, 7, top]
+    assert user_recommendations(str(tmp_path), "latest", str(top))["user_id"] == top
+    before = (tmp_path / "recommendations" / "dt=2024-05-01" / SUCCESS).read_bytes()
+    for bad in ([str(top + 1)], [top + 1], [str(low - 1)], [1, 2**70]):
+        with pytest.raises(DataError, match=r"outside the int64 range.*Fix: pass the id as stored"):
+            read_recommendations(str(tmp_path), "latest", user_ids=bad)
+    for bad_id in ("7a", "-", "1-2"):
+        with pytest.raises(DataError, match=r"not an integer, but this partition has integer user ids\. Fix: pass integer"):
+            read_recommendations(str(tmp_path), "latest", user_ids=[bad_id])
+    with pytest.raises(DataError, match=r"invalid user id '\+7'"):
+        read_recommendations(str(tmp_path), "latest", user_ids=["+7"])
+    with pytest.raises(DataError, match="outside the int64 range"):
+        user_recommendations(str(tmp_path), "latest", 2**64)
+    assert (tmp_path / "recommendations" / "dt=2024-05-01" / SUCCESS).read_bytes() == before  # a read changes nothing
 
 
 def test_cli_recs_errors(lake_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
