@@ -90,6 +90,7 @@ def get_spark() -> SparkSession:
 def histories(spark: SparkSession, cfg: InferConfig, vocab: pa.Array) -> tuple[DataFrame, DataFrame]:
     """(events joined to model columns, per-user sorted unique known columns)."""
     from pyspark.sql import functions as F
+    from pyspark.sql.types import NumericType
 
     loc = lake.resolve(cfg.events)
     if not loc.exists():
@@ -112,7 +113,12 @@ def histories(spark: SparkSession, cfg: InferConfig, vocab: pa.Array) -> tuple[D
         ev = ev.where(F.col("event_ts") < F.lit(end))
         if first is not None:
             ev = ev.where(F.col("event_ts") >= F.lit(dt.datetime.combine(first, dt.time())))
-    if cfg.min_weight is not None and "weight" in ev.columns:
+    if cfg.min_weight is not None:  # as the local engine: never publish silently unfiltered recommendations
+        w = ev.schema["weight"].dataType if "weight" in ev.columns else None
+        if not isinstance(w, NumericType):
+            raise DataError(f"--min-weight needs a numeric weight column; the events have "
+                            f"{'none' if w is None else f'one of type {w.simpleString()}'}",
+                            "drop --min-weight, or pass events with a numeric weight column")
         ev = ev.where(F.col("weight") >= cfg.min_weight)
     is_int = pa.types.is_integer(vocab.type)
     vocab_df = spark.createDataFrame(

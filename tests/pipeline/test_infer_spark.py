@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from infer_support import events_table, tiny_bundle, write_events
 
+from pipeline.errors import DataError
 from pipeline.infer import InferConfig, run
 from pipeline.recs import files_for_users, read_recommendations
 
@@ -45,3 +46,13 @@ def test_spark_engine_equals_local_engine(tmp_path: Path, spark) -> None:
     # downstream Spark jobs read the published files (scores are BYTE_STREAM_SPLIT-encoded: pipeline.publish)
     got = {r["user_id"]: r for r in spark.read.parquet(*(str(run_dir / f["path"]) for f in b["files"])).collect()}
     assert got.keys() == lb.keys() and all(list(got[u]["scores"]) == lb[u]["scores"] for u in lb)
+
+
+@pytest.mark.slow
+def test_spark_engine_refuses_min_weight_without_a_weight_column(tmp_path: Path, spark) -> None:
+    events = write_events(events_table(n_users=20).drop_columns(["weight"]), str(tmp_path / "events"))
+    cfg = InferConfig(out=str(tmp_path / "out"), engine="spark", date=dt.date(2024, 5, 3), events=events,  # type: ignore[arg-type]
+                      device="cpu", top_n=5, progress=False, min_weight=1.0)
+    with pytest.raises(DataError, match="--min-weight needs a numeric weight column; the events have none"):
+        run(cfg, tiny_bundle(), "3")
+    assert not (tmp_path / "out" / "recommendations" / "dt=2024-05-03" / "_SUCCESS").exists()
