@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import logging
-import uuid
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ import scipy.sparse as sp
 from model.split import HeldOut, Split
 from pipeline.errors import DataError
 from pipeline.lake import Location, resolve
+from pipeline.publish import new_run_id as sortable_run_id
 from pipeline.publish import write_single_object
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,16 @@ def table_bytes(table: pa.Table) -> bytes:
 
 
 def new_run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:12]}"
+    """run-<UTC start time, microseconds>-<random>: runs of one snapshot sort by start time (publish relies on it)."""
+    return f"run-{sortable_run_id()}"
+
+
+_STAMPED = re.compile(r"^run-\d{8}T\d{6}")
+
+
+def run_order(name: str) -> tuple[int, str]:
+    """Sort key of run folders: by start time; ids from before time-sorted ids (run-<hex>) count as older."""
+    return (1 if _STAMPED.match(name) else 0, name)
 
 
 def published_run(root: Location) -> str | None:
@@ -95,13 +105,22 @@ def published_run(root: Location) -> str | None:
 
 
 def publish(root: Location, run_id: str, files: dict[str, dict[str, Any]], manifest: dict[str, Any]) -> None:
-    """Write manifest.json last (the publish step), then remove runs older than the one it replaced."""
-    keep = {run_id, published_run(root)}
+    """Write manifest.json last (the publish step), then remove runs older than the one it replaced.
+
+    Builds of one snapshot may overlap (a manual rebuild during the scheduled one): the newest started wins. An
+    older build never replaces a newer one's manifest, and clean-up leaves newer run folders (a build still
+    writing) to their own build."""
+    replaced = published_run(root)
+    if replaced is not None and run_order(replaced) > run_order(run_id):
+        raise DataError(f"snapshot {root.uri}: a newer build ({replaced}) is published already, so this one "
+                        f"({run_id}) was not", "let one build per as-of date run at a time; re-run if needed")
+    keep = {run_id, replaced}
     body = {**manifest, "format_version": FORMAT_VERSION, "run": run_id, "files": files}
     write_single_object(root.join(MANIFEST), json.dumps(body, indent=2, sort_keys=True, default=str).encode())
     # published: nothing below may fail the build or touch run_id
     try:
-        stale = [n for n in root.list() if (n.startswith("run-") and n not in keep) or n.startswith(MANIFEST + ".tmp-")]
+        stale = [n for n in root.list() if (n.startswith("run-") and n not in keep and run_order(n) < run_order(run_id))
+                 or n.startswith(MANIFEST + ".tmp-")]
     except Exception as e:
         log.warning("snapshot %s: could not list old runs (%s); the next build removes them", root.uri, e)
         stale = []

@@ -73,6 +73,29 @@ def test_a_reader_of_the_previous_manifest_can_finish_after_a_rebuild(tmp_path: 
     assert read_table(resolve(str(root)), old, "train", verify=True).num_rows == old["counts"]["train_interactions"]
 
 
+def test_overlapping_builds_the_newest_started_wins(tmp_path: Path, data) -> None:
+    _, split, user_ids, item_ids = data
+    root = resolve(str(tmp_path / "snap"))
+    tables = snapshot.snapshot_tables(user_ids, item_ids, split)
+    older, newer = snapshot.new_run_id(), snapshot.new_run_id()
+    assert snapshot.run_order(older) < snapshot.run_order(newer)
+    files_old, files_new = snapshot.write_tables(root, older, tables), snapshot.write_tables(root, newer, tables)
+    snapshot.publish(root, older, files_old, {"snapshot_id": "s"})  # the newer build is still writing: left alone
+    assert (tmp_path / "snap" / newer).is_dir() and read_manifest(root.uri)["run"] == older
+    snapshot.publish(root, newer, files_new, {"snapshot_id": "s"})
+    assert _runs(tmp_path / "snap") == {older, newer} and load_snapshot(root.uri).manifest["run"] == newer
+    # the other order: an older build finishing after a newer one's publish is refused and removed by write_run
+    third = snapshot.new_run_id()
+    snapshot.publish(root, third, snapshot.write_tables(root, third, tables), {"snapshot_id": "s"})
+    with pytest.raises(DataError, match=f"a newer build \\({third}\\) is published already"):
+        snapshot.publish(root, newer, files_new, {"snapshot_id": "s"})
+    assert read_manifest(root.uri)["run"] == third and load_snapshot(root.uri).train.nnz > 0
+
+
+def test_run_ids_from_before_time_sorted_ids_count_as_older() -> None:
+    assert snapshot.run_order("run-ffffffffffff") < snapshot.run_order(snapshot.new_run_id())
+
+
 class Timeout(BaseException):
     """Like Airflow's task timeout: not an Exception."""
 
