@@ -5,8 +5,10 @@ hyperparameter chosen on validation users only, test users scored once. Hyperpar
 l2, PIA's lambda_A) are searched on the validation users of the first seed's split; the chosen values are
 then used for every seed (the first seed reuses the model trained during the search).
 
-Every finished fit is recorded in OUT/checkpoint.json; `resume=True` (`--resume`) reuses those fits and runs only
-the rest, so a run stopped by a timeout or a restart loses at most the fit it was in.
+Every finished fit is recorded in OUT/checkpoint.json, each grid value of a search too; `resume=True` (`--resume`)
+reuses those fits and runs only the rest, so a run stopped by a timeout or a restart loses at most the fit it was in.
+(A search resumed after its best value's fit holds only that fit's validation row: the value is fit once more,
+with the same seed, for the test scoring.)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +150,7 @@ class Experiment:
         if ckpt is None and (cfg.out / CHECKPOINT).exists():
             log.warning("%s holds the fits of an earlier run: starting over (--resume continues it)", cfg.out / CHECKPOINT)
         earlier = ckpt or {"per_seed": {}, "tuning": {}, "chosen": {}, "wall_seconds": 0.0}
+        searching: dict[str, list[dict[str, float]]] = dict(earlier.get("searching", {}))  # unfinished searches
         restored = {(m, r["seed"]): r for m, rows in earlier["per_seed"].items() for r in rows}
         earlier_wall = earlier["wall_seconds"]
         per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
@@ -162,6 +166,7 @@ class Experiment:
                 grouped.setdefault(m, []).append(r)
             state = {"version": 1, "fingerprint": fingerprint, "per_seed": grouped,
                      "tuning": earlier["tuning"] | tuning, "chosen": earlier["chosen"] | chosen,
+                     "searching": {m: rows for m, rows in searching.items() if m not in tuning},
                      "wall_seconds": earlier_wall + time.perf_counter() - t_start}
             _write(cfg.out / CHECKPOINT, json.dumps(state, indent=1, default=_json_default))
 
@@ -205,7 +210,13 @@ class Experiment:
                     split = self.split(data, seed)
                     pop = item_popularity(split.train)
                 if si == 0 and self.grid(name):
-                    rec, chosen[name], tuning[name] = self.tune(name, seed, split)
+                    def searched(rows: list[dict[str, float]], name: str = name) -> None:
+                        searching[name] = rows
+                        save_checkpoint()
+
+                    prior = searching.get(name, [])
+                    resumed.extend(f"{name} value {r['value']:g} (search, seed {seed})" for r in prior)
+                    rec, chosen[name], tuning[name] = self.tune(name, seed, split, prior, searched)
                 else:
                     rec = self.build(name, seed, chosen.get(name))
                     rec.fit(split.train, split.valid)
@@ -233,21 +244,40 @@ class Experiment:
             raise DataError(f"the data set is too small for the held-out split: {e}",
                             "use a larger data set, or smaller --n-valid/--n-test") from e
 
-    def tune(self, name: str, seed: int, split: Split) -> tuple[Recommender, float, list[dict[str, float]]]:
-        """Grid search on validation users; returns the best model (already fit), its value, the table."""
-        best: tuple[float, Recommender, float] | None = None
-        table = []
+    def tune(self, name: str, seed: int, split: Split, done: list[dict[str, float]] | None = None,
+             on_value: Callable[[list[dict[str, float]]], None] | None = None,
+             ) -> tuple[Recommender, float, list[dict[str, float]]]:
+        """Grid search on validation users; returns the best model (fit), its value, the table. `done`: rows of
+        values an earlier, stopped run finished (not fit again); `on_value(table)` after each new value."""
+        restored = {r["value"]: r for r in done or []}
+        best: tuple[float, Recommender | None, float] | None = None
+        table: list[dict[str, float]] = []
         for hp in self.grid(name):
+            rec: Recommender | None = None
+            if hp in restored:
+                row = restored[hp]
+                print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={row['val_ndcg@100']:.4f} (restored)",
+                      flush=True)
+            else:
+                rec = self.build(name, seed, hp)
+                rec.fit(split.train, split.valid)
+                val = evaluate(rec.score, split.valid.fold_in, split.valid.targets, device=rec.device).mean()
+                row = {"value": hp, "val_ndcg@100": val["ndcg@100"], "val_recall@20": val["recall@20"],
+                       "best_epoch": float(getattr(rec, "best_epoch", 0))}
+                print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={row['val_ndcg@100']:.4f}", flush=True)
+            table.append(row)
+            if rec is not None and on_value is not None:
+                on_value(list(table))
+            if best is None or row["val_ndcg@100"] > best[0]:
+                best = (row["val_ndcg@100"], rec, hp)
+        assert best is not None
+        _, rec, hp = best
+        if rec is None:  # the winner was fit by the stopped run: fit it again, same seed, for the test scoring
+            print(f"[{self.cfg.dataset}] tune {name}: refitting the chosen {hp:g} (its fit was in the stopped run)",
+                  flush=True)
             rec = self.build(name, seed, hp)
             rec.fit(split.train, split.valid)
-            val = evaluate(rec.score, split.valid.fold_in, split.valid.targets, device=rec.device).mean()
-            table.append({"value": hp, "val_ndcg@100": val["ndcg@100"], "val_recall@20": val["recall@20"],
-                          "best_epoch": float(getattr(rec, "best_epoch", 0))})
-            print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={val['ndcg@100']:.4f}", flush=True)
-            if best is None or val["ndcg@100"] > best[0]:
-                best = (val["ndcg@100"], rec, hp)
-        assert best is not None
-        return best[1], best[2], table
+        return rec, hp, table
 
     @staticmethod
     def summarize(name: str, seed: int, rec: Recommender, res: EvalResult, user_counts: np.ndarray) -> dict[str, Any]:
@@ -308,6 +338,10 @@ def read_checkpoint(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | 
         if not isinstance(ckpt, dict) or ckpt.get("version") != 1 or not all(
                 isinstance(ckpt.get(k), dict) for k in ("per_seed", "tuning", "chosen")):
             raise ValueError("not a checkpoint written by this version of `recsys experiment`")
+        if not isinstance(ckpt.setdefault("searching", {}), dict) or not all(
+                isinstance(r, dict) and "value" in r and "val_ndcg@100" in r
+                for rows in ckpt["searching"].values() for r in rows):
+            raise ValueError("its unfinished searches are unreadable")
         if set(ckpt["tuning"]) != set(ckpt["chosen"]) or not all(
                 isinstance(r, dict) and "seed" in r for rows in ckpt["per_seed"].values() for r in rows):
             raise ValueError("its fits or searches are incomplete")

@@ -204,6 +204,29 @@ def test_resume_reuses_finished_fits_and_runs_the_rest(tmp_path: Path, monkeypat
     assert "resume" not in res["config"]  # how the run was started is not part of what it measured
 
 
+@pytest.mark.parametrize("grid", [(10.0, 200.0), (200.0, 10.0)])  # 200 wins: the second value, then the restored one
+def test_resume_inside_a_search_keeps_its_finished_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          grid: tuple[float, float]) -> None:
+    kw = {"models": ("ease",), "ease_grid": grid}
+    whole = Experiment(_small(tmp_path / "whole", **kw)).run()  # the same run, never stopped
+    assert whole["chosen"]["ease"] == 200.0
+    built = _stop_at(monkeypatch, "ease", nth=2)  # stopped while fitting the grid's second value
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(_small(tmp_path / "run", resume=True, **kw)).run()
+    ckpt = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert ckpt["per_seed"] == {} and [r["value"] for r in ckpt["searching"]["ease"]] == [grid[0]]
+
+    built = _stop_at(monkeypatch, "none")
+    res = Experiment(_small(tmp_path / "run", resume=True, **kw)).run()
+    # the first value is not fit again, unless it won: then once more for the test scoring
+    assert built == (["ease"] if grid[1] == 200.0 else ["ease", "ease"])
+    assert res["resumed"] == [f"ease value {grid[0]:g} (search, seed 0)"]
+    assert res["tuning"] == whole["tuning"] and res["chosen"] == whole["chosen"]
+    assert _same({m: res["per_seed"]["ease"][0][m] for m in ("ndcg@100", "recall@20", "groups")},
+                 {m: whole["per_seed"]["ease"][0][m] for m in ("ndcg@100", "recall@20", "groups")})
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["searching"] == {}
+
+
 def test_resume_adds_seeds_to_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = Experiment(_small(tmp_path, models=("popularity", "ease"))).run()
     built = _stop_at(monkeypatch, "none")
