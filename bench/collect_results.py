@@ -64,10 +64,15 @@ ML-20M is not available here; these data sets are smaller and sparser, so absolu
 - **amazon-cds, RecVAE and RecVAE + PIA on seed 2: the 2-core CPU** (`SEED=2 PROFILE=cpu-recvae bash
   bench/results.sh amazon-cds`), the same budget and λ_A. About 80 and 89 s per epoch, 36 and 43 min per fit, 78
   min wall.
+- **amazon-cds, RecVAE + PIA λ_A search on seed 0: the 2-core CPU** (`PROFILE=cpu-recvae-grid bash bench/results.sh
+  amazon-cds`, λ_A in {0.01, 1} at the same budget, validation users only). λ_A = 0.01 ran 19 of 30 epochs (stopped
+  at the session's end): best validation NDCG@100 0.1195 (epoch 16) against 0.1337 for λ_A = 0.1, so 0.1 stays the
+  choice over 0.01; λ_A = 1 did not run (about 100 min per fit on this day's machine, 205-225 s per epoch). No test
+  user was scored. Per-epoch curves in the section below.
 - **ml-latest-small: this project's 2-core CPU, 5 seeds**; Multi-VAE(+PIA) up to 60 epochs, patience 8;
   RecVAE(+PIA) 10 epochs (below its reference 50: RecVAE is under-trained here).
 - Logs of the GPU runs and the CPU seeds of gowalla and amazon-cds: docs/results-logs/. Commands: bench/results.sh
-  (PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid|cpu-recvae, PARALLEL=1, EXP_TIMEOUT); bench/gpu.sh runs the GPU
+  (PROFILE=cpu|gpu|cpu-pia|cpu-ease|cpu-ease-grid|cpu-recvae[-grid], PARALLEL=1, EXP_TIMEOUT); bench/gpu.sh runs the GPU
   steps on a CUDA machine. Each run checkpoints every fit and runs with `--resume`, so the same command after a stop
   (timeout, restart) reuses the finished fits.
 
@@ -89,7 +94,7 @@ Reading PIA:
 - **RecVAE + PIA gains little on ml-1m, much more on the sparser sets.** On ml-1m: +0.0016 ± 0.0016 (+0.4%), better
   on 4/5 seeds, with λ_A = 0.01 (λ_A = 1 hurts it badly, 0.373 validation NDCG). On gowalla, at one budget: +0.0161
   (+7.6%) on seed 0 (H100), +0.0153 (+7.5%) on seed 1 and +0.0138 (+6.7%) on seed 2 (CPU), so +0.0151 ± 0.0012 over
-  the three splits, better on 3/3. On amazon-cds (CPU, the H100 run's budget, λ_A = 0.1 not tuned): +0.0138
+  the three splits, better on 3/3. On amazon-cds (CPU, the H100 run's budget, λ_A = 0.1, over 0.01): +0.0138
   (+10.9%) on seed 0, 0.1262 → 0.1400, +0.0117 (+10.2%) on seed 1, 0.1145 → 0.1262, and +0.0150 (+12.7%) on seed 2,
   0.1183 → 0.1333; +0.0135 ± 0.0017 over the three, better on 3/3. Every activity group improved on all six of
   these splits.
