@@ -49,10 +49,10 @@ class Location:
         with self.fs.open_input_stream(self.path) as f:
             return f.read()
 
-    def write_bytes(self, data: bytes) -> None:
+    def write_bytes(self, data: bytes, durable: bool = False) -> None:
         """Write a file whole. On a local disk readers see the old content or the new, never a torn file (a
-        temporary file in the same folder, then a rename); S3 PUTs are atomic already. No fsync: durability is
-        the caller's choice (pipeline.publish)."""
+        temporary file in the same folder, then a rename); `durable` also fsyncs it before the rename and the folder
+        after (pipeline.publish's commit points). S3 PUTs are atomic and durable already."""
         self.mkdir_parent()
         if not isinstance(self.fs, pafs.LocalFileSystem):
             with self.fs.open_output_stream(self.path) as f:
@@ -63,11 +63,20 @@ class Location:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if durable:
+            fd = os.open(head, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def read_json(self) -> Any:
         return json.loads(self.read_bytes())
@@ -106,6 +115,12 @@ def s3_filesystem() -> pafs.S3FileSystem:
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "http"
     return pafs.S3FileSystem(**kwargs)
+
+
+def is_temporary(name: str, target: str) -> bool:
+    """Whether `name` is a left-over temporary file of a write to `target` (this module's, or the older
+    `<target>.tmp-*` naming), e.g. after a process was killed mid-write."""
+    return name.startswith((f".{target}.tmp-", f"{target}.tmp-"))
 
 
 def resolve(uri: str | Path) -> Location:

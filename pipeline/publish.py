@@ -42,7 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
-from pipeline.lake import Location
+from pipeline.lake import Location, is_temporary
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
@@ -104,20 +104,9 @@ def fsync_path(path: str) -> None:
 
 
 def write_single_object(loc: Location, data: bytes) -> None:
-    """Write a small object so that readers see the old content or the new one, never a torn file, and (on a
-    local disk) durably. S3 PUTs are atomic already; on a local disk write a temporary file, fsync it, rename it
-    over the target and fsync the folder."""
-    if not _is_local(loc):
-        loc.write_bytes(data)
-        return
-    loc.mkdir_parent()
-    tmp = f"{loc.path}.tmp-{secrets.token_hex(4)}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # durable before the rename makes it visible
-    os.replace(tmp, loc.path)
-    fsync_path(os.path.dirname(loc.path))
+    """Write a small object so that readers see the old content or the new one, never a torn file, and durably
+    (Location.write_bytes: on a local disk a temporary file, fsynced, renamed over the target)."""
+    loc.write_bytes(data, durable=True)
 
 
 @dataclass
@@ -213,7 +202,7 @@ class PartitionWriter:
         written) and stale `_SUCCESS` temporary files. Newer run folders belong to runs that may still be
         writing: the newest run deletes the rest when it commits."""
         for name in self.partition.list():
-            if (name.startswith(RUN_PREFIX) and name < self.run_name) or name.startswith(SUCCESS + ".tmp-"):
+            if (name.startswith(RUN_PREFIX) and name < self.run_name) or is_temporary(name, SUCCESS):
                 self.partition.join(name).delete()
 
     def abort(self) -> None:

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from model.split import HeldOut, Split
 from pipeline.errors import DataError
-from pipeline.lake import Location, resolve
+from pipeline.lake import Location, is_temporary, resolve
 from pipeline.publish import new_run_id as sortable_run_id
 from pipeline.publish import write_single_object
 
@@ -120,7 +120,7 @@ def publish(root: Location, run_id: str, files: dict[str, dict[str, Any]], manif
     # published: nothing below may fail the build or touch run_id
     try:
         stale = [n for n in root.list() if (n.startswith("run-") and n not in keep and run_order(n) < run_order(run_id))
-                 or n.startswith(MANIFEST + ".tmp-")]
+                 or is_temporary(n, MANIFEST)]
     except Exception as e:
         log.warning("snapshot %s: could not list old runs (%s); the next build removes them", root.uri, e)
         stale = []
