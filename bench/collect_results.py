@@ -67,7 +67,7 @@ ML-20M is not available here; these data sets are smaller and sparser, so absolu
 - **amazon-cds, RecVAE + PIA λ_A search on seed 0: the 2-core CPU** (`PROFILE=cpu-recvae-grid bash bench/results.sh
   amazon-cds`, λ_A in {0.01, 1} at the same budget, validation users only). λ_A = 0.01 ran all 30 epochs: best
   validation NDCG@100 0.1199 (epoch 24) against 0.1337 for λ_A = 0.1, so 0.1 stays the choice over 0.01; λ_A = 1
-  did not run (about 100 min per fit on this day's machine, 205-225 s per epoch). No test user was scored.
+  did not run (the 0.01 fit took 133 min wall, 188-238 s per epoch when it ran alone). No test user was scored.
   Per-epoch curves in the section below.
 - **ml-latest-small: this project's 2-core CPU, 5 seeds**; Multi-VAE(+PIA) up to 60 epochs, patience 8;
   RecVAE(+PIA) 10 epochs (below its reference 50: RecVAE is under-trained here).
