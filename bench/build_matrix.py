@@ -1,7 +1,7 @@
 """bench-build: the weekly matrix build on synthetic ML-20M-shaped events, local[2] (`make bench-build`).
 
-For each size: synthetic events (pipeline/synth_events.py, 28 days, ~27k items, users scaled so that 20M
-events is ~138k users like ML-20M), then the real job (BuildMatrixConfig.run) into a fresh lake. Wall time is
+For each size: synthetic events (pipeline/data/synth_events.py, 28 days, ~27k items, users scaled so that 20M
+events is ~138k users like ML-20M), then the real job (BuildMatrixJob.run) into a fresh lake. Wall time is
 the job alone (the Spark session is started and warmed once before); peak memory is the largest RSS sum over
 this process and all its children (the JVM), sampled every 0.1 s. Rows go to docs/benchmarks.md.
 """
@@ -52,9 +52,10 @@ class PeakRSS:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from pipeline.build_matrix import BuildMatrixConfig, spark_session
-    from pipeline.snapshot import read_manifest
-    from pipeline.synth_events import SynthEventsConfig
+    from pipeline.data.build_matrix import BuildMatrixJob
+    from pipeline.data.synth_events import SynthEventsJob
+    from pipeline.io.snapshot import read_manifest
+    from pipeline.io.spark import spark_session
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--events", default="10,20", help="millions of events, comma separated (e.g. 10,20,40)")
@@ -63,21 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args(argv)
-    spark = spark_session(args.master, "8g")
+    spark = spark_session(args.master, "recsys-build-matrix", driver_memory="8g")
     spark.range(1000).selectExpr("sum(id)").collect()  # JVM up before timing
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for millions in (float(x) for x in args.events.split(",")):
             users = int(138_000 * millions / 20)
             events = Path(tmp) / f"events-{millions:g}M"
             t0 = time.perf_counter()
-            r = SynthEventsConfig(users=users, items=args.items, days=28, out=str(events), seed=0,
+            r = SynthEventsJob(users=users, items=args.items, days=28, out=str(events), seed=0,
                                   mean_items_per_user=20e6 / 138_000).run()
             gen = time.perf_counter() - t0
-            cfg = BuildMatrixConfig(events=str(events), as_of=dt.date(2024, 1, 28), window_days=28,
+            cfg = BuildMatrixJob(events=str(events), as_of=dt.date(2024, 1, 28), window_days=28,
                                     out=str(Path(tmp) / f"lake-{millions:g}M"), spark_master=args.master, seed=0)
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                uri = cfg.run()
+                uri = cfg.run().snapshot_uri
                 wall = time.perf_counter() - t0
             c = read_manifest(uri)["counts"]
             row = [today(), git_commit(), machine(torch.device("cpu")), f"{r.events:,}", f"{c['users']:,} x {c['items']:,}",

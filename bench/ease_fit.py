@@ -25,7 +25,7 @@ def fit_once(dataset: str, data_dir: Path, dtype: str, textbook: bool, device: s
     import torch
 
     from model.ease import EASEConfig, ease_weights
-    from pipeline.dataset import BinarizeRule, load_dataset
+    from pipeline.data.dataset import BinarizeRule, load_dataset
 
     x = load_dataset(dataset, data_dir, BinarizeRule()).matrix
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -26,7 +26,7 @@ while (($#)); do
     profile) "$PY" -m bench.train_epoch --epochs 2 --bf16 --skip-reference --profile --no-record ;;
     ease) "$PY" -m bench.ease_fit --dataset gowalla --device cuda ;;
     exp) sets=(); while (($#)) && [[ ! $1 =~ ^(check|train|graph|infer|ease|profile)$ ]]; do sets+=("$1"); shift; done
-         PROFILE=gpu RECSYS="$PY -m pipeline.cli" bash bench/results.sh "${sets[@]}" ;;
+         PROFILE=gpu RECSYS="$PY -m pipeline.cli.main" bash bench/results.sh "${sets[@]}" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -1,10 +1,10 @@
 """make bench-infer: daily batch inference end to end on an ML-20M-shaped model and synthetic users.
 
-Untimed set-up: events Parquet for --users users with ML-20M-like histories (pipeline.synth, 74 items per
+Untimed set-up: events Parquet for --users users with ML-20M-like histories (pipeline.data.synth, 74 items per
 user on average, Zipf popularity), written in a child process (so its memory is not counted), and an
 untrained Multi-VAE of the reference architecture (I -> 600 -> 2x200 -> 600 -> I; untrained weights cost the
-same to score). Timed: `pipeline.infer.run` (events Parquet -> histories -> scores, seen masked, top N ->
-checks -> Parquet published). Reported: users/s end to end and for scoring alone, peak RSS of this process,
+same to score). Timed: `pipeline.serving.job.publish_recommendations` (events Parquet -> histories -> scores,
+seen masked, top N -> checks -> Parquet published). Reported: users/s end to end and for scoring alone, peak RSS of this process,
 and the machine's dense matmul FLOP/s for the decoder's shape, measured in the same run, so that scoring
 efficiency = achieved model FLOP/s / matmul FLOP/s.
 """
@@ -32,7 +32,7 @@ def write_events(directory: str, n_users: int, n_items: int, seed: int) -> tuple
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.synth import synth_ml20m_like_csr
+    from pipeline.data.synth import synth_ml20m_like_csr
 
     part = Path(directory) / f"dt={DAY}"
     part.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def matmul_flops(batch: int, hidden: int, n_items: int, device: object, seconds:
     precision the scoring runs at."""
     import torch
 
-    from pipeline.infer import scoring_precision
+    from pipeline.serving.scoring import scoring_precision
 
     with scoring_precision(precision, str(device)) as chosen:
         dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     from model.recommenders import make_recommender
     from model.train import resolve_device
     from model.vae import MultiVAE, VAEConfig
-    from pipeline.bundle import ModelBundle
-    from pipeline.infer import InferConfig, batch_size_for, run
+    from pipeline.io.bundle import ModelBundle
+    from pipeline.serving.job import InferJob, publish_recommendations
+    from pipeline.serving.sizing import batch_size_for
 
     device = resolve_device(args.device)
     rec = make_recommender("multivae")
@@ -163,15 +164,16 @@ def main(argv: list[str] | None = None) -> None:
     batch = batch_size_for(args.items, args.top_n, args.memory_budget_mb)
     mm = matmul_flops(batch, 600, args.items, device, precision=args.precision)
     out = work / "lake"
-    cfg = InferConfig(date=dt.date.fromisoformat(DAY), events=str(events), out=str(out), top_n=args.top_n,
-                      device=args.device, precision=args.precision, memory_budget_mb=args.memory_budget_mb,
-                      parallel_shards=args.parallel_shards, shard_events=args.shard_events)
+    job = InferJob(date=dt.date.fromisoformat(DAY), events=str(events), out=str(out), top_n=args.top_n,
+                   device=args.device, precision=args.precision, memory_budget_mb=args.memory_budget_mb,
+                   parallel_shards=args.parallel_shards, shard_events=args.shard_events)
     sampler = RssSampler(args.rss_every) if args.rss_every else None
     t0 = time.perf_counter()
-    m = run(cfg, bundle, "bench")
+    result = publish_recommendations(job, bundle, "bench")
     if sampler is not None:
         sampler.report()
     total = time.perf_counter() - t0
+    m = result.manifest()  # the run's details: shards, phase and scoring seconds
     # the reference again after the run, keeping the faster: a noisy neighbour during either measurement would
     # otherwise inflate the efficiency (it read 123% once when the first measurement was slowed)
     mm_before, mm_after = mm, matmul_flops(batch, 600, args.items, device, precision=args.precision)

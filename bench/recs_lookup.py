@@ -1,7 +1,7 @@
 """make bench-recs: reading one day's published recommendations the way downstream services do.
 
 Untimed set-up: a committed `recommendations/dt=DAY` partition for --users users (top-100 lists over 20,108
-items, Zipf popularity, descending scores), written through pipeline.publish exactly as `recsys infer`'s
+items, Zipf popularity, descending scores), written through pipeline.io.publish exactly as `recsys infer`'s
 local engine writes it: users hashed into parts of ~54k users (the default shard size), each part sorted
 by user, with the manifest's shard and user-range index. On the local disk and/or a moto S3 server on
 127.0.0.1 (never real AWS).
@@ -18,6 +18,7 @@ Timed, in the same run:
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import resource
@@ -37,10 +38,11 @@ N_ITEMS, TOP_N = 20_108, 100
 def build_partition(out_uri: str, n_users: int, seed: int = 0) -> dict[str, Any]:
     import pyarrow as pa
 
-    from pipeline import lake
-    from pipeline.infer import SHARD_EVENTS_MAX, user_range
-    from pipeline.publish import PartitionWriter
-    from pipeline.sharding import scheme_for, shard_of
+    from pipeline.io.publish import PartitionWriter
+    from pipeline.serving.checks import user_range
+    from pipeline.serving.layout import partition
+    from pipeline.serving.sharding import scheme_for, shard_of
+    from pipeline.serving.sizing import SHARD_EVENTS_MAX
 
     rng = np.random.default_rng(seed)
     users = pa.array(np.unique(rng.integers(0, 50 * n_users, int(n_users * 1.05)))[:n_users], pa.int64())
@@ -48,7 +50,7 @@ def build_partition(out_uri: str, n_users: int, seed: int = 0) -> dict[str, Any]
     shard = shard_of(users, n_shards)
     cdf = np.cumsum(1.0 / np.arange(1, N_ITEMS + 1) ** 0.8)
     cdf /= cdf[-1]
-    writer = PartitionWriter(lake.resolve(out_uri).join("recommendations", f"dt={DAY}"))
+    writer = PartitionWriter(partition(out_uri, dt.date.fromisoformat(DAY)))
     for s in range(n_shards):
         mine = users.filter(pa.array(shard == s))  # sorted: `users` is
         m = len(mine)
@@ -69,10 +71,10 @@ def full_scan(out_uri: str, wanted: list[int]) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.publish import committed_run
-    from pipeline.recs import recommendations_root
+    from pipeline.io.publish import committed_run
+    from pipeline.serving.layout import partition
 
-    found = committed_run(recommendations_root(out_uri).join(f"dt={DAY}"))
+    found = committed_run(partition(out_uri, dt.date.fromisoformat(DAY)))
     assert found is not None
     run, manifest = found
     table = pa.concat_tables(pq.read_table(run.join(f["path"]).path, filesystem=run.fs) for f in manifest["files"])
@@ -87,7 +89,7 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
 
 def measure(store: str, out_uri: str, n_users: int, lookups: int, ref_lookups: int) -> list[str]:
     from bench.common import rss_gib
-    from pipeline.recs import iter_recommendations, read_recommendations
+    from pipeline.serving.recs import iter_recommendations, read_recommendations
 
     t_build, m = timed(build_partition, out_uri, n_users)
     users = m["users"].to_numpy()

@@ -22,7 +22,7 @@ from bench.common import append_row, git_commit, machine, today
 from model.pia import PIAConfig
 from model.train import TrainConfig, Trainer, resolve_device
 from model.vae import MultiVAE, VAEConfig
-from pipeline.synth import synth_ml20m_like_csr
+from pipeline.data.synth import synth_ml20m_like_csr
 
 
 class DenseMultiVAE(nn.Module):

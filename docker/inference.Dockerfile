@@ -21,7 +21,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY pipeline ./pipeline
 RUN pip install --no-cache-dir -c requirements.lock . \
-    && python -c "import torch, pipeline.cli; assert torch.version.cuda is None" \
+    && python -c "import torch, pipeline.cli.main; assert torch.version.cuda is None" \
     && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${PYTHON_IMAGE}

@@ -29,7 +29,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY pipeline ./pipeline
 RUN pip install --no-cache-dir -c requirements.lock . \
-    && python -c "import torch, pipeline.cli; assert torch.version.cuda, 'CPU torch was installed'"
+    && python -c "import torch, pipeline.cli.main; assert torch.version.cuda, 'CPU torch was installed'"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
@@ -45,7 +45,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     RECSYS_HOME=/home/recsys/.recsys
 USER 10001
 WORKDIR /home/recsys
-# SageMaker passes ContainerEntrypoint ["recsys"] + ContainerArguments ["train", ...] (pipeline/launcher.py);
+# SageMaker passes ContainerEntrypoint ["recsys"] + ContainerArguments ["train", ...] (a training launcher; not wired yet, docs/runbook.md §1);
 # `docker run IMAGE train --snapshot ...` works the same way.
 ENTRYPOINT ["recsys"]
 CMD ["train", "--help"]

@@ -37,7 +37,7 @@ def moto_server():
     """A moto S3 (and IAM, CloudFormation, SageMaker...) server on 127.0.0.1; never real AWS.
 
     Yields the endpoint URL. Dummy credentials and the endpoint are put in the environment for the whole
-    session (boto3, pyarrow.fs via pipeline.lake, and MLflow's S3 artifact client all read them).
+    session (boto3, pyarrow.fs via pipeline.io.lake, and MLflow's S3 artifact client all read them).
     """
     from moto.server import ThreadedMotoServer
 

@@ -1,4 +1,4 @@
-"""`make backfill` machinery (pipeline.airflow_local) against a real local Airflow 3.3 and test-only DAGs.
+"""`make backfill` machinery (pipeline.orchestration.dev.local_airflow) against a real local Airflow 3.3 and test-only DAGs.
 
 The slow tests share one LocalAirflow (api-server + scheduler + dag-processor, about a minute to start on 2
 cores) over tests/dags/fixtures, whose tasks only write `<logical date>.txt` files: no recsys jobs run.
@@ -6,16 +6,24 @@ cores) over tests/dags/fixtures, whose tasks only write `<logical date>.txt` fil
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
+from airflow_client.client.exceptions import ApiException
+from airflow_client.client.models.backfill_post_body import BackfillPostBody
+from airflow_client.client.models.backfill_response import BackfillResponse
+from airflow_client.client.models.dag_run_response import DAGRunResponse
+from airflow_client.client.models.dag_run_state import DagRunState
+from airflow_client.client.models.dag_run_type import DagRunType
 
-from pipeline import airflow_local as al
 from pipeline.errors import DataError
+from pipeline.orchestration.dev import local_airflow as al
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -79,83 +87,113 @@ def test_bad_dag_or_dates_fail_before_anything_starts(tmp_path, capsys, dag, sta
     assert not home.exists()  # nothing was created, migrated or started
 
 
-class _LockedApi:
-    """Stands in for the api-server's HTTP answers only (a real SQLite lock cannot be provoked on demand): POST
-    /backfills answers 503 `locked` times, and one half-made backfill stays open after the first refusal."""
+def _http_error(status: int, detail: str) -> ApiException:
+    """What the generated client raises for a non-2xx answer."""
+    return ApiException(status=status, reason="Service Unavailable" if status == 503 else "Conflict",
+                        body=json.dumps({"detail": detail}))
+
+
+def _backfill(backfill_id: int, completed: bool = False) -> BackfillResponse:
+    return BackfillResponse.model_construct(id=backfill_id, created_at=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
+                                            completed_at=dt.datetime(2024, 1, 2, tzinfo=dt.UTC) if completed else None)
+
+
+def _dag_run(run_id: str, run_type: str, state: str) -> DAGRunResponse:
+    return DAGRunResponse.model_construct(dag_run_id=run_id, run_type=DagRunType(run_type), state=DagRunState(state),
+                                          logical_date=dt.datetime(2026, 1, 10, tzinfo=dt.UTC))
+
+
+class _LockedBackfills:
+    """Stands in for the client's BackfillApi only (a real SQLite lock cannot be provoked on demand): creating a
+    backfill answers 503 `locked` times, and one half-made backfill stays open after the first refusal."""
 
     def __init__(self, locked: int, status: int = 503) -> None:
         self.locked, self.status = locked, status
-        self.calls: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, object]] = []
 
-    def api(self, method: str, path: str, body: object = None) -> object:
-        self.calls.append((method, path))
-        if method == "POST" and path == "/api/v2/backfills":
-            if self.locked:
-                self.locked -= 1
-                raise al.AirflowError(f"POST {path}: HTTP {self.status} Database is locked", self.status)
-            return {"id": 7, "created_at": "2024-01-01T00:00:00Z"}
-        if method == "GET":
-            return {"backfills": [{"id": 6, "completed_at": None}]}
-        return None
+    def create_backfill(self, body: BackfillPostBody) -> BackfillResponse:
+        self.calls.append(("create", body.dag_id))
+        if self.locked:
+            self.locked -= 1
+            raise _http_error(self.status, "Database is locked")
+        return _backfill(7)
 
-    def _say(self, text: str) -> None:
-        pass
+    def list_backfills(self, dag_id: str, limit: int | None = None) -> SimpleNamespace:
+        self.calls.append(("list", dag_id))
+        return SimpleNamespace(backfills=[_backfill(5, completed=True), _backfill(6)])
+
+    def cancel_backfill(self, backfill_id: int) -> None:
+        self.calls.append(("cancel", backfill_id))
+
+
+def _body(dag_id: str = "d") -> BackfillPostBody:
+    return BackfillPostBody(dag_id=dag_id, from_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+                            to_date=dt.datetime(2026, 1, 2, tzinfo=dt.UTC))
 
 
 def test_backfill_creation_retries_while_sqlite_is_locked() -> None:
-    af = _LockedApi(locked=2)
-    assert al._create_backfill(af, "d", {"dag_id": "d"}, wait=0.0)["id"] == 7  # type: ignore[arg-type]
-    posts = [c for c in af.calls if c == ("POST", "/api/v2/backfills")]
-    assert len(posts) == 3 and af.calls.count(("PUT", "/api/v2/backfills/6/cancel")) == 2  # left-overs closed
-    with pytest.raises(al.AirflowError, match="HTTP 503"):
-        al._create_backfill(_LockedApi(locked=99), "d", {}, wait=0.0)  # type: ignore[arg-type]
-    refused = _LockedApi(locked=1, status=409)  # anything but a lock is not retried
-    with pytest.raises(al.AirflowError, match="HTTP 409"):
-        al._create_backfill(refused, "d", {}, wait=0.0)  # type: ignore[arg-type]
-    assert len(refused.calls) == 1
+    af = SimpleNamespace(backfills=_LockedBackfills(locked=2), _say=lambda text: None)
+    assert al._create_backfill(af, _body(), wait=0.0).id == 7  # type: ignore[arg-type]
+    calls = af.backfills.calls
+    assert calls.count(("create", "d")) == 3 and calls.count(("cancel", 6)) == 2  # left-overs closed
+    assert ("cancel", 5) not in calls  # a completed one is left alone
+    with pytest.raises(ApiException) as e:
+        al._create_backfill(SimpleNamespace(backfills=_LockedBackfills(locked=99), _say=print), _body(),  # type: ignore[arg-type]
+                            wait=0.0)
+    assert e.value.status == 503 and al.describe(e.value) == 'HTTP 503 Service Unavailable: {"detail": "Database is locked"}'
+    refused = SimpleNamespace(backfills=_LockedBackfills(locked=1, status=409), _say=print)  # only a lock is retried
+    with pytest.raises(ApiException, match="409"):
+        al._create_backfill(refused, _body(), wait=0.0)  # type: ignore[arg-type]
+    assert refused.backfills.calls == [("create", "d")]
 
 
 class _RacingScheduler:
-    """Stands in for the api-server's HTTP answers only (the scheduler's timing cannot be forced): the run is
-    `queued` at cancel time, and the scheduler writes `running` back over the first PATCH to `failed`, as it can
-    on SQLite when it read the run before the cancel."""
+    """Stands in for the client's BackfillApi and DagRunApi only (the scheduler's timing cannot be forced): the
+    run is `queued` at cancel time, and the scheduler writes `running` back over the first PATCH to `failed`, as
+    it can on SQLite when it read the run before the cancel."""
 
     def __init__(self, write_backs: int = 1, gets_failing: int = 0) -> None:
         self.state, self.write_backs, self.gets_failing = "queued", write_backs, gets_failing
-        self.calls: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, ...]] = []
         self.said: list[str] = []
+        self.backfills = self.dag_runs = self
 
-    def api(self, method: str, path: str, body: object = None) -> object:
-        self.calls.append((method, path))
-        if method == "PUT":  # cancel: fails queued runs, but the scheduler starts this one regardless
+    def cancel_backfill(self, backfill_id: int) -> None:  # fails queued runs, but the scheduler starts this one
+        self.calls.append(("cancel", str(backfill_id)))
+        self.state = "running"
+
+    def patch_dag_run(self, dag_id: str, dag_run_id: str, body: object) -> None:
+        self.calls.append(("patch", dag_id, dag_run_id, body.state.value))  # type: ignore[attr-defined]
+        if self.write_backs:
+            self.write_backs -= 1
             self.state = "running"
-        elif method == "PATCH":
-            if self.write_backs:
-                self.write_backs -= 1
-                self.state = "running"
-            else:
-                self.state = "failed"
-        elif method == "GET":
-            if self.gets_failing:
-                self.gets_failing -= 1
-                raise al.AirflowError("GET: HTTP 500 database is locked", 500)
-            return {"dag_runs": [{"dag_run_id": "backfill__2026-01-10", "run_type": "backfill", "state": self.state},
-                                 {"dag_run_id": "manual__x", "run_type": "manual", "state": "running"}]}
-        return None
+        else:
+            self.state = "failed"
+
+    def get_dag_runs(self, dag_id: str, **query: object) -> SimpleNamespace:
+        self.calls.append(("list", dag_id))
+        assert query["logical_date_gte"] == dt.datetime(2026, 1, 10, tzinfo=dt.UTC)
+        assert query["logical_date_lte"] == dt.datetime(2026, 1, 11, tzinfo=dt.UTC)
+        if self.gets_failing:
+            self.gets_failing -= 1
+            raise _http_error(500, "database is locked")
+        return SimpleNamespace(dag_runs=[_dag_run("backfill__2026-01-10", "backfill", self.state),
+                                         _dag_run("manual__x", "manual", "running")])
 
     def _say(self, text: str) -> None:
         self.said.append(text)
 
 
 def test_abandon_fails_runs_again_until_none_is_live() -> None:
+    start, end = dt.date(2026, 1, 10), dt.date(2026, 1, 11)
     af = _RacingScheduler(write_backs=1, gets_failing=1)
-    al._abandon(af, "d", 3, "/runs", settle=5.0, poll=0.0)  # type: ignore[arg-type]
+    al._abandon(af, "d", 3, start, end, settle=5.0, poll=0.0)  # type: ignore[arg-type]
     assert af.state == "failed"
-    assert [c for c in af.calls if c[0] == "PATCH"] == [("PATCH", "/api/v2/dags/d/dagRuns/backfill__2026-01-10")] * 2
-    assert af.calls[0] == ("PUT", "/api/v2/backfills/3/cancel") and af.said == []  # a manual run is not ours
+    assert [c for c in af.calls if c[0] == "patch"] == [("patch", "d", "backfill__2026-01-10", "failed")] * 2
+    assert af.calls[0] == ("cancel", "3") and af.said == []  # a manual run is not ours
 
     stuck = _RacingScheduler(write_backs=10**6)  # never settles: a warning names the run, no endless loop
-    al._abandon(stuck, "d", 3, "/runs", settle=0.05, poll=0.01)  # type: ignore[arg-type]
+    al._abandon(stuck, "d", 3, start, end, settle=0.05, poll=0.01)  # type: ignore[arg-type]
     assert stuck.state == "running" and "backfill__2026-01-10" in stuck.said[-1]
 
 
@@ -195,7 +233,7 @@ def airflow(tmp_path_factory: pytest.TempPathFactory):
         yield af, out
 
 
-def _run(af: al.LocalAirflow, dag: str, start: str, end: str) -> tuple[int, str]:
+def _backfill_range(af: al.LocalAirflow, dag: str, start: str, end: str) -> tuple[int, str]:
     buf = io.StringIO()
     rc = al.backfill(dag, start, end, airflow=af, timeout=240, poll=1, out=buf)
     af.seen_pids |= _descendants(af)  # type: ignore[attr-defined]  # LocalExecutor workers exist by now
@@ -205,14 +243,14 @@ def _run(af: al.LocalAirflow, dag: str, start: str, end: str) -> tuple[int, str]
 @pytest.mark.slow
 def test_backfill_two_days_then_again_is_identical(airflow) -> None:
     af, out = airflow
-    rc, table = _run(af, "backfill_probe_ok", "2026-01-01", "2026-01-02")
+    rc, table = _backfill_range(af, "backfill_probe_ok", "2026-01-01", "2026-01-02")
     assert rc == 0, table
     assert "2026-01-01  success" in table and "2026-01-02  success" in table
     first = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in out.iterdir()}
     assert sorted(first) == ["2026-01-01.txt", "2026-01-02.txt"]
     assert first["2026-01-01.txt"][0] == b"logical date 2026-01-01\n"
 
-    rc, table = _run(af, "backfill_probe_ok", "2026-01-01", "2026-01-02")  # reprocess: both dates run again
+    rc, table = _backfill_range(af, "backfill_probe_ok", "2026-01-01", "2026-01-02")  # reprocess: both dates run again
     assert rc == 0, table
     again = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in out.iterdir()}
     assert sorted(again) == sorted(first)  # one file per date, nothing appended or duplicated
@@ -224,7 +262,7 @@ def test_backfill_two_days_then_again_is_identical(airflow) -> None:
 @pytest.mark.slow
 def test_a_failing_date_is_reported_and_returns_nonzero(airflow) -> None:
     af, out = airflow
-    rc, table = _run(af, "backfill_probe_fail", "2026-01-03", "2026-01-04")  # the probe fails on even days
+    rc, table = _backfill_range(af, "backfill_probe_fail", "2026-01-03", "2026-01-04")  # the probe fails on even days
     assert rc == 1, table
     assert "2026-01-03  success" in table and "2026-01-04  failed" in table
     assert "not successful: 2026-01-04" in table
@@ -238,9 +276,9 @@ def test_a_timeout_cancels_and_leaves_no_live_run(airflow) -> None:
     rc = al.backfill("backfill_probe_ok", "2026-01-10", "2026-01-11", airflow=af, timeout=0.1, poll=0.1, out=buf)
     table = buf.getvalue()
     assert rc == 1 and "timeout (" in table and "not successful: 2026-01-10, 2026-01-11" in table, table
-    runs = af.api("GET", "/api/v2/dags/backfill_probe_ok/dagRuns?logical_date_gte=2026-01-10T00:00:00Z")["dag_runs"]
-    assert runs and all(r["state"] in al.TERMINAL for r in runs)  # nothing a later start would carry on
-    assert all(b["completed_at"] for b in af.api("GET", "/api/v2/backfills?dag_id=backfill_probe_ok")["backfills"])
+    runs = af.dag_runs.get_dag_runs("backfill_probe_ok", logical_date_gte=dt.datetime(2026, 1, 10, tzinfo=dt.UTC)).dag_runs
+    assert runs and all(r.state.value in al.TERMINAL for r in runs)  # nothing a later start would carry on
+    assert all(b.completed_at for b in af.backfills.list_backfills("backfill_probe_ok").backfills)
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """The whole story on real services, all on 127.0.0.1: no embedded shortcuts, no real AWS.
 
-- the lake is the moto S3 server: events (`recsys synth --out s3://...`), matrix snapshots and recommendations
-  live under s3:// URIs of a fresh bucket (pipeline.lake; Spark stages S3 input locally, see build_matrix);
+- the lake is the moto S3 server: events (SynthEventsJob, out=s3://...), matrix snapshots and recommendations
+  live under s3:// URIs of a fresh bucket (pipeline.io.lake; Spark stages S3 input locally, see build_matrix);
 - MLflow is a real `mlflow server` (SQLite backend, artifacts in the moto bucket `mlflow-artifacts`);
-- Airflow 3.3 runs for real (pipeline.airflow_local.LocalAirflow: api-server + scheduler + dag-processor, the
+- Airflow 3.3 runs for real (pipeline.orchestration.dev.local_airflow.LocalAirflow: api-server + scheduler + dag-processor, the
   repo's dags/ folder, LocalExecutor task processes that see the RECSYS_* / AWS_* / MLFLOW_* variables);
 - Spark local[2].
 
@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline import lake
-from pipeline.airflow_local import REPO_DAGS, LocalAirflow, backfill
-from pipeline.orchestration import recsys
-from pipeline.publish import SUCCESS, committed_run
+from pipeline.data.synth_events import SynthEventsJob
+from pipeline.io import lake
+from pipeline.io.publish import SUCCESS, committed_run
+from pipeline.orchestration.dev.local_airflow import REPO_DAGS, LocalAirflow, backfill
 
 MODEL = "recsys-e2e"
 FIRST_DAY = "2026-01-04"  # 14 event days: 2026-01-04 .. 2026-01-17
@@ -78,8 +78,7 @@ def test_weekly_then_daily_backfill_on_s3_mlflow_server_and_airflow(tmp_path: Pa
     train_config.write_text(TINY_TRAIN)
     gate_config = tmp_path / "gates.yaml"
     gate_config.write_text(GATES)
-    recsys("synth", "--users", "500", "--items", "200", "--days", "14", "--start", FIRST_DAY, "--out", events,
-           "--seed", "0")
+    SynthEventsJob(users=500, items=200, days=14, start=FIRST_DAY, out=events, seed=0).run()
     assert lake.resolve(events).join(f"dt={FIRST_DAY}").exists()
     times["synth to s3"] = time.perf_counter() - t
 
@@ -125,7 +124,7 @@ def test_weekly_then_daily_backfill_on_s3_mlflow_server_and_airflow(tmp_path: Pa
     assert client.get_model_version_by_alias(MODEL, "champion").version in (1, "1")
 
     # the daily runs: both partitions committed, one row per active user (events up to that date)
-    from pipeline.recs import committed_dates, read_recommendations
+    from pipeline.serving.recs import committed_dates, read_recommendations
 
     for date in DAILY_DATES:
         assert _partition(lake_uri, date).join(SUCCESS).is_file()

@@ -1,9 +1,11 @@
-"""Shared helpers of the inference tests: a tiny fitted bundle and synthetic events in the lake."""
+"""Shared helpers of the inference tests: a tiny fitted bundle, synthetic events in the lake, and `run_infer`
+(publish with an in-memory bundle, returning the run's manifest)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +15,9 @@ import scipy.sparse as sp
 from model.recommenders import make_recommender
 from model.train import TrainConfig
 from model.vae import VAEConfig
-from pipeline import lake
-from pipeline.bundle import ModelBundle
+from pipeline.io import lake
+from pipeline.io.bundle import ModelBundle
+from pipeline.serving.job import InferJob, publish_recommendations
 
 N_ITEMS = 40
 DATES = ("2024-05-01", "2024-05-02", "2024-05-03")
@@ -71,3 +74,15 @@ def write_events(table: pa.Table, uri: str) -> str:
 
 def write_events_local(table: pa.Table, directory: Path) -> str:
     return write_events(table, str(directory))
+
+
+def run_infer(job: InferJob, bundle: ModelBundle, version: str) -> dict[str, Any]:
+    """Publish with `bundle` named `version`; returns the run's manifest, after checking that the typed result
+    says the same (where, which run, how many users and files)."""
+    r = publish_recommendations(job, bundle, version)
+    m = r.manifest()
+    assert r.partition_uri == job.partition_uri and r.run == m["run"] and r.date.isoformat() == m["date"]
+    assert (r.users, r.files, r.fallback_users, r.unknown_item_events, r.events, r.precision, r.seconds) == (
+        m["rows"], len(m["files"]), m["fallback_users"], m["unknown_item_events"], m["events"], m["precision"], m["seconds"])
+    assert r.model_version == m["model_version"] == version
+    return m

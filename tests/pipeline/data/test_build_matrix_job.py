@@ -9,23 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.build_matrix import Binarize, BuildMatrixConfig
+from pipeline.data.build_matrix import Binarize, BuildMatrixJob, BuildResult
+from pipeline.data.synth_events import SynthEventsJob
 from pipeline.errors import DataError
-from pipeline.snapshot import load_snapshot, read_manifest
-from pipeline.synth_events import SynthEventsConfig
+from pipeline.io.snapshot import load_snapshot, manifest_digest, read_manifest
 
 WEEK1, WEEK2 = dt.date(2024, 1, 7), dt.date(2024, 1, 14)
 
 
-def config(events: Path | str, lake: Path | str, as_of: dt.date = WEEK1, **kw) -> BuildMatrixConfig:
+def config(events: Path | str, lake: Path | str, as_of: dt.date = WEEK1, **kw) -> BuildMatrixJob:
     base = {"window_days": 7, "spark_master": "local[2]", "shuffle_partitions": 2, "seed": 7}
-    return BuildMatrixConfig(events=str(events), as_of=as_of, out=str(lake), **{**base, **kw})
+    return BuildMatrixJob(events=str(events), as_of=as_of, out=str(lake), **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def events(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("events") / "events"
-    SynthEventsConfig(users=1500, items=400, days=14, out=str(root), seed=11).run()
+    SynthEventsJob(users=1500, items=400, days=14, out=str(root), seed=11).run()
     return root
 
 
@@ -72,7 +72,7 @@ def test_failed_cleanup_after_publish_keeps_the_new_run(lake: Path, events: Path
                                                         caplog: pytest.LogCaptureFixture):
     """Deleting old runs fails (S3 error, permissions) after the manifest switch: the build still succeeds and
     the manifest names a folder that exists; the old run is left for the next build."""
-    from pipeline.lake import Location
+    from pipeline.io.lake import Location
 
     uri = lake / "snapshots" / f"as_of={WEEK1}"
     before = read_manifest(str(uri))
@@ -83,7 +83,7 @@ def test_failed_cleanup_after_publish_keeps_the_new_run(lake: Path, events: Path
         raise OSError("AccessDenied")
 
     monkeypatch.setattr(Location, "delete", fail)
-    assert config(events, lake).run() == str(uri)
+    assert config(events, lake).run().snapshot_uri == str(uri)
     after = load_snapshot(str(uri)).manifest  # verifies every file the manifest names
     assert after["run"] != before["run"] and (uri / after["run"]).is_dir() and (uri / before["run"]).is_dir()
     assert stale.is_dir() and "could not delete run-stale0000000" in caplog.text
@@ -91,13 +91,13 @@ def test_failed_cleanup_after_publish_keeps_the_new_run(lake: Path, events: Path
 
 def test_other_seed_other_split(lake: Path, events: Path, tmp_path: Path):
     a = load_snapshot(str(lake / "snapshots" / f"as_of={WEEK1}"))
-    b = load_snapshot(config(events, tmp_path, seed=8).run())
+    b = load_snapshot(config(events, tmp_path, seed=8).run().snapshot_uri)
     assert not np.array_equal(a.valid.users, b.valid.users)
 
 
 def test_stable_indices_next_week(lake: Path, events: Path):
     w1 = load_snapshot(str(lake / "snapshots" / f"as_of={WEEK1}"))
-    w2 = load_snapshot(config(events, lake, as_of=WEEK2).run())
+    w2 = load_snapshot(config(events, lake, as_of=WEEK2).run().snapshot_uri)
     n1 = len(w1.item_ids)
     assert np.array_equal(w2.item_ids[:n1], w1.item_ids) and len(w2.item_ids) > n1  # new items appended
     assert np.array_equal(w2.user_ids[: len(w1.user_ids)], w1.user_ids)
@@ -121,10 +121,12 @@ def _roles(lake: Path, day: dt.date) -> np.ndarray:
 
 
 def test_s3_lake(spark, events: Path, s3_bucket: str):
-    uri = config(events, f"{s3_bucket}/lake").run()
-    assert uri == f"{s3_bucket}/lake/snapshots/as_of={WEEK1}"
-    snap = load_snapshot(uri)
-    assert snap.train.nnz == snap.manifest["counts"]["train_interactions"] > 0
+    r = config(events, f"{s3_bucket}/lake").run()
+    assert r.snapshot_uri == f"{s3_bucket}/lake/snapshots/as_of={WEEK1}"
+    snap = load_snapshot(r.snapshot_uri)
+    assert snap.train.nnz == snap.manifest["counts"]["train_interactions"] == r.counts["train_interactions"] > 0
+    assert r.digest == manifest_digest(snap.manifest)  # what training tags its versions with
+    assert BuildResult.model_validate(r.to_xcom()) == r  # travels between Airflow tasks as JSON
 
 
 def test_too_few_users(spark, events: Path, tmp_path: Path):
@@ -137,12 +139,13 @@ def test_too_few_users(spark, events: Path, tmp_path: Path):
 def test_real_movielens(spark, shared_data: Path, tmp_path: Path):
     import pandas as pd
 
-    from pipeline.ingest import IngestConfig
+    from pipeline.data.ingest import IngestJob
 
     src = shared_data / "ml-latest-small" / "interactions.parquet"
-    ev = IngestConfig(format="interactions", src=src, out=str(tmp_path / "ev"), partition=False).run()
-    uri = BuildMatrixConfig(events=ev.uri, as_of=dt.date(2016, 12, 31), window_days=365 * 30, out=str(tmp_path / "lake"),
-                            spark_master="local[2]", shuffle_partitions=2, binarize=Binarize.parse("weight>=4")).run()
+    ev = IngestJob(format="interactions", src=src, out=str(tmp_path / "ev"), partition=False).run()
+    uri = BuildMatrixJob(events=ev.uri, as_of=dt.date(2016, 12, 31), window_days=365 * 30, out=str(tmp_path / "lake"),
+                         spark_master="local[2]", shuffle_partitions=2,
+                         binarize=Binarize.parse("weight>=4")).run().snapshot_uri
     snap = load_snapshot(uri)
     df = pd.read_parquet(src)
     pos = df[df.rating >= 4].drop_duplicates(["user_id", "item_id"])
@@ -158,7 +161,7 @@ def test_real_movielens(spark, shared_data: Path, tmp_path: Path):
 def test_cli(spark, events: Path, tmp_path: Path, capsys):
     import argparse
 
-    from pipeline.cli_data import register
+    from pipeline.cli.data import register
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="command"))
@@ -172,7 +175,7 @@ def test_cli(spark, events: Path, tmp_path: Path, capsys):
 
 
 def test_cli_error_exit_code(tmp_path: Path, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     assert main(["ingest", "--format", "msd", "--src", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

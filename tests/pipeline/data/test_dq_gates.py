@@ -1,4 +1,4 @@
-"""pipeline.dq thresholds, and every gate tripped through the real job: nothing published, the previous
+"""pipeline.data.dq thresholds, and every gate tripped through the real job: nothing published, the previous
 snapshot still loads."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import dq
-from pipeline.build_matrix import BuildMatrixConfig
+from pipeline.data import dq
+from pipeline.data.build_matrix import BuildMatrixJob
+from pipeline.data.synth_events import SynthEventsJob
 from pipeline.errors import DataError
-from pipeline.snapshot import load_snapshot, read_manifest
-from pipeline.synth_events import SynthEventsConfig
+from pipeline.io.snapshot import load_snapshot, read_manifest
 
 AS_OF = dt.date(2024, 1, 7)
 NEXT = dt.date(2024, 1, 14)
@@ -36,15 +36,15 @@ def test_check_functions():
         dq.enforce(drops, "here")
 
 
-def cfg_for(events: Path, lake: Path, as_of: dt.date = NEXT, **kw) -> BuildMatrixConfig:
-    return BuildMatrixConfig(events=str(events), as_of=as_of, window_days=7, out=str(lake), spark_master="local[2]",
+def cfg_for(events: Path, lake: Path, as_of: dt.date = NEXT, **kw) -> BuildMatrixJob:
+    return BuildMatrixJob(events=str(events), as_of=as_of, window_days=7, out=str(lake), spark_master="local[2]",
                              shuffle_partitions=2, n_valid=20, n_test=20, **kw)
 
 
 @pytest.fixture(scope="module")
 def lake(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("dq")
-    SynthEventsConfig(users=800, items=300, days=7, out=str(root / "good"), seed=5).run()
+    SynthEventsJob(users=800, items=300, days=7, out=str(root / "good"), seed=5).run()
     cfg_for(root / "good", root / "lake", as_of=AS_OF).run()
     return root
 

@@ -1,4 +1,4 @@
-"""pipeline.ingest: every source format into the events contract; bad inputs leave nothing behind."""
+"""pipeline.data.ingest: every source format into the events contract; bad inputs leave nothing behind."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
+from pipeline.data.ingest import IngestJob
 from pipeline.errors import DataError
-from pipeline.ingest import IngestConfig
 
 
 def read_events(uri: str) -> pa.Table:
@@ -23,7 +23,7 @@ def days(uri: str) -> list[str]:
 def test_movielens_csv(tmp_path: Path):
     src = tmp_path / "ratings.csv"
     src.write_text("userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n2,10,4.0,835355493\n")
-    r = IngestConfig(format="movielens", src=tmp_path, out=str(tmp_path / "ev")).run()
+    r = IngestJob(format="movielens", src=tmp_path, out=str(tmp_path / "ev")).run()
     t = read_events(r.uri)
     assert r.rows == 3 and r.partitioned
     assert days(r.uri) == ["dt=1996-06-21", "dt=2009-12-14"]
@@ -34,11 +34,11 @@ def test_movielens_csv(tmp_path: Path):
 def test_movielens_dat_and_udata(tmp_path: Path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n")
-    r = IngestConfig(format="movielens", src=tmp_path / "a", out=str(tmp_path / "ev1")).run()
+    r = IngestJob(format="movielens", src=tmp_path / "a", out=str(tmp_path / "ev1")).run()
     assert sorted(read_events(r.uri)["item_id"].to_pylist()) == [661, 1193]
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n")
-    r = IngestConfig(format="movielens", src=tmp_path / "b", out=str(tmp_path / "ev2"), partition=False).run()
+    r = IngestJob(format="movielens", src=tmp_path / "b", out=str(tmp_path / "ev2"), partition=False).run()
     assert r.rows == 3 and not r.partitioned and days(r.uri) == []
     assert "event_ts" in read_events(r.uri).schema.names
 
@@ -46,7 +46,7 @@ def test_movielens_dat_and_udata(tmp_path: Path):
 def test_netflix(tmp_path: Path):
     (tmp_path / "mv_0000001.txt").write_text("1:\n1488844,3,2005-09-06\n822109,5,2005-05-13\n")
     (tmp_path / "mv_0000002.txt").write_text("2:\n2059652,4,2005-09-05\n")
-    r = IngestConfig(format="netflix", src=tmp_path, out=str(tmp_path / "ev")).run()
+    r = IngestJob(format="netflix", src=tmp_path, out=str(tmp_path / "ev")).run()
     t = read_events(r.uri).sort_by("user_id")
     assert t["item_id"].to_pylist() == [1, 1, 2] and t["user_id"].to_pylist() == [822109, 1488844, 2059652]
     assert days(r.uri) == ["dt=2005-05-13", "dt=2005-09-05", "dt=2005-09-06"]
@@ -56,7 +56,7 @@ def test_msd_triplets_static(tmp_path: Path):
     src = tmp_path / "train_triplets.txt"
     src.write_text("b80344d063b5ccb3212f76538f3d9e43d87dca9e\tSOAKIMP12A8C130995\t1\n"
                    "b80344d063b5ccb3212f76538f3d9e43d87dca9e\tSOAPDEY12A81C210A9\t12\n")
-    r = IngestConfig(format="msd", src=src, out=str(tmp_path / "ev")).run()
+    r = IngestJob(format="msd", src=src, out=str(tmp_path / "ev")).run()
     t = read_events(r.uri)
     assert not r.partitioned and "event_ts" not in t.schema.names
     assert t.schema.field("user_id").type == pa.string() and sorted(t["weight"].to_pylist()) == [1.0, 12.0]
@@ -71,22 +71,22 @@ def test_bad_movielens_leaves_nothing(tmp_path: Path, name: str, text: str, prob
     (tmp_path / name).write_text(text)
     out = tmp_path / "ev"
     with pytest.raises(DataError, match=problem) as e:
-        IngestConfig(format="movielens", src=tmp_path / name, out=str(out)).run()
+        IngestJob(format="movielens", src=tmp_path / name, out=str(out)).run()
     assert "Fix:" in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".ev*"))
 
 
 def test_missing_and_bad_sources(tmp_path: Path):
     with pytest.raises(DataError, match="does not exist"):
-        IngestConfig(format="msd", src=tmp_path / "nope", out=str(tmp_path / "ev")).run()
+        IngestJob(format="msd", src=tmp_path / "nope", out=str(tmp_path / "ev")).run()
     (tmp_path / "mv_1.txt").write_text("12,3,2005-01-01\n")
     with pytest.raises(DataError, match="MOVIEID"):
-        IngestConfig(format="netflix", src=tmp_path / "mv_1.txt", out=str(tmp_path / "ev")).run()
+        IngestJob(format="netflix", src=tmp_path / "mv_1.txt", out=str(tmp_path / "ev")).run()
     pa_path = tmp_path / "x.parquet"
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"u": [1], "i": [2]}), pa_path)
     with pytest.raises(DataError, match="lacks column"):
-        IngestConfig(format="interactions", src=pa_path, out=str(tmp_path / "ev")).run()
+        IngestJob(format="interactions", src=pa_path, out=str(tmp_path / "ev")).run()
     assert not (tmp_path / "ev").exists()
 
 
@@ -94,9 +94,9 @@ def test_rerun_replaces(tmp_path: Path):
     src = tmp_path / "u.data"
     src.write_text("1\t2\t3\t881250949\n")
     out = str(tmp_path / "ev")
-    IngestConfig(format="movielens", src=src, out=out).run()
+    IngestJob(format="movielens", src=src, out=out).run()
     src.write_text("1\t2\t3\t891717742\n")
-    IngestConfig(format="movielens", src=src, out=out).run()
+    IngestJob(format="movielens", src=src, out=out).run()
     assert days(out) == ["dt=1998-04-04"]
 
 
@@ -106,7 +106,7 @@ def test_real_interaction_files(shared_data: Path, tmp_path: Path, name: str, pa
     import pyarrow.parquet as pq
 
     src = shared_data / name / "interactions.parquet"
-    r = IngestConfig(format="interactions", src=src, out=str(tmp_path / "ev")).run()
+    r = IngestJob(format="interactions", src=src, out=str(tmp_path / "ev")).run()
     t = read_events(r.uri)
     orig = pq.read_table(src)
     assert r.rows == orig.num_rows == t.num_rows and r.partitioned == partitioned
@@ -116,9 +116,9 @@ def test_real_interaction_files(shared_data: Path, tmp_path: Path, name: str, pa
 
 
 def test_s3_output(tmp_path: Path, s3_bucket: str):
-    from pipeline.lake import resolve
+    from pipeline.io.lake import resolve
 
     (tmp_path / "u.data").write_text("1\t2\t3\t881250949\n1\t3\t4\t891717742\n")
     uri = f"{s3_bucket}/events"
-    r = IngestConfig(format="movielens", src=tmp_path / "u.data", out=uri).run()
+    r = IngestJob(format="movielens", src=tmp_path / "u.data", out=uri).run()
     assert r.uri == uri and resolve(uri).list() == ["dt=1997-12-04", "dt=1998-04-04"]

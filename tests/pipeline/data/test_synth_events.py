@@ -1,4 +1,4 @@
-"""pipeline.synth_events: deterministic, dt-partitioned, growing over time, chunked (bounded memory)."""
+"""pipeline.data.synth_events: deterministic, dt-partitioned, growing over time, chunked (bounded memory)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 
-from pipeline import synth_events
-from pipeline.synth_events import SynthEventsConfig
+from pipeline.data import synth_events
+from pipeline.data.synth_events import SynthEventsJob
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -17,10 +17,10 @@ def digest(root: Path) -> dict[str, str]:
 
 
 def test_deterministic_and_shaped(tmp_path: Path):
-    cfg = SynthEventsConfig(users=2000, items=500, days=10, out=str(tmp_path / "a"), seed=3)
+    cfg = SynthEventsJob(users=2000, items=500, days=10, out=str(tmp_path / "a"), seed=3)
     r = cfg.run()
-    SynthEventsConfig(users=2000, items=500, days=10, out=str(tmp_path / "b"), seed=3).run()
-    SynthEventsConfig(users=2000, items=500, days=10, out=str(tmp_path / "c"), seed=4).run()
+    SynthEventsJob(users=2000, items=500, days=10, out=str(tmp_path / "b"), seed=3).run()
+    SynthEventsJob(users=2000, items=500, days=10, out=str(tmp_path / "c"), seed=4).run()
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
     t = ds.dataset(r.uri, format="parquet", partitioning="hive").to_table()
     assert t.num_rows == r.events and sorted({p.name for p in (tmp_path / "a").iterdir()})[0] == "dt=2024-01-01"
@@ -39,7 +39,7 @@ def test_deterministic_and_shaped(tmp_path: Path):
 
 def test_chunks_bound_memory(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(synth_events, "CHUNK_EVENTS", 5_000)
-    r = SynthEventsConfig(users=3000, items=400, days=3, out=str(tmp_path / "e"), seed=0).run()
+    r = SynthEventsJob(users=3000, items=400, days=3, out=str(tmp_path / "e"), seed=0).run()
     parts = list((tmp_path / "e" / "dt=2024-01-02").glob("part-*.parquet"))
     assert len(parts) > 10  # one file per (chunk of users, day): no chunk ever holds the whole stream
     assert r.files == len(list((tmp_path / "e").rglob("*.parquet")))

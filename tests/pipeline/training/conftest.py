@@ -15,20 +15,62 @@ import scipy.sparse as sp
 
 from model.split import strong_generalization_split
 from model.vae import VAEConfig
-from pipeline.snapshot import write_snapshot
-from pipeline.synth import synth_interactions
+from pipeline.data.synth import synth_interactions
+from pipeline.io.snapshot import write_snapshot
 
 NAME = "recsys-test"
 TINY_VAE = VAEConfig(hidden_dims=(32,), latent_dim=8, anneal_steps=100)
 
 
 def tiny(snapshot: str, **kw):
-    """A tiny, fast job config (kw override)."""
-    from pipeline.train_job import TrainJobConfig
+    """A tiny, fast TrainJob (kw override)."""
+    from pipeline.training.train_job import TrainJob
 
     base = {"snapshot": snapshot, "epochs": 5, "lr": 3e-3, "batch_size": 100, "vae": TINY_VAE, "device": "cpu",
             "compare_base": False, "registered_name": NAME, "patience": None}
-    return TrainJobConfig(**(base | kw))
+    return TrainJob(**(base | kw))
+
+
+def gate(version: str, **kw):
+    """GateJob(model_name=NAME, version=version, **kw).run()."""
+    from pipeline.training.gate import GateJob
+
+    return GateJob(model_name=NAME, version=version, **kw).run()
+
+
+def promote(version: str, reason: str, **kw):
+    """PromoteJob(model_name=NAME, ...).run()."""
+    from pipeline.training.promotion import PromoteJob
+
+    return PromoteJob(model_name=NAME, version=version, reason=reason, **kw).run()
+
+
+def rollback(**kw):
+    """RollbackJob(model_name=NAME, **kw).run()."""
+    from pipeline.training.promotion import RollbackJob
+
+    return RollbackJob(model_name=NAME, **kw).run()
+
+
+def aliases() -> dict[str, str]:
+    """NAME's aliases now."""
+    from pipeline.training.aliases import aliases as of
+
+    return of(NAME)
+
+
+def events() -> list[str]:
+    """The default ledger's events, oldest first."""
+    from pipeline.training.ledger import Ledger
+
+    return [e["event"] for e in Ledger().read()]
+
+
+def state() -> tuple[dict[str, str], list[dict]]:
+    """Aliases and ledger: what a refused command must leave as it was."""
+    from pipeline.training.ledger import Ledger
+
+    return aliases(), Ledger().read()
 
 
 def point_at(mp: pytest.MonkeyPatch, home: Path) -> None:
@@ -71,14 +113,12 @@ def home(tmp_path: Path, migrated_db: Path, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.fixture(scope="session")
 def trained_template(tmp_path_factory: pytest.TempPathFactory, migrated_db: Path, synth_snapshot: str) -> dict[str, str]:
     """Two versions of NAME, trained once: v1 good (5 epochs), v2 worse (1 epoch at a tiny learning rate)."""
-    from pipeline.train_job import run
-
     home = tmp_path_factory.mktemp("trained-home")
     shutil.copy(migrated_db, home / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         point_at(mp, home)
-        good = run(tiny(synth_snapshot, compare_base=True))
-        bad = run(tiny(synth_snapshot, epochs=1, lr=1e-6, seed=1))
+        good = tiny(synth_snapshot, compare_base=True).run()
+        bad = tiny(synth_snapshot, epochs=1, lr=1e-6, seed=1).run()
     return {"home": str(home), "good": good.version, "bad": bad.version, "good_run": good.run_id}
 
 
@@ -93,7 +133,7 @@ def trained(tmp_path: Path, trained_template: dict[str, str], monkeypatch: pytes
 @pytest.fixture
 def easy_gates():
     """Gates a tiny model passes (the tiny model is about as good as popularity, far from EASE)."""
-    from pipeline.gates import GateConfig
+    from pipeline.training.gates import GateConfig
 
     return GateConfig(floors={"ndcg@100": 0.05}, popularity_margin=-0.5, ease_margin=0.9, coverage_floor=0.05)
 
@@ -104,7 +144,7 @@ def cwd_has_mlruns() -> bool:
 
 def copy_version(of: str, **tags: str) -> str:
     """A new version of NAME with the weights and tags of version `of` (gate.* dropped; `tags` override)."""
-    from pipeline import registry
+    from pipeline.io import registry
 
     c = registry.client()
     mv = c.get_model_version(NAME, of)
@@ -114,7 +154,6 @@ def copy_version(of: str, **tags: str) -> str:
 
 def snapshot_digest(uri: str) -> str:
     """The digest training records as the version tag `snapshot_digest`."""
-    from pipeline.snapshot import read_manifest
-    from pipeline.train_job import registry_digest
+    from pipeline.io.snapshot import manifest_digest, read_manifest
 
-    return registry_digest(read_manifest(uri))
+    return manifest_digest(read_manifest(uri))

@@ -1,4 +1,4 @@
-"""pipeline.gates: each gate on its own (pure), and the defaults."""
+"""pipeline.training.gates: each gate on its own (pure), and the defaults."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import DataError
-from pipeline.gates import GateConfig, check, load_gate_config, passed
+from pipeline.training.gates import GateConfig, check, load_gate_config, passed
 
 CAND = {"recall@20": 0.30, "recall@50": 0.40, "ndcg@100": 0.35, "coverage@20": 0.5}
 BASE = {"popularity": {"ndcg@100": 0.2}, "ease": {"ndcg@100": 0.37}}

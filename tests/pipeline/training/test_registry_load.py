@@ -1,4 +1,4 @@
-"""pipeline.registry: load_bundle(model_uri) -> (ModelBundle, version), the inference job's entry point."""
+"""pipeline.io.registry: load_bundle(model_uri) -> (ModelBundle, version), the inference job's entry point."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.registry import load_bundle, parse_model_uri, tracking_uri
+from pipeline.io.registry import load_bundle, parse_model_uri, tracking_uri
 
 from .conftest import NAME
 
@@ -35,7 +35,7 @@ def test_default_tracking_is_sqlite_under_recsys_home(home) -> None:
 
 def test_versions_are_canonical_positive_integers(trained: dict[str, str]) -> None:
     from pipeline.errors import DataError
-    from pipeline.registry import canonical_version, version_tags
+    from pipeline.io.registry import canonical_version, version_tags
 
     assert canonical_version("007") == "7" and canonical_version(3) == "3"
     assert parse_model_uri("models:/m/02") == ("m", None, "2")

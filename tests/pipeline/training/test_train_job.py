@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import registry
-from pipeline.promotion import aliases
-from pipeline.snapshot import load_snapshot
-from pipeline.train_job import load_config, metric_key, registry_digest, run
+from pipeline.io import registry
+from pipeline.io.snapshot import load_snapshot, manifest_digest
+from pipeline.training import DEFAULT_REGISTERED_NAME
+from pipeline.training.evaluation import metric_key
+from pipeline.training.train_job import TrainResult, load_config, train
 
-from .conftest import NAME, cwd_has_mlruns, tiny
+from .conftest import NAME, aliases, cwd_has_mlruns, tiny
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -43,18 +44,23 @@ def test_run_logs_params_curves_metrics_plots_input_and_registers_challenger(tra
     v = c.get_model_version(NAME, trained["good"])
     assert v.tags["snapshot_id"] == "snap-synth" and v.tags["run_id"] == r.info.run_id
     assert float(v.tags["baseline.popularity.ndcg_at_100"]) > 0 and "test.ndcg_at_100" in v.tags
-    assert v.tags["snapshot_digest"] == registry_digest(load_snapshot(synth_snapshot).manifest)  # what the gate checks
-    assert aliases(NAME) == {"challenger": trained["bad"]}  # training never sets champion
+    assert v.tags["snapshot_digest"] == manifest_digest(load_snapshot(synth_snapshot).manifest)  # what the gate checks
+    assert aliases() == {"challenger": trained["bad"]}  # training never sets champion
     assert not cwd_has_mlruns()
 
 
 def test_yaml_config_merges_under_cli_flags(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("epochs: 7\nvae: {hidden_dims: [16], latent_dim: 4}\ncompare_base: false\n")
-    cfg = load_config(f, {"snapshot": "s", "epochs": 3, "device": None})
-    assert cfg.epochs == 3 and cfg.vae.hidden_dims == (16,) and not cfg.compare_base and cfg.device == "auto"
+    job = load_config(f, {"snapshot": "s", "epochs": 3, "device": None})
+    assert job.epochs == 3 and job.vae.hidden_dims == (16,) and not job.compare_base and job.device == "auto"
+    assert job.registered_name == DEFAULT_REGISTERED_NAME == "recsys-multivae-pia"
     with pytest.raises(ValueError, match="unknown model"):
         load_config(None, {"snapshot": "s", "model": "ease"})
+    with pytest.raises(ValueError, match="extra"):
+        load_config(None, {"snapshot": "s", "no_such_key": 1})
+    with pytest.raises(ValueError, match="frozen"):
+        job.epochs = 4  # type: ignore[misc]
 
 
 def test_failure_midway_registers_nothing(trained: dict[str, str], synth_snapshot: str) -> None:
@@ -67,9 +73,9 @@ def test_failure_midway_registers_nothing(trained: dict[str, str], synth_snapsho
             raise KeyboardInterrupt("stopped by the operator")
 
     with pytest.raises(KeyboardInterrupt):
-        run(tiny(synth_snapshot, epochs=5), on_epoch=boom)
+        train(tiny(synth_snapshot, epochs=5), on_epoch=boom)
     assert {v.version for v in c.search_model_versions(f"name='{NAME}'")} == before
-    assert aliases(NAME)["champion"] == trained["good"]
+    assert aliases()["champion"] == trained["good"]
 
 
 def test_killed_training_process_registers_nothing(trained: dict[str, str], synth_snapshot: str, tmp_path: Path) -> None:
@@ -80,7 +86,7 @@ def test_killed_training_process_registers_nothing(trained: dict[str, str], synt
     cfg = tmp_path / "long.yaml"
     cfg.write_text("epochs: 100000\npatience: null\nbatch_size: 100\ncompare_base: false\n"
                    "vae: {hidden_dims: [32], latent_dim: 8}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--snapshot", synth_snapshot, "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "train", "--snapshot", synth_snapshot, "--config",
                              str(cfg), "--device", "cpu", "--registered-name", NAME],
                             cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 60
@@ -97,7 +103,7 @@ def test_killed_training_process_registers_nothing(trained: dict[str, str], synt
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
     assert {v.version for v in c.search_model_versions(f"name='{NAME}'")} == before
-    assert aliases(NAME)["champion"] == trained["good"]
+    assert aliases()["champion"] == trained["good"]
 
 
 def test_tracking_credentials_reach_no_param_tag_bundle_or_log(home: Path, synth_snapshot: str,
@@ -106,7 +112,7 @@ def test_tracking_credentials_reach_no_param_tag_bundle_or_log(home: Path, synth
     secret_uri = "https://alice:s3cret@mlflow.example.com/?token=t0k"
     local = registry.tracking_uri
     monkeypatch.setattr(registry, "tracking_uri", lambda explicit=None: local(None))  # the secret URI's stand-in
-    res = run(tiny(synth_snapshot, epochs=1, baselines=False, tracking_uri=secret_uri))
+    res = tiny(synth_snapshot, epochs=1, baselines=False, tracking_uri=secret_uri).run()
     c = registry.client()
     r = c.get_run(res.run_id)
     v = c.get_model_version(NAME, res.version)
@@ -115,4 +121,6 @@ def test_tracking_credentials_reach_no_param_tag_bundle_or_log(home: Path, synth
     out = capsys.readouterr()
     seen = [str(r.data.params), str(r.data.tags), str(v.tags), str(bundle.config), out.out, out.err, caplog.text]
     assert not [(w, t) for t in seen for w in ("alice", "s3cret", "t0k") if w in t]
-    assert v.tags["snapshot_digest"] == registry_digest(load_snapshot(synth_snapshot).manifest)
+    assert v.tags["snapshot_digest"] == manifest_digest(load_snapshot(synth_snapshot).manifest)
+    assert isinstance(res, TrainResult) and res.model_name == NAME and res.metrics["test.ndcg_at_100"] >= 0
+    assert TrainResult.model_validate(res.to_xcom()).to_xcom() == res.to_xcom()  # travels between tasks as JSON (NaN too)

@@ -7,10 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.promotion import aliases, gate
-from pipeline.train_job import run
-
-from .conftest import NAME, point_at, tiny
+from .conftest import NAME, aliases, gate, point_at, tiny
 
 
 def test_train_gate_promote_and_serve_from_server(mlflow_server: str, synth_snapshot: str, tmp_path: Path,
@@ -20,9 +17,9 @@ def test_train_gate_promote_and_serve_from_server(mlflow_server: str, synth_snap
 
     point_at(monkeypatch, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # by configuration only
-    r = run(tiny(synth_snapshot, epochs=2))
-    o = gate(NAME, r.version, cfg=easy_gates)
-    assert o.promoted and aliases(NAME)["champion"] == r.version
+    r = tiny(synth_snapshot, epochs=2).run()
+    o = gate(r.version, gates=easy_gates)
+    assert o.promoted and aliases()["champion"] == r.version
     m = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     out = m.predict(pd.DataFrame({"item_ids": [[1000, 1001, 1002]]}), params={"k": 5})
     assert len(out["item_ids"][0]) == 5 and not {1000, 1001, 1002} & set(out["item_ids"][0])

@@ -1,0 +1,71 @@
+"""`recsys experiment`: the research harness's sub-command (heavy imports inside)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _models(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in value.split(",") if v.strip())
+
+
+def register(sub: Any) -> None:
+    e = sub.add_parser("experiment", help="strong-generalization evaluation of several models over seeds")
+    e.add_argument("--dataset", required=True, help="a name under the data folder, a Parquet path, or 'synthetic'")
+    e.add_argument("--models", type=_models, default=("popularity", "ease", "multivae", "multivae-pia"),
+                   help="comma-separated: popularity, ease, multidae, multivae, multivae-pia, recvae, recvae-pia")
+    e.add_argument("--seeds", type=int, default=5, help="seeds to run; each is its own user split and initialization")
+    e.add_argument("--first-seed", type=int, default=0, help="seed of the first run (to add seeds to a finished run)")
+    e.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RECSYS_DATA_DIR", "../shared/data")),
+                   help="where data set names resolve (env RECSYS_DATA_DIR)")
+    e.add_argument("--epochs", type=int, default=200, help="max epochs of the autoencoders")
+    e.add_argument("--recvae-epochs", type=int, default=None, help="max epochs of RecVAE (default: min(--epochs, 50))")
+    e.add_argument("--patience", type=int, default=20,
+                   help="early stop after this many epochs without a better validation NDCG@100")
+    e.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    e.add_argument("--cuda-graph", action="store_true", help="Multi-VAE/DAE steps as CUDA graphs (CUDA only)")
+    e.add_argument("--min-rating", type=float, default=None,
+                   help="binarize: rating >= this (default 4 when a rating column exists)")
+    e.add_argument("--n-valid", type=float, default=0.1, help="validation users: a fraction (<1) or a count")
+    e.add_argument("--n-test", type=float, default=0.1, help="test users: a fraction (<1) or a count")
+    e.add_argument("--pia-grid", type=_floats, default=(0.01, 0.1, 1.0),
+                   help="λ_A values tried for the PIA models, chosen on validation users")
+    e.add_argument("--ease-grid", type=_floats, default=(100.0, 250.0, 500.0, 1000.0),
+                   help="EASE l2 values tried, chosen on validation users")
+    e.add_argument("--max-ease-items", type=int, default=50_000, help="skip EASE (I x I dense) above this catalog size")
+    e.add_argument("--synthetic-users", type=int, default=3000, help="size of the 'synthetic' data set")
+    e.add_argument("--synthetic-items", type=int, default=1000, help="catalog of the 'synthetic' data set")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    e.add_argument("--resume", action="store_true",
+                   help="continue a stopped run in --out: the fits in its checkpoint.json are reused, the rest run "
+                        "(same options; --seeds and --models may grow)")
+    e.set_defaults(func=cmd_experiment)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pipeline.research.experiment import ExperimentJob
+    from pipeline.research.report import render
+
+    job = ExperimentJob(
+        dataset=args.dataset, data_dir=args.data_dir, models=args.models, seeds=args.seeds,
+        first_seed=args.first_seed, out=args.out, device=args.device, epochs=args.epochs,
+        recvae_epochs=args.recvae_epochs, patience=args.patience, bf16=args.bf16, cuda_graph=args.cuda_graph,
+        min_rating=args.min_rating,
+        n_valid=args.n_valid, n_test=args.n_test,
+        pia_grid=args.pia_grid, ease_grid=args.ease_grid, max_ease_items=args.max_ease_items,
+        synthetic_users=args.synthetic_users, synthetic_items=args.synthetic_items, progress=not args.no_progress,
+        resume=args.resume,
+    )
+    r = job.run()
+    print(render(r.results))
+    print(f"wrote {r.results_json} and {r.results_md}")
+    return 0

@@ -1,0 +1,71 @@
+"""`recsys infer` (daily batch inference) and `recsys recs` (read one user's published list)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pipeline.serving.options import DEFAULT_MODEL
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("infer", help="score every active user for a date and publish top-N recommendations")
+    p.add_argument("--date", required=True, help="YYYY-MM-DD: histories use events up to and including this date")
+    p.add_argument("--events", required=True, help="events Parquet: a dt= partitioned folder or one file (local or s3://)")
+    p.add_argument("--out", required=True, help="lake root: writes <out>/recommendations/dt=DATE/")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"models:/NAME@ALIAS, models:/NAME/VERSION or a saved bundle folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow registry that models:/ resolves against "
+                        "(default: MLFLOW_TRACKING_URI, else SQLite under RECSYS_HOME)")
+    p.add_argument("--top-n", type=int, default=100, help="items per user (fewer only when the catalog is smaller)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    p.add_argument("--engine", default="local", choices=["local", "spark"],
+                   help="spark: the same scoring through mapInArrow, one model copy per executor")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
+                   help="scoring matmuls (auto: tf32 on CUDA, fp32 on the CPU)")
+    p.add_argument("--memory-budget-mb", type=int, default=1024, help="for one scoring batch's scores + top-k")
+    p.add_argument("--history-days", type=int, default=None, help="history window ending at --date (default: all)")
+    p.add_argument("--min-weight", type=float, default=None, help="keep events with weight >= this")
+    p.add_argument("--shard-events", type=int, default=None, help="events per shard (default: budget / 64 bytes, at most 4M)")
+    p.add_argument("--parallel-shards", type=int, default=None,
+                   help="shards prepared and published concurrently (default: one per 4 CPU cores, at most 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
+    p.set_defaults(func=cmd_infer)
+
+    r = sub.add_parser("recs", help="print one user's published recommendations")
+    r.add_argument("--date", default="latest", help="YYYY-MM-DD or 'latest' (newest committed date)")
+    r.add_argument("--user", required=True, help="user_id as in the events")
+    r.add_argument("--out", required=True, help="lake root given to `recsys infer --out`")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.set_defaults(func=cmd_recs)
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.serving.job import InferJob
+    from pipeline.serving.recs import parse_date
+
+    job = InferJob(date=parse_date(args.date), events=args.events, out=args.out, model=args.model,
+                   tracking_uri=args.tracking_uri, top_n=args.top_n, device=args.device, precision=args.precision,
+                   engine=args.engine, memory_budget_mb=args.memory_budget_mb, history_days=args.history_days,
+                   min_weight=args.min_weight, shard_events=args.shard_events, parallel_shards=args.parallel_shards,
+                   progress=not args.no_progress)
+    r = job.run()
+    print(f"published {r.users} users ({r.fallback_users} fallback) for {r.date.isoformat()} with model version "
+          f"{r.model_version}: {r.files} files, {r.unknown_item_events} events with unknown items skipped")
+    return 0
+
+
+def cmd_recs(args: argparse.Namespace) -> int:
+    from pipeline.serving.recs import user_recommendations
+
+    r = user_recommendations(args.out, args.date, args.user)
+    if args.json:
+        print(json.dumps(r, default=str))
+        return 0
+    print(f"user {r['user_id']}  date {r['date']}  model version {r['model_version']}"
+          + ("  (popularity fallback)" if r["fallback"] else ""))
+    for rank, (item, score) in enumerate(r["items"], 1):
+        print(f"{rank:4d}  {item}  {score:.6g}")
+    return 0

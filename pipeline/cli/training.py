@@ -1,0 +1,104 @@
+"""`recsys train | gate | promote | rollback` (registered by pipeline.cli.main; mlflow/torch load inside the commands)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.training import DEFAULT_REGISTERED_NAME
+
+TRACKING_HELP = "default: MLFLOW_TRACKING_URI, else SQLite under RECSYS_HOME"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `train`, `gate`, `promote` and `rollback` to the `recsys` sub-commands."""
+    t = sub.add_parser("train", help="train on a snapshot, log to MLflow, register a `challenger` version")
+    t.add_argument("--snapshot", required=True, help="snapshot URI (local path or s3://)")
+    t.add_argument("--config", type=Path, default=None, help="YAML file of TrainJob keys (CLI flags win)")
+    t.add_argument("--model", default=None, help="multivae-pia (default), multivae, recvae-pia, ...")
+    t.add_argument("--epochs", type=int, default=None, help="max epochs (default: the config's)")
+    t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    t.add_argument("--bf16", action="store_true", default=None)
+    t.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="Multi-VAE/DAE on CUDA: replay each training step as one CUDA graph")
+    t.add_argument("--compare-base", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the model without PIA (default on)")
+    t.add_argument("--registered-name", default=None, help="MLflow registered model name")
+    t.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("gate", help="offline metric gates; promote the version to `champion` when it passes")
+    _model_args(g, version=True)
+    g.add_argument("--mode", default="enabled", choices=["enabled", "dry-run"],
+                   help="dry-run tags the version and logs the report, but promotes nothing and skips the ledger")
+    g.add_argument("--config", type=Path, default=None, help="YAML file of GateConfig keys")
+    g.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("promote", help="manual override: make a version `champion` without gates (recorded)")
+    _model_args(p, version=True)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_promote)
+
+    r = sub.add_parser("rollback", help="move `champion` back to `previous` (recorded)")
+    _model_args(r, version=False)
+    r.add_argument("--reason", default="")
+    r.set_defaults(func=cmd_rollback)
+
+
+def _model_args(p: argparse.ArgumentParser, version: bool) -> None:
+    p.add_argument("--model", default=DEFAULT_REGISTERED_NAME, help="registered model name")
+    if version:
+        p.add_argument("--version", required=True, help="registered model version")
+    p.add_argument("--ledger", default=None, help="promotion ledger URI (default RECSYS_LEDGER or RECSYS_HOME/...)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Build a TrainJob (YAML file, CLI flags over it) and run it."""
+    from pipeline.training.train_job import load_config
+
+    job = load_config(args.config, {
+        "snapshot": args.snapshot, "model": args.model, "epochs": args.epochs, "device": args.device,
+        "bf16": args.bf16, "cuda_graph": args.cuda_graph, "compare_base": args.compare_base,
+        "registered_name": args.registered_name, "tracking_uri": args.tracking_uri})
+    result = job.run()
+    m = result.metrics
+    print(f"test ndcg@100={m.get('test.ndcg_at_100', float('nan')):.4f} recall@20={m.get('test.recall_at_20', float('nan')):.4f}"
+          f" (run {result.run_id})")
+    print(f"registered {result.model_name} version {result.version}")  # for humans: programs use TrainResult
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Run a GateJob; exit 1 when the gate failed in enabled mode (a rejection is a failed task for the scheduler)."""
+    from pipeline.training.gate import GateJob
+    from pipeline.training.gates import load_gate_config
+
+    o = GateJob(model_name=args.model, version=args.version, mode=args.mode, gates=load_gate_config(args.config),
+                ledger_uri=args.ledger, tracking_uri=args.tracking_uri).run()
+    print(o.report)
+    action = "promoted to champion" if o.promoted else \
+        ("not promoted (dry-run)" if args.mode == "dry-run" else "stays challenger")
+    print(f"gate {'passed' if o.passed else 'failed'}: {o.model_name} version {o.version} {action}")
+    return 0 if o.passed or args.mode == "dry-run" else 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Run a PromoteJob (manual override, recorded with its reason)."""
+    from pipeline.training.promotion import PromoteJob
+
+    r = PromoteJob(model_name=args.model, version=args.version, reason=args.reason, ledger_uri=args.ledger,
+                   tracking_uri=args.tracking_uri).run()
+    print(f"promoted {r.model_name} version {r.version} to champion (was {r.champion_before})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Run a RollbackJob (champion back to previous, recorded)."""
+    from pipeline.training.promotion import RollbackJob
+
+    r = RollbackJob(model_name=args.model, reason=args.reason, ledger_uri=args.ledger,
+                    tracking_uri=args.tracking_uri).run()
+    print(f"rolled back {r.model_name}: champion {r.champion_before} -> {r.champion_after}, "
+          f"previous now {r.previous_after}")
+    return 0

@@ -1,0 +1,380 @@
+"""`recsys experiment`: the strong-generalization evaluation of several models over several seeds.
+
+Per seed: one user split (seed s), models trained on the training users, the epoch and every
+hyperparameter chosen on validation users only, test users scored once. Hyperparameter grids (EASE's
+l2, PIA's lambda_A) are searched on the validation users of the first seed's split; the chosen values are
+then used for every seed (the first seed reuses the model trained during the search).
+
+Every finished fit is recorded in OUT/checkpoint.json, each grid value of a search too; `resume=True` (`--resume`)
+reuses those fits and runs only the rest, so a run stopped by a timeout or a restart loses at most the fit it was in.
+(A search resumed after its best value's fit holds only that fit's validation row: the value is fit once more,
+with the same seed, for the test scoring.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from model.base import Recommender
+from model.ease import EASEConfig
+from model.evaluate import evaluate
+from model.pia import PIAConfig
+from model.popularity import item_popularity
+from model.recommenders import MODEL_NAMES, epoch_budget, make_recommender
+from model.split import Split, SplitError, strong_generalization_split
+from model.train import TrainConfig, resolve_device
+from pipeline.data.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
+from pipeline.data.synth import synth_interactions
+from pipeline.errors import DataError
+from pipeline.io.lake import resolve
+from pipeline.io.publish import write_single_object
+from pipeline.job import Job, JobResult
+from pipeline.research.report import write_report
+from pipeline.training.evaluation import ACTIVITY_GROUPS, METRICS, machine_name, summarize
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+CHECKPOINT = "checkpoint.json"
+# options a resumed run may change: where it writes, bars, and how many seeds/models it runs (fits are keyed by both)
+RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models"})
+
+
+class ExperimentResult(JobResult):
+    """The results table (as written to results.json) and where it was written."""
+
+    results: dict[str, Any]
+    results_json: str
+    results_md: str
+
+
+class ExperimentJob(Job):
+    """Several models over several seeds under the strong-generalization protocol (see the module doc)."""
+
+    dataset: str
+    data_dir: Path = Path("../shared/data")
+    models: tuple[str, ...] = ("popularity", "ease", "multivae", "multivae-pia")
+    seeds: int = Field(5, ge=1)
+    first_seed: int = 0
+    out: Path
+    device: str = "auto"
+    epochs: int = Field(200, ge=1, description="max epochs of the autoencoders (RecVAE: 50 by default)")
+    recvae_epochs: int | None = Field(None, ge=1)
+    patience: int | None = Field(20, ge=1, description="early stop after this many epochs without a better val NDCG@100")
+    bf16: bool = False
+    cuda_graph: bool = False  # Multi-VAE/DAE only (model.graph_step); RecVAE trains eagerly
+    min_rating: float | None = Field(None, description="binarize: rating >= this (default 4 when a rating column exists)")
+    min_user_interactions: int = Field(5, ge=1)
+    n_valid: float = Field(0.1, gt=0)
+    n_test: float = Field(0.1, gt=0)
+    pia_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    pia_estimator: str = "closed_form"
+    ease_grid: tuple[float, ...] = (100.0, 250.0, 500.0, 1000.0)
+    max_ease_items: int = Field(50_000, ge=1, description="skip EASE (I x I dense) above this catalog size")
+    synthetic_users: int = 3000
+    synthetic_items: int = 1000
+    progress: bool = True
+    resume: bool = False  # reuse the fits recorded in out/checkpoint.json (same options, else a clear error)
+
+    @field_validator("models")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [m for m in v if m not in MODEL_NAMES]
+        if bad or not v:
+            raise ValueError(f"unknown model(s) {bad}: choose from {', '.join(MODEL_NAMES)}")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("pia_grid")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(x <= 0 for x in v):
+            raise ValueError("pia_grid needs at least one lambda_A > 0")
+        return v
+
+    def run(self) -> ExperimentResult:
+        """Every model and seed; results.json/results.md are rewritten after each seed."""
+        results = Experiment(self).run()
+        return ExperimentResult(results=json.loads(json.dumps(results, default=_json_default)),
+                                results_json=str(self.out / "results.json"), results_md=str(self.out / "results.md"))
+
+
+def load_experiment_data(cfg: ExperimentJob) -> Interactions:
+    """The data set named by the job (or the synthetic one), binarized and filtered."""
+    if cfg.dataset == SYNTHETIC:
+        df = synth_interactions(cfg.synthetic_users, cfg.synthetic_items, seed=12345)
+        return prepare(df, BinarizeRule(), cfg.min_user_interactions)
+    path = resolve_dataset(cfg.dataset, cfg.data_dir)
+    df = read_interactions(path)  # read once: the rule depends on whether a rating column exists
+    default = 4.0 if "rating" in df.columns else None
+    rule = BinarizeRule(min_rating=cfg.min_rating if cfg.min_rating is not None else default)
+    data = prepare(df, rule, cfg.min_user_interactions)
+    data.stats["path"] = str(path)
+    return data
+
+
+class Experiment:
+    """The harness behind ExperimentJob.run: splits, searches on validation users, fits, scores test users once."""
+    def __init__(self, cfg: ExperimentJob):
+        self.cfg = cfg
+        self.device = str(resolve_device(cfg.device))
+
+    def train_config(self, name: str, seed: int) -> TrainConfig:
+        """The trainer settings of one model and seed."""
+        epochs = epoch_budget(name, self.cfg.epochs, self.cfg.recvae_epochs) or self.cfg.epochs
+        return TrainConfig(epochs=epochs, lr=5e-4 if name.startswith("recvae") else 1e-3, seed=seed, device=self.device,
+                           bf16=self.cfg.bf16, cuda_graph=self.cfg.cuda_graph and name.startswith("multi"),
+                           patience=self.cfg.patience, progress=self.cfg.progress)
+
+    def build(self, name: str, seed: int, hp: float | None) -> Recommender:
+        """A fresh model; `hp` is the searched value (EASE l2 or PIA lambda_A)."""
+        pia = PIAConfig(weight=hp, estimator=self.cfg.pia_estimator) if name.endswith("-pia") and hp else None
+        ease = EASEConfig(l2=hp) if name == "ease" and hp else None
+        return make_recommender(name, train=self.train_config(name, seed), pia=pia, ease=ease)
+
+    def grid(self, name: str) -> tuple[float, ...]:
+        """The values searched for a model on validation users (empty: nothing to search)."""
+        if name == "ease":
+            return self.cfg.ease_grid
+        if name.endswith("-pia"):
+            return self.cfg.pia_grid
+        return ()
+
+    def run(self) -> dict[str, Any]:
+        """The whole experiment; returns the results dict also written to results.json."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        data = load_experiment_data(cfg)
+        models = [m for m in cfg.models if not (m == "ease" and data.n_items > cfg.max_ease_items)]
+        skipped = [m for m in cfg.models if m not in models]
+        counts = np.diff(data.matrix.indptr)
+        seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+        fingerprint = self.fingerprint(data)
+        ckpt = read_checkpoint(cfg.out, fingerprint) if cfg.resume else None
+        if ckpt is None and (cfg.out / CHECKPOINT).exists():
+            log.warning("%s holds the fits of an earlier run: starting over (--resume continues it)", cfg.out / CHECKPOINT)
+        earlier = ckpt or {"per_seed": {}, "tuning": {}, "chosen": {}, "wall_seconds": 0.0}
+        searching: dict[str, list[dict[str, float]]] = dict(earlier.get("searching", {}))  # unfinished searches
+        restored = {(m, r["seed"]): r for m, rows in earlier["per_seed"].items() for r in rows}
+        earlier_wall = earlier["wall_seconds"]
+        per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+        tuning: dict[str, list[dict[str, float]]] = {}
+        chosen: dict[str, float | None] = {}
+        resumed: list[str] = []
+
+        def save_checkpoint() -> None:
+            """Every fit so far, also of unfinished seeds and of the earlier run's other models and seeds."""
+            fits = restored | {(m, r["seed"]): r for m, rows in per_seed.items() for r in rows}
+            grouped: dict[str, list[dict[str, Any]]] = {}
+            for (m, _), r in sorted(fits.items()):
+                grouped.setdefault(m, []).append(r)
+            state = {"version": 1, "fingerprint": fingerprint, "per_seed": grouped,
+                     "tuning": earlier["tuning"] | tuning, "chosen": earlier["chosen"] | chosen,
+                     "searching": {m: rows for m, rows in searching.items() if m not in tuning},
+                     "wall_seconds": earlier_wall + time.perf_counter() - t_start}
+            _write(cfg.out / CHECKPOINT, json.dumps(state, indent=1, default=_json_default))
+
+        def write(done: list[int]) -> dict[str, Any]:
+            """results.json/md for the seeds finished so far (rewritten after each seed: a stopped run keeps them)."""
+            results = {
+                "dataset": cfg.dataset,
+                "data": {k: v for k, v in data.stats.items() if k != "path"} | {"users": data.n_users,
+                                                                                  "items": data.n_items,
+                                                                                  "nnz": int(data.matrix.nnz)},
+                "config": json.loads(cfg.model_dump_json(exclude={"resume"})),
+                "seeds": done,
+                "seeds_planned": len(seeds),
+                "device": self.device,
+                "machine": machine_name(self.device),
+                "models": {m: aggregate(per_seed[m]) for m in models},
+                "per_seed": per_seed,
+                "tuning": tuning,
+                "chosen": chosen,
+                "skipped": {m: f"catalog of {data.n_items} items > max_ease_items={cfg.max_ease_items}" for m in skipped},
+                "pia_uplift": pia_uplift(per_seed),
+                "resumed": resumed,
+                "wall_seconds": earlier_wall + time.perf_counter() - t_start,
+            }
+            _write(cfg.out / "results.json", json.dumps(results, indent=2, default=_json_default))
+            write_report(results, cfg.out / "results.md")
+            return results
+
+        results: dict[str, Any] = {}
+        for si, seed in enumerate(seeds):
+            split: Split | None = None
+            for name in models:
+                if (name, seed) in restored:
+                    per_seed[name].append(restored[(name, seed)])
+                    if si == 0 and self.grid(name):  # the search was done on this split by the earlier run
+                        chosen[name], tuning[name] = earlier["chosen"][name], earlier["tuning"][name]
+                    resumed.append(f"{name} seed {seed}")
+                    print(f"[{cfg.dataset}] {name:<13} seed {seed}: restored from {cfg.out / CHECKPOINT}", flush=True)
+                    continue
+                if split is None:
+                    split = self.split(data, seed)
+                    pop = item_popularity(split.train)
+                if si == 0 and self.grid(name):
+                    def searched(rows: list[dict[str, float]], name: str = name) -> None:
+                        searching[name] = rows
+                        save_checkpoint()
+
+                    prior = searching.get(name, [])
+                    resumed.extend(f"{name} value {r['value']:g} (search, seed {seed})" for r in prior)
+                    rec, chosen[name], tuning[name] = self.tune(name, seed, split, prior, searched)
+                else:
+                    rec = self.build(name, seed, chosen.get(name))
+                    rec.fit(split.train, split.valid)
+                res = evaluate(rec.score, split.test.fold_in, split.test.targets, device=rec.device, item_popularity=pop)
+                row = summarize(name, seed, rec, res, counts[split.test.users])
+                per_seed[name].append(row)
+                save_checkpoint()
+                log.info("%s seed %d: %s", name, seed, {k: round(row[k], 4) for k in METRICS})
+                # one summary line per fit, also without progress bars
+                print(f"[{cfg.dataset}] {name:<13} seed {seed}: " +
+                      " ".join(f"{k}={row[k]:.4f}" for k in METRICS) + f" fit {row['fit_seconds']:.1f}s", flush=True)
+            results = write(seeds[: si + 1])
+        return results
+
+    def fingerprint(self, data: Interactions) -> dict[str, Any]:
+        """What a checkpoint's fits depend on: every option but RESUMABLE, the device, and the data's shape."""
+        return {"config": json.loads(self.cfg.model_dump_json(exclude=set(RESUMABLE))), "device": self.device,
+                "data": {"users": data.n_users, "items": data.n_items, "nnz": int(data.matrix.nnz)}}
+
+    def split(self, data: Interactions, seed: int) -> Split:
+        """The strong-generalization user split of one seed."""
+        try:
+            return strong_generalization_split(data.matrix, seed=seed, n_valid=_count(self.cfg.n_valid),
+                                               n_test=_count(self.cfg.n_test))
+        except SplitError as e:
+            raise DataError(f"the data set is too small for the held-out split: {e}",
+                            "use a larger data set, or smaller --n-valid/--n-test") from e
+
+    def tune(self, name: str, seed: int, split: Split, done: list[dict[str, float]] | None = None,
+             on_value: Callable[[list[dict[str, float]]], None] | None = None,
+             ) -> tuple[Recommender, float, list[dict[str, float]]]:
+        """Grid search on validation users; returns the best model (fit), its value, the table. `done`: rows of
+        values an earlier, stopped run finished (not fit again); `on_value(table)` after each new value."""
+        restored = {r["value"]: r for r in done or []}
+        best: tuple[float, Recommender | None, float] | None = None
+        table: list[dict[str, float]] = []
+        for hp in self.grid(name):
+            rec: Recommender | None = None
+            if hp in restored:
+                row = restored[hp]
+                print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={row['val_ndcg@100']:.4f} (restored)",
+                      flush=True)
+            else:
+                rec = self.build(name, seed, hp)
+                rec.fit(split.train, split.valid)
+                val = evaluate(rec.score, split.valid.fold_in, split.valid.targets, device=rec.device).mean()
+                row = {"value": hp, "val_ndcg@100": val["ndcg@100"], "val_recall@20": val["recall@20"],
+                       "best_epoch": float(getattr(rec, "best_epoch", 0))}
+                print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={row['val_ndcg@100']:.4f}", flush=True)
+            table.append(row)
+            if rec is not None and on_value is not None:
+                on_value(list(table))
+            if best is None or row["val_ndcg@100"] > best[0]:
+                best = (row["val_ndcg@100"], rec, hp)
+        assert best is not None
+        _, rec, hp = best
+        if rec is None:  # the winner was fit by the stopped run: fit it again, same seed, for the test scoring
+            print(f"[{self.cfg.dataset}] tune {name}: refitting the chosen {hp:g} (its fit was in the stopped run)",
+                  flush=True)
+            rec = self.build(name, seed, hp)
+            rec.fit(split.train, split.valid)
+        return rec, hp, table
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample std over seeds; std is None with a single seed (no spread to report)."""
+    out: dict[str, Any] = {}
+    for m in (*METRICS, "coverage@20", "mean_popularity@20", "fit_seconds"):
+        vals = np.array([r[m] for r in rows], dtype=float)
+        out[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
+    groups: dict[str, Any] = {}
+    for g, _, _ in ACTIVITY_GROUPS:
+        groups[g] = {"users": float(np.mean([r["groups"][g]["users"] for r in rows]))}
+        for m in METRICS:
+            vals = np.array([r["groups"][g][m] for r in rows], dtype=float)
+            groups[g][m] = {"mean": float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan"),
+                            "std": float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else None}
+    out["groups"] = groups
+    return out
+
+
+def pia_uplift(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per-seed differences (PIA - base) on the same split, for every base model trained with and without PIA."""
+    out: dict[str, Any] = {}
+    for name, rows in per_seed.items():
+        base = name.removesuffix("-pia")
+        if not name.endswith("-pia") or base not in per_seed:
+            continue
+        by_seed = {r["seed"]: r for r in per_seed[base]}
+        diffs = {m: [r[m] - by_seed[r["seed"]][m] for r in rows if r["seed"] in by_seed] for m in METRICS}
+        rel = [(r["ndcg@100"] / by_seed[r["seed"]]["ndcg@100"] - 1) * 100 for r in rows if r["seed"] in by_seed]
+        out[name] = {"base": base, "diffs": diffs, "ndcg@100_rel_pct": rel,
+                     "mean": {m: float(np.mean(v)) for m, v in diffs.items()},
+                     "std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else None for m, v in diffs.items()},
+                     "seeds_improved": int(sum(d > 0 for d in diffs["ndcg@100"]))}
+    return out
+
+
+def read_checkpoint(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The earlier run's state in out/checkpoint.json, or None when there is none; refuses one made otherwise."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        log.info("--resume: no %s yet, so every fit runs", path)
+        return None
+    start_over = f"delete {path} (or give a new --out) to start over"
+    try:
+        ckpt = json.loads(path.read_text())
+        if not isinstance(ckpt, dict) or ckpt.get("version") != 1 or not all(
+                isinstance(ckpt.get(k), dict) for k in ("per_seed", "tuning", "chosen")):
+            raise ValueError("not a checkpoint written by this version of `recsys experiment`")
+        if not isinstance(ckpt.setdefault("searching", {}), dict) or not all(
+                isinstance(r, dict) and "value" in r and "val_ndcg@100" in r
+                for rows in ckpt["searching"].values() for r in rows):
+            raise ValueError("its unfinished searches are unreadable")
+        if set(ckpt["tuning"]) != set(ckpt["chosen"]) or not all(
+                isinstance(r, dict) and "seed" in r for rows in ckpt["per_seed"].values() for r in rows):
+            raise ValueError("its fits or searches are incomplete")
+        ckpt["wall_seconds"] = float(ckpt["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--resume: cannot use {path}: {e}", start_over) from e
+    changed = _differences(ckpt.get("fingerprint", {}), fingerprint)
+    if changed:
+        raise DataError(f"--resume: {path} was written by a run with other options or data ({'; '.join(changed)})",
+                        f"resume with the same options, or {start_over}")
+    return ckpt
+
+
+def _differences(then: Any, now: Any, key: str = "") -> list[str]:
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [d for k in sorted(then.keys() | now.keys(), key=str)
+                for d in _differences(then.get(k), now.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if then == now else [f"{key.removeprefix('config.')}: {then!r} then, {now!r} now"]
+
+
+def _write(path: Path, text: str) -> None:
+    """Readers (and a resumed run) see the old file or the new one, never a torn one."""
+    write_single_object(resolve(path), text.encode())
+
+
+def _count(v: float) -> int | float:
+    """A fraction stays a fraction; 1 or more is a user count."""
+    return int(v) if v >= 1 else v
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))

@@ -1,0 +1,112 @@
+"""`recsys infer` as a job: score every active user for a date with one model version and publish the lists
+atomically under `<out>/recommendations/dt=DATE/` (pipeline.serving.layout).
+
+    InferJob(...).run()  ──load the model once (alias → version)──▶ engine (local or spark)
+        ──parts, each checked──▶ _manifest.json ──▶ _SUCCESS (pipeline.io.publish) ──▶ InferResult
+
+`InferJob` is the whole configuration (the engines' `InferOptions` plus where the model comes from and where
+the output goes); `run()` returns an `InferResult`, the small typed summary the CLI prints and the DAG passes
+on (its `partition_uri` is where the recommendations are; the full manifest stays in the lake).
+`publish_recommendations` is `run()` with a bundle already in memory (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from pipeline.io import lake, registry
+from pipeline.io.publish import MANIFEST, PartitionWriter
+from pipeline.io.redact import redact_uri
+from pipeline.job import Job, JobResult
+from pipeline.serving import layout
+from pipeline.serving.local_engine import run_local
+from pipeline.serving.model_loading import load_model, resolve_device
+from pipeline.serving.options import DEFAULT_MODEL, InferOptions
+from pipeline.serving.scoring import precision_in_effect
+from pipeline.serving.spark_engine import run_spark
+
+if TYPE_CHECKING:
+    from pipeline.io.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+
+
+class InferResult(JobResult):
+    """One published date: where it is, which model made it, what it holds (the manifest has the details)."""
+
+    partition_uri: str  # <out>/recommendations/dt=DATE: read it with pipeline.serving.recs
+    run: str  # the committed run folder inside the partition
+    date: dt.date
+    model_name: str  # the registered model's name (job.model a models:/ URI), else the bundle's name
+    model_version: str  # the concrete version every row names (an alias resolved once)
+    users: int  # rows published: one per active user
+    fallback_users: int  # users without a known item: the popularity list
+    events: int  # events in the history window
+    unknown_item_events: int  # events whose item the model does not know (skipped)
+    files: int  # part files
+    precision: str  # of the scoring matmuls, as used
+    seconds: float
+
+    def manifest(self) -> dict[str, Any]:
+        """The run's full `_manifest.json` (files with checksums and user ranges, sharding, phase seconds), read
+        from the lake. Only while this run is the date's newest: a later run of the date removes it."""
+        body = lake.resolve(self.partition_uri).join(self.run, MANIFEST).read_bytes()
+        manifest: dict[str, Any] = json.loads(body)
+        return manifest
+
+
+class InferJob(InferOptions, Job):
+    """Daily batch inference for `date`: the engines' options (pipeline.serving.options.InferOptions: events,
+    history window, top_n, precision, memory budget, shards) plus the model, its registry and the output."""
+
+    out: str  # lake root: the job writes <out>/recommendations/dt=DATE/
+    model: str = DEFAULT_MODEL  # models:/NAME@ALIAS, models:/NAME/VERSION, or a ModelBundle.save folder
+    tracking_uri: str | None = None  # the MLflow registry models:/ resolves against (None: MLFLOW_TRACKING_URI, else local)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["local", "spark"] = "local"
+
+    @property
+    def partition_uri(self) -> str:
+        """Where this job publishes: `<out>/recommendations/dt=DATE`."""
+        return layout.partition_uri(self.out, self.date)
+
+    def run(self) -> InferResult:
+        """Load the model (an alias is resolved once, to the version every row names), score every active user,
+        check and publish. Raises DataError (nothing published) for bad input or a failed output check."""
+        t0 = time.perf_counter()
+        device = resolve_device(self.device)
+        if self.model.startswith("models:/"):
+            log.info("loading %s from the registry at %s", self.model, redact_uri(registry.tracking_uri(self.tracking_uri)))
+        bundle, version = load_model(self.model, device, self.tracking_uri)
+        return _publish(self, bundle, version, device, t0)
+
+
+def publish_recommendations(job: InferJob, bundle: ModelBundle, model_version: str) -> InferResult:
+    """`job.run()` with a bundle already in memory, named `model_version` in every row (job.model is only
+    recorded): moved to the job's device, then scored, checked and published the same way."""
+    t0 = time.perf_counter()
+    device = resolve_device(job.device)
+    bundle.recommender.to(device)
+    return _publish(job, bundle, model_version, device, t0)
+
+
+def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str, t0: float) -> InferResult:
+    writer = PartitionWriter(layout.partition(job.out, job.date))
+    engine = run_spark if job.engine == "spark" else run_local
+    stats = engine(job, bundle, model_version, writer)
+    precision = precision_in_effect(job.precision, device)
+    extra = {"date": job.date.isoformat(), "model_uri": job.model, "model_version": str(model_version),
+             "model_name": bundle.name, "snapshot_id": bundle.snapshot_id, "n_items": bundle.n_items,
+             "top_n": job.top_n, "engine": job.engine, "precision": precision,
+             "history_days": job.history_days, **stats,
+             "seconds": round(time.perf_counter() - t0, 3)}
+    m = writer.commit(extra)
+    name = registry.parse_model_uri(job.model)[0] if job.model.startswith("models:/") else bundle.name
+    return InferResult(partition_uri=writer.partition.uri, run=m["run"], date=job.date, model_name=name,
+                       model_version=str(model_version), users=m["rows"],
+                       fallback_users=m["fallback_users"], events=m["events"], unknown_item_events=m["unknown_item_events"],
+                       files=len(m["files"]), precision=precision, seconds=m["seconds"])

@@ -1,0 +1,162 @@
+"""The local engine: every active user scored in this process, shard by shard, in bounded memory.
+
+    events ──spill (one streaming pass)──▶ shard files (users hashed) ──per shard──▶ histories (CSR)
+        ──batches──▶ scores, seen masked, top N ──▶ table ──▶ checks ──▶ part file (PartitionWriter)
+
+The steps overlap across shards: while one shard is scored in the main thread, worker threads build the
+histories of the next shards and turn scored shards into checked Parquet parts (numpy, Arrow and Parquet
+release the GIL). `parallel_shards` bounds how many, so memory is bounded by the shard size, not the user
+count. Parts are named by shard, so the output does not depend on the parallelism or on timing. `PhaseClock`
+records where the time went (the manifest's phase_seconds); `Progress` is the scoring bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.io.publish import PartitionWriter, hook
+from pipeline.serving import checks
+from pipeline.serving.events import open_events
+from pipeline.serving.histories import shard_histories
+from pipeline.serving.options import InferOptions
+from pipeline.serving.scoring import score_histories, to_table
+from pipeline.serving.sharding import scheme_for
+from pipeline.serving.sizing import batch_size_for, default_parallel_shards
+from pipeline.serving.spill import spill_events
+from pipeline.serving.vocab import vocabulary
+
+if TYPE_CHECKING:
+    from pipeline.io.bundle import ModelBundle
+
+
+class PhaseClock:
+    """Busy seconds per named phase, summed over shards and threads (recorded in the manifest: where a run's
+    time went). Phases run in overlapping threads, so they can add up to more than the wall time. The main
+    thread's own time is spill + wait_histories + score + wait_publish: the waits are what scoring could not
+    hide (the first shard's histories, the last shard's publishing, and any shard where host work was slower)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def rounded(self) -> dict[str, float]:
+        """The seconds so far, rounded to milliseconds (for the manifest)."""
+        with self._lock:
+            return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+class Progress:
+    """A tqdm bar of users scored (disabled: a no-op)."""
+
+    def __init__(self, enabled: bool, total: int | None = None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="user", unit_scale=True, disable=not enabled, desc="scoring")
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        """Close the bar."""
+        self.bar.close()
+
+
+def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, writer: PartitionWriter) -> dict[str, Any]:
+    """Score and write every active user's part through `writer` (not committed); returns the manifest's stats.
+
+    Spill, then a pipeline over shards: while shard s is scored here, worker threads build the histories of
+    the next P shards and turn up to P scored shards into tables, check and write them. P = opts.parallel_shards
+    (1 on small machines: three shards in memory at most, whatever the number of users). On any error the
+    run's folder is removed (`writer.abort()`) and nothing is written after it."""
+    dataset = open_events(opts.events)
+    vocab = vocabulary(bundle)
+    bs = batch_size_for(bundle.n_items, opts.top_n, opts.memory_budget_mb, max_batch=opts.max_batch)
+    depth = opts.parallel_shards or default_parallel_shards()
+    tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-"))
+    stats: dict[str, Any] = {"batch_size": bs, "parallel_shards": depth}
+    fallback_users = 0
+    fallback_lock = threading.Lock()
+    clock = PhaseClock()
+
+    def load(s: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+        with clock("histories"):
+            h = shard_histories(spill.shard(s))
+            spill.path(s).unlink()  # release disk as we go
+            return h
+
+    def publish(s: int, users: pa.Array, indptr: np.ndarray, cols: np.ndarray, top: np.ndarray, scores: np.ndarray,
+                fb: np.ndarray) -> None:
+        with clock("table"):
+            table = checks.finalize_part(to_table(users, top, scores, fb, vocab, model_version))
+        with clock("check"):
+            checks.check_part(table, users, indptr, cols, vocab, opts.top_n, model_version)
+        with clock("write"):
+            writer.write_part(table, part=s, shard=s, **checks.user_range(users))
+        nonlocal fallback_users
+        with fallback_lock:
+            fallback_users += int(fb.sum())
+
+    try:
+        with clock("spill"):
+            spill, counts = spill_events(dataset, opts, vocab, tmp)
+        stats |= counts | {"shards": spill.n,
+                           "user_sharding": {"scheme": scheme_for(spill.schema.field("user_id").type), "n_shards": spill.n}}
+        hook("spilled")
+        bar = Progress(opts.progress)
+        # Leaving this block waits for the workers, so nothing is written after an abort below.
+        with ThreadPoolExecutor(max_workers=2 * depth, thread_name_prefix="infer") as pool:
+            loads: deque[Future[tuple[pa.Array, np.ndarray, np.ndarray]]] = deque(
+                pool.submit(load, s) for s in range(min(depth, spill.n)))
+            parts: deque[Future[None]] = deque()
+            try:
+                for s in range(spill.n):
+                    with clock("wait_histories"):
+                        users, indptr, cols = loads.popleft().result()
+                    if s + depth < spill.n:
+                        loads.append(pool.submit(load, s + depth))
+                    if len(users) == 0:
+                        continue
+                    with clock("score"):
+                        top, scores, fb = score_histories(bundle, indptr, cols, opts.top_n, bs, bar, opts.precision)
+                    with clock("wait_publish"):
+                        while len(parts) >= depth:
+                            parts.popleft().result()  # at most `depth` parts in flight; an error surfaces here
+                    parts.append(pool.submit(publish, s, users, indptr, cols, top, scores, fb))
+                    del users, indptr, cols, top, scores, fb
+                with clock("wait_publish"):
+                    while parts:
+                        parts.popleft().result()
+            except BaseException:
+                queued: list[Future[Any]] = [*loads, *parts]
+                for f in queued:
+                    f.cancel()  # queued work is dropped; running work finishes before the pool exits
+                raise
+        bar.close()
+    except BaseException:
+        writer.abort()  # best effort: an uncommitted run folder is invisible anyway and removed by the next run
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats | {"active_users": writer.rows, "fallback_users": fallback_users,
+                    "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}

@@ -1,0 +1,45 @@
+"""What both inference engines read from a job: which events, up to which date, and how to score them.
+
+`InferOptions` holds the settings the engines (pipeline.serving.local_engine, pipeline.serving.spark_engine)
+and the shared pieces (events, spill, sizing) need; `pipeline.serving.job.InferJob` adds where the model comes
+from and where the output goes. The engines take these options rather than the job, so they never import the
+job module (the job imports the engines). Light on purpose: the CLI reads DEFAULT_MODEL when it builds its parser.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The name training registers its versions under, at alias champion (pipeline.training.DEFAULT_REGISTERED_NAME;
+# serving may not import training: tests/pipeline/orchestration/test_steps.py checks the two agree).
+DEFAULT_MODEL = "models:/recsys-multivae-pia@champion"
+
+
+class InferOptions(BaseModel):
+    """The engines' settings: the events to read (up to and including `date`) and the scoring knobs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    date: dt.date
+    events: str
+    top_n: int = Field(100, ge=1, le=10_000)
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(
+        "auto", description="scoring matmuls: auto = tf32 on CUDA, fp32 on the CPU (see scoring_precision)")
+    memory_budget_mb: int = Field(1024, ge=16, description="score matrix + top-k workspace of one batch")
+    history_days: int | None = Field(None, ge=1, description="history window in days ending at `date`; None: all ≤ date")
+    min_weight: float | None = Field(None, description="binarization: keep events with weight >= this (None: all)")
+    shard_events: int | None = Field(None, ge=1, description="events per shard; default: shard_events_for(budget)")
+    max_batch: int = Field(4096, ge=1)
+    parallel_shards: int | None = Field(None, ge=1, le=64, description=(
+        "shards whose histories and whose checks + Parquet may be in flight at once, besides the one being "
+        "scored; default: one per 4 CPU cores, at most 8. It matters where scoring is fast (a GPU) and host work "
+        "is the bottleneck; there host memory grows with it (up to P shards' results, tables and checks at once)"))
+    progress: bool = True
+
+    @property
+    def first_day(self) -> dt.date | None:
+        """The first day of the history window, or None when the history is every event up to `date`."""
+        return self.date - dt.timedelta(days=self.history_days - 1) if self.history_days else None

@@ -1,0 +1,249 @@
+"""Reading published recommendations (for downstream services): only committed partitions (`_SUCCESS`).
+
+    read_recommendations("s3://lake", "2024-05-01")            one date's table
+    read_recommendations("/lake", "latest", user_ids=[42, 7])  the newest committed date, a few users
+    for batch in iter_recommendations("s3://lake", "latest"):   a whole date, streamed part by part
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import DataError
+from pipeline.io import lake
+from pipeline.io.publish import SUCCESS, committed_run
+from pipeline.serving import layout
+from pipeline.serving.sharding import scheme_for, shard_of
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_USER = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+_INT = re.compile(r"^-?[0-9]+$")
+MAX_USERS = 100_000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def parse_date(text: str | dt.date) -> dt.date:
+    """YYYY-MM-DD and a real calendar date, else a DataError naming the problem."""
+    if isinstance(text, dt.datetime):
+        return text.date()
+    if isinstance(text, dt.date):
+        return text
+    if not isinstance(text, str) or not _DATE.match(text):
+        raise DataError(f"invalid date {str(text)[:40]!r}", "use YYYY-MM-DD, e.g. 2024-05-01")
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as e:
+        raise DataError(f"{text!r} is not a calendar date ({e})", "use a real date in YYYY-MM-DD") from e
+
+
+def parse_user_id(text: Any) -> int | str:
+    """A user id from outside (CLI, a service), checked but kept as given: an int64, or a short string of safe
+    characters. Whether "007" is the integer 7 or the string "007" depends on the partition (`_user_filter`)."""
+    if isinstance(text, bool):
+        raise DataError(f"invalid user id {text!r}", "pass an integer or a string id")
+    if isinstance(text, int):
+        return _int64(text)
+    if not isinstance(text, str) or not _USER.match(text):
+        raise DataError(f"invalid user id {str(text)[:40]!r}",
+                        "pass an integer or a 1-128 character id of letters, digits, _ . : @ -")
+    return text
+
+
+def _int64(value: int) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise DataError(f"user id {str(value)[:40]} is outside the int64 range of user ids",
+                        "pass the id as stored in the events (a 64-bit signed integer)")
+    return value
+
+
+def committed_dates(out_uri: str) -> list[dt.date]:
+    """Dates with a committed partition, newest first."""
+    root = layout.recommendations_root(out_uri)
+    dates = []
+    for name in root.list():
+        if name.startswith("dt=") and _DATE.match(name[3:]):
+            try:
+                day = dt.date.fromisoformat(name[3:])
+            except ValueError:
+                continue
+            if root.join(name, SUCCESS).is_file():
+                dates.append(day)
+    return sorted(dates, reverse=True)
+
+
+def resolve_date(out_uri: str, date: str | dt.date) -> dt.date:
+    """A date, or 'latest': the newest committed date under OUT."""
+    if date == "latest":
+        dates = committed_dates(out_uri)
+        if not dates:
+            raise DataError(f"no committed recommendations under {layout.recommendations_root(out_uri).uri}",
+                            "run `recsys infer` first, or check --out")
+        return dates[0]
+    return parse_date(date)
+
+
+def _user_filter(table_type: pa.DataType, user_ids: Iterable[Any]) -> pa.Array:
+    """The asked ids typed like the partition's user_id: digit strings become integers only for an integer
+    partition; a string partition is matched on the exact text ("007" is not "7")."""
+    ids = [parse_user_id(u) for u in user_ids]
+    if len(ids) > MAX_USERS:
+        raise DataError(f"{len(ids)} user ids asked for", f"ask for at most {MAX_USERS} at a time, or read the whole date")
+    if not pa.types.is_integer(table_type):
+        return pa.array([str(u) for u in ids], pa.string())
+    for u in ids:
+        if isinstance(u, str) and not _INT.match(u):
+            raise DataError(f"user id {u!r} is not an integer, but this partition has integer user ids",
+                            "pass integer ids")
+    return pa.array([_int64(int(u)) for u in ids], pa.int64())
+
+
+def files_for_users(manifest: dict[str, Any], wanted: pa.Array) -> list[dict[str, Any]]:
+    """The manifest's part files that can hold any of `wanted` (typed like the partition's user_id).
+
+    Two indexes, both optional (older partitions have neither, and then every file is a candidate): the
+    shard each part holds under a user-hash scheme this reader knows (local engine: one part per shard),
+    and each part's user range (both engines; the Spark engine writes disjoint ranges)."""
+    files: list[dict[str, Any]] = list(manifest.get("files", []))
+    if len(wanted) == 0:
+        return []
+    sharding = manifest.get("user_sharding") or {}
+    if (sharding.get("scheme") == scheme_for(wanted.type) and isinstance(sharding.get("n_shards"), int)
+            and sharding["n_shards"] > 0 and all("shard" in f for f in files)):
+        shards = set(shard_of(wanted, sharding["n_shards"]).tolist())
+        files = [f for f in files if f["shard"] in shards]
+    keys = _sorted_keys(wanted)
+    return [f for f in files if _may_hold(keys, f.get("user_min"), f.get("user_max"))]
+
+
+def _sorted_keys(wanted: pa.Array) -> list[Any]:
+    return sorted(set(wanted.to_pylist()))
+
+
+def _may_hold(keys: list[Any], lo: Any, hi: Any) -> bool:
+    """Whether [lo, hi] (a part's or a row group's user range) holds one of the sorted `keys`; True when the
+    range is unknown or of another type (then it must be read)."""
+    if lo is None or hi is None or type(lo) is not type(keys[0]) or type(hi) is not type(keys[0]):
+        return True
+    i = bisect.bisect_left(keys, lo)
+    return i < len(keys) and keys[i] <= hi
+
+
+def _open_committed(out_uri: str, date: str | dt.date) -> tuple[dt.date, lake.Location, lake.Location, dict[str, Any]]:
+    day = resolve_date(out_uri, date)
+    partition = layout.partition(out_uri, day)
+    found = committed_run(partition)
+    if found is None:
+        raise DataError(f"no committed recommendations for {day} under {partition.uri}",
+                        "run `recsys infer --date` for that date, or use --date latest")
+    run, manifest = found
+    return day, partition, run, manifest
+
+
+def _user_type(run: lake.Location, manifest: dict[str, Any]) -> pa.DataType:
+    files = manifest.get("files") or []
+    if not files:
+        return pa.int64()
+    known = {type(f.get("user_min")) for f in files}
+    if known == {int}:  # the manifest's user ranges tell the type: no request to the store
+        return pa.int64()
+    if known == {str}:
+        return pa.string()
+    with run.fs.open_input_file(run.join(files[0]["path"]).path) as f:  # the footer only: one small read
+        return pq.read_schema(f).field("user_id").type
+
+
+def _row_groups_for(meta: pq.FileMetaData, keys: list[Any]) -> list[int]:
+    """Row groups whose user_id statistics can hold one of the sorted `keys` (all, where there are none)."""
+    col = meta.schema.to_arrow_schema().get_field_index("user_id")
+    stats = [meta.row_group(g).column(col).statistics for g in range(meta.num_row_groups)]
+    return [g for g, st in enumerate(stats)
+            if st is None or not st.has_min_max or _may_hold(keys, st.min, st.max)]
+
+
+def _read_part(loc: lake.Location, columns: list[str] | None, wanted: pa.Array | None = None) -> pa.Table:
+    """One part file, or only its rows for `wanted` users: the footer, then the row groups that can hold them
+    (on S3: one HEAD and two ranged GETs for a point lookup)."""
+    with loc.fs.open_input_file(loc.path) as f:
+        pf = pq.ParquetFile(f, pre_buffer=True)
+        if wanted is None:
+            return pf.read(columns=columns)
+        keys = _sorted_keys(wanted)
+        need = None if columns is None else list(dict.fromkeys([*columns, "user_id"]))
+        table = pf.read_row_groups(_row_groups_for(pf.metadata, keys), columns=need)
+        table = table.filter(pc.is_in(table.column("user_id"), value_set=wanted))
+        return table if columns is None else table.select(columns)
+
+
+def read_recommendations(out_uri: str, date: str | dt.date = "latest", user_ids: Iterable[Any] | None = None,
+                         columns: list[str] | None = None) -> pa.Table:
+    """The committed recommendations of `date` ('latest': newest committed date), optionally a few users.
+
+    With `user_ids`, only the parts that can hold them are opened (the manifest's shard and range index) and
+    only their row groups that can hold them are read (Parquet statistics: parts are sorted by user), so a
+    lookup reads megabytes whatever the size of the date. For a whole large date prefer
+    `iter_recommendations`, which streams. Raises DataError when the date has no committed partition
+    (absent, or a run that never finished)."""
+    ids = None if user_ids is None else list(user_ids)
+    for attempt in range(3):  # a re-run may delete the folder we were pointed at: re-read the pointer
+        day, _, run, manifest = _open_committed(out_uri, date)
+        try:
+            if ids is None:
+                tables = [_read_part(run.join(f["path"]), columns) for f in manifest["files"]]
+            else:
+                wanted = _user_filter(_user_type(run, manifest), ids)
+                tables = [_read_part(run.join(f["path"]), columns, wanted) for f in files_for_users(manifest, wanted)]
+        except (OSError, pa.ArrowInvalid):
+            if attempt == 2:
+                raise
+            continue
+        break
+    table = pa.concat_tables(tables) if tables else _empty(columns)
+    return table.replace_schema_metadata({"dt": day.isoformat(), "model_version": str(manifest.get("model_version", ""))})
+
+
+def iter_recommendations(out_uri: str, date: str | dt.date = "latest", batch_size: int = 65_536,
+                         columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream a committed date as record batches, part by part: memory stays at one batch whatever the
+    number of users (for bulk consumers: loading a key-value store, exporting).
+
+    The committed run is resolved once. If the date is re-run meanwhile, the new commit deletes the run being
+    read; the iteration then stops with a DataError (read again from the start) rather than mixing runs."""
+    day, partition, run, manifest = _open_committed(out_uri, date)
+    for f in manifest["files"]:
+        try:
+            with run.fs.open_input_file(run.join(f["path"]).path) as handle:
+                yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns)
+        except OSError as e:  # FileNotFoundError included
+            now = committed_run(partition)
+            if now is None or now[0].path != run.path:
+                raise DataError(f"recommendations for {day} were replaced by a re-run while being read",
+                                "read them again from the start") from e
+            raise
+
+
+def _empty(columns: list[str] | None) -> pa.Table:
+    table = pa.table({"user_id": pa.array([], pa.int64()), "item_ids": pa.array([], pa.list_(pa.int64())),
+                      "scores": pa.array([], pa.list_(pa.float32())), "model_version": pa.array([], pa.string()),
+                      "fallback": pa.array([], pa.bool_())})
+    return table.select(columns) if columns else table
+
+
+def user_recommendations(out_uri: str, date: str | dt.date, user_id: Any) -> dict[str, Any]:
+    """One user's list: {'date', 'user_id', 'model_version', 'fallback', 'items': [(item, score), ...]}."""
+    uid = parse_user_id(user_id)
+    table = read_recommendations(out_uri, date, [uid])
+    meta = table.schema.metadata or {}
+    day = meta.get(b"dt", b"").decode()
+    if table.num_rows == 0:
+        raise DataError(f"user {uid!r} has no recommendations for {day}", "check the user id (inactive users get none)")
+    row = table.slice(0, 1).to_pylist()[0]
+    return {"date": day, "user_id": row["user_id"], "model_version": row["model_version"], "fallback": row["fallback"],
+            "items": list(zip(row["item_ids"], row["scores"], strict=True))}

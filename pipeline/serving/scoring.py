@@ -1,0 +1,103 @@
+"""Scoring shared by both engines: CSR histories → each user's top-N unseen columns and scores (the popularity
+fallback for users without a known item), at the chosen matmul precision, and the result as the published
+table (user_id, item_ids, scores, model_version, fallback). The model runs on whatever device its bundle is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from pipeline.io.bundle import ModelBundle
+
+OUTPUT_SCHEMA_FIELDS = ("user_id", "item_ids", "scores", "model_version", "fallback")
+
+
+@contextlib.contextmanager
+def scoring_precision(precision: str, device: str) -> Iterator[str]:
+    """Precision of the scoring matmuls; yields the one in effect.
+
+    fp32: exact. tf32 (CUDA only; the CPU stays fp32): matmuls on tensor cores with fp32 storage and
+    accumulation, ~10-bit mantissa inputs; scores and top-k are still fp32. bf16: autocast (half the memory
+    traffic; scores rounded to bf16 before the top-k, so more near-ties). Any precision passes the output checks:
+    they hold for the scores the model produced, whatever their rounding.
+    """
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    chosen = ("tf32" if cuda else "fp32") if precision == "auto" else precision
+    if chosen == "tf32" and not cuda:
+        chosen = "fp32"
+    if chosen == "bf16":
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            yield chosen
+    elif chosen == "tf32":
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield chosen
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    else:
+        yield chosen
+
+
+def precision_in_effect(precision: str, device: str) -> str:
+    """The precision `scoring_precision(precision, device)` would use (what the manifest records)."""
+    with scoring_precision(precision, device) as chosen:
+        return chosen
+
+
+def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, top_n: int, batch_size: int,
+                    on_batch: Callable[[int], None] | None = None,
+                    precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-N columns and scores for users given as CSR rows over the model's columns, seen items removed.
+
+    Returns ([U, k] int64 columns, [U, k] float32 scores, [U] bool fallback). Users with no known item get
+    the popularity fallback. Seen items come back as -inf (only when fewer than k unseen items exist);
+    `to_table` drops them.
+    """
+    import scipy.sparse as sp
+
+    n, n_items = len(indptr) - 1, bundle.n_items
+    k = min(top_n, n_items)
+    top = np.empty((n, k), np.int64)
+    scores = np.empty((n, k), np.float32)
+    fallback = np.diff(indptr) == 0
+    fb_items, fb_scores = bundle.fallback(k)
+    top[fallback], scores[fallback] = fb_items, fb_scores
+    if on_batch is not None and fallback.any():
+        on_batch(int(fallback.sum()))
+    known = np.flatnonzero(~fallback)
+    if len(known):
+        csr = sp.csr_matrix((np.ones(len(cols), np.float32), cols, indptr), shape=(n, n_items))
+        csr.has_canonical_format = True  # shard_histories gives sorted, unique columns per row
+        sub = csr[known] if len(known) < n else csr
+        with scoring_precision(precision, str(bundle.recommender.device)):
+            t, s = bundle.recommend(sub, k, batch_size=batch_size, on_batch=on_batch)
+        top[known], scores[known] = t, s
+    return top, scores, fallback
+
+
+def to_table(users: pa.Array, top: np.ndarray, scores: np.ndarray, fallback: np.ndarray, vocab: pa.Array,
+             model_version: str) -> pa.Table:
+    """Scored rows → the published table (OUTPUT_SCHEMA_FIELDS): columns become item ids through `vocab`, and
+    the -inf entries (seen items padded in when the catalog is nearly exhausted) are dropped from the lists."""
+    valid = scores != -np.inf  # seen items padded in by top-k when the catalog is nearly exhausted
+    lengths = valid.sum(axis=1)
+    offsets = np.zeros(len(users) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] == top.size:  # the usual case: every list full, so the rows are already the flat values
+        flat_cols, flat_scores = top.reshape(-1), scores.reshape(-1)
+    else:
+        flat_cols, flat_scores = top[valid], scores[valid]
+    item_ids = pa.ListArray.from_arrays(pa.array(offsets), vocab.take(pa.array(flat_cols)))
+    score_lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_scores, pa.float32()))
+    return pa.table({"user_id": users, "item_ids": item_ids, "scores": score_lists,
+                     "model_version": pa.array([model_version] * len(users), pa.string()),
+                     "fallback": pa.array(fallback, pa.bool_())})

@@ -1,0 +1,139 @@
+"""Offline metric gates a candidate must pass before it becomes `champion`: the gate's rules and its result
+types (pure checks, no I/O but the YAML read). The job that applies them is pipeline.training.gate.GateJob.
+
+Every metric is measured on the candidate's snapshot test users (strong generalization: fold-in → targets).
+Gates, each recorded as pass / fail / skipped with a one-line detail:
+
+- floor.<metric>       absolute floors, e.g. NDCG@100 >= 0.05
+- champion.<metric>    no metric worse than the champion re-scored on the same users, within a relative
+                       tolerance: candidate >= champion * (1 - champion_tolerance).
+                       FIRST MODEL EVER (no champion alias): skipped, detail "no champion: skipped"; the other
+                       gates still apply, so a first model must still clear floors, baselines, coverage, sanity.
+- baseline.popularity  primary metric >= popularity * (1 + popularity_margin)  (must beat it)
+- baseline.ease        primary metric >= EASE * (1 - ease_margin)             (may trail it, within the margin);
+                       skipped when the training job skipped EASE (catalog > max_ease_items)
+                       NO BASELINES AT ALL (trained with `baselines: false`): both baseline gates FAIL (closed),
+                       since a first model would otherwise only need the absolute floors; the gate config's
+                       `allow_missing_baselines: true` turns them into `skipped`. The detail says which applied.
+- coverage             coverage@top_n >= coverage_floor
+- sanity.nan / sanity.seen   no non-finite score; no fold-in (already seen) item in any top-N list
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import DataError
+from pipeline.job import JobResult
+
+Status = Literal["pass", "fail", "skipped"]
+
+
+class GateConfig(BaseModel):
+    """The thresholds of every gate (a YAML file of these keys: `recsys gate --config`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metrics: tuple[str, ...] = ("recall@20", "recall@50", "ndcg@100")
+    primary: str = "ndcg@100"
+    floors: dict[str, float] = Field(default_factory=lambda: {"ndcg@100": 0.05})
+    champion_tolerance: float = Field(0.02, description="relative: each metric >= champion * (1 - tolerance)")
+    popularity_margin: float = Field(0.05, description="relative: primary >= popularity * (1 + margin)")
+    ease_margin: float = Field(0.15, description="relative: primary >= EASE * (1 - margin)")
+    coverage_floor: float = Field(0.05, ge=0.0, le=1.0, description="catalog share in anyone's top-N")
+    top_n: int = Field(20, ge=1, description="N of the coverage and sanity checks")
+    sanity_users: int = Field(5000, ge=1, description="test users whose top-N lists are checked for seen items")
+    allow_missing_baselines: bool = Field(False, description="no baselines recorded (baselines: false): skip, not fail")
+
+
+def load_gate_config(path: str | Path | None) -> GateConfig:
+    """GateConfig from a YAML file (read with safe_load); the defaults when `path` is None."""
+    if path is None:
+        return GateConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"gate config {p} not found", "pass an existing YAML file to --config")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise DataError(f"gate config {p} is not a mapping", "write `key: value` lines (see GateConfig)")
+    return GateConfig(**data)
+
+
+class GateCheck(BaseModel):
+    """One gate's outcome: its name (e.g. 'floor.ndcg@100'), pass / fail / skipped, and a one-line detail."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gate: str
+    status: Status
+    detail: str
+
+
+class GateResult(JobResult):
+    """What GateJob returns (and the gate's XCom): the verdicts, the metrics compared, the report.
+
+    `version` is canonical; `champion` is the champion's version at gate time (None: first model, or the
+    candidate itself); `metrics` maps a column ('candidate v3', 'champion v2', 'baseline popularity', ...)
+    to metric name → value; `warnings` are non-fatal problems (unverifiable snapshot, failed report upload).
+    """
+
+    model_name: str
+    version: str
+    passed: bool
+    promoted: bool
+    champion: str | None
+    verdicts: list[GateCheck]
+    metrics: dict[str, dict[str, float]]
+    report: str = ""
+    warnings: list[str] = Field(default_factory=list)
+
+
+def _verdict(gate: str, status: Status, detail: str) -> GateCheck:
+    return GateCheck(gate=gate, status=status, detail=detail)
+
+
+def _cmp(gate: str, value: float, bound: float, what: str) -> GateCheck:
+    ok = value == value and value >= bound  # NaN fails
+    return _verdict(gate, "pass" if ok else "fail", f"{value:.4f} {'>=' if ok else '<'} {bound:.4f} ({what})")
+
+
+def check(cfg: GateConfig, candidate: dict[str, float], champion: dict[str, float] | None,
+          baselines: dict[str, dict[str, float]], nan_rows: int, seen_hits: int,
+          champion_note: str = "no champion: skipped") -> list[GateCheck]:
+    """All gates. `candidate`/`champion`/`baselines[name]` map metric names (e.g. 'ndcg@100') to values."""
+    out = [_cmp(f"floor.{m}", candidate.get(m, float("nan")), v, "absolute floor") for m, v in cfg.floors.items()]
+    for m in cfg.metrics:
+        if champion is None:
+            out.append(_verdict(f"champion.{m}", "skipped", champion_note))
+        else:
+            out.append(_cmp(f"champion.{m}", candidate[m], champion[m] * (1 - cfg.champion_tolerance),
+                            f"champion {champion[m]:.4f}, tolerance {cfg.champion_tolerance:g}"))
+    p = cfg.primary
+    pop, ease = baselines.get("popularity"), baselines.get("ease")
+    # Training fits popularity whenever baselines are on, so no popularity means `baselines: false`.
+    none_status: Status = "skipped" if cfg.allow_missing_baselines else "fail"
+    none_detail = "baselines were not computed at training (baselines: false); " + (
+        "allowed by allow_missing_baselines: true" if cfg.allow_missing_baselines else
+        "failing closed: retrain with baselines: true, or set allow_missing_baselines: true in the gate config")
+    out.append(_verdict("baseline.popularity", none_status, none_detail) if pop is None else
+               _cmp("baseline.popularity", candidate[p], pop[p] * (1 + cfg.popularity_margin),
+                    f"popularity {pop[p]:.4f}, margin +{cfg.popularity_margin:g}"))
+    out.append(_cmp("baseline.ease", candidate[p], ease[p] * (1 - cfg.ease_margin),
+                    f"EASE {ease[p]:.4f}, margin -{cfg.ease_margin:g}") if ease is not None else
+               _verdict("baseline.ease", none_status, none_detail) if pop is None else
+               _verdict("baseline.ease", "skipped", "no EASE baseline recorded (catalog above max_ease_items)"))
+    cov = f"coverage@{cfg.top_n}"
+    out.append(_cmp("coverage", candidate.get(cov, float("nan")), cfg.coverage_floor, cov))
+    out.append(_verdict("sanity.nan", "pass" if nan_rows == 0 else "fail", f"{nan_rows} users with non-finite scores"))
+    out.append(_verdict("sanity.seen", "pass" if seen_hits == 0 else "fail",
+                        f"{seen_hits} already-seen items in top-{cfg.top_n} lists"))
+    return out
+
+
+def passed(results: list[GateCheck]) -> bool:
+    """True when no gate failed (skipped gates do not fail)."""
+    return all(r.status != "fail" for r in results)

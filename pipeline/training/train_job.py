@@ -1,0 +1,387 @@
+"""`recsys train`: TrainJob fits Multi-VAE + PIA on a matrix snapshot, logs everything to MLflow and registers
+a `challenger` version (TrainResult).
+
+Protocol (strong generalization, ../shared/ARCHITECTURE.md): train on the snapshot's training users, pick
+the epoch on its validation users (the trainer keeps the best validation NDCG@100 weights), score its test
+users once. The same job trains the gate's baselines (popularity, and EASE when the catalog is small
+enough) on the same split and stores their test metrics as version tags, so the gate compares like with
+like without retraining them.
+
+Order of effects: everything is logged to one MLflow run first; the registered-model version (alias
+`challenger`) is created at the very end, so a failed or killed run registers nothing and never touches
+`champion` (only the gate moves that). The steps of `train()`: set up (device, snapshot, experiment), log the
+run's inputs (tags, params, dataset), fit the candidate and its no-PIA twin, fit the baselines, log the figures,
+log the model, then (after the run is closed) register.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import Field, field_validator
+
+from model.ease import EASEConfig
+from model.pia import PIAConfig
+from model.vae import VAEConfig
+from pipeline.errors import DataError
+from pipeline.io import registry
+from pipeline.io.redact import redact_values
+from pipeline.job import Job, JobResult
+from pipeline.training import DEFAULT_REGISTERED_NAME
+from pipeline.training.evaluation import activity_groups, machine_name, metric_key, summarize, summary_metrics
+
+log = logging.getLogger(__name__)
+
+AUTOENCODERS = ("multivae", "multivae-pia", "multidae", "recvae", "recvae-pia")
+
+
+class TrainResult(JobResult):
+    """The registered version (alias `challenger`), its MLflow run, and the candidate's and baselines' metrics
+    as logged (`test.*`, `best_epoch`, `baseline.<name>.*`, `train_seconds_total`)."""
+
+    model_name: str
+    version: str
+    run_id: str
+    metrics: dict[str, float]
+
+
+class TrainJob(Job):
+    """Everything the job needs; logged whole as run params (credentials stripped from URIs). YAML files give
+    the same keys (nested for vae/pia/ease): see `load_config`."""
+
+    snapshot: str = Field(description="snapshot URI (local path or s3://)")
+    model: str = "multivae-pia"
+    epochs: int = Field(50, ge=1)
+    patience: int | None = Field(10, ge=1, description="early stop after this many epochs without a better val NDCG@100")
+    batch_size: int = Field(500, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = Field(False, description="bf16 autocast on CUDA")
+    cuda_graph: bool = Field(False, description="Multi-VAE/DAE on CUDA: each step replayed as one CUDA graph")
+    vae: VAEConfig = VAEConfig()  # Multi-VAE/DAE architecture (ignored by RecVAE)
+    pia: PIAConfig = PIAConfig(weight=1.0)  # lambda_A 1 was chosen on validation for ml-latest-small and ml-1m
+    compare_base: bool = Field(True, description="also train the model without PIA (latent plot, logged metrics)")
+    baselines: bool = Field(True, description="train popularity and EASE on the same split for the gate")
+    ease: EASEConfig = EASEConfig()
+    max_ease_items: int = Field(20_000, ge=1, description="skip the EASE baseline (I x I dense) above this catalog")
+    top_n: int = Field(20, ge=1, description="top-N for catalog coverage and popularity bias")
+    registered_name: str = DEFAULT_REGISTERED_NAME
+    experiment: str = registry.DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    progress: bool = False
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in AUTOENCODERS:
+            raise ValueError(f"unknown model {v!r}: train one of {', '.join(AUTOENCODERS)}")
+        return v
+
+    @property
+    def base_model(self) -> str | None:
+        """The model without PIA (the comparison twin), or None when the model has no PIA."""
+        return self.model.removesuffix("-pia") if self.model.endswith("-pia") else None
+
+    def run(self) -> TrainResult:
+        """Train, log and register (see module doc)."""
+        return train(self)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainJob:
+    """A TrainJob from a YAML file (optional; read with safe_load) with `overrides` (CLI flags, the scheduler's
+    settings) merged over it; None overrides mean 'not given'."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"config file {p} not found", "pass an existing YAML file to --config")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise DataError(f"config file {p} is not a mapping", "write `key: value` lines (see TrainJob)")
+        data.update(loaded)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainJob(**data)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → one level with dotted keys ({'vae': {'latent_dim': 8}} → {'vae.latent_dim': 8})."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def snapshot_counts(snap: Any) -> np.ndarray:
+    """Interactions per test user (fold-in + targets): the activity group of ARCHITECTURE.md."""
+    return np.diff(snap.test.fold_in.indptr) + np.diff(snap.test.targets.indptr)
+
+
+EpochHook = Callable[[dict[str, Any]], None]
+
+
+def _epoch_logger(prefix: str, vae: VAEConfig, extra: EpochHook | None) -> EpochHook:
+    import mlflow
+
+    from model.vae import MultiVAE
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        values = {k: float(v) for k, v in record.items() if isinstance(v, int | float) and k not in ("epoch",)}
+        if "beta" not in values and "step" in values and vae.variational:
+            values["beta"] = MultiVAE.beta(SimpleNamespace(config=vae), int(values["step"]))  # type: ignore[arg-type]
+        mlflow.log_metrics({prefix + metric_key(k): v for k, v in values.items() if np.isfinite(v)},
+                           step=int(record["epoch"]))
+        shown = " ".join(f"{k}={values[k]:.4f}" for k in ("loss", "beta", "val_ndcg@100") if k in values)
+        print(f"{prefix or 'model.'}epoch {record['epoch']} {shown}", flush=True)  # one line per epoch (operators, tests)
+        if extra is not None:
+            extra(record)
+
+    return on_epoch
+
+
+def _latent_means(rec: Any, fold_in: Any, device: str, batch_size: int = 2000) -> np.ndarray:
+    """Posterior means (z at inference) of the rows of `fold_in`."""
+    import torch
+
+    from model.sparse import DeviceCSR
+
+    x = DeviceCSR.from_scipy(fold_in, device)
+    module = rec.module
+    module.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, x.n_rows, batch_size):
+            rows = torch.arange(start, min(x.n_rows, start + batch_size), device=x.device)
+            out.append(module.encode(x.batch(rows))[0].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+
+def _signature(bundle_dir: Path, bundle: Any, snap: Any) -> Any:
+    """Input: a list column of external item ids; output as BundleModel.predict returns it; param k."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from pipeline.io.pyfunc import BundleModel
+
+    rows = snap.test.fold_in[: min(3, snap.test.fold_in.shape[0])]
+    example = [bundle.item_ids[rows[i].indices].tolist() for i in range(rows.shape[0])]
+    inp = pd.DataFrame({"item_ids": example})
+    m = BundleModel()
+    m.load_context(SimpleNamespace(artifacts={"bundle": str(bundle_dir)}))
+    return infer_signature(inp, m.predict(None, inp, {"k": 10}), params={"k": 100}), inp
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned from the running environment (skips MLflow's slow import-capturing inference)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("mlflow", "torch", "numpy", "scipy", "pandas", "pyarrow", "pydantic", "tqdm"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+
+
+# -- the job, step by step -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every step shares: the job, the resolved device, the snapshot and the run's context."""
+
+    job: TrainJob
+    device: str
+    snap: Any
+    experiment_id: str
+    commit: str
+    digest: str  # the snapshot manifest's digest: the version tag the gate checks its reload against
+    popularity: Any  # torch tensor of item popularity (for the popularity-bias metric)
+    counts: np.ndarray  # interactions per test user (activity groups)
+    train_cfg: Any  # model.train.TrainConfig
+
+    def build(self, name: str) -> Any:
+        """An unfitted recommender `name` with the job's settings (PIA only for *-pia models)."""
+        from model.recommenders import make_recommender
+
+        job, multi = self.job, name.startswith("multi")
+        return make_recommender(name, train=self.train_cfg.model_copy(update={"cuda_graph": job.cuda_graph and multi}),
+                                pia=job.pia if name.endswith("-pia") else None, ease=job.ease,
+                                model_config=job.vae if multi else None)
+
+    def test_eval(self, rec: Any) -> Any:
+        """A fitted recommender's EvalResult on the snapshot's test users."""
+        from model.evaluate import evaluate
+
+        return evaluate(rec.score, self.snap.test.fold_in, self.snap.test.targets, device=rec.device,
+                        coverage_k=self.job.top_n, item_popularity=self.popularity)
+
+
+def train(job: TrainJob, on_epoch: EpochHook | None = None) -> TrainResult:
+    """The whole job (TrainJob.run). `on_epoch` is an extra per-epoch hook of the candidate's fit, not a job
+    setting (tests use it to interrupt a run)."""
+    import mlflow
+
+    t_start = time.perf_counter()
+    s = _set_up(job)
+    with mlflow.start_run(experiment_id=s.experiment_id, run_name=f"{job.model}-{s.snap.snapshot_id}") as active:
+        run_id = active.info.run_id
+        public_cfg = _log_inputs(s)
+        trained, metrics = _fit_candidate(s, on_epoch)
+        if job.baselines:
+            metrics |= _fit_baselines(s)
+        with tempfile.TemporaryDirectory() as tmp:
+            _log_figures(s, trained, Path(tmp))
+            model_uri = _log_model(s, trained[job.model], public_cfg, Path(tmp))
+        elapsed = time.perf_counter() - t_start
+        mlflow.log_metrics({"train_seconds_total": elapsed})
+        metrics["train_seconds_total"] = elapsed
+
+    # Registered last: a run that dies above leaves no version (and never touches `champion`).
+    version = _register(s, run_id, model_uri, metrics)
+    return TrainResult(model_name=job.registered_name, version=version, run_id=run_id, metrics=metrics)
+
+
+def _set_up(job: TrainJob) -> _Setup:
+    """Resolve the device (fails fast when cuda is asked for and absent), load the snapshot, point MLflow."""
+    import torch
+
+    from model.train import TrainConfig, resolve_device
+    from pipeline.io.snapshot import load_snapshot, manifest_digest
+
+    device = str(resolve_device(job.device))
+    snap = load_snapshot(job.snapshot)
+    if snap.test.n_users == 0 or snap.valid.n_users == 0:
+        raise DataError(f"snapshot {job.snapshot} has no validation or test users", "rebuild it with held-out users")
+    registry.setup(job.tracking_uri)
+    experiment_id = registry.ensure_experiment(job.experiment, job.tracking_uri)
+    train_cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, device=device,
+                            bf16=job.bf16, patience=job.patience, progress=job.progress)
+    return _Setup(job, device, snap, experiment_id, registry.git_commit(), manifest_digest(snap.manifest),
+                  torch.as_tensor(snap.item_popularity()), snapshot_counts(snap), train_cfg)
+
+
+def _log_inputs(s: _Setup) -> dict[str, Any]:
+    """Run tags, the job as params (credentials redacted), the snapshot as the run's dataset input; returns
+    the redacted job (it also goes into the bundle's config)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    job, snap = s.job, s.snap
+    mlflow.set_tags({"snapshot_id": snap.snapshot_id, "snapshot_uri": job.snapshot, "git_commit": s.commit,
+                     "model": job.model, "device": s.device, "machine": machine_name(s.device)})
+    public_cfg: dict[str, Any] = redact_values(job.model_dump(mode="json"))  # tracking_uri may carry user:password
+    mlflow.log_params(flatten(public_cfg))
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all are fine
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(job.snapshot)
+    dataset = MetaDataset(source, name=f"snapshot-{snap.snapshot_id}", digest=s.digest)  # type: ignore[abstract]
+    mlflow.log_input(dataset, context="training", tags={"counts": json.dumps(snap.manifest.get("counts", {}))})
+    return public_cfg
+
+
+def _fit_candidate(s: _Setup, on_epoch: EpochHook | None) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fit the candidate (and, to compare, the same model without PIA, metrics under `compare.<name>.`); returns
+    the fitted models by name and the candidate's metrics (`test.*`, `best_epoch`)."""
+    import mlflow
+
+    job = s.job
+    names = [job.model] + ([job.base_model] if job.compare_base and job.base_model else [])
+    trained: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    for name in names:
+        prefix = "" if name == job.model else f"compare.{name}."
+        rec = s.build(name)
+        rec.fit(s.snap.train, s.snap.valid, on_epoch=_epoch_logger(prefix, job.vae, on_epoch if not prefix else None))
+        trained[name] = rec
+        summary = summary_metrics(summarize(name, job.seed, rec, s.test_eval(rec), s.counts), job.top_n)
+        mlflow.log_metrics({f"{prefix}test.{k}": v for k, v in summary.items() if np.isfinite(v)})
+        mlflow.log_metrics({f"{prefix}best_epoch": float(rec.best_epoch), f"{prefix}fit_seconds": rec.fit_seconds})
+        if not prefix:
+            metrics.update({f"test.{k}": v for k, v in summary.items()})
+            metrics["best_epoch"] = float(rec.best_epoch)
+    return trained, metrics
+
+
+def _fit_baselines(s: _Setup) -> dict[str, float]:
+    """The gate's baselines on the same split: popularity, and EASE unless the catalog exceeds max_ease_items
+    (then tagged `baseline.ease: skipped ...`); returns their `baseline.<name>.*` test metrics."""
+    import mlflow
+
+    job, snap = s.job, s.snap
+    metrics: dict[str, float] = {}
+    for name in ("popularity", "ease"):
+        if name == "ease" and snap.n_items > job.max_ease_items:
+            mlflow.set_tag("baseline.ease", f"skipped: {snap.n_items} items > max_ease_items={job.max_ease_items}")
+            continue
+        rec = s.build(name).fit(snap.train, snap.valid)
+        summary = summary_metrics(summarize(name, job.seed, rec, s.test_eval(rec), s.counts), job.top_n)
+        base = {f"baseline.{name}.{k}": v for k, v in summary.items() if not k.startswith("group.")}
+        mlflow.log_metrics({k: v for k, v in base.items() if np.isfinite(v)})
+        metrics.update(base)
+        print(f"baseline {name}: ndcg@100={summary['ndcg_at_100']:.4f}", flush=True)
+    return metrics
+
+
+def _log_figures(s: _Setup, trained: dict[str, Any], d: Path) -> None:
+    """plots/training_curves.png and plots/latent_space.png (test users' latents, colored by activity group)."""
+    import mlflow
+
+    from pipeline.training import plots
+
+    group_of = np.full(len(s.counts), "", dtype=object)
+    for g, mask in activity_groups(s.counts).items():
+        group_of[mask] = g
+    plots.training_curves({n: r.history for n, r in trained.items()}, d / "training_curves.png")
+    latents = {n: _latent_means(r, s.snap.test.fold_in, str(r.device)) for n, r in trained.items()}
+    plots.latent_space(latents, group_of.astype(str), d / "latent_space.png")
+    mlflow.log_artifact(str(d / "training_curves.png"), "plots")
+    mlflow.log_artifact(str(d / "latent_space.png"), "plots")
+
+
+def _log_model(s: _Setup, main: Any, public_cfg: dict[str, Any], d: Path) -> str:
+    """The model: one pyfunc with the bundle (weights on CPU, item ids, popularity, config) as its artifact;
+    returns its model URI."""
+    import mlflow
+
+    from pipeline.io.bundle import ModelBundle
+    from pipeline.io.pyfunc import BundleModel
+
+    job, snap = s.job, s.snap
+    main.to("cpu")
+    bundle = ModelBundle(main, snap.item_ids, snap.item_popularity(), job.model,
+                         public_cfg | {"best_epoch": main.best_epoch}, snap.snapshot_id)
+    bundle_dir = bundle.save(d / "bundle")
+    signature, example = _signature(bundle_dir, bundle, snap)
+    info = mlflow.pyfunc.log_model(name="model", python_model=BundleModel(), artifacts={"bundle": str(bundle_dir)},
+                                   signature=signature, input_example=example, pip_requirements=_pip_requirements())
+    return str(info.model_uri)
+
+
+def _register(s: _Setup, run_id: str, model_uri: str, metrics: dict[str, float]) -> str:
+    """Register the logged model as a new version of `registered_name` (alias `challenger`), tagged with its
+    lineage, `gate.verdict: pending` and its test/baseline metrics; returns the version."""
+    job, snap = s.job, s.snap
+    tags = {"snapshot_id": snap.snapshot_id, "snapshot_uri": job.snapshot, "git_commit": s.commit, "run_id": run_id,
+            "model": job.model, "device": s.device, "gate.verdict": "pending",
+            "snapshot_digest": s.digest}  # the gate checks the snapshot it reloads against this
+    tags.update({k: f"{v:.6g}" for k, v in metrics.items() if k.startswith(("test.", "baseline.")) and "group." not in k})
+    return registry.register(model_uri, job.registered_name, tags, job.tracking_uri)
