@@ -74,7 +74,7 @@ def ensure_experiment(name: str = DEFAULT_EXPERIMENT, explicit_uri: str | None =
 
 def git_commit() -> str:
     """HEAD of the repository this code runs from ('+dirty' when the tree has changes); 'unknown' outside git."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # <repo>/pipeline/io/registry.py -> <repo>
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()

@@ -22,7 +22,7 @@ from pipeline.io.redact import redact_uri
 from pipeline.orchestration.dev.local_airflow import airflow_env
 from pipeline.orchestration.steps import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]  # <repo>/pipeline/orchestration/dev/story.py -> <repo>
 
 
 def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     recsys_env = {"RECSYS_HOME": str(home), "RECSYS_TRAIN_CONFIG": str(REPO / "configs" / "embedded-train.yaml"),
                   "RECSYS_WINDOW_DAYS": str(args.days), "RECSYS_SPARK_MASTER": "local[2]",
-                  "RECSYS_TOP_N": "100", "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+                  "RECSYS_TOP_N": "100", "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+                  # a failing task retries at once, not after the DAGs' production back-off of minutes
+                  "AIRFLOW__CORE__MAX_TASK_RETRY_DELAY": "1"}
     os.environ.update(recsys_env)
     env = airflow_env(home / "airflow", extra=recsys_env)
     settings = Settings.from_env()
