@@ -9,10 +9,13 @@ from typing import Any
 
 
 def _date(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from err
+    from pipeline.errors import DataError
+    from pipeline.io.dates import parse_date
+
+    try:  # the one strict parser: YYYY-MM-DD only (fromisoformat alone also takes 20240105 or 2024-W01-5)
+        return parse_date(text)
+    except DataError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _count_or_fraction(text: str) -> int | float:

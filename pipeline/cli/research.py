@@ -52,8 +52,11 @@ def register(sub: Any) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    from pipeline.io.lake import resolve
     from pipeline.research.experiment import ExperimentJob
     from pipeline.research.report import render
+
+    resolve(args.out).check_writable()  # before hours of fits: --out a file or read-only fails now, in one line
 
     job = ExperimentJob(
         dataset=args.dataset, data_dir=args.data_dir, models=args.models, seeds=args.seeds,

@@ -31,25 +31,32 @@ def register(sub: Any) -> None:
     p.add_argument("--shard-events", type=int, default=None, help="events per shard (default: budget / 64 bytes, at most 4M)")
     p.add_argument("--parallel-shards", type=int, default=None,
                    help="shards prepared and published concurrently (default: one per 4 CPU cores, at most 8)")
+    p.add_argument("--max-unknown-item-share", type=float, default=0.5,
+                   help="refuse to publish when more of the window's events have items the model does not know "
+                        "(default 0.5; 1 never refuses)")
+    p.add_argument("--max-fallback-share", type=float, default=0.5,
+                   help="refuse to publish when more of the active users have no item the model knows "
+                        "(default 0.5; 1 never refuses)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.set_defaults(func=cmd_infer)
 
     r = sub.add_parser("recs", help="print one user's published recommendations")
     r.add_argument("--date", default="latest", help="YYYY-MM-DD or 'latest' (newest committed date)")
-    r.add_argument("--user", required=True, help="user_id as in the events")
+    r.add_argument("--user", required=True, help="user_id as in the events (an integer, or 1-256 characters)")
     r.add_argument("--out", required=True, help="lake root given to `recsys infer --out`")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=cmd_recs)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.io.dates import parse_date
     from pipeline.serving.job import InferJob
-    from pipeline.serving.recs import parse_date
 
     job = InferJob(date=parse_date(args.date), events=args.events, out=args.out, model=args.model,
                    tracking_uri=args.tracking_uri, top_n=args.top_n, device=args.device, precision=args.precision,
                    engine=args.engine, memory_budget_mb=args.memory_budget_mb, history_days=args.history_days,
                    min_weight=args.min_weight, shard_events=args.shard_events, parallel_shards=args.parallel_shards,
+                   max_unknown_item_share=args.max_unknown_item_share, max_fallback_share=args.max_fallback_share,
                    progress=not args.no_progress)
     r = job.run()
     print(f"published {r.users} users ({r.fallback_users} fallback) for {r.date.isoformat()} with model version "

@@ -5,6 +5,13 @@
 1. List the event partitions ``dt=YYYY-MM-DD`` of the window [as_of - window_days + 1, as_of] (a lake
    without ``dt=`` folders is read whole; its timestamps, when present, are filtered to the window). Events
    on S3 are staged to a local temp folder first (Spark has no s3a jars here; on EMR it would read directly).
+   Names starting with '.' or '_' (staging folders, markers) are skipped, as every Parquet reader does. A window
+   that leaves the calendar (before 0001-01-01, or an as-of of 9999-12-31) is a DataError.
+1b. Every file's Parquet footer is read with pyarrow before Spark starts: an empty, truncated or non-Parquet
+   file, missing user_id/item_id, a type the schema gate refuses (an event_ts stored as a string or an integer
+   epoch is refused, never parsed: seconds, milliseconds and text are ambiguous) or files that disagree on a
+   column's type are each one DataError naming the file. Spark then reads with one explicit schema (ids int64 or
+   string, every file alike), and a read error it still hits (a damaged data page) becomes a DataError too.
 2. Measure the raw events in one pass and run the event gates (pipeline/data/dq.py) before anything else.
 3. Collapse events into (user, item) pairs; a pair is positive when its largest weight passes the
    binarize rule (events without a weight column: every pair). Optional item min-count filter, then the
@@ -32,8 +39,10 @@ it buys byte-identical, hash-named files through the one writer of the format.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +52,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.split import heldout_count as split_count
@@ -56,10 +66,13 @@ from pipeline.job import Job, JobResult
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql.types import DataType, StructType
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOTS = "snapshots"
+FIX_FILE = ("re-write that file (re-run `recsys ingest` or `recsys synth` for it), or move it out of the events "
+            "folder")
 
 
 class Binarize(BaseModel):
@@ -118,8 +131,21 @@ class BuildMatrixJob(Job):
 
     @property
     def window_start(self) -> dt.date:
-        """The first day of the window (AS_OF - window_days + 1)."""
-        return self.as_of - dt.timedelta(days=self.window_days - 1)
+        """The first day of the window (AS_OF - window_days + 1); a DataError before 0001-01-01."""
+        first = self.as_of.toordinal() - (self.window_days - 1)  # ordinals: no timedelta overflow on huge windows
+        if first < 1:
+            raise DataError(f"a window of {self.window_days} days up to {self.as_of} starts before the calendar's "
+                            f"first day {dt.date.min}",
+                            f"use at most {self.as_of.toordinal()} --window-days for --as-of {self.as_of}")
+        return dt.date.fromordinal(first)
+
+    @property
+    def window_end(self) -> dt.date:
+        """The day after AS_OF: the window's exclusive end; a DataError for AS_OF 9999-12-31."""
+        if self.as_of >= dt.date.max:
+            raise DataError(f"--as-of {self.as_of} is the calendar's last day: the window's end (the next day) "
+                            "cannot be represented", "use an --as-of before 9999-12-31")
+        return self.as_of + dt.timedelta(days=1)
 
     def snapshot_uri(self) -> str:
         """Where this build publishes: OUT/snapshots/as_of=DATE."""
@@ -144,9 +170,16 @@ class _Inputs:
 # --------------------------------------------------------------------------------------------------
 
 
+def _hidden(rel: str) -> bool:
+    """Whether a path below the events root has a part starting with '.' or '_' (what readers skip)."""
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
 def _parquet_files(loc: Location) -> list[pafs.FileInfo]:
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")),
+    base = loc.path.rstrip("/") + "/"
+    return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                   and not _hidden(i.path[len(base):] if i.path.startswith(base) else i.base_name)),
                   key=lambda i: i.path)
 
 
@@ -169,36 +202,143 @@ def _list_inputs(cfg: BuildMatrixJob) -> _Inputs:
     return _Inputs(files, partitioned=True)
 
 
-def _stage(cfg: BuildMatrixJob, inputs: _Inputs, tmp: str) -> list[str]:
-    """Local paths Spark can read: the files themselves, or copies of S3 objects under tmp."""
+def _stage(cfg: BuildMatrixJob, inputs: _Inputs, tmp: str) -> dict[str, str]:
+    """Local paths Spark can read (the files themselves, or copies of S3 objects under tmp) -> their URIs."""
     root = resolve(cfg.events)
     if isinstance(root.fs, pafs.LocalFileSystem):
-        return [i.path for i in inputs.files]
-    paths = []
+        return {i.path: i.path for i in inputs.files}
+    paths = {}
     for k, info in enumerate(inputs.files):
         local = os.path.join(tmp, f"{k:06d}-{info.base_name}")
         pafs.copy_files(info.path, local, source_filesystem=root.fs, destination_filesystem=pafs.LocalFileSystem())
-        paths.append(local)
+        paths[local] = f"s3://{info.path}"
     return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation (pyarrow, footers only) and the one Spark schema
+# --------------------------------------------------------------------------------------------------
+
+
+def _arrow_kind(t: pa.DataType, physical: str | None) -> str:
+    """A column's kind for the schema gate (dq.check_schema): int, string, float, timestamp or the type's name."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t):
+        return "uint64" if t == pa.uint64() else "int"  # Spark cannot read uint64 as a long
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "float"
+    if pa.types.is_timestamp(t):
+        # Spark reads INT96 and ms/us timestamps; INT64 nanoseconds are an illegal Parquet type to it
+        return "timestamp" if t.unit != "ns" or physical == "INT96" else "timestamp[ns]"
+    return str(t)
+
+
+@dataclass(frozen=True)
+class _FileSchema:
+    label: str
+    kinds: dict[str, str]  # column -> kind, in file order
+    types: dict[str, pa.DataType]
+
+
+def _read_footer(path: str, label: str) -> _FileSchema:
+    if os.path.getsize(path) == 0:
+        raise DataError(f"events file {label} is empty (0 bytes)", FIX_FILE)
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+        physical = {pf.schema.column(k).path: pf.schema.column(k).physical_type for k in range(len(pf.schema))}
+    except (pa.ArrowException, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160].rstrip(": ")
+        raise DataError(f"events file {label} is not a readable Parquet file ({first})", FIX_FILE) from err
+    missing = [c for c in dq.REQUIRED if c not in schema.names]
+    if missing:
+        raise DataError(f"events file {label} lacks column(s) {', '.join(missing)} (columns: "
+                        f"{', '.join(schema.names) or 'none'})",
+                        "every events file needs user_id and item_id: re-ingest it (`recsys ingest`) or move it out "
+                        "of the events folder")
+    kinds = {f.name: _arrow_kind(f.type, physical.get(f.name)) for f in schema}
+    return _FileSchema(label, kinds, {f.name: f.type for f in schema})
+
+
+def _inspect_inputs(paths: dict[str, str]) -> tuple[dict[str, str], StructType]:
+    """Footers of every input file: (the columns' kinds for the schema gate, the Spark schema to read with)."""
+    from pyspark.sql import types as T
+
+    files = [_read_footer(path, label) for path, label in paths.items()]
+    for f in files:  # per file, so the message names the file
+        dq.enforce([dq.check_schema(f.kinds)], f"events file {f.label}")
+    first = files[0]
+    fields: list[T.StructField] = []
+    for col in (*dq.REQUIRED, "weight", "event_ts"):
+        having = [f for f in files if col in f.kinds]
+        if not having:
+            continue
+        if len(having) < len(files):
+            without = next(f for f in files if col not in f.kinds)
+            raise DataError(f"events files disagree on column {col}: {having[0].label} has it, {without.label} "
+                            "does not", "re-ingest the events so every file has the same columns")
+        fields.append(T.StructField(col, _spark_type(col, having)))
+    return dict(first.kinds), T.StructType(fields)  # the files agree on every column read (checked above)
+
+
+def _spark_type(col: str, files: list[_FileSchema]) -> DataType:
+    """The one Spark type a column is read as in every file (Spark fails on files that disagree)."""
+    from pyspark.sql import types as T
+
+    if col == "event_ts":
+        return T.TimestampType()  # every kind passed the schema gate: timestamps, naive ones read as UTC
+    kinds = {f.kinds[col] for f in files}
+    arrow = {str(f.types[col]) for f in files}
+    if col == "weight":
+        decimals = {f.types[col] for f in files if pa.types.is_decimal(f.types[col])}
+        ints = all(pa.types.is_integer(f.types[col]) for f in files)
+        floats = all(pa.types.is_floating(f.types[col]) for f in files)
+        if ints:
+            return T.LongType()
+        if floats:
+            return T.DoubleType()
+        if len(decimals) == 1 and len(arrow) == 1:
+            d = next(iter(decimals))
+            return T.DecimalType(d.precision, d.scale)
+    elif len(kinds) == 1:
+        return T.LongType() if kinds == {"int"} else T.StringType()
+    a = files[0]
+    b = next(f for f in files if str(f.types[col]) != str(a.types[col]))
+    raise DataError(f"events files disagree on the type of {col}: {a.types[col]} in {a.label}, {b.types[col]} in "
+                    f"{b.label}", f"re-ingest the events so {col} has one type in every file")
+
+
+_READ_ERRORS = ("FAILED_READ_FILE", "CANNOT_READ_FILE_FOOTER", "PARQUET_", "ParquetDecodingException",
+                "is not a Parquet file", "Could not read footer")
+_FILE_IN_ERROR = re.compile(r"file:(/\S+?)\.?(?:\s|$)")
+
+
+def _spark_read_error(err: Exception, paths: dict[str, str], where: str) -> DataError | None:
+    """A Spark error that is about reading the input files, as one line naming the file; None for others."""
+    from urllib.parse import unquote
+
+    text = str(err)
+    if not any(marker in text for marker in _READ_ERRORS):
+        return None
+    first = next((line.strip() for line in text.splitlines()
+                  if any(marker in line for marker in _READ_ERRORS)), "")
+    cls = re.search(r"\[([A-Z_][A-Z0-9_.]*)\]", first)
+    why = cls.group(1) if cls else first[:160]
+    found = _FILE_IN_ERROR.search(text)
+    if found:
+        local = unquote(found.group(1)).replace("///", "/")
+        label = paths.get(local, local)
+        return DataError(f"Spark could not read events file {label} ({why})", FIX_FILE)
+    return DataError(f"Spark could not read the {where} ({why})",
+                     "find the damaged file in the Spark log, then re-write it or move it out of the events folder")
 
 
 # --------------------------------------------------------------------------------------------------
 # Spark
 # --------------------------------------------------------------------------------------------------
-
-
-def _kind(data_type: Any) -> str:
-    from pyspark.sql import types as T
-
-    if isinstance(data_type, T.ByteType | T.ShortType | T.IntegerType | T.LongType):
-        return "int"
-    if isinstance(data_type, T.StringType):
-        return "string"
-    if isinstance(data_type, T.FloatType | T.DoubleType | T.DecimalType):
-        return "float"
-    if isinstance(data_type, T.TimestampType | T.TimestampNTZType):
-        return "timestamp"
-    return str(data_type.simpleString())
 
 
 def _ts_literal(day: dt.date) -> Column:
@@ -239,80 +379,113 @@ def _previous(cfg: BuildMatrixJob) -> tuple[Location, dict[str, Any]] | None:
     for name in reversed(snaps.list()):
         if name.startswith("as_of=") and name < this and snaps.join(name, MANIFEST).exists():
             loc = snaps.join(name)
-            return loc, loc.join(MANIFEST).read_json()
+            try:
+                manifest = json.loads(loc.join(MANIFEST).read_bytes())
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                raise DataError(f"the previous snapshot's manifest {loc.join(MANIFEST).uri} is not valid JSON ({err})",
+                                "restore that manifest, or move its snapshot folder out of the lake") from err
+            if not isinstance(manifest, dict):
+                raise DataError(f"the previous snapshot's manifest {loc.join(MANIFEST).uri} is not a JSON object",
+                                "restore that manifest, or move its snapshot folder out of the lake")
+            return loc, manifest
     return None
 
 
-def _build(cfg: BuildMatrixJob) -> str:
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
+def _check_out(cfg: BuildMatrixJob) -> None:
+    out = resolve(cfg.out)
+    if out.is_file():
+        raise DataError(f"--out {out.uri} is a file, not a lake folder",
+                        "pass the lake's root folder (the snapshot goes to OUT/snapshots/as_of=DATE)")
 
+
+def _build(cfg: BuildMatrixJob) -> str:
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    cfg.window_start, cfg.window_end  # noqa: B018 - a window that leaves the calendar fails before anything runs
+    _check_out(cfg)
     where = f"events {cfg.events} as of {cfg.as_of} (window {cfg.window_start}..{cfg.as_of})"
     inputs = _list_inputs(cfg)
     if not inputs.files:
         dq.enforce(dq.check_events(dq.EventStats(events=0), cfg.dq), where)
     prev = _previous(cfg)
-    spark = spark_session(cfg.spark_master, "recsys-build-matrix", cfg.shuffle_partitions, cfg.driver_memory)
 
     with tempfile.TemporaryDirectory(prefix="recsys-events-") as tmp:
-        raw = spark.read.parquet(*_stage(cfg, inputs, tmp))
-        fields = {f.name: _kind(f.dataType) for f in raw.schema.fields}
+        paths = _stage(cfg, inputs, tmp)
+        fields, spark_schema = _inspect_inputs(paths)  # before Spark: one line per bad file, not a JVM trace
         schema = dq.check_schema(fields)
-        dq.enforce([schema], where)
-        has_ts, has_w = "event_ts" in fields, "weight" in fields
-        uid, iid = F.col("user_id"), F.col("item_id")
-        if fields["user_id"] == "int":
-            uid = uid.cast("long")
-        if fields["item_id"] == "int":
-            iid = iid.cast("long")
-        ev = raw.select(uid.alias("user_id"), iid.alias("item_id"),
-                        (F.col("weight").cast("double") if has_w else F.lit(1.0)).alias("weight"),
-                        *([F.col("event_ts").cast("timestamp").alias("event_ts")] if has_ts else []))
-
-        # One pass: the (user, item) aggregation also carries the counts the event gates need, so the raw
-        # events are scanned and shuffled once (the pairs are far fewer than the events only with repeats).
-        zero, one = F.lit(0), F.lit(1)
-        bad_id = F.col("user_id").isNull() | F.col("item_id").isNull()
-        neg = [F.col(c) < 0 for c in ("user_id", "item_id") if fields[c] == "int"]
-        neg_id = (neg[0] | neg[1] if len(neg) == 2 else neg[0]) if neg else F.lit(False)
-        start, end = _ts_literal(cfg.window_start), _ts_literal(cfg.as_of + dt.timedelta(days=1))
-        ts = F.col("event_ts")
-        in_window = ((ts >= start) & (ts < end)) | ts.isNull() if has_ts else F.lit(True)
-        future = ts >= end if has_ts else F.lit(False)
-        pairs = ev.groupBy("user_id", "item_id").agg(
-            F.count(one).alias("rows"), F.sum(F.when(in_window, one).otherwise(zero)).alias("n"),
-            F.sum(F.when(future, one).otherwise(zero)).alias("future"),
-            F.max(F.when(in_window, F.col("weight"))).alias("w"),
-        ).persist(StorageLevel.MEMORY_AND_DISK)
+        spark = spark_session(cfg.spark_master, "recsys-build-matrix", cfg.shuffle_partitions, cfg.driver_memory)
         try:
-            srow = pairs.agg(
-                F.sum("rows").alias("rows"), F.sum("n").alias("in_window"), F.sum("future").alias("future"),
-                F.sum(F.when(bad_id, F.col("rows")).otherwise(zero)).alias("null_ids"),
-                F.sum(F.when(neg_id, F.col("rows")).otherwise(zero)).alias("negative_ids"),
-                F.sum(F.when(F.col("n") > 0, one).otherwise(zero)).alias("pairs"),
-            ).collect()[0]
-            rows, in_win = int(srow["rows"] or 0), int(srow["in_window"] or 0)
-            n_pairs = int(srow["pairs"] or 0)
-            # A dt-partitioned lake promises its days: stray timestamps there are a gate. A flat file is a full
-            # history: it is filtered to the window and the rows outside are only recorded.
-            events = in_win if not inputs.partitioned else rows
-            stats = dq.EventStats(events=events, null_ids=int(srow["null_ids"] or 0),
-                                  negative_ids=int(srow["negative_ids"] or 0), future_events=int(srow["future"] or 0),
-                                  out_of_window=(rows - in_win) if inputs.partitioned else 0, pairs=n_pairs)
-            results = [schema, *dq.check_events(stats, cfg.dq)]
-            dq.enforce(results, where)
-            pairs_in = pairs.where(F.col("n") > 0)
-            rule = {"any": F.lit(True), "ge": F.col("w") >= cfg.binarize.threshold,
-                    "gt": F.col("w") > cfg.binarize.threshold}[cfg.binarize.op]
-            pos = pairs_in.where(rule).select("user_id", "item_id")
-            if cfg.min_item_interactions > 1:
-                keep_items = pos.groupBy("item_id").count().where(F.col("count") >= cfg.min_item_interactions)
-                pos = pos.join(F.broadcast(keep_items.select("item_id")), "item_id", "left_semi")
-            per_user = _arrow(pos.groupBy("user_id").agg(F.count(F.lit(1)).alias("n"))
-                              .withColumn("h", F.xxhash64(F.lit(cfg.seed), "user_id")))
-            snapshot = _assemble(cfg, spark, pos, per_user, prev, results, stats, n_pairs, inputs, rows, where)
-        finally:
-            pairs.unpersist()
+            return _build_spark(cfg, spark, paths, spark_schema, fields, schema, inputs, prev, where)
+        except (PySparkException, Py4JJavaError) as err:
+            wrapped = _spark_read_error(err, paths, where)
+            if wrapped is None:
+                raise
+            raise wrapped from err
+
+
+def _build_spark(cfg: BuildMatrixJob, spark: SparkSession, paths: dict[str, str], spark_schema: StructType,
+                 fields: dict[str, str], schema: dq.CheckResult, inputs: _Inputs,
+                 prev: tuple[Location, dict[str, Any]] | None, where: str) -> str:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    raw = spark.read.schema(spark_schema).parquet(*paths)
+    dq.enforce([schema], where)
+    has_ts, has_w = "event_ts" in fields, "weight" in fields
+    uid, iid = F.col("user_id"), F.col("item_id")
+    if fields["user_id"] == "int":
+        uid = uid.cast("long")
+    if fields["item_id"] == "int":
+        iid = iid.cast("long")
+    ev = raw.select(uid.alias("user_id"), iid.alias("item_id"),
+                    (F.col("weight").cast("double") if has_w else F.lit(1.0)).alias("weight"),
+                    *([F.col("event_ts").cast("timestamp").alias("event_ts")] if has_ts else []))
+
+    # One pass: the (user, item) aggregation also carries the counts the event gates need, so the raw
+    # events are scanned and shuffled once (the pairs are far fewer than the events only with repeats).
+    zero, one = F.lit(0), F.lit(1)
+    bad_id = F.col("user_id").isNull() | F.col("item_id").isNull()
+    neg = [F.col(c) < 0 for c in ("user_id", "item_id") if fields[c] == "int"]
+    neg_id = (neg[0] | neg[1] if len(neg) == 2 else neg[0]) if neg else F.lit(False)
+    start, end = _ts_literal(cfg.window_start), _ts_literal(cfg.window_end)
+    ts = F.col("event_ts")
+    in_window = ((ts >= start) & (ts < end)) | ts.isNull() if has_ts else F.lit(True)
+    future = ts >= end if has_ts else F.lit(False)
+    pairs = ev.groupBy("user_id", "item_id").agg(
+        F.count(one).alias("rows"), F.sum(F.when(in_window, one).otherwise(zero)).alias("n"),
+        F.sum(F.when(future, one).otherwise(zero)).alias("future"),
+        F.max(F.when(in_window, F.col("weight"))).alias("w"),
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        srow = pairs.agg(
+            F.sum("rows").alias("rows"), F.sum("n").alias("in_window"), F.sum("future").alias("future"),
+            F.sum(F.when(bad_id, F.col("rows")).otherwise(zero)).alias("null_ids"),
+            F.sum(F.when(neg_id, F.col("rows")).otherwise(zero)).alias("negative_ids"),
+            F.sum(F.when(F.col("n") > 0, one).otherwise(zero)).alias("pairs"),
+        ).collect()[0]
+        rows, in_win = int(srow["rows"] or 0), int(srow["in_window"] or 0)
+        n_pairs = int(srow["pairs"] or 0)
+        # A dt-partitioned lake promises its days: stray timestamps there are a gate. A flat file is a full
+        # history: it is filtered to the window and the rows outside are only recorded.
+        events = in_win if not inputs.partitioned else rows
+        stats = dq.EventStats(events=events, null_ids=int(srow["null_ids"] or 0),
+                              negative_ids=int(srow["negative_ids"] or 0), future_events=int(srow["future"] or 0),
+                              out_of_window=(rows - in_win) if inputs.partitioned else 0, pairs=n_pairs)
+        results = [schema, *dq.check_events(stats, cfg.dq)]
+        dq.enforce(results, where)
+        pairs_in = pairs.where(F.col("n") > 0)
+        rule = {"any": F.lit(True), "ge": F.col("w") >= cfg.binarize.threshold,
+                "gt": F.col("w") > cfg.binarize.threshold}[cfg.binarize.op]
+        pos = pairs_in.where(rule).select("user_id", "item_id")
+        if cfg.min_item_interactions > 1:
+            keep_items = pos.groupBy("item_id").count().where(F.col("count") >= cfg.min_item_interactions)
+            pos = pos.join(F.broadcast(keep_items.select("item_id")), "item_id", "left_semi")
+        per_user = _arrow(pos.groupBy("user_id").agg(F.count(F.lit(1)).alias("n"))
+                          .withColumn("h", F.xxhash64(F.lit(cfg.seed), "user_id")))
+        snapshot = _assemble(cfg, spark, pos, per_user, prev, results, stats, n_pairs, inputs, rows, where)
+    finally:
+        pairs.unpersist()
     return snapshot
 
 

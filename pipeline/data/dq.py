@@ -8,7 +8,8 @@ stays the one readers see.
 
 Checks (thresholds in ``DQConfig``):
 
-- ``schema``: user_id/item_id present with integer or string type; weight numeric; event_ts a timestamp.
+- ``schema``: user_id/item_id present with integer or string type; weight numeric; event_ts a timestamp
+  (a string or an integer epoch is refused, not guessed: its unit and zone are unknown).
 - ``null_ids`` / ``negative_ids``: any null or negative id fails.
 - ``zero_events``: no event in the window fails.
 - ``future_events``: events after the end of the as-of day (more than ``max_future_events``) fail.
@@ -32,6 +33,9 @@ from pipeline.errors import DataError
 
 ID_TYPES = ("int", "string")
 REQUIRED = ("user_id", "item_id")
+SCHEMA_FIX = ("write user_id and item_id as int64 or strings, weight as a number and event_ts as a ms or us Parquet "
+              "timestamp (`recsys ingest --format interactions` converts unix seconds and nanosecond timestamps); "
+              "the previous snapshot stays published")
 
 
 class DQConfig(BaseModel):
@@ -79,7 +83,8 @@ def check_schema(fields: dict[str, str]) -> CheckResult:
     if "weight" in fields and fields["weight"] not in ("int", "float"):
         problems.append(f"weight has type {fields['weight']} (need a number)")
     if "event_ts" in fields and fields["event_ts"] != "timestamp":
-        problems.append(f"event_ts has type {fields['event_ts']} (need a timestamp)")
+        problems.append(f"event_ts has type {fields['event_ts']} (need a Parquet timestamp in ms or us; strings and "
+                        "integer epochs are not read as times)")
     found = ", ".join(f"{k}:{v}" for k, v in fields.items())
     return CheckResult("schema", not problems, found, "user_id,item_id int64|string; weight number; event_ts timestamp",
                        "; ".join(problems) or "ok")
@@ -136,6 +141,8 @@ def enforce(results: list[CheckResult], where: str) -> None:
     failed = [r for r in results if not r.passed]
     if failed:
         what = "; ".join(f"{r.name} failed ({r.detail})" for r in failed)
+        if any(r.name == "schema" for r in failed):  # no threshold to relax: the files must change
+            raise DataError(f"data-quality gate(s) failed for {where}: {what}", SCHEMA_FIX)
         raise DataError(f"data-quality gate(s) failed for {where}: {what}",
                         "fix the events (or re-ingest them), or relax the threshold in DQConfig / the --dq-* "
                         "options if the change is expected; the previous snapshot stays published")

@@ -15,6 +15,10 @@ draws per user): this module only adds time and noise.
 Memory does not grow with the total: users are generated in chunks of about ``CHUNK_EVENTS`` events and
 each chunk is written as one file per day (``dt=<day>/part-<chunk>.parquet``); only per-user and per-item
 parameter arrays (a few bytes each) live for the whole run. The same seed gives the same files.
+
+``out`` must be new, empty or an earlier synth's output (its ``_RECSYS_EVENTS.json`` marker): the stream is
+written beside it and swapped in when complete (pipeline.io.output_guard), so a re-run replaces it and a failure
+leaves it as it was.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.data.synth import MIN_ITEMS_PER_USER, _activity, _distinct_items, _Sampler, _zipf_weights
-from pipeline.io.lake import resolve
+from pipeline.errors import DataError
+from pipeline.io.lake import Location, resolve
+from pipeline.io.output_guard import replace_output
 from pipeline.io.snapshot import table_bytes
 from pipeline.job import Job, JobResult
 
 CHUNK_EVENTS = 4_000_000
+WRITER = "recsys synth"
 SECONDS_PER_DAY = 86_400
 SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("event_ts", pa.timestamp("us", tz="UTC")),
                     ("weight", pa.float32())])
@@ -57,7 +64,11 @@ class SynthEventsJob(Job):
 
     @property
     def last_day(self) -> dt.date:
-        """The last day with events (start + days - 1)."""
+        """The last day with events (start + days - 1); a DataError when that is past 9999-12-31."""
+        room = (dt.date.max - self.start).days  # days after start that the calendar still has
+        if self.days - 1 > room:
+            raise DataError(f"{self.days} days from {self.start} run past the calendar's last day {dt.date.max}",
+                            f"use an earlier --start or at most {room + 1} --days")
         return self.start + dt.timedelta(days=self.days - 1)
 
     def run(self) -> SynthEventsResult:
@@ -86,6 +97,7 @@ def _chunks(want: np.ndarray) -> list[tuple[int, int]]:
 
 def write_events(cfg: SynthEventsJob) -> SynthEventsResult:
     """The job's work (SynthEventsJob.run): draw users, items and days, write day by day."""
+    cfg.last_day  # noqa: B018 - refuses a stream that would run past the calendar, before anything is written
     rng = np.random.default_rng(cfg.seed)
     n_users, n_items, days = cfg.users, cfg.items, cfg.days
     # the same draws, in the same order, as synth.synth_interactions_with_clusters
@@ -96,10 +108,21 @@ def write_events(cfg: SynthEventsJob) -> SynthEventsResult:
     sampler = _Sampler(popularity, item_cluster, min(cfg.n_clusters, n_items), cfg.cluster_share)
     user_arrival = _arrival(n_users, cfg.initial_user_share, days, rng)
     item_release = _arrival(n_items, cfg.initial_item_share, days, rng)
-    day0 = np.datetime64(cfg.start.isoformat(), "s").astype(np.int64)
+    day0 = int(np.datetime64(cfg.start.isoformat(), "s").astype(np.int64))
 
-    root = resolve(cfg.out)
-    root.delete()  # a re-run replaces the whole stream
+    n_events = n_files = 0
+    with replace_output(cfg.out, WRITER) as staged:  # a foreign --out is refused here, before anything is written
+        n_events, n_files = _write_chunks(cfg, staged.location, want, user_cluster, sampler, user_arrival,
+                                          item_release, day0)
+        staged.details.update(config=cfg.model_dump(mode="json"), events=n_events, files=n_files)
+    return SynthEventsResult(uri=resolve(cfg.out).uri, events=n_events, files=n_files)
+
+
+def _write_chunks(cfg: SynthEventsJob, root: Location, want: np.ndarray, user_cluster: np.ndarray,
+                  sampler: _Sampler, user_arrival: np.ndarray, item_release: np.ndarray,
+                  day0: int) -> tuple[int, int]:
+    """Draw each chunk of users' events and write them under `root`, one file per (chunk, day)."""
+    n_users, n_items, days = cfg.users, cfg.items, cfg.days
     n_events = n_files = 0
     for chunk, (lo, hi) in enumerate(_chunks(want)):
         crng = np.random.default_rng([cfg.seed, chunk + 1])  # per chunk: independent of the other chunks
@@ -131,4 +154,4 @@ def write_events(cfg: SynthEventsJob) -> SynthEventsResult:
             root.join(name, f"part-{chunk:05d}.parquet").write_bytes(table_bytes(table))
             n_events += len(sel)
             n_files += 1
-    return SynthEventsResult(uri=root.uri, events=n_events, files=n_files)
+    return n_events, n_files

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import secrets
 import threading
@@ -43,6 +44,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 from pipeline.io.lake import Location, is_temporary
+
+log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
@@ -122,6 +125,9 @@ class PartitionWriter:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _taken: set[str] = field(default_factory=set, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        self.partition.check_writable()  # --out a file, or not writable: one clear error before any work
+
     @property
     def run_name(self) -> str:
         return RUN_PREFIX + self.run_id
@@ -184,8 +190,10 @@ class PartitionWriter:
         missing = sorted({*parts, MANIFEST} - set(self.run_dir.list()))
         newer: Any = None
         if not missing:
-            with contextlib.suppress(FileNotFoundError, ValueError):  # no commit yet, or an unreadable one
-                newer = json.loads(self.partition.join(SUCCESS).read_bytes())
+            with contextlib.suppress(FileNotFoundError):  # no commit yet
+                raw = self.partition.join(SUCCESS).read_bytes()
+                with contextlib.suppress(ValueError):  # an unreadable commit: this run replaces it
+                    newer = json.loads(raw)
             newer = newer.get("run") if isinstance(newer, dict) else None
             if not (isinstance(newer, str) and newer > self.run_name):
                 return
@@ -206,31 +214,58 @@ class PartitionWriter:
                 self.partition.join(name).delete()
 
     def abort(self) -> None:
-        self.run_dir.delete()
+        """Remove this run's folder, best effort: it is called while another error propagates (which must not be
+        replaced), and an uncommitted folder is invisible to readers and removed by the date's next run."""
+        try:
+            self.run_dir.delete()
+        except Exception as e:
+            log.warning("could not remove the uncommitted run %s (%s); the next run of the date removes it",
+                        self.run_dir.uri, e)
 
 
 def committed_run(partition: Location) -> tuple[Location, dict[str, Any]] | None:
     """The committed run folder and its manifest, or None when the partition has no `_SUCCESS`.
 
     Two reads (pointer, manifest), no listing. A re-run that commits between them deletes the run the
-    pointer named; the pointer is then read again."""
+    pointer named; the pointer is then read again. A corrupt `_SUCCESS` or manifest, or a manifest that is
+    missing, is a DataError naming the file."""
     success = partition.join(SUCCESS)
+    fix = "re-run the job for that date"
     for attempt in range(3):
         try:
             raw = success.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise DataError(f"partition {partition.uri} has an unreadable commit: {success.uri} ({e})", fix) from e
         try:
             pointer = json.loads(raw)
-            run = partition.join(str(pointer["run"]))
-            body = run.join(MANIFEST).read_bytes()
+        except ValueError as e:
+            raise DataError(f"partition {partition.uri} has an unreadable commit: {success.uri} is not JSON ({e})",
+                            fix) from e
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("run"), str):
+            raise DataError(f"partition {partition.uri} has an unreadable commit: {success.uri} names no run", fix)
+        run = partition.join(pointer["run"])
+        manifest = run.join(MANIFEST)
+        try:
+            body = manifest.read_bytes()
         except FileNotFoundError as e:
             if attempt < 2:
                 continue  # replaced meanwhile (or never there: the next attempts say so)
-            raise DataError(f"partition {partition.uri} has an unreadable commit ({e})", "re-run the job for that date") from e
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            raise DataError(f"partition {partition.uri} has an unreadable commit ({e})", "re-run the job for that date") from e
+            raise DataError(f"partition {partition.uri} has an unreadable commit: {manifest.uri}, named by "
+                            f"{SUCCESS}, is missing", fix) from e
+        except (OSError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"partition {partition.uri} has an unreadable commit: {manifest.uri} ({e})", fix) from e
         break
     if hashlib.sha256(body).hexdigest() != pointer.get("manifest_sha256"):
-        raise DataError(f"manifest of {run.uri} does not match its _SUCCESS", "re-run the job for that date")
-    return run, json.loads(body)
+        raise DataError(f"manifest of {run.uri} does not match its _SUCCESS", fix)
+    try:
+        parsed = json.loads(body)
+    except ValueError as e:
+        raise DataError(f"partition {partition.uri} has an unreadable commit: {manifest.uri} is not JSON ({e})",
+                        fix) from e
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("files"), list):
+        raise DataError(f"partition {partition.uri} has an unreadable commit: {manifest.uri} lists no files", fix)
+    return run, parsed

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 MASK = "***"
 # substring match on the parameter name: over-redacting a harmless value is cheap, leaking a secret is not
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# userinfo right after "scheme://": whatever precedes an "@" before the host (quotes are legal raw in it)
+_USERINFO = re.compile(r"(?<=://)[^\s/@]+@")
 _SECRET_PARAM = re.compile(r"token|passw|pwd|secret|key|sig|credential|auth", re.IGNORECASE)
 
 
@@ -35,8 +37,9 @@ def redact_uri(value: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Free text (an error message, a log line) with redact_uri applied to every URL in it."""
-    return _URL.sub(lambda m: redact_uri(m.group(0)), text)
+    """Free text (an error message, a log line) with redact_uri applied to every URL in it, and any userinfo
+    left after a scheme (a URL the URL pattern cut short, e.g. at a quote) removed."""
+    return _URL.sub(lambda m: redact_uri(m.group(0)), _USERINFO.sub("", text))
 
 
 def redact_values(obj: Any) -> Any:

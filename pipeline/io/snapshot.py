@@ -99,9 +99,13 @@ def run_order(name: str) -> tuple[int, str]:
 def published_run(root: Location) -> str | None:
     """The run the current manifest names; None without a readable manifest (I/O errors raise)."""
     try:
-        return str(root.join(MANIFEST).read_json()["run"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return None  # absent or corrupt: it names no run anyone can read
+        raw = root.join(MANIFEST).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return str(json.loads(raw)["run"])
+    except (ValueError, KeyError, TypeError):
+        return None  # corrupt: it names no run anyone can read
 
 
 def publish(root: Location, run_id: str, files: dict[str, dict[str, Any]], manifest: dict[str, Any]) -> None:
@@ -145,6 +149,7 @@ def discard(root: Location, run_id: str) -> None:
 def write_run(root: Location, tables: dict[str, pa.Table], manifest: dict[str, Any]) -> str:
     """Write `tables` as a new run and publish it; returns its run id. A failure before the manifest names the
     new run removes its folder (the previous snapshot stays published)."""
+    root.check_writable()
     run_id = new_run_id()
     try:
         publish(root, run_id, write_tables(root, run_id, tables), manifest)
@@ -216,26 +221,64 @@ def write_snapshot(uri: str, user_ids: np.ndarray, item_ids: np.ndarray, split: 
     return root.uri
 
 
+REBUILD = "rebuild the snapshot with `recsys build-matrix` (same --as-of and --out)"
+COLUMNS = {"users": ("user_idx", "user_id", "role"), "items": ("item_idx", "item_id"), "train": ("user_idx", "item_idx"),
+           "heldout": ("user_idx", "item_idx", "role", "part")}
+
+
 def read_table(root: Location, manifest: dict[str, Any], name: str, verify: bool) -> pa.Table:
+    """One table of a snapshot, from the files its manifest names (hashes checked when `verify`); a missing,
+    altered or unreadable file is a DataError naming it."""
     rels = sorted(r for r in manifest["files"] if r.split("/")[1] == name)
     if not rels:
         raise DataError(f"snapshot {root.uri} has no {name!r} table in its manifest", "rebuild the snapshot")
     tables = []
     for rel in rels:
-        data = root.join(*rel.split("/")).read_bytes()
+        loc = root.join(*rel.split("/"))
+        try:
+            data = loc.read_bytes()
+        except FileNotFoundError as e:
+            raise DataError(f"snapshot file {loc.uri} is missing (its manifest names it)", REBUILD) from e
         if verify and _sha256(data) != manifest["files"][rel]["sha256"]:
             raise DataError(f"snapshot file {rel} does not match its manifest hash", "rebuild the snapshot")
-        tables.append(pq.read_table(io.BytesIO(data)))
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"snapshot file {loc.uri} is not readable Parquet ({e})", REBUILD) from e
+        missing = [c for c in COLUMNS.get(name, ()) if c not in table.column_names]
+        if missing:
+            raise DataError(f"snapshot file {loc.uri} lacks column(s) {missing}", REBUILD)
+        tables.append(table)
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
+    """The published manifest of the snapshot at `uri`, checked to name a run and its files (else a DataError
+    naming manifest.json)."""
     root = resolve(uri)
     m = root.join(MANIFEST)
     if not m.exists():
         raise DataError(f"no published snapshot at {root.uri} (no {MANIFEST})",
                         "pass the folder of a snapshot built by `recsys build-matrix`, or build one")
-    return m.read_json()
+    manifest = m.read_json(fix=REBUILD)
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"snapshot manifest {m.uri} is malformed: {problem}", REBUILD)
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("run"), str):
+        return "no run"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "no files"
+    for rel, entry in files.items():
+        if len(rel.split("/")) != 3 or not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            return f"bad file entry {rel[:80]!r}"
+    return None
 
 
 def load_snapshot(uri: str, verify: bool = True) -> Snapshot:

@@ -3,6 +3,9 @@ user, the fallback flag exactly where a user has no known item, one model versio
 from the vocabulary (fewer only when the catalog is smaller), finite scores in descending order. A failure
 raises OutputCheckError and nothing of the run is published. Also each part's user range for the manifest,
 and `finalize_part`, the seam tests use to corrupt a part just before its checks.
+
+`check_shares` checks the whole run: a run whose events mostly hold items the model does not know, or whose
+users mostly get the popularity fallback, is refused rather than replacing a good partition of the date.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import DataError
+from pipeline.serving.options import InferOptions
 from pipeline.serving.scoring import OUTPUT_SCHEMA_FIELDS
 from pipeline.serving.vocab import dense_lookup, map_items
 
@@ -74,6 +78,25 @@ def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.nd
     starts[offs[offs < len(s)]] = True  # first entry of each list: no order across users
     if len(s) > 1 and np.any((np.diff(s) > 0) & ~starts[1:]):
         raise OutputCheckError("scores are not in descending order")
+
+
+def check_shares(opts: InferOptions, events: int, unknown_item_events: int, users: int | None = None,
+                 fallback_users: int | None = None) -> None:
+    """The unknown-item share of the events and the fallback share of the users against the ceilings
+    (opts.max_unknown_item_share, opts.max_fallback_share). The model's own baseline is 0 for both (its
+    vocabulary is its training items, every training user had one), so shares far above it mean the events and
+    the model do not belong together. Engines call it once the events are counted, the job again with the users."""
+    fix = (f"the events' item ids do not match the model's vocabulary: check --events and --model (same catalog, "
+           f"same id type) or retrain on current data; nothing was published (an earlier partition of {opts.date} "
+           f"stays as it was)")
+    if events and unknown_item_events / events > opts.max_unknown_item_share:
+        raise OutputCheckError(f"{unknown_item_events / events:.1%} of the {events} events in the history window have "
+                               f"items the model does not know (at most {opts.max_unknown_item_share:.1%} allowed, "
+                               f"--max-unknown-item-share)", fix)
+    if users and fallback_users is not None and fallback_users / users > opts.max_fallback_share:
+        raise OutputCheckError(f"{fallback_users / users:.1%} of the {users} active users have no item the model knows "
+                               f"and would all get the popularity fallback (at most {opts.max_fallback_share:.1%} "
+                               f"allowed, --max-fallback-share)", fix)
 
 
 def user_range(users: pa.Array) -> dict[str, Any]:

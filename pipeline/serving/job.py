@@ -2,7 +2,7 @@
 atomically under `<out>/recommendations/dt=DATE/` (pipeline.serving.layout).
 
     InferJob(...).run()  ──load the model once (alias → version)──▶ engine (local or spark)
-        ──parts, each checked──▶ _manifest.json ──▶ _SUCCESS (pipeline.io.publish) ──▶ InferResult
+        ──parts, each checked──▶ shares checked ──▶ _manifest.json ──▶ _SUCCESS (pipeline.io.publish) ──▶ InferResult
 
 `InferJob` is the whole configuration (the engines' `InferOptions` plus where the model comes from and where
 the output goes); `run()` returns an `InferResult`, the small typed summary the CLI prints and the DAG passes
@@ -22,7 +22,7 @@ from pipeline.io import lake, registry
 from pipeline.io.publish import MANIFEST, PartitionWriter
 from pipeline.io.redact import redact_uri
 from pipeline.job import Job, JobResult
-from pipeline.serving import layout
+from pipeline.serving import checks, layout
 from pipeline.serving.local_engine import run_local
 from pipeline.serving.model_loading import load_model, resolve_device
 from pipeline.serving.options import DEFAULT_MODEL, InferOptions
@@ -78,6 +78,7 @@ class InferJob(InferOptions, Job):
         """Load the model (an alias is resolved once, to the version every row names), score every active user,
         check and publish. Raises DataError (nothing published) for bad input or a failed output check."""
         t0 = time.perf_counter()
+        _ = self.first_day  # a window off the calendar fails here, before the model is loaded
         device = resolve_device(self.device)
         if self.model.startswith("models:/"):
             log.info("loading %s from the registry at %s", self.model, redact_uri(registry.tracking_uri(self.tracking_uri)))
@@ -95,14 +96,22 @@ def publish_recommendations(job: InferJob, bundle: ModelBundle, model_version: s
 
 
 def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str, t0: float) -> InferResult:
+    _ = job.first_day
     writer = PartitionWriter(layout.partition(job.out, job.date))
     engine = run_spark if job.engine == "spark" else run_local
     stats = engine(job, bundle, model_version, writer)
+    try:  # before the commit: a refused run leaves the date's previous partition published
+        checks.check_shares(job, stats["events"], stats["unknown_item_events"], stats["active_users"],
+                            stats["fallback_users"])
+    except BaseException:
+        writer.abort()
+        raise
     precision = precision_in_effect(job.precision, device)
     extra = {"date": job.date.isoformat(), "model_uri": job.model, "model_version": str(model_version),
              "model_name": bundle.name, "snapshot_id": bundle.snapshot_id, "n_items": bundle.n_items,
              "top_n": job.top_n, "engine": job.engine, "precision": precision,
-             "history_days": job.history_days, **stats,
+             "history_days": job.history_days, "max_unknown_item_share": job.max_unknown_item_share,
+             "max_fallback_share": job.max_fallback_share, **stats,
              "seconds": round(time.perf_counter() - t0, 3)}
     m = writer.commit(extra)
     name = registry.parse_model_uri(job.model)[0] if job.model.startswith("models:/") else bundle.name

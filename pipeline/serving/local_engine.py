@@ -13,14 +13,11 @@ records where the time went (the manifest's phase_seconds); `Progress` is the sc
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,7 +31,7 @@ from pipeline.serving.options import InferOptions
 from pipeline.serving.scoring import score_histories, to_table
 from pipeline.serving.sharding import scheme_for
 from pipeline.serving.sizing import batch_size_for, default_parallel_shards
-from pipeline.serving.spill import spill_events
+from pipeline.serving.spill import spill_dir, spill_events
 from pipeline.serving.vocab import vocabulary
 
 if TYPE_CHECKING:
@@ -93,7 +90,6 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     vocab = vocabulary(bundle)
     bs = batch_size_for(bundle.n_items, opts.top_n, opts.memory_budget_mb, max_batch=opts.max_batch)
     depth = opts.parallel_shards or default_parallel_shards()
-    tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-"))
     stats: dict[str, Any] = {"batch_size": bs, "parallel_shards": depth}
     fallback_users = 0
     fallback_lock = threading.Lock()
@@ -117,9 +113,12 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         with fallback_lock:
             fallback_users += int(fb.sum())
 
+    scratch = contextlib.ExitStack()  # the spill folder, removed on the way out
     try:
+        tmp = scratch.enter_context(spill_dir())
         with clock("spill"):
             spill, counts = spill_events(dataset, opts, vocab, tmp)
+        checks.check_shares(opts, counts["events"], counts["unknown_item_events"])  # before any scoring
         stats |= counts | {"shards": spill.n,
                            "user_sharding": {"scheme": scheme_for(spill.schema.field("user_id").type), "n_shards": spill.n}}
         hook("spilled")
@@ -157,6 +156,6 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         writer.abort()  # best effort: an uncommitted run folder is invisible anyway and removed by the next run
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch.close()
     return stats | {"active_users": writer.rows, "fallback_users": fallback_users,
                     "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}

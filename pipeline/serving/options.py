@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.errors import DataError
+
 # The name training registers its versions under, at alias champion (pipeline.training.DEFAULT_REGISTERED_NAME;
 # serving may not import training: tests/pipeline/orchestration/test_steps.py checks the two agree).
 DEFAULT_MODEL = "models:/recsys-multivae-pia@champion"
@@ -38,8 +40,29 @@ class InferOptions(BaseModel):
         "scored; default: one per 4 CPU cores, at most 8. It matters where scoring is fast (a GPU) and host work "
         "is the bottleneck; there host memory grows with it (up to P shards' results, tables and checks at once)"))
     progress: bool = True
+    # The model's vocabulary is its training items and every training user had one, so its own baseline of both
+    # shares is 0: these are absolute ceilings (pipeline.serving.checks.check_shares).
+    max_unknown_item_share: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "refuse to publish when more than this share of the events in the history window have items the model "
+        "does not know (1.0: never refuse)"))
+    max_fallback_share: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "refuse to publish when more than this share of the active users have no item the model knows (each "
+        "would get the popularity fallback; 1.0: never refuse)"))
 
     @property
     def first_day(self) -> dt.date | None:
-        """The first day of the history window, or None when the history is every event up to `date`."""
-        return self.date - dt.timedelta(days=self.history_days - 1) if self.history_days else None
+        """The first day of the history window, or None when the history is every event up to `date`.
+        DataError when the window would start before 0001-01-01 (instead of an OverflowError)."""
+        if not self.history_days:
+            return None
+        most = (self.date - dt.date.min).days + 1
+        if self.history_days > most:
+            raise DataError(f"--history-days {self.history_days} ending at --date {self.date} starts before "
+                            f"{dt.date.min}", f"pass --history-days {most} or less, or leave it out to use every "
+                                               "event up to the date")
+        return self.date - dt.timedelta(days=self.history_days - 1)
+
+    @property
+    def day_after(self) -> dt.date | None:
+        """The day after `date`, where the history ends (exclusive); None for 9999-12-31 (no later day)."""
+        return self.date + dt.timedelta(days=1) if self.date < dt.date.max else None

@@ -3,65 +3,45 @@
     read_recommendations("s3://lake", "2024-05-01")            one date's table
     read_recommendations("/lake", "latest", user_ids=[42, 7])  the newest committed date, a few users
     for batch in iter_recommendations("s3://lake", "latest"):   a whole date, streamed part by part
+
+User ids follow pipeline.io.ids (the rule ingestion and inference apply), dates pipeline.io.dates. Every part
+is checked against the sha256 its manifest records before any of its rows is returned: a damaged part is a
+DataError, never silently different scores. A part is verified once per process (`_VERIFIED`, keyed by its
+path, checksum, size and modification time): the first read of a part reads it whole, later lookups read only
+the row groups they need. (Published parts are never rewritten in place; an in-place overwrite of the same size
+within the same second of S3's modification times would go unnoticed by a process that verified it before.)
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 from pipeline.io import lake
+from pipeline.io.dates import parse_date
+from pipeline.io.ids import check_id
 from pipeline.io.publish import SUCCESS, committed_run
 from pipeline.serving import layout
 from pipeline.serving.sharding import scheme_for, shard_of
 
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_USER = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
 _INT = re.compile(r"^-?[0-9]+$")
 MAX_USERS = 100_000
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-
-def parse_date(text: str | dt.date) -> dt.date:
-    """YYYY-MM-DD and a real calendar date, else a DataError naming the problem."""
-    if isinstance(text, dt.datetime):
-        return text.date()
-    if isinstance(text, dt.date):
-        return text
-    if not isinstance(text, str) or not _DATE.match(text):
-        raise DataError(f"invalid date {str(text)[:40]!r}", "use YYYY-MM-DD, e.g. 2024-05-01")
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError as e:
-        raise DataError(f"{text!r} is not a calendar date ({e})", "use a real date in YYYY-MM-DD") from e
-
-
-def parse_user_id(text: Any) -> int | str:
-    """A user id from outside (CLI, a service), checked but kept as given: an int64, or a short string of safe
-    characters. Whether "007" is the integer 7 or the string "007" depends on the partition (`_user_filter`)."""
-    if isinstance(text, bool):
-        raise DataError(f"invalid user id {text!r}", "pass an integer or a string id")
-    if isinstance(text, int):
-        return _int64(text)
-    if not isinstance(text, str) or not _USER.match(text):
-        raise DataError(f"invalid user id {str(text)[:40]!r}",
-                        "pass an integer or a 1-128 character id of letters, digits, _ . : @ -")
-    return text
-
-
-def _int64(value: int) -> int:
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise DataError(f"user id {str(value)[:40]} is outside the int64 range of user ids",
-                        "pass the id as stored in the events (a 64-bit signed integer)")
-    return value
+VERIFIED_MAX = 4096  # parts remembered as verified
+_VERIFIED: OrderedDict[tuple[str, str, int, int | None], None] = OrderedDict()
+_verified_lock = threading.Lock()
 
 
 def committed_dates(out_uri: str) -> list[dt.date]:
@@ -69,11 +49,11 @@ def committed_dates(out_uri: str) -> list[dt.date]:
     root = layout.recommendations_root(out_uri)
     dates = []
     for name in root.list():
-        if name.startswith("dt=") and _DATE.match(name[3:]):
+        if name.startswith("dt="):
             try:
-                day = dt.date.fromisoformat(name[3:])
-            except ValueError:
-                continue
+                day = parse_date(name[3:])
+            except DataError:
+                continue  # not a date partition
             if root.join(name, SUCCESS).is_file():
                 dates.append(day)
     return sorted(dates, reverse=True)
@@ -91,18 +71,19 @@ def resolve_date(out_uri: str, date: str | dt.date) -> dt.date:
 
 
 def _user_filter(table_type: pa.DataType, user_ids: Iterable[Any]) -> pa.Array:
-    """The asked ids typed like the partition's user_id: digit strings become integers only for an integer
-    partition; a string partition is matched on the exact text ("007" is not "7")."""
-    ids = [parse_user_id(u) for u in user_ids]
+    """The asked ids (pipeline.io.ids' rule, as at ingestion) typed like the partition's user_id: digit strings
+    become integers only for an integer partition; a string partition is matched on the exact text ("007" is not
+    "7")."""
+    ids = [check_id(u, "user id") for u in user_ids]
     if len(ids) > MAX_USERS:
         raise DataError(f"{len(ids)} user ids asked for", f"ask for at most {MAX_USERS} at a time, or read the whole date")
     if not pa.types.is_integer(table_type):
         return pa.array([str(u) for u in ids], pa.string())
     for u in ids:
         if isinstance(u, str) and not _INT.match(u):
-            raise DataError(f"user id {u!r} is not an integer, but this partition has integer user ids",
+            raise DataError(f"user id {u[:40]!r} is not an integer, but this partition has integer user ids",
                             "pass integer ids")
-    return pa.array([_int64(int(u)) for u in ids], pa.int64())
+    return pa.array([check_id(int(u), "user id") for u in ids], pa.int64())
 
 
 def files_for_users(manifest: dict[str, Any], wanted: pa.Array) -> list[dict[str, Any]]:
@@ -147,7 +128,7 @@ def _open_committed(out_uri: str, date: str | dt.date) -> tuple[dt.date, lake.Lo
     return day, partition, run, manifest
 
 
-def _user_type(run: lake.Location, manifest: dict[str, Any]) -> pa.DataType:
+def _user_type(run: lake.Location, manifest: dict[str, Any], day: dt.date) -> pa.DataType:
     files = manifest.get("files") or []
     if not files:
         return pa.int64()
@@ -156,8 +137,48 @@ def _user_type(run: lake.Location, manifest: dict[str, Any]) -> pa.DataType:
         return pa.int64()
     if known == {str}:
         return pa.string()
-    with run.fs.open_input_file(run.join(files[0]["path"]).path) as f:  # the footer only: one small read
-        return pq.read_schema(f).field("user_id").type
+    with _open_part(run, files[0], day) as pf:
+        return pf.schema_arrow.field("user_id").type
+
+
+def _damaged(loc: lake.Location, day: dt.date, why: str) -> DataError:
+    return DataError(f"recommendation part {loc.uri} {why}: it was damaged or changed after publishing",
+                     f"re-run inference for {day} (`recsys infer --date {day}`) to publish it again")
+
+
+@contextlib.contextmanager
+def _open_part(run: lake.Location, entry: dict[str, Any], day: dt.date) -> Iterator[pq.ParquetFile]:
+    """A part file as a ParquetFile whose bytes match the sha256 (and size) its manifest entry records; DataError
+    otherwise. Verified once per process: the first time its bytes are read whole and hashed (then parsed from
+    memory, not read again); later, while its size and modification time stay the same, it is opened for
+    ranged reads. FileNotFoundError when it is gone (a re-run replaced the date: callers read the pointer again)."""
+    loc = run.join(str(entry.get("path", "")))
+    want, size = entry.get("sha256"), entry.get("bytes")
+    if not isinstance(want, str):
+        raise _damaged(loc, day, "has no checksum in its manifest")
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(loc.uri)
+    if isinstance(size, int) and info.size != size:
+        raise _damaged(loc, day, f"has {info.size} bytes, its manifest says {size}")
+    key = (loc.uri, want, info.size, info.mtime_ns)
+    with _verified_lock:
+        known = key in _VERIFIED
+        if known:
+            _VERIFIED.move_to_end(key)
+    if known:
+        with loc.fs.open_input_file(loc.path) as f:
+            yield pq.ParquetFile(f, pre_buffer=True)
+        return
+    with loc.fs.open_input_stream(loc.path) as f:
+        data = f.read_buffer()
+    if hashlib.sha256(data).hexdigest() != want:
+        raise _damaged(loc, day, "does not match the sha256 in its manifest")
+    with _verified_lock:
+        _VERIFIED[key] = None
+        while len(_VERIFIED) > VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+    yield pq.ParquetFile(pa.BufferReader(data))
 
 
 def _row_groups_for(meta: pq.FileMetaData, keys: list[Any]) -> list[int]:
@@ -168,11 +189,11 @@ def _row_groups_for(meta: pq.FileMetaData, keys: list[Any]) -> list[int]:
             if st is None or not st.has_min_max or _may_hold(keys, st.min, st.max)]
 
 
-def _read_part(loc: lake.Location, columns: list[str] | None, wanted: pa.Array | None = None) -> pa.Table:
-    """One part file, or only its rows for `wanted` users: the footer, then the row groups that can hold them
-    (on S3: one HEAD and two ranged GETs for a point lookup)."""
-    with loc.fs.open_input_file(loc.path) as f:
-        pf = pq.ParquetFile(f, pre_buffer=True)
+def _read_part(run: lake.Location, entry: dict[str, Any], day: dt.date, columns: list[str] | None,
+               wanted: pa.Array | None = None) -> pa.Table:
+    """One part file (verified, `_open_part`), or only its rows for `wanted` users: the footer, then the row
+    groups that can hold them (once verified, on S3: one HEAD and two ranged GETs for a point lookup)."""
+    with _open_part(run, entry, day) as pf:
         if wanted is None:
             return pf.read(columns=columns)
         keys = _sorted_keys(wanted)
@@ -188,21 +209,24 @@ def read_recommendations(out_uri: str, date: str | dt.date = "latest", user_ids:
 
     With `user_ids`, only the parts that can hold them are opened (the manifest's shard and range index) and
     only their row groups that can hold them are read (Parquet statistics: parts are sorted by user), so a
-    lookup reads megabytes whatever the size of the date. For a whole large date prefer
-    `iter_recommendations`, which streams. Raises DataError when the date has no committed partition
-    (absent, or a run that never finished)."""
+    lookup reads megabytes whatever the size of the date (after each part's first, verifying read). For a whole
+    large date prefer `iter_recommendations`, which streams. Raises DataError when the date has no committed
+    partition (absent, or a run that never finished), for an id that breaks pipeline.io.ids' rule, and for a
+    part whose bytes do not match its manifest's checksum."""
     ids = None if user_ids is None else list(user_ids)
     for attempt in range(3):  # a re-run may delete the folder we were pointed at: re-read the pointer
         day, _, run, manifest = _open_committed(out_uri, date)
         try:
             if ids is None:
-                tables = [_read_part(run.join(f["path"]), columns) for f in manifest["files"]]
+                tables = [_read_part(run, f, day, columns) for f in manifest["files"]]
             else:
-                wanted = _user_filter(_user_type(run, manifest), ids)
-                tables = [_read_part(run.join(f["path"]), columns, wanted) for f in files_for_users(manifest, wanted)]
-        except (OSError, pa.ArrowInvalid):
+                wanted = _user_filter(_user_type(run, manifest, day), ids)
+                tables = [_read_part(run, f, day, columns, wanted) for f in files_for_users(manifest, wanted)]
+        except (OSError, pa.ArrowInvalid) as e:
             if attempt == 2:
-                raise
+                raise DataError(f"cannot read the recommendations for {day} in {run.uri}: {str(e).splitlines()[0]}",
+                                f"check access to the lake and retry; if a part is damaged, re-run inference for {day}"
+                                ) from e
             continue
         break
     table = pa.concat_tables(tables) if tables else _empty(columns)
@@ -211,16 +235,17 @@ def read_recommendations(out_uri: str, date: str | dt.date = "latest", user_ids:
 
 def iter_recommendations(out_uri: str, date: str | dt.date = "latest", batch_size: int = 65_536,
                          columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream a committed date as record batches, part by part: memory stays at one batch whatever the
-    number of users (for bulk consumers: loading a key-value store, exporting).
+    """Stream a committed date as record batches, part by part: memory stays at one part file's bytes (each is
+    verified against its checksum before its first batch) and one batch, whatever the number of users (for bulk
+    consumers: loading a key-value store, exporting).
 
     The committed run is resolved once. If the date is re-run meanwhile, the new commit deletes the run being
     read; the iteration then stops with a DataError (read again from the start) rather than mixing runs."""
     day, partition, run, manifest = _open_committed(out_uri, date)
     for f in manifest["files"]:
         try:
-            with run.fs.open_input_file(run.join(f["path"]).path) as handle:
-                yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns)
+            with _open_part(run, f, day) as pf:
+                yield from pf.iter_batches(batch_size=batch_size, columns=columns)
         except OSError as e:  # FileNotFoundError included
             now = committed_run(partition)
             if now is None or now[0].path != run.path:
@@ -238,7 +263,7 @@ def _empty(columns: list[str] | None) -> pa.Table:
 
 def user_recommendations(out_uri: str, date: str | dt.date, user_id: Any) -> dict[str, Any]:
     """One user's list: {'date', 'user_id', 'model_version', 'fallback', 'items': [(item, score), ...]}."""
-    uid = parse_user_id(user_id)
+    uid = check_id(user_id, "user id")
     table = read_recommendations(out_uri, date, [uid])
     meta = table.schema.metadata or {}
     day = meta.get(b"dt", b"").decode()

@@ -11,6 +11,7 @@ not depend on the Python process's or the JVM's time zone either (`day_start`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -28,12 +29,15 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 from pipeline.io import lake
+from pipeline.io.ids import MAX_STRING_ID
 from pipeline.io.publish import PartitionWriter, hook
 from pipeline.io.spark import spark_session
 from pipeline.serving import checks
+from pipeline.serving.events import bad_user_id, open_events
 from pipeline.serving.options import InferOptions
 from pipeline.serving.scoring import score_histories, to_table
 from pipeline.serving.sizing import batch_size_for, shard_events_for
+from pipeline.serving.spill import spill_dir
 from pipeline.serving.vocab import vocabulary
 
 if TYPE_CHECKING:
@@ -80,9 +84,9 @@ def get_spark() -> SparkSession:
     return spark_session(os.environ.get("RECSYS_SPARK_MASTER", DEFAULT_MASTER), APP_NAME)
 
 
-def day_start(day: dt.date, data_type: DataType) -> Column | None:
-    """00:00 UTC of `day` as a literal comparable with an event_ts column of `data_type`; None for a column
-    that is not a timestamp (the local engine ignores those too).
+def day_start(day: dt.date, data_type: DataType) -> Column:
+    """00:00 UTC of `day` as a literal comparable with an event_ts column of `data_type` (a timestamp: `open_events`
+    refused the other types, as the local engine does).
 
     TIMESTAMP (an instant; Parquet's tz-aware timestamps): a tz-aware UTC datetime, which PySpark turns into
     that instant. A naive datetime would be read in the Python process's local zone, moving the cut-off by
@@ -95,7 +99,8 @@ def day_start(day: dt.date, data_type: DataType) -> Column | None:
         return F.lit(f"{day.isoformat()} 00:00:00").cast("timestamp_ntz")
     if isinstance(data_type, TimestampType):
         return F.lit(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC))
-    return None
+    raise DataError(f"events column event_ts has type {data_type.simpleString()}, not a timestamp",
+                    "store event_ts as a Parquet timestamp (UTC), or drop it and partition by dt=")
 
 
 def histories(spark: SparkSession, opts: InferOptions, vocab: pa.Array) -> tuple[DataFrame, DataFrame]:
@@ -104,16 +109,15 @@ def histories(spark: SparkSession, opts: InferOptions, vocab: pa.Array) -> tuple
     from pyspark.sql import functions as F
     from pyspark.sql.types import NumericType
 
+    first = opts.first_day
+    open_events(opts.events)  # the local engine's checks of the files (columns, id types, every file's event_ts)
     loc = lake.resolve(opts.events)
-    if not loc.exists():
-        raise DataError(f"no events at {loc.uri}", "pass --events pointing at a Parquet file or a dt= partitioned folder")
     path = loc.path if loc.uri == loc.path else loc.uri  # local path, or the cluster's s3:// (EMR)
     reader = spark.read if loc.is_file() else spark.read.option("basePath", path)
     ev = reader.parquet(path)
     missing = {"user_id", "item_id"} - set(ev.columns)
     if missing:
         raise DataError(f"events at {loc.uri} lack column(s) {sorted(missing)}", "events need user_id and item_id")
-    first = opts.first_day
     ev = ev.where(F.col("user_id").isNotNull() & F.col("item_id").isNotNull())
     if "dt" in ev.columns:
         day = F.col("dt").cast("string")  # Spark infers dt= folders as dates: their string form is ISO
@@ -122,12 +126,10 @@ def histories(spark: SparkSession, opts: InferOptions, vocab: pa.Array) -> tuple
             ev = ev.where(day >= first.isoformat())
     if "event_ts" in ev.columns:
         ts_type = ev.schema["event_ts"].dataType
-        end = day_start(opts.date + dt.timedelta(days=1), ts_type)
-        if end is not None:
-            ev = ev.where(F.col("event_ts") < end)
-            start = day_start(first, ts_type) if first is not None else None
-            if start is not None:
-                ev = ev.where(F.col("event_ts") >= start)
+        if opts.day_after is not None:  # 9999-12-31 has no day after: every event is up to it
+            ev = ev.where(F.col("event_ts") < day_start(opts.day_after, ts_type))
+        if first is not None:
+            ev = ev.where(F.col("event_ts") >= day_start(first, ts_type))
     if opts.min_weight is not None:  # as the local engine: never publish silently unfiltered recommendations
         w = ev.schema["weight"].dataType if "weight" in ev.columns else None
         if not isinstance(w, NumericType):
@@ -156,11 +158,20 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     vocab = vocabulary(bundle)
     bs = batch_size_for(bundle.n_items, opts.top_n, opts.memory_budget_mb, max_batch=opts.max_batch)
     joined, hist = histories(spark, opts, vocab)
+    user = F.col("user_id")
+    # the id rule of pipeline.io.ids, as the local engine applies it (events.check_user_ids); Java regex, code points
+    bad_user = ((F.length(user) == 0) | (F.length(user) > MAX_STRING_ID) | user.rlike("[\\x00-\\x1F\\x7F-\\x9F]")
+                if isinstance(joined.schema["user_id"].dataType, T.StringType) else F.lit(False))
     counts = joined.agg(F.count(F.lit(1)).alias("events"), F.sum(F.col("col").isNull().cast("long")).alias("unknown"),
                         F.countDistinct(F.when(F.col("col").isNull(), F.col("item_id"))).alias("unknown_items"),
-                        F.countDistinct("user_id").alias("users")).collect()[0]
+                        F.countDistinct("user_id").alias("users"), F.sum(bad_user.cast("long")).alias("bad_users")
+                        ).collect()[0]
     if not counts["events"]:
         raise DataError(f"no events up to {opts.date} in {opts.events}", "check --events and --date (and --history-days)")
+    if counts["bad_users"]:
+        example = joined.where(bad_user).select("user_id").first()
+        raise bad_user_id(example[0] if example is not None else "", opts.events)
+    checks.check_shares(opts, int(counts["events"]), int(counts["unknown"] or 0))  # before any scoring
     n_parts = max(1, -(-int(counts["events"]) // (opts.shard_events or shard_events_for(opts.memory_budget_mb))))
     data, digest = pack_bundle(bundle)
     shipped = spark.sparkContext.broadcast(data)
@@ -187,8 +198,9 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
             seen = pa.ListArray.from_arrays(pa.array(indptr.astype(np.int32)), pa.array(flat, pa.int32()))
             yield from t.append_column("seen", seen).to_batches()
 
-    tmp = Path(tempfile.mkdtemp(prefix="recsys-infer-spark-"))
+    scratch = contextlib.ExitStack()  # the scored rows, removed on the way out
     try:
+        tmp = scratch.enter_context(spill_dir("recsys-infer-spark-"))
         # Ranges of users (not hash buckets), sorted within: each published part then covers a disjoint user
         # range, and a reader looking up one user opens one part (and one row group of it).
         (hist.repartitionByRange(n_parts, "user_id").sortWithinPartitions("user_id")
@@ -217,7 +229,7 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         raise
     finally:
         shipped.unpersist()
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch.close()
     return {"batch_size": bs, "events": int(counts["events"]), "unknown_item_events": int(counts["unknown"] or 0),
             "unknown_items": int(counts["unknown_items"]), "shards": n_parts, "active_users": rows,
             "fallback_users": fallback}

@@ -2,13 +2,25 @@
 ones, and split the (user, column) rows into shard files on the local disk by a hash of the user id
 (pipeline.serving.sharding, the rule readers use to find a user's part). Each shard then holds every event of
 its users and a bounded number of events, so the later steps' memory does not grow with the user count.
+
+`spill_dir` is the run's scratch folder under the temp dir (both engines): it holds a lock for as long as the
+run lives, and each run first removes the folders that no live run holds (a run killed with SIGKILL cannot
+remove its own).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import resource
+import shutil
+import stat
+import tempfile
+import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,13 +31,81 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.errors import DataError
-from pipeline.serving.events import events_filter
+from pipeline.serving.events import check_user_ids, events_filter
 from pipeline.serving.options import InferOptions
 from pipeline.serving.sharding import shard_of
 from pipeline.serving.sizing import SHARD_EVENTS_MAX, shard_events_for
 from pipeline.serving.vocab import dense_lookup, map_items
 
 SPILL_BATCH_ROWS = 1 << 20
+SPILL_PREFIX = "recsys-infer-"  # the Spark engine's "recsys-infer-spark-" folders match it too
+OWNER = "owner.lock"  # flock'ed by the run that owns the folder; the kernel drops the lock when it dies
+STALE_SECONDS = 3600  # a folder without an owner file (older code, or a run killed while creating it) after this
+
+log = logging.getLogger(__name__)
+ARROW_DATA_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+
+
+def unreadable_events(uri: str, e: Exception) -> DataError:
+    """Files whose columns disagree with the first one's (the dataset's schema), or damaged files."""
+    return DataError(f"cannot read the events at {uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                     "give every events file the same columns and types (user_id, item_id: int64 or string; "
+                     "event_ts: a timestamp), or rewrite the damaged file")
+
+
+def remove_stale_spill_dirs(root: str | Path | None = None) -> list[Path]:
+    """Remove this user's `recsys-infer-*` folders under `root` (default: the temp dir) that no live run holds:
+    their owner lock can be taken (its run died), or they have no owner file and are older than STALE_SECONDS.
+    A folder whose lock is held is left alone, whichever process (or container sharing the disk) holds it."""
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob(SPILL_PREFIX + "*"):
+        try:
+            st = d.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        try:
+            fd = os.open(d / OWNER, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if time.time() - st.st_mtime > STALE_SECONDS:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+            continue
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run's folder
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d stale spill folder(s) of killed runs: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
+
+
+@contextlib.contextmanager
+def spill_dir(prefix: str = SPILL_PREFIX) -> Iterator[Path]:
+    """A fresh scratch folder under the temp dir for one run, locked while the run lives and removed after it;
+    stale folders of killed runs are removed first (`remove_stale_spill_dirs`)."""
+    remove_stale_spill_dirs()
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    fd = -1
+    try:
+        # locked under another name, then renamed: a sweeper never sees an owner file that is not locked yet
+        fd = os.open(d / (OWNER + ".new"), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for people; the lock is what counts
+        os.rename(d / (OWNER + ".new"), d / OWNER)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        if fd >= 0:
+            os.close(fd)
 
 
 def max_spill_shards() -> int:
@@ -102,7 +182,10 @@ def spill_events(dataset: ds.Dataset, opts: InferOptions, vocab: pa.Array, direc
         user_type = pa.int64() if pa.types.is_integer(user_type) else pa.string()
     per_shard = opts.shard_events or shard_events_for(opts.memory_budget_mb)
     # Row counts come from Parquet metadata (cheap); the filter may drop some, so shards are at most this big.
-    estimate = dataset.count_rows(filter=expr)
+    try:
+        estimate = dataset.count_rows(filter=expr)
+    except ARROW_DATA_ERRORS as e:
+        raise unreadable_events(opts.events, e) from e
     if estimate == 0:
         raise DataError(f"no events up to {opts.date} in {opts.events}", "check --events and --date (and --history-days)")
     n_shards, limit = max(1, -(-estimate // per_shard)), max_spill_shards()
@@ -121,7 +204,9 @@ def spill_events(dataset: ds.Dataset, opts: InferOptions, vocab: pa.Array, direc
         cols = map_items(items, vocab, lut)
         miss = cols < 0
         missing = pc.unique(items.filter(pa.array(miss))).to_pylist() if miss.any() else []  # bounded by the catalog
-        return spill.split(batch.column(0).cast(user_type), cols), int(miss.sum()), missing
+        users = batch.column(0).cast(user_type)
+        check_user_ids(users, opts.events)
+        return spill.split(users, cols), int(miss.sum()), missing
 
     # Batches are mapped and split in worker threads (numpy and Arrow release the GIL) and written here in scan
     # order, so the shard files are the same as a serial pass; a bounded window of batches is in flight.
@@ -150,6 +235,8 @@ def spill_events(dataset: ds.Dataset, opts: InferOptions, vocab: pa.Array, direc
                 for f in window:
                     f.cancel()
                 raise
+    except ARROW_DATA_ERRORS as e:
+        raise unreadable_events(opts.events, e) from e
     finally:
         spill.close()
     return spill, {"events": spill.events, "unknown_item_events": unknown_events, "unknown_items": len(unknown)}

@@ -9,11 +9,17 @@ recording a `repair` event in the ledger; the operator then re-runs the gate. A 
 command's move in flight: it is left alone and a move refuses to start while any intent exists. A move also
 refuses when the aliases differ from what its command read (`expect`): the gate scores for minutes, and must
 not undo a rollback made meanwhile.
+
+A move and its ledger line succeed or fail together: the caller checks the ledger first (Ledger.check: readable,
+writable), and writes its line through `record` while the intent still stands; when `record` (or a later alias
+call) fails, the aliases are put back as they were before the move and the command fails with one line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,15 +33,20 @@ TXN_TAG = "recsys.alias_txn"
 # than this is one whose command died. Age, not process ownership: the command may run on another machine.
 TXN_STALE_S = 600
 
+log = logging.getLogger(__name__)
+
 
 def registered_model(name: str, tracking: str | None = None) -> Any:
-    """The MLflow registered model `name`; a DataError when there is none."""
+    """The MLflow registered model `name`; a DataError when there is none (or the server cannot tell)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return registry.client(tracking).get_registered_model(name)
     except MlflowException as e:
-        raise DataError(f"no registered model {name!r}", "train one first (`recsys train`)") from e
+        failure = registry.server_failure(e, tracking)
+        if failure is not None:
+            raise failure from None
+        raise DataError(f"no registered model {name!r}", "train one first (`recsys train`)") from None
 
 
 def aliases(name: str, tracking: str | None = None) -> dict[str, str]:
@@ -43,9 +54,9 @@ def aliases(name: str, tracking: str | None = None) -> dict[str, str]:
     return {k: str(v) for k, v in registered_model(name, tracking).aliases.items()}
 
 
-def _apply(name: str, target: dict[str, str | None], tracking: str | None) -> None:
+def _apply(name: str, target: dict[str, str | None], tracking: str | None, champion_last: bool = True) -> None:
     c = registry.client(tracking)
-    for alias in sorted(target, key=lambda a: a == CHAMPION):  # champion last
+    for alias in sorted(target, key=lambda a: (a == CHAMPION) == champion_last):  # champion last (or first: undo)
         v = target[alias]
         if v is None:
             if alias in aliases(name, tracking):
@@ -55,12 +66,14 @@ def _apply(name: str, target: dict[str, str | None], tracking: str | None) -> No
 
 
 def move_aliases(name: str, target: dict[str, str | None], tracking: str | None = None,
-                 expect: dict[str, str | None] | None = None, _fail_after: int | None = None) -> dict[str, str | None]:
+                 expect: dict[str, str | None] | None = None, record: Callable[[], object] | None = None,
+                 _fail_after: int | None = None) -> dict[str, str | None]:
     """Move several aliases with an intent record (see module doc); returns the aliases before.
 
     `target`: alias → version, or None to delete the alias. `expect`: the aliases the caller's decision was
-    based on; when any differs now, nothing moves. `_fail_after` (tests) raises after that many alias calls,
-    to simulate a crash mid-move.
+    based on; when any differs now, nothing moves. `record`: called once the aliases are moved, before the
+    intent is cleared (the ledger line); if it raises, the move is undone and its error re-raised.
+    `_fail_after` (tests) raises after that many alias calls, to simulate a crash mid-move (no undo).
     """
     c = registry.client(tracking)
     model = registered_model(name, tracking)
@@ -79,9 +92,32 @@ def move_aliases(name: str, target: dict[str, str | None], tracking: str | None 
     if _fail_after is not None:
         _apply(name, dict(sorted(target.items(), key=lambda kv: kv[0] == CHAMPION)[:_fail_after]), tracking)
         raise RuntimeError("simulated crash while moving aliases")
-    _apply(name, target, tracking)
+    try:
+        _apply(name, target, tracking)
+        if record is not None:
+            record()
+    except BaseException as e:
+        if not _undo(name, before, tracking, e) and isinstance(e, DataError):
+            raise DataError(f"{e.problem}; the aliases could not be put back either (the intent record stays)",
+                            f"once the tracking server answers, any gate/promote/rollback restores {before} "
+                            f"(after {TXN_STALE_S} s); then {e.fix}") from None
+        raise
     c.delete_registered_model_tag(name, TXN_TAG)
     return before
+
+
+def _undo(name: str, before: dict[str, str | None], tracking: str | None, cause: BaseException) -> bool:
+    """Put the aliases back as they were before a move that failed part-way (champion first: the vetted one is
+    served again at once); False when that fails too: the intent then stays for the next command's repair()."""
+    try:
+        _apply(name, before, tracking, champion_last=False)
+        registry.client(tracking).delete_registered_model_tag(name, TXN_TAG)
+    except Exception as again:
+        log.error("alias move of %s failed (%s) and could not be undone (%s); the next gate/promote/rollback "
+                  "restores %s once the intent is %d s old", name, cause, again, before, TXN_STALE_S)
+        return False
+    log.warning("alias move of %s failed (%s); aliases restored to %s", name, cause, before)
+    return True
 
 
 def _age_s(stamp: Any) -> float:
@@ -93,19 +129,31 @@ def _age_s(stamp: Any) -> float:
 
 def repair(name: str, ledger: Ledger, tracking: str | None = None) -> bool:
     """Undo an interrupted alias move (restore its 'before' aliases); True when something was repaired."""
+    from mlflow.exceptions import MlflowException
+
     c = registry.client(tracking)
     try:
         tags = c.get_registered_model(name).tags
-    except Exception:
-        return False
+    except MlflowException as e:
+        failure = registry.server_failure(e, tracking)
+        if failure is not None:
+            raise failure from None
+        return False  # no such model: nothing to repair (the command says so next)
     if TXN_TAG not in tags:
         return False
-    txn = json.loads(tags[TXN_TAG])
+    try:
+        txn = json.loads(tags[TXN_TAG])
+        before = {str(a): (None if v is None else registry.canonical_version(v)) for a, v in txn["before"].items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataError(f"the alias-move intent of {name} (registered-model tag {TXN_TAG}) is unreadable: "
+                        f"{tags[TXN_TAG][:120]!r}", f"check the aliases by hand, then delete the tag {TXN_TAG}") from e
     if _age_s(txn.get("time")) < TXN_STALE_S:
         return False  # maybe another command still moving aliases: its own end deletes the intent
     seen = aliases(name, tracking)
-    _apply(name, txn["before"], tracking)
+    _apply(name, before, tracking)
+    # ledger line before the intent goes: if it cannot be written, the intent stays and the repair runs again
+    ledger.append({"event": "repair", "model": name, "aliases_found": seen, "aliases_restored": before,
+                   "interrupted_move": txn.get("after"),
+                   "reason": "an alias move was interrupted; restored the aliases before it"})
     c.delete_registered_model_tag(name, TXN_TAG)
-    ledger.append({"event": "repair", "model": name, "aliases_found": seen, "aliases_restored": txn["before"],
-                   "interrupted_move": txn["after"], "reason": "an alias move was interrupted; restored the aliases before it"})
     return True

@@ -3,19 +3,22 @@
 
 Steps of `GateJob.run()`, in this order:
 
-1. repair an interrupted alias move (enabled mode only; pipeline.training.aliases);
+1. check the ledger reads back and can be written, and repair an interrupted alias move (enabled mode only;
+   pipeline.training.aliases);
 2. load the snapshot the candidate was trained on, refusing one rebuilt since training (its `snapshot_digest`
    tag; versions registered before digests are gated with a warning);
 3. score the candidate and the champion, re-scored on the candidate's test users (pipeline.training.rescore);
    the baselines' test metrics come from the candidate's version tags (training fitted them on the same split);
 4. check every gate; when enabled and passed, move the aliases: previous ← old champion, champion ← candidate,
-   refused when the aliases changed since step 3 (e.g. a rollback meanwhile);
-5. the record, right after the move: `gate.*` version tags, and (enabled mode) one ledger line, `promotion` or
-   `rejection`; a promoted candidate loses its `challenger` alias;
+   refused when the aliases changed since step 3 (e.g. a rollback meanwhile), with its `promotion` ledger line
+   written inside the move (the move is undone when the line cannot be written);
+5. the record: (enabled mode, rejected) one `rejection` ledger line; then the `gate.*` version tags; a promoted
+   candidate loses its `challenger` alias;
 6. best-effort: the report, chart and metrics on the candidate's run (pipeline.training.gate_report).
 
 Dry-run mode does 2, 3, 4 (without moving anything), the version tags and 6: no repair, no ledger line.
-Versions are canonical integers (registry.canonical_version): '02' is gated as '2'.
+Versions are canonical integers (registry.canonical_version): '02' is gated as '2'. MLflow errors are one
+redacted DataError line (registry.tracking_errors).
 """
 
 from __future__ import annotations
@@ -53,10 +56,15 @@ class GateJob(Job):
 
     def run(self) -> GateResult:
         """Score, check, record and (enabled, passed) promote; raises DataError for a version it cannot gate."""
+        with registry.tracking_errors(self.tracking_uri):
+            return self._run()
+
+    def _run(self) -> GateResult:
         name, tracking, cfg = self.model_name, self.tracking_uri, self.gates
         version = registry.canonical_version(self.version)
         ledger = Ledger(self.ledger_uri)
         if self.mode == "enabled":
+            ledger.check()
             repair(name, ledger, tracking)
         tags = _version_tags(name, version, tracking)
         snap, warning = _trained_snapshot(name, version, tags)
@@ -72,11 +80,16 @@ class GateJob(Job):
             {f"baseline {k}": v for k, v in baselines.items()}
 
         promoted = False
-        if self.mode == "enabled" and ok:
-            move_aliases(name, {PREVIOUS: champ_v if champ_v is not None else read.get(PREVIOUS), CHAMPION: version},
-                         tracking, expect={CHAMPION: read.get(CHAMPION), PREVIOUS: read.get(PREVIOUS)})
-            promoted = True
-        self._record(version, verdicts, ok, promoted, champ_v, table, ledger)
+        if self.mode == "enabled":
+            entry = _ledger_entry(name, version, ok, verdicts, champ_v, table)
+            if ok:
+                move_aliases(name, {PREVIOUS: champ_v if champ_v is not None else read.get(PREVIOUS), CHAMPION: version},
+                             tracking, expect={CHAMPION: read.get(CHAMPION), PREVIOUS: read.get(PREVIOUS)},
+                             record=lambda: ledger.append(entry))
+                promoted = True
+            else:
+                ledger.append(entry)
+        self._record(version, verdicts, ok, promoted, champ_v)
 
         result = GateResult(model_name=name, version=version, passed=ok, promoted=promoted, champion=champ_v,
                             verdicts=verdicts, metrics=table, warnings=[warning] if warning else [])
@@ -87,9 +100,8 @@ class GateJob(Job):
             result = result.model_copy(update={"warnings": [*result.warnings, *failed_uploads]})
         return result
 
-    def _record(self, version: str, verdicts: list[GateCheck], ok: bool, promoted: bool, champ_v: str | None,
-                table: dict[str, dict[str, float]], ledger: Ledger) -> None:
-        """The verdict's record, right after the move: version tags, the ledger line (enabled), challenger alias."""
+    def _record(self, version: str, verdicts: list[GateCheck], ok: bool, promoted: bool, champ_v: str | None) -> None:
+        """The verdict's record after the move and its ledger line: version tags, challenger alias."""
         name, tracking = self.model_name, self.tracking_uri
         c = registry.client(tracking)
         failed = [r.gate for r in verdicts if r.status == "fail"]
@@ -98,14 +110,18 @@ class GateJob(Job):
         vtags |= {f"gate.{r.gate.replace('@', '_at_')}": r.status for r in verdicts}
         for k, tag in vtags.items():
             c.set_model_version_tag(name, version, k, tag)
-        if self.mode == "enabled":
-            ledger.append({"event": "promotion" if ok else "rejection", "model": name, "version": version,
-                           "champion_before": champ_v, "champion_after": version if ok else champ_v,
-                           "metrics": {k: {m: round(x, 6) for m, x in v.items() if np.isfinite(x)}
-                                       for k, v in table.items()},
-                           "reason": "all gates passed" if ok else "failed: " + ", ".join(failed)})
         if promoted and aliases(name, tracking).get(CHALLENGER) == version:
             c.delete_registered_model_alias(name, CHALLENGER)  # it is no longer a challenger
+
+
+def _ledger_entry(name: str, version: str, ok: bool, verdicts: list[GateCheck], champ_v: str | None,
+                  table: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The gate's ledger line: `promotion` or `rejection`, with the metric table and the failed gates."""
+    failed = [r.gate for r in verdicts if r.status == "fail"]
+    return {"event": "promotion" if ok else "rejection", "model": name, "version": version,
+            "champion_before": champ_v, "champion_after": version if ok else champ_v,
+            "metrics": {k: {m: round(x, 6) for m, x in v.items() if np.isfinite(x)} for k, v in table.items()},
+            "reason": "all gates passed" if ok else "failed: " + ", ".join(failed)}
 
 
 @dataclass(frozen=True)
@@ -119,10 +135,16 @@ class _Scores:
 
 
 def _version_tags(name: str, version: str, tracking: str | None) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
     try:
         tags = dict(registry.client(tracking).get_model_version(name, version).tags)
-    except Exception as e:
-        raise DataError(f"no version {version} of registered model {name!r}", "check --model/--version") from e
+    except MlflowException as e:
+        failure = registry.server_failure(e, tracking)
+        if failure is not None:
+            raise failure from None
+        raise DataError(f"no version {version} of registered model {name!r}; nothing was moved",
+                        "check --model/--version") from None
     if "snapshot_uri" not in tags:
         raise DataError(f"{name} version {version} has no snapshot_uri tag", "gate versions registered by `recsys train`")
     return tags

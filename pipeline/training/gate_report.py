@@ -25,12 +25,14 @@ def report_markdown(result: GateResult, cfg: GateConfig, mode: str) -> str:
     o = result
     cols = list(o.metrics)
     metric_names = [*cfg.metrics, f"coverage@{cfg.top_n}"]
+    # only when it applies; as in gates.check, no popularity baseline means trained with `baselines: false`
+    no_baselines = "baseline popularity" not in cols
     lines = [f"# Gate report: {o.model_name} version {o.version}", "",
              f"- mode: {mode}; verdict: **{'passed' if o.passed else 'failed'}**; promoted: {o.promoted}",
              f"- champion at gate time: {o.champion or 'none (first model: champion gates skipped)'}",
-             "- missing baselines (trained with baselines: false) "
-             + ("are skipped (allow_missing_baselines: true)" if cfg.allow_missing_baselines else
-                "fail the gate (allow_missing_baselines: false)"),
+             *(["- missing baselines (trained with baselines: false) "
+                + ("are skipped (allow_missing_baselines: true)" if cfg.allow_missing_baselines else
+                   "fail the gate (allow_missing_baselines: false)")] if no_baselines else []),
              *(f"- warning: {w}" for w in o.warnings), "",
              "| gate | status | detail |", "|---|---|---|"]
     lines += [f"| {r.gate} | {r.status} | {r.detail} |" for r in o.verdicts]
@@ -73,7 +75,7 @@ def log_gate_run(result: GateResult, cfg: GateConfig, mode: str, run_id: str, ca
                 step()
             except Exception as e:
                 msg = f"gate {result.model_name} version {result.version}: {what} on run {run_id} failed " \
-                    f"({type(e).__name__}: {e}); the verdict and the ledger line are recorded"
+                    f"({type(e).__name__}: {registry.secret_free(str(e))}); the verdict and the ledger line are recorded"
                 log.warning(msg)
                 warnings.append(msg)
     return warnings

@@ -22,15 +22,18 @@ Gates, each recorded as pass / fail / skipped with a one-line detail:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import DataError
 from pipeline.job import JobResult
 
 Status = Literal["pass", "fail", "skipped"]
+# What the gate measures (pipeline.training.rescore, model.evaluate's default cut-offs; training records the same
+# as baseline tags): a metric outside this list has no value to compare.
+KNOWN_METRICS = ("recall@20", "recall@50", "ndcg@100")
 
 
 class GateConfig(BaseModel):
@@ -49,18 +52,61 @@ class GateConfig(BaseModel):
     sanity_users: int = Field(5000, ge=1, description="test users whose top-N lists are checked for seen items")
     allow_missing_baselines: bool = Field(False, description="no baselines recorded (baselines: false): skip, not fail")
 
+    @model_validator(mode="after")
+    def _measured(self) -> GateConfig:
+        """Every metric named must be one the gate measures (else a KeyError, or a floor that always fails)."""
+        floors_ok = (*KNOWN_METRICS, f"coverage@{self.top_n}")
+        for what, names, known in (("metrics", self.metrics, KNOWN_METRICS), ("primary", (self.primary,), KNOWN_METRICS),
+                                   ("floors", tuple(self.floors), floors_ok)):
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(f"unknown gate metric(s) {', '.join(map(repr, unknown))} in {what}: the gate measures "
+                                 f"{', '.join(known)}")
+        return self
+
 
 def load_gate_config(path: str | Path | None) -> GateConfig:
-    """GateConfig from a YAML file (read with safe_load); the defaults when `path` is None."""
+    """GateConfig from a YAML file (read with safe_load); the defaults when `path` is None. Any problem with the
+    file (missing, not YAML, a YAML tag, not a mapping) is one DataError naming it; invalid or unknown keys raise
+    pydantic's ValidationError, which the CLI renders as one line per field with its fix."""
     if path is None:
         return GateConfig()
     p = Path(path)
+    data = read_yaml_mapping(p, "gate config", "GateConfig")
+    return GateConfig(**data)  # a ValidationError: the CLI prints one line per field, with its fix
+
+
+def read_yaml_mapping(p: Path, what: str, model: str) -> dict[str, Any]:
+    """The `key: value` mapping in the YAML file `p` (safe_load: no Python tags), or one DataError naming the
+    file and the fix. `what` ('gate config') and `model` (the pydantic class it feeds) are for the messages."""
+    fix = f"write plain `key: value` YAML (keys of {model}; no `!!` tags)"
     if not p.is_file():
-        raise DataError(f"gate config {p} not found", "pass an existing YAML file to --config")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise DataError(f"{what} {p} not found", "pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} {p} is not UTF-8 text", fix) from e
+    except OSError as e:
+        raise DataError(f"{what} {p} cannot be read ({e.strerror or e})", "check the file and its permissions") from e
+    except yaml.YAMLError as e:
+        if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in str(e):
+            # !!python/object and any other tag safe_load has no constructor for
+            raise DataError(f"{what} {p} uses a YAML tag that is not allowed ({_yaml_problem(e)})", fix) from e
+        raise DataError(f"{what} {p} is not valid YAML ({_yaml_problem(e)})", fix) from e
     if not isinstance(data, dict):
-        raise DataError(f"gate config {p} is not a mapping", "write `key: value` lines (see GateConfig)")
-    return GateConfig(**data)
+        raise DataError(f"{what} {p} is not a mapping", f"write `key: value` lines (see {model})")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise DataError(f"{what} {p} has non-text key(s) {', '.join(map(repr, bad[:3]))}", fix)
+    return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where (line:column), without the echoed source lines."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{' '.join(str(what).split())[:160]}{where}"
 
 
 class GateCheck(BaseModel):

@@ -8,9 +8,11 @@ the ledger's promotion events, walking past versions deleted from the registry),
 ledger has none. The demoted version never becomes `previous` (it is tagged `rolled_back`), so a second
 rollback cannot re-serve the model just pulled.
 
-Both first repair an interrupted alias move and move aliases through pipeline.training.aliases (intent record,
-champion last, refused when the aliases changed since they were read). Versions from outside (CLI, ledger) are
-canonical integers (registry.canonical_version): '02' is '2'.
+Both first check the ledger (readable and writable: Ledger.check), repair an interrupted alias move and move
+aliases through pipeline.training.aliases (intent record, champion last, refused when the aliases changed since
+they were read, undone when the ledger line cannot be written). Versions from outside (CLI, ledger) are
+canonical integers (registry.canonical_version): '02' is '2'. MLflow errors are one redacted DataError line
+(registry.tracking_errors).
 """
 
 from __future__ import annotations
@@ -51,30 +53,37 @@ class PromoteJob(Job):
 
     def run(self) -> AliasMoveResult:
         """Move the aliases and record a `manual-promotion` ledger line; refuses the current champion."""
+        with registry.tracking_errors(self.tracking_uri):
+            return self._run()
+
+    def _run(self) -> AliasMoveResult:
         name, tracking = self.model_name, self.tracking_uri
         if not self.reason.strip():
-            raise ValueError("a manual promotion needs --reason")
+            raise DataError("a manual promotion needs a reason; nothing was moved",
+                            "pass --reason with the incident or review it follows")
         version = registry.canonical_version(self.version)
         ledger = Ledger(self.ledger_uri)
+        ledger.check()
         c = registry.client(tracking)
         repair(name, ledger, tracking)
-        try:
-            c.get_model_version(name, version)
-        except Exception as e:
-            raise DataError(f"no version {version} of registered model {name!r}", "check --model/--version") from e
+        if not registry.version_exists(name, version, tracking):
+            raise DataError(f"no version {version} of registered model {name!r}; nothing was moved",
+                            "check --model/--version")
         now = aliases(name, tracking)
         old = now.get(CHAMPION)
         if old == version:
             raise DataError(f"{name} version {version} is already the champion; nothing was moved",
                             "pick another version, or `recsys rollback` to serve `previous`")
         new_previous = old if old is not None else now.get(PREVIOUS)
+        entries: list[dict[str, Any]] = []
         move_aliases(name, {PREVIOUS: new_previous, CHAMPION: version}, tracking,
-                     expect={CHAMPION: old, PREVIOUS: now.get(PREVIOUS)})
+                     expect={CHAMPION: old, PREVIOUS: now.get(PREVIOUS)},
+                     record=lambda: entries.append(ledger.append({
+                         "event": "manual-promotion", "model": name, "version": version, "champion_before": old,
+                         "champion_after": version, "reason": self.reason})))
         c.set_model_version_tag(name, version, "gate.verdict", "manual override")
         c.set_model_version_tag(name, version, "gate.override_reason", self.reason)
-        entry = ledger.append({"event": "manual-promotion", "model": name, "version": version,
-                               "champion_before": old, "champion_after": version, "reason": self.reason})
-        return _result(entry, previous_after=new_previous)
+        return _result(entries[0], previous_after=new_previous)
 
 
 class RollbackJob(Job):
@@ -87,28 +96,36 @@ class RollbackJob(Job):
 
     def run(self) -> AliasMoveResult:
         """Move the aliases, tag the demoted version `rolled_back`, record a `rollback` ledger line."""
+        with registry.tracking_errors(self.tracking_uri):
+            return self._run()
+
+    def _run(self) -> AliasMoveResult:
         name, tracking = self.model_name, self.tracking_uri
         ledger = Ledger(self.ledger_uri)
+        ledger.check()
         c = registry.client(tracking)
         repair(name, ledger, tracking)
         now = aliases(name, tracking)
         bad, target = now.get(CHAMPION), now.get(PREVIOUS)
         if target is None:
-            raise ValueError(f"{name} has no 'previous' version to roll back to")
+            raise DataError(f"{name} has no 'previous' version to roll back to; nothing was moved",
+                            "promote a version by hand instead (`recsys promote --version N --reason ...`)")
         new_previous, deleted = _predecessor(name, target, {v for v in (bad, target) if v}, ledger, tracking)
         warning = None
         if deleted:
             warning = (f"ledger predecessor(s) {', '.join(deleted)} of version {target} no longer exist in the "
                        "registry: " + (f"previous is now {new_previous}" if new_previous else "previous left empty"))
             log.warning(warning)
+        entries: list[dict[str, Any]] = []
         move_aliases(name, {PREVIOUS: new_previous, CHAMPION: target}, tracking,
-                     expect={CHAMPION: bad, PREVIOUS: target})
+                     expect={CHAMPION: bad, PREVIOUS: target},
+                     record=lambda: entries.append(ledger.append(
+                         {"event": "rollback", "model": name, "version": target, "champion_before": bad,
+                          "champion_after": target, "previous_after": new_previous,
+                          "reason": self.reason or "manual rollback"} | ({"warning": warning} if warning else {}))))
         if bad is not None:
             c.set_model_version_tag(name, bad, "rolled_back", utc_now())
-        entry = ledger.append({"event": "rollback", "model": name, "version": target, "champion_before": bad,
-                               "champion_after": target, "previous_after": new_previous,
-                               "reason": self.reason or "manual rollback"} | ({"warning": warning} if warning else {}))
-        return _result(entry, previous_after=new_previous)
+        return _result(entries[0], previous_after=new_previous)
 
 
 def _result(entry: dict[str, Any], previous_after: str | None) -> AliasMoveResult:

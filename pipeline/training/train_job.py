@@ -28,7 +28,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import Field, field_validator
 
 from model.ease import EASEConfig
@@ -102,15 +101,11 @@ class TrainJob(Job):
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainJob:
     """A TrainJob from a YAML file (optional; read with safe_load) with `overrides` (CLI flags, the scheduler's
     settings) merged over it; None overrides mean 'not given'."""
+    from pipeline.training.gates import read_yaml_mapping
+
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"config file {p} not found", "pass an existing YAML file to --config")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise DataError(f"config file {p} is not a mapping", "write `key: value` lines (see TrainJob)")
-        data.update(loaded)
+        data.update(read_yaml_mapping(Path(path), "config file", "TrainJob"))
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainJob(**data)
 
@@ -236,7 +231,12 @@ class _Setup:
 
 def train(job: TrainJob, on_epoch: EpochHook | None = None) -> TrainResult:
     """The whole job (TrainJob.run). `on_epoch` is an extra per-epoch hook of the candidate's fit, not a job
-    setting (tests use it to interrupt a run)."""
+    setting (tests use it to interrupt a run). MLflow errors are one redacted DataError (registry.tracking_errors)."""
+    with registry.tracking_errors(job.tracking_uri):
+        return _train(job, on_epoch)
+
+
+def _train(job: TrainJob, on_epoch: EpochHook | None) -> TrainResult:
     import mlflow
 
     t_start = time.perf_counter()

@@ -291,3 +291,76 @@ def test_parts_and_manifest_are_durable_before_success(tmp_path: Path, monkeypat
     assert {str(run_dir / n) for n in ("part-00000.parquet", "part-00001.parquet", "_manifest.json")} <= before
     assert {str(run_dir), part.path} <= before  # the new names, and the run folder's own entry
     assert ("fsync", part.path) in events[committed:]  # the rename of _SUCCESS itself
+
+
+@pytest.mark.parametrize("target, body, problem", [
+    (SUCCESS, "{trunc", r"_SUCCESS is not JSON \(Expecting property name"),
+    (SUCCESS, '{"manifest_sha256": "x"}', r"_SUCCESS names no run"),
+    ("manifest", "{trunc", r"run-[^/]+/_manifest\.json is not JSON"),
+    ("manifest", "[]", r"run-[^/]+/_manifest\.json lists no files"),
+    ("manifest", None, r"run-[^/]+/_manifest\.json, named by _SUCCESS, is missing"),
+])
+def test_corrupt_commit_files_name_the_file(tmp_path: Path, target: str, body: str | None, problem: str) -> None:
+    """A corrupt or missing `_SUCCESS` / `_manifest.json` (a manifest rewritten with a matching pointer, so
+    that the checksum alone does not catch it): one DataError naming the file, the fix a re-run."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+
+    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
+    w = PartitionWriter(part)
+    w.write_part(pa.table({"user_id": [1]}))
+    w.commit({"model_version": "1"})
+    success, manifest = Path(part.path) / SUCCESS, Path(w.run_dir.path) / "_manifest.json"
+    if target == SUCCESS:
+        success.write_text(body)  # type: ignore[arg-type]
+    elif body is None:
+        manifest.unlink()
+    else:
+        manifest.write_text(body)
+        pointer = json.loads(success.read_text())
+        success.write_text(json.dumps({**pointer, "manifest_sha256": hashlib.sha256(body.encode()).hexdigest()}))
+    with pytest.raises(DataError, match=rf"^partition {part.uri} has an unreadable commit: .*{problem}.*"
+                                        r"Fix: re-run the job for that date\.$"):
+        committed_run(part)
+
+
+def test_out_that_is_a_file_or_not_writable_is_refused_before_any_write(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.write_text("keep")
+    with pytest.raises(DataError, match=rf"cannot write {out}/recommendations/dt=2024-01-01: {out} is a file, not a folder"):
+        PartitionWriter(resolve(out / "recommendations" / "dt=2024-01-01"))
+    assert out.read_text() == "keep"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    with pytest.raises(DataError, match=rf"no permission to write in {ro}\. Fix: pass a folder this user can write to"):
+        PartitionWriter(resolve(ro / "recommendations" / "dt=2024-01-01"))
+    assert list(ro.iterdir()) == []
+
+
+def test_a_failing_abort_does_not_replace_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The engines call abort() while an error propagates: when the clean-up fails too (S3 down), the original
+    error is what the user sees, and the uncommitted folder is left for the date's next run."""
+    import pyarrow as pa
+
+    from pipeline.io import lake
+
+    w = PartitionWriter(resolve(tmp_path / "recommendations" / "dt=2024-01-01"))
+    w.write_part(pa.table({"user_id": [1]}))
+
+    def fail(self: lake.Location) -> None:
+        raise DataError("S3 endpoint http://127.0.0.1:9 unreachable after 3 tries", "check AWS_ENDPOINT_URL / network")
+
+    monkeypatch.setattr(lake.Location, "delete", fail)
+    with pytest.raises(RuntimeError, match="the original failure"):
+        try:
+            raise RuntimeError("the original failure")
+        except RuntimeError:
+            w.abort()
+            raise
+    assert "could not remove the uncommitted run" in caplog.text and Path(w.run_dir.path).is_dir()

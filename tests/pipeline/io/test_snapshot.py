@@ -163,3 +163,58 @@ def test_missing_manifest_and_tampered_file_are_clear_errors(tmp_path: Path, dat
     part.write_bytes(part.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(DataError, match="does not match its manifest hash"):
         load_snapshot(str(root))
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("{not json", r"is not valid JSON \(Expecting property name"),
+    ("", r"is not valid JSON \(Expecting value"),
+    ('["run-x"]', r"is malformed: a JSON list, not an object"),
+    ('{"run": "run-x"}', r"is malformed: no files"),
+    ('{"run": "run-x", "files": {"oops": {}}}', r"is malformed: bad file entry 'oops'"),
+])
+def test_corrupt_manifest_is_one_error_naming_the_file(tmp_path: Path, data, body: str, problem: str) -> None:
+    root = tmp_path / "snap"
+    _write(root, data)
+    (root / MANIFEST).write_text(body)
+    with pytest.raises(DataError, match=rf"{root}/{MANIFEST} {problem}.*Fix: rebuild the snapshot with `recsys build-matrix`"):
+        load_snapshot(str(root))
+
+
+def test_missing_snapshot_file_is_one_error_naming_it(tmp_path: Path, data) -> None:
+    root = tmp_path / "snap"
+    _write(root, data)
+    part = next(root.glob("run-*/heldout/*.parquet"))
+    part.unlink()
+    with pytest.raises(DataError, match=rf"snapshot file {part} is missing \(its manifest names it\)\. Fix: rebuild"):
+        load_snapshot(str(root))
+
+
+def test_unreadable_parquet_without_verification_names_the_file(tmp_path: Path, data) -> None:
+    root = tmp_path / "snap"
+    _write(root, data)
+    part = next(root.glob("run-*/items/*.parquet"))
+    part.write_bytes(b"user_idx,item_idx\n1,2\n")  # CSV where Parquet belongs
+    with pytest.raises(DataError, match=rf"snapshot file {part} is not readable Parquet"):
+        load_snapshot(str(root), verify=False)
+
+
+def test_out_is_a_file_is_refused_before_writing(tmp_path: Path, data) -> None:
+    _, split, user_ids, item_ids = data
+    out = tmp_path / "lake"
+    out.write_text("keep")
+    with pytest.raises(DataError, match=rf"cannot write {out}/snap: {out} is a file, not a folder"):
+        write_snapshot(str(out / "snap"), user_ids, item_ids, split)
+    assert out.read_text() == "keep"
+
+
+def test_out_not_writable_is_refused_before_writing(tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    _, split, user_ids, item_ids = data
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    with pytest.raises(DataError, match=rf"cannot write {ro}/snap: no permission to write in {ro}"):
+        write_snapshot(str(ro / "snap"), user_ids, item_ids, split)
+    assert list(ro.iterdir()) == []

@@ -375,7 +375,9 @@ def test_cli_infer_and_recs(tmp_path: Path, bundle: ModelBundle, events: tuple[p
     assert printed.startswith("user 3") and "local-" in printed and len(printed.strip().splitlines()) == 6
     assert main(["infer", "--date", "2024-02-30", "--events", uri, "--out", str(out), "--model", str(model_dir)]) == 2
     assert "not a calendar date" in capsys.readouterr().err
-    assert main(["recs", "--date", "latest", "--user", "3; rm -rf /", "--out", str(out)]) == 2
+    assert main(["recs", "--date", "latest", "--user", "3; rm -rf /", "--out", str(out)]) == 2  # integer partition
+    assert "is not an integer, but this partition has integer user ids" in capsys.readouterr().err
+    assert main(["recs", "--date", "latest", "--user", "3\x00", "--out", str(out)]) == 2
     assert "invalid user id" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,84 @@ def test_gate_without_baselines_fails_closed(trained: dict[str, str], easy_gates
     o = gate(good, gates=easy_gates.model_copy(update={"allow_missing_baselines": True}))
     assert o.promoted and aliases() == {"champion": good, "challenger": bad}
     assert {r.status for r in o.verdicts if r.gate.startswith("baseline.")} == {"skipped"}
+
+
+# -- one line for bad input, nothing moved (issue 32, items 10 and 11b) ------------------------------------------
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(("text", "expect"), [
+    ("floors: {ndcg@100: 0.05\n", r"is not valid YAML \(.* at line 2, column 1\)"),
+    ("metrics: !!python/object/apply:os.system ['touch {marker}']\n", "uses a YAML tag that is not allowed"),
+    ("- a list\n", "is not a mapping"),
+    ("metrics: [recall@20, hit@10]\n", r"unknown gate metric\(s\) 'hit@10' in metrics: the gate measures recall@20"),
+    ("primary: mrr@5\n", r"unknown gate metric\(s\) 'mrr@5' in primary"),
+    ("floors: {precision@3: 0.1}\n", r"unknown gate metric\(s\) 'precision@3' in floors"),
+    ("coverage_floor: 2\n", "coverage_floor: Input should be less than or equal to 1"),
+    ("no_such_gate: 1\n", "no_such_gate: Extra inputs are not permitted"),
+    ("1: 2\n", "non-text key"),
+])
+def test_bad_gate_config_is_one_line_naming_the_file(trained: dict[str, str], tmp_path: Path, capsys,
+                                                     text: str, expect: str) -> None:
+    promote(trained["bad"], "a champion to keep")
+    marker = tmp_path / "pwned"
+    f = tmp_path / "gates.yaml"
+    f.write_text(text.replace("{marker}", str(marker)))
+    before = state()
+    capsys.readouterr()
+    assert main(["gate", "--model", NAME, "--version", trained["good"], "--config", str(f)]) == 2
+    line = _one_error_line(capsys)
+    assert f"gate config {f}" in line and "Fix:" in line and re.search(expect, line), line
+    assert state() == before and not marker.exists()
+    assert registry.client().get_model_version(NAME, trained["good"]).tags["gate.verdict"] == "pending"
+
+
+def test_unknown_metric_is_refused_when_the_config_is_built() -> None:
+    from pipeline.training.evaluation import METRICS
+    from pipeline.training.gates import KNOWN_METRICS
+
+    assert KNOWN_METRICS == METRICS  # what training records as baselines is what the gate measures
+    with pytest.raises(ValueError, match="unknown gate metric"):
+        GateConfig(metrics=("recall@20", "map@10"))
+    assert GateConfig(floors={"coverage@50": 0.1}, top_n=50).floors == {"coverage@50": 0.1}
+
+
+@pytest.mark.parametrize("command", ["gate", "promote"])
+def test_a_version_that_does_not_exist_is_one_line(trained: dict[str, str], capsys, command: str) -> None:
+    promote(trained["good"], "a champion to keep")
+    before = state()
+    capsys.readouterr()
+    argv = ["--reason", "x"] if command == "promote" else []
+    assert main([command, "--model", NAME, "--version", "99", *argv]) == 2
+    line = _one_error_line(capsys)
+    assert "no version 99 of registered model 'recsys-test'" in line and "Fix: check --model/--version" in line
+    assert state() == before
+
+
+def test_report_mentions_missing_baselines_only_when_they_are_missing(trained: dict[str, str],
+                                                                      easy_gates: GateConfig) -> None:
+    o = gate(trained["good"], gates=easy_gates, mode="dry-run")
+    assert "baseline popularity" in o.metrics and "missing baselines" not in o.report
+    c = registry.client()
+    for k in [k for k in c.get_model_version(NAME, trained["good"]).tags if k.startswith("baseline.")]:
+        c.delete_model_version_tag(NAME, trained["good"], k)
+    o = gate(trained["good"], gates=easy_gates.model_copy(update={"allow_missing_baselines": True}), mode="dry-run")
+    assert "missing baselines (trained with baselines: false) are skipped" in o.report
+
+
+def test_a_failed_upload_warning_carries_no_credentials(trained: dict[str, str], easy_gates: GateConfig,
+                                                        monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from mlflow import MlflowClient
+
+    def refused(*a, **kw):
+        raise OSError("PUT https://alice:s3cret@artifacts.example.com/x?X-Amz-Signature=t0k failed")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", refused)
+    with caplog.at_level(logging.WARNING):
+        o = gate(trained["good"], gates=easy_gates, mode="dry-run")
+    assert any("report upload" in w and "artifacts.example.com" in w for w in o.warnings)
+    assert not [s for s in ("alice", "s3cret", "t0k") if s in str(o.to_xcom()) + caplog.text]

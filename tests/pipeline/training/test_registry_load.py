@@ -47,3 +47,49 @@ def test_versions_are_canonical_positive_integers(trained: dict[str, str]) -> No
             canonical_version(bad)
     with pytest.raises(DataError, match="'latest' is not a positive integer"):
         parse_model_uri("models:/m/latest")
+
+
+# -- a down server is not "no alias"; a missing version is one line (issue 32, item 10) --------------------------
+
+def closed_port_uri(userinfo: str = "", query: str = "") -> str:
+    """A tracking URI on 127.0.0.1 where nothing listens (the port was free a moment ago)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://{userinfo}127.0.0.1:{port}/{query}"
+
+
+def test_a_down_server_is_not_reported_as_no_alias(home) -> None:
+    import time
+
+    from pipeline.errors import DataError
+    from pipeline.io.registry import alias_version, resolve_version, version_exists
+
+    uri = closed_port_uri()
+    t0 = time.perf_counter()
+    for call in (lambda: resolve_version(f"models:/{NAME}@champion", uri), lambda: alias_version(NAME, "champion", uri),
+                 lambda: load_bundle(f"models:/{NAME}@champion", tracking=uri),
+                 lambda: version_exists(NAME, "1", uri)):
+        with pytest.raises(DataError, match=rf"tracking server {uri} is unreachable or not answering \(Connection "
+                                            r"refused\). Fix: start the tracking server") as e:
+            call()
+        assert "no alias" not in str(e.value)
+    assert time.perf_counter() - t0 < 60  # bounded retries: seconds per call, not MLflow's default minutes
+
+
+@pytest.mark.parametrize(("model", "expect"), [
+    ("models:/recsys-test/99", "registered model 'recsys-test' has no version 99"),
+    ("models:/recsys-test@champion", "registered model 'recsys-test' has no alias 'champion'"),
+    ("models:/no-such-model@champion", "registered model 'no-such-model' has no alias 'champion'"),
+])
+def test_infer_with_a_missing_version_or_alias_is_one_line(trained: dict[str, str], tmp_path, capsys,
+                                                           model: str, expect: str) -> None:
+    from pipeline.cli.main import main
+
+    assert main(["infer", "--date", "2024-05-03", "--events", str(tmp_path / "events"), "--out", str(tmp_path / "lake"),
+                 "--model", model, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0] and "Fix:" in err[0], err
+    assert not (tmp_path / "lake").exists()
