@@ -10,10 +10,10 @@ is that folder. This module does not import MLflow (inference workers load bundl
                             recommender's description (model name from model.recommenders.MODEL_NAMES, its
                             architecture config) and the sha256 + size of the two files above
 
-Loading never unpickles objects: a bundle is a description that is validated, weights that are only tensors,
-and a recommender rebuilt from both through model.recommenders (a fixed list of classes). The files are
-checked against the checksums bundle.json records before they are parsed. Format 1 (the pickled recommender
-object) is refused: loading it would run whatever code the pickle names.
+Loading never unpickles arbitrary objects: a bundle is a description that is validated, weights that are only
+tensors (torch's weights-only unpickler), and a recommender rebuilt from both through model.recommenders (a
+fixed list of classes). The files are checked against the checksums bundle.json records before they are
+parsed. Format 1 (the pickled recommender object) is refused: loading it would run whatever code the pickle names.
 """
 
 from __future__ import annotations

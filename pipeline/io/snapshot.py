@@ -242,7 +242,11 @@ def read_table(root: Location, manifest: dict[str, Any], name: str, verify: bool
         if verify and _sha256(data) != manifest["files"][rel]["sha256"]:
             raise DataError(f"snapshot file {rel} does not match its manifest hash", "rebuild the snapshot")
         try:
-            table = pq.read_table(io.BytesIO(data))
+            # an Arrow-owned copy: Arrow I/O tasks still holding Python bytes after a decode error abort the
+            # interpreter at exit (a C++ terminate, rc 134, seen with a tampered snapshot)
+            buf = pa.allocate_buffer(len(data))
+            np.frombuffer(buf, dtype=np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+            table = pq.read_table(pa.BufferReader(buf))
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"snapshot file {loc.uri} is not readable Parquet ({e})", REBUILD) from e
         missing = [c for c in COLUMNS.get(name, ()) if c not in table.column_names]

@@ -13,7 +13,7 @@ from pipeline.errors import DataError
 from pipeline.io import registry
 from pipeline.training import gate as gate_job
 from pipeline.training.gate import GateJob
-from pipeline.training.gates import GateCheck, GateConfig, GateResult
+from pipeline.training.gates import GateCheck, GateConfig, GateResult, load_gate_config
 from pipeline.training.ledger import Ledger
 
 from .conftest import NAME, aliases, copy_version, events, gate, promote, rollback, snapshot_digest, state
@@ -165,18 +165,20 @@ def _one_error_line(capsys) -> str:
 
 
 @pytest.mark.parametrize(("text", "expect"), [
-    ("floors: {ndcg@100: 0.05\n", r"is not valid YAML \(.* at line 2, column 1\)"),
-    ("metrics: !!python/object/apply:os.system ['touch {marker}']\n", "uses a YAML tag that is not allowed"),
-    ("- a list\n", "is not a mapping"),
-    ("metrics: [recall@20, hit@10]\n", r"unknown gate metric\(s\) 'hit@10' in metrics: the gate measures recall@20"),
-    ("primary: mrr@5\n", r"unknown gate metric\(s\) 'mrr@5' in primary"),
-    ("floors: {precision@3: 0.1}\n", r"unknown gate metric\(s\) 'precision@3' in floors"),
-    ("coverage_floor: 2\n", "coverage_floor: Input should be less than or equal to 1"),
-    ("no_such_gate: 1\n", "no_such_gate: Extra inputs are not permitted"),
-    ("1: 2\n", "non-text key"),
+    # the file itself: one DataError naming it
+    ("floors: {ndcg@100: 0.05\n", r"gate config {f} is not valid YAML \(.* at line 2, column 1\)"),
+    ("metrics: !!python/object/apply:os.system ['touch {marker}']\n", "gate config {f} uses a YAML tag that is not allowed"),
+    ("- a list\n", "gate config {f} is not a mapping"),
+    ("1: 2\n", "gate config {f} has non-text key"),
+    # its values: the CLI's one line per invalid field, naming the key and the value
+    ("metrics: [recall@20, hit@10]\n", r"metrics: unknown gate metric\(s\) 'hit@10': the gate measures recall@20"),
+    ("primary: mrr@5\n", r"primary: unknown gate metric\(s\) 'mrr@5': the gate measures"),
+    ("floors: {precision@3: 0.1}\n", r"floors: unknown gate metric\(s\) 'precision@3': floors can be set on"),
+    ("floors: {coverage@50: 0.1}\n", r"floor 'coverage@50' is not measured: coverage is measured at top_n = 20"),
+    ("coverage_floor: 2\n", "coverage_floor: must be <= 1.0"),
+    ("no_such_gate: 1\n", "no_such_gate: unknown key"),
 ])
-def test_bad_gate_config_is_one_line_naming_the_file(trained: dict[str, str], tmp_path: Path, capsys,
-                                                     text: str, expect: str) -> None:
+def test_bad_gate_config_is_one_line(trained: dict[str, str], tmp_path: Path, capsys, text: str, expect: str) -> None:
     promote(trained["bad"], "a champion to keep")
     marker = tmp_path / "pwned"
     f = tmp_path / "gates.yaml"
@@ -185,7 +187,7 @@ def test_bad_gate_config_is_one_line_naming_the_file(trained: dict[str, str], tm
     capsys.readouterr()
     assert main(["gate", "--model", NAME, "--version", trained["good"], "--config", str(f)]) == 2
     line = _one_error_line(capsys)
-    assert f"gate config {f}" in line and "Fix:" in line and re.search(expect, line), line
+    assert re.search(expect.replace("{f}", re.escape(str(f))), line) and "Fix:" in line, line
     assert state() == before and not marker.exists()
     assert registry.client().get_model_version(NAME, trained["good"]).tags["gate.verdict"] == "pending"
 
@@ -198,6 +200,8 @@ def test_unknown_metric_is_refused_when_the_config_is_built() -> None:
     with pytest.raises(ValueError, match="unknown gate metric"):
         GateConfig(metrics=("recall@20", "map@10"))
     assert GateConfig(floors={"coverage@50": 0.1}, top_n=50).floors == {"coverage@50": 0.1}
+    with pytest.raises(DataError, match=r"gate config .*missing.yaml not found"):
+        load_gate_config(Path("missing.yaml"))
 
 
 @pytest.mark.parametrize("command", ["gate", "promote"])
