@@ -47,7 +47,10 @@ def moto_server():
     endpoint = f"http://{host}:{port}"
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-           "MLFLOW_S3_ENDPOINT_URL": endpoint}
+           "MLFLOW_S3_ENDPOINT_URL": endpoint,
+           # the shared local server answers slowly while Spark and training load 2 cores: a 3 s stall must not
+           # count as "endpoint down" (and mark it down for every later test); test_lake sets its own values
+           "RECSYS_S3_REQUEST_TIMEOUT": "30", "RECSYS_S3_RETRY_AFTER": "1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
