@@ -12,62 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.build_matrix import BuildMatrixJob, BuildResult
 from pipeline.io.dates import parse_date
+from pipeline.io.lake import resolve
 from pipeline.io.redact import redact_text
+from pipeline.job import Job, JobResult
+from pipeline.orchestration import remote
+from pipeline.orchestration.settings import Settings
 from pipeline.serving.job import InferJob, InferResult
-from pipeline.training import DEFAULT_REGISTERED_NAME
 from pipeline.training.gate import GateJob, GateResult
 from pipeline.training.gates import load_gate_config
-from pipeline.training.train_job import TrainResult, load_config
+from pipeline.training.train_job import TrainJob, TrainResult, load_config
 
-
-class Settings(BaseModel):
-    """Where things live and how the scheduled jobs run; one value per RECSYS_* variable (see `from_env`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    home: Path = Field(description="RECSYS_HOME: the embedded default's folder")
-    events_uri: str
-    lake_uri: str
-    recs_uri: str
-    tracking_uri: str
-    model_name: str = DEFAULT_REGISTERED_NAME
-    window_days: int = Field(365, ge=1)
-    top_n: int = Field(100, ge=1)
-    device: str = "auto"
-    spark_master: str = "local[2]"
-    train_config: str | None = None
-    gate_mode: str = "enabled"
-    gate_config: str | None = None
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        """The settings from RECSYS_* (and MLFLOW_TRACKING_URI), defaults under RECSYS_HOME."""
-        home = Path(os.environ.get("RECSYS_HOME", Path.home() / ".recsys")).expanduser().resolve()
-        env = os.environ.get
-        return cls(
-            home=home,
-            events_uri=env("RECSYS_EVENTS_URI", str(home / "events")),
-            lake_uri=env("RECSYS_LAKE_URI", str(home / "lake")),
-            recs_uri=env("RECSYS_RECS_URI", str(home / "lake")),
-            tracking_uri=env("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",  # = pipeline.io.registry's default
-            model_name=env("RECSYS_MODEL_NAME", DEFAULT_REGISTERED_NAME),
-            window_days=int(env("RECSYS_WINDOW_DAYS", "365")),
-            top_n=int(env("RECSYS_TOP_N", "100")),
-            device=env("RECSYS_DEVICE", "auto"),
-            spark_master=env("RECSYS_SPARK_MASTER", "local[2]"),
-            train_config=env("RECSYS_TRAIN_CONFIG") or None,
-            gate_mode=env("RECSYS_GATE_MODE", "enabled"),
-            gate_config=env("RECSYS_GATE_CONFIG") or None,
-        )
+__all__ = ["GateRejected", "Settings", "StepFailed", "build_matrix", "build_matrix_job", "champion_version", "collect", "gate",
+           "infer", "infer_job", "stage", "train", "train_job"]
 
 
 class StepFailed(RuntimeError):
@@ -93,19 +54,32 @@ def _no_credentials() -> Iterator[None]:
         raise StepFailed(f"{type(e).__name__}: {safe}") from None
 
 
+def build_matrix_job(s: Settings, as_of: dt.date | str) -> BuildMatrixJob:
+    """Weekly: the build of the window ending at `as_of`, on the settings' Spark master."""
+    return BuildMatrixJob(events=s.events_uri, as_of=parse_date(as_of), window_days=s.window_days, out=s.lake_uri,
+                          spark_master=s.spark_master)
+
+
 def build_matrix(s: Settings, as_of: dt.date | str) -> BuildResult:
-    """Weekly: the matrix snapshot of the window ending at `as_of`."""
-    job = BuildMatrixJob(events=s.events_uri, as_of=parse_date(as_of), window_days=s.window_days, out=s.lake_uri,
-                         spark_master=s.spark_master)
-    return job.run()
+    """Weekly: the matrix snapshot of the window ending at `as_of` (in this process)."""
+    return build_matrix_job(s, as_of).run()
+
+
+def train_job(s: Settings, build: BuildResult | dict[str, Any]) -> TrainJob:
+    """Weekly: training on the snapshot just built (RECSYS_TRAIN_CONFIG's keys, with the settings' device,
+    registered name and tracking URI over them); in the spark profile, launched onto the cluster's workers."""
+    build = BuildResult.model_validate(build)  # a result, or its XCom JSON
+    overrides: dict[str, Any] = {"snapshot": build.snapshot_uri, "device": s.device, "registered_name": s.model_name,
+                                 "tracking_uri": s.tracking_uri}
+    if s.profile == "spark":
+        overrides |= {"spark_master": s.spark_master,
+                      "distributed": {"num_processes": s.train_processes, "use_gpu": s.train_gpu}}
+    return load_config(s.train_config, overrides)
 
 
 def train(s: Settings, build: BuildResult | dict[str, Any]) -> TrainResult:
-    """Weekly: train on the snapshot just built, register a `challenger` version (RECSYS_TRAIN_CONFIG's keys,
-    with the settings' device, registered name and tracking URI over them)."""
-    build = BuildResult.model_validate(build)  # a result, or its XCom JSON
-    job = load_config(s.train_config, {"snapshot": build.snapshot_uri, "device": s.device,
-                                       "registered_name": s.model_name, "tracking_uri": s.tracking_uri})
+    """Weekly: train on the snapshot just built and register a `challenger` version (in this process)."""
+    job = train_job(s, build)
     with _no_credentials():
         return job.run()
 
@@ -133,9 +107,27 @@ def champion_version(s: Settings) -> str | None:
         return alias_version(s.model_name, "champion", s.tracking_uri)
 
 
+def infer_job(s: Settings, date: dt.date | str) -> InferJob:
+    """Daily: every active user's top-N from the champion for `date`; the Spark engine outside the embedded profile."""
+    return InferJob(date=parse_date(date), events=s.events_uri, out=s.recs_uri, model=f"models:/{s.model_name}@champion",
+                    top_n=s.top_n, device=s.device, tracking_uri=s.tracking_uri,
+                    engine="local" if s.profile == "embedded" else "spark")
+
+
 def infer(s: Settings, date: dt.date | str) -> InferResult:
-    """Daily: every active user's top-N from the champion for `date`, published atomically."""
-    job = InferJob(date=parse_date(date), events=s.events_uri, out=s.recs_uri, model=f"models:/{s.model_name}@champion",
-                   top_n=s.top_n, device=s.device, tracking_uri=s.tracking_uri)
+    """Daily: score and publish `date` atomically (in this process)."""
+    job = infer_job(s, date)
     with _no_credentials():
         return job.run()
+
+
+def stage(s: Settings, job: Job, *key: str) -> str:
+    """Remote profiles: stage `job`'s envelope under RECSYS_STAGING_URI/<key> (dag, run, task); its URI is what the
+    engine's operator runs `pipeline.orchestration.remote` on."""
+    return remote.stage(job, resolve(s.staging_uri).join(remote.staging_key(*key)).uri)
+
+
+def collect(envelope_uri: str) -> JobResult:
+    """Remote profiles: the typed result the remote run left (RemoteJobFailed with its one-line message)."""
+    with _no_credentials():
+        return remote.collect(envelope_uri)
