@@ -1,32 +1,55 @@
-"""Shared helpers of the benchmarks: the machine's name and appending a row to docs/benchmarks.md."""
+"""Shared helpers of the benchmarks: the machine's name and matmul rates, and appending a row to docs/benchmarks.md.
+
+Every row names the machine as read from the system (pipeline.io.hardware): the CPU model string (a hypervisor may
+shorten it, so family/model too), logical CPUs, the flags that decide bf16 (amx_bf16, amx_tile, avx512_bf16,
+avx512f, avx2), and fp32 and bf16 matmul rates measured in the same run (`machine_rates`), so ratios compare
+across machines.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import torch
 
+from pipeline.io.hardware import MatmulRates, matmul_rates, read_cpuinfo
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def machine(device: torch.device) -> str:
+    """The device's name; for the CPU its model string, family/model, CPUs, flags, memory and torch threads."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}; host {read_cpuinfo().describe()})"
+    cpu = read_cpuinfo()
+    if cpu.model_name == "unknown CPU":
+        cpu = replace(cpu, model_name=platform.processor() or platform.machine())
     mem = psutil.virtual_memory().total / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"{cpu.describe()}, {mem:.0f} GiB, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def machine_rates(reps: int = 3, budget_s: float = 2.0) -> MatmulRates:
+    """fp32 and bf16 CPU matmul GFLOP/s at the calibration shape (pipeline.io.hardware.CALIBRATION_SHAPE),
+    measured now; bf16 is measured on every CPU (emulated where the flags are absent: seconds, not minutes)."""
+    return matmul_rates(bf16=True, reps=reps, budget_s=budget_s)
+
+
+def rates_text(r: MatmulRates) -> str:
+    """`fp32 80.1 / bf16 0.5 GFLOP/s (0.01x) at [512,600]x[600,4096]` for a row."""
+    b, h, n = r.shape
+    return (f"fp32 {r.fp32_gflops:.1f} / bf16 {r.bf16_gflops or float('nan'):.1f} GFLOP/s "
+            f"({r.bf16_speedup or float('nan'):.2f}x) at [{b},{h}]x[{h},{n}]")
+
+
+def machine_line(device: torch.device | str = "cpu") -> str:
+    """machine() and, on the CPU, the matmul rates measured now (what a row or a printed result names)."""
+    d = torch.device(device)
+    return machine(d) + ("" if d.type == "cuda" else f"; {rates_text(machine_rates())}")
 
 
 def git_commit() -> str:

@@ -5,8 +5,11 @@ user on average, Zipf popularity), written in a child process (so its memory is 
 untrained Multi-VAE of the reference architecture (I -> 600 -> 2x200 -> 600 -> I; untrained weights cost the
 same to score). Timed: `pipeline.serving.job.publish_recommendations` (events Parquet -> histories -> scores,
 seen masked, top N -> checks -> Parquet published). Reported: users/s end to end and for scoring alone, peak RSS of this process,
-and the machine's dense matmul FLOP/s for the decoder's shape, measured in the same run, so that scoring
-efficiency = achieved model FLOP/s / matmul FLOP/s.
+the machine (bench.common.machine: CPU model, family/model, CPUs, bf16 flags) with its fp32 and bf16 matmul rates
+at the calibration shape, and the dense matmul FLOP/s of the precision actually used (the run's manifest says
+which, and why) at the decoder's shape, measured in the same run, so that scoring efficiency = achieved model
+FLOP/s / matmul FLOP/s of that precision. Where the CPU has no bf16 instructions the bf16 rate at the decoder's
+shape would take minutes (emulated); the calibration-shape bf16 rate stands in for it, and the row says so.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def matmul_flops(batch: int, hidden: int, n_items: int, device: object, seconds:
 
     from pipeline.serving.scoring import scoring_precision
 
+    if precision == "bf16" and torch.device(str(device)).type == "cpu":  # the CPU bf16 path: a bf16 product
+        return _mm_rate(batch, hidden, n_items, device, seconds, torch.bfloat16)
     with scoring_precision(precision, str(device)) as chosen:
         dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
         return _mm_rate(batch, hidden, n_items, device, seconds, dtype)
@@ -148,11 +153,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from bench.common import append_row, git_commit, machine, today
+    from bench.common import append_row, git_commit, machine, machine_rates, rates_text, today
     from model.recommenders import make_recommender
     from model.train import resolve_device
     from model.vae import MultiVAE, VAEConfig
     from pipeline.io.bundle import ModelBundle
+    from pipeline.io.hardware import read_cpuinfo
     from pipeline.serving.job import InferJob, publish_recommendations
     from pipeline.serving.sizing import batch_size_for
 
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     rec.n_items = args.items
     bundle = ModelBundle(rec, np.arange(args.items, dtype=np.int64), pop.astype(np.float32), "multivae", {}, "bench")
     batch = batch_size_for(args.items, args.top_n, args.memory_budget_mb)
-    mm = matmul_flops(batch, 600, args.items, device, precision=args.precision)
+    rates = machine_rates() if device.type == "cpu" else None
+    print(f"machine: {machine(torch.device(device))}" + (f"; {rates_text(rates)}" if rates else ""), flush=True)
     out = work / "lake"
     job = InferJob(date=dt.date.fromisoformat(DAY), events=str(events), out=str(out), top_n=args.top_n,
                    device=args.device, precision=args.precision, memory_budget_mb=args.memory_budget_mb,
@@ -174,9 +181,16 @@ def main(argv: list[str] | None = None) -> None:
         sampler.report()
     total = time.perf_counter() - t0
     m = result.manifest()  # the run's details: shards, phase and scoring seconds
-    # the reference again after the run, keeping the faster: a noisy neighbour during either measurement would
+    used = m["precision"]  # what the run used (auto decides by capability): the reference is that precision's rate
+    emulated_bf16 = used == "bf16" and device.type == "cpu" and not read_cpuinfo().bf16_flags
+    # the reference after the run and again, keeping the faster: a noisy neighbour during either measurement would
     # otherwise inflate the efficiency (it read 123% once when the first measurement was slowed)
-    mm_before, mm_after = mm, matmul_flops(batch, 600, args.items, device, precision=args.precision)
+    if emulated_bf16:
+        assert rates is not None and rates.bf16_gflops is not None
+        mm_before = mm_after = rates.bf16_gflops * 1e9
+    else:
+        mm_before = matmul_flops(batch, 600, args.items, device, precision=used)
+        mm_after = matmul_flops(batch, 600, args.items, device, precision=used)
     mm = max(mm_before, mm_after)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     users = m["active_users"]
@@ -189,19 +203,23 @@ def main(argv: list[str] | None = None) -> None:
           f"matmul {mm / 1e9:.1f} GFLOP/s (before {mm_before / 1e9:.1f}, after {mm_after / 1e9:.1f}); "
           f"efficiency {eff:.0%}; peak RSS {rss:.2f} GiB")
     ph = m["phase_seconds"]
+    print(f"precision {used}: {m['precision_reason']}")
     print("phases (busy s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
     # what a faster scorer cannot remove: the main thread's time outside scoring
     outside = ph["spill"] + ph["wait_histories"] + ph["wait_publish"]
     print(f"main thread outside scoring: {outside:.2f} s (spill {ph['spill']:.2f}, waiting for histories "
           f"{ph['wait_histories']:.2f}, waiting for publishing {ph['wait_publish']:.2f})")
     if not args.no_append:
-        append_row("bench-infer: daily batch inference end to end (Multi-VAE 600/200, top-100, untrained weights)",
-                   ["date", "commit", "machine", "users x items", "interactions", "batch (budget)", "end to end (s)",
-                    "users/s end to end", "users/s scoring", "matmul GFLOP/s", "scoring efficiency", "peak RSS (GiB)"],
-                   [today(), git_commit(), machine(torch.device(device)), f"{users:,} x {args.items:,}", f"{nnz:,}",
-                    f"{batch} ({args.memory_budget_mb} MB, {m['precision']}, P={m['parallel_shards']})",
-                    f"{total:.1f}", f"{users / total:,.0f}",
-                    f"{score_rate:,.0f}", f"{mm / 1e9:.1f}", f"{eff:.0%}", f"{rss:.2f}"])
+        append_row("bench-infer: daily batch inference by precision (Multi-VAE 600/200, top-100, untrained weights)",
+                   ["date", "commit", "machine", "machine matmul rates (same run)", "users x items", "interactions",
+                    "precision (requested → used)", "batch (budget)", "end to end (s)", "users/s end to end",
+                    "users/s scoring", "matmul GFLOP/s of the precision used", "scoring efficiency", "peak RSS (GiB)"],
+                   [today(), git_commit(), machine(torch.device(device)), rates_text(rates) if rates else "n/a (GPU)",
+                    f"{users:,} x {args.items:,}", f"{nnz:,}", f"{args.precision} → {used}",
+                    f"{batch} ({args.memory_budget_mb} MB, P={m['parallel_shards']})",
+                    f"{total:.1f}", f"{users / total:,.0f}", f"{score_rate:,.0f}",
+                    f"{mm / 1e9:.1f}" + (" (bf16 emulated: calibration shape)" if emulated_bf16 else ""),
+                    f"{eff:.0%}", f"{rss:.2f}"])
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     else:

@@ -106,7 +106,9 @@ def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str
     except BaseException:
         writer.abort()
         raise
-    precision = precision_in_effect(job.precision, device)
+    # the local engine decides by capability and reports it; otherwise (Spark) the capability-blind choice
+    precision = stats.get("precision") or precision_in_effect(job.precision, device)
+    stats.setdefault("precision_reason", f"{job.precision} requested; engine {job.engine} does not check capability")
     extra = {"date": job.date.isoformat(), "model_uri": job.model, "model_version": str(model_version),
              "model_name": bundle.name, "snapshot_id": bundle.snapshot_id, "n_items": bundle.n_items,
              "top_n": job.top_n, "engine": job.engine, "precision": precision,

@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 
 from pipeline.io.publish import PartitionWriter, hook
 from pipeline.serving import checks
 from pipeline.serving.events import open_events
 from pipeline.serving.histories import shard_histories
 from pipeline.serving.options import InferOptions
+from pipeline.serving.precision import choose_precision, guard_bf16
 from pipeline.serving.scoring import score_histories, to_table
 from pipeline.serving.sharding import scheme_for
 from pipeline.serving.sizing import batch_size_for, default_parallel_shards
@@ -94,6 +96,7 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     fallback_users = 0
     fallback_lock = threading.Lock()
     clock = PhaseClock()
+    choice = choose_precision(opts.precision, str(bundle.recommender.device), bundle)  # checked on shard 1 (guard)
 
     def load(s: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
         with clock("histories"):
@@ -136,8 +139,14 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
                         loads.append(pool.submit(load, s + depth))
                     if len(users) == 0:
                         continue
+                    if choice.guard:  # auto chose bf16: confirm it on this run's first users before using it
+                        with clock("precision_guard"):
+                            known = np.flatnonzero(np.diff(indptr) > 0)
+                            hist = sp.csr_matrix((np.ones(len(cols), np.float32), cols, indptr),
+                                                 shape=(len(indptr) - 1, bundle.n_items))[known]
+                            choice = guard_bf16(choice, bundle, hist, opts.top_n, bs)
                     with clock("score"):
-                        top, scores, fb = score_histories(bundle, indptr, cols, opts.top_n, bs, bar, opts.precision)
+                        top, scores, fb = score_histories(bundle, indptr, cols, opts.top_n, bs, bar, choice.chosen)
                     with clock("wait_publish"):
                         while len(parts) >= depth:
                             parts.popleft().result()  # at most `depth` parts in flight; an error surfaces here
@@ -157,5 +166,6 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         raise
     finally:
         scratch.close()
-    return stats | {"active_users": writer.rows, "fallback_users": fallback_users,
+    return stats | {"precision": choice.chosen, "precision_reason": choice.reason,
+                    "active_users": writer.rows, "fallback_users": fallback_users,
                     "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}

@@ -11,13 +11,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import DataError
 
 # The name training registers its versions under, at alias champion (pipeline.training.DEFAULT_REGISTERED_NAME;
 # serving may not import training: tests/pipeline/orchestration/test_steps.py checks the two agree).
 DEFAULT_MODEL = "models:/recsys-multivae-pia@champion"
+PRECISION_HELP = ("scoring matmuls: auto = bf16 on a CPU that multiplies bf16 natively (checked: flags, a calibration "
+                  "product, and top-100 overlap with fp32 on the first users), tf32 on CUDA, fp32 otherwise; fp32; "
+                  "tf32 (CUDA only); bf16 (warned where the CPU lacks it: emulated, slow). "
+                  "See pipeline.serving.precision")
 
 
 class InferOptions(BaseModel):
@@ -28,8 +32,7 @@ class InferOptions(BaseModel):
     date: dt.date
     events: str
     top_n: int = Field(100, ge=1, le=10_000)
-    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(
-        "auto", description="scoring matmuls: auto = tf32 on CUDA, fp32 on the CPU (see scoring_precision)")
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field("auto", description=PRECISION_HELP)
     memory_budget_mb: int = Field(1024, ge=16, description="score matrix + top-k workspace of one batch")
     history_days: int | None = Field(None, ge=1, description="history window in days ending at `date`; None: all ≤ date")
     min_weight: float | None = Field(None, description="binarization: keep events with weight >= this (None: all)")
@@ -48,6 +51,15 @@ class InferOptions(BaseModel):
     max_fallback_share: float = Field(0.5, ge=0.0, le=1.0, description=(
         "refuse to publish when more than this share of the active users have no item the model knows (each "
         "would get the popularity fallback; 1.0: never refuse)"))
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _known_precision(cls, v: object) -> object:
+        if v not in ("auto", "fp32", "tf32", "bf16"):
+            raise DataError(f"unknown precision {str(v)[:40]!r}",
+                            "pass --precision auto (bf16 where the CPU has it natively, tf32 on CUDA, else fp32), "
+                            "fp32, tf32 or bf16")
+        return v
 
     @property
     def first_day(self) -> dt.date | None:

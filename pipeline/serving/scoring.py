@@ -1,6 +1,7 @@
 """Scoring shared by both engines: CSR histories → each user's top-N unseen columns and scores (the popularity
-fallback for users without a known item), at the chosen matmul precision, and the result as the published
-table (user_id, item_ids, scores, model_version, fallback). The model runs on whatever device its bundle is on.
+fallback for users without a known item), at the chosen matmul precision (pipeline.serving.precision), and the
+result as the published table (user_id, item_ids, scores, model_version, fallback). The model runs on whatever
+device its bundle is on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.serving.precision import decoder_parts, recommend_bf16
 
 if TYPE_CHECKING:
     from pipeline.io.bundle import ModelBundle
@@ -23,9 +26,12 @@ def scoring_precision(precision: str, device: str) -> Iterator[str]:
     """Precision of the scoring matmuls; yields the one in effect.
 
     fp32: exact. tf32 (CUDA only; the CPU stays fp32): matmuls on tensor cores with fp32 storage and
-    accumulation, ~10-bit mantissa inputs; scores and top-k are still fp32. bf16: autocast (half the memory
-    traffic; scores rounded to bf16 before the top-k, so more near-ties). Any precision passes the output checks:
-    they hold for the scores the model produced, whatever their rounding.
+    accumulation, ~10-bit mantissa inputs; scores and top-k are still fp32. bf16 on CUDA: autocast (half the
+    memory traffic; scores rounded to bf16 before the top-k, so more near-ties). bf16 on the CPU does not use
+    this context: `score_histories` takes pipeline.serving.precision.recommend_bf16 (bf16 candidates, fp32
+    re-score). "auto" here is the choice without a capability check (tf32 on CUDA, fp32 on the CPU): engines
+    that decide by capability pass the chosen precision (pipeline.serving.precision.choose_precision).
+    Any precision passes the output checks: they hold for the scores the model produced, whatever their rounding.
     """
     import torch
 
@@ -63,6 +69,7 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
     `to_table` drops them.
     """
     import scipy.sparse as sp
+    import torch
 
     n, n_items = len(indptr) - 1, bundle.n_items
     k = min(top_n, n_items)
@@ -78,8 +85,12 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
         csr = sp.csr_matrix((np.ones(len(cols), np.float32), cols, indptr), shape=(n, n_items))
         csr.has_canonical_format = True  # shard_histories gives sorted, unique columns per row
         sub = csr[known] if len(known) < n else csr
-        with scoring_precision(precision, str(bundle.recommender.device)):
-            t, s = bundle.recommend(sub, k, batch_size=batch_size, on_batch=on_batch)
+        device = str(bundle.recommender.device)
+        if precision == "bf16" and torch.device(device).type == "cpu" and decoder_parts(bundle.recommender):
+            t, s = recommend_bf16(bundle.recommender, sub, k, batch_size=batch_size, on_batch=on_batch)
+        else:
+            with scoring_precision(precision, device):
+                t, s = bundle.recommend(sub, k, batch_size=batch_size, on_batch=on_batch)
         top[known], scores[known] = t, s
     return top, scores, fallback
 
