@@ -163,6 +163,19 @@ def collect(envelope_uri: str) -> JobResult:
     return JOBS[outcome.kind][1].model_validate(outcome.result)
 
 
+def explain_failure(envelope_uri: str, error: BaseException) -> BaseException:
+    """What an engine operator should raise when its remote run failed: the remote's own one-line message
+    (RemoteJobFailed, from the outcome) when there is one, else the engine's error unchanged."""
+    try:
+        collect(envelope_uri)
+    except RemoteJobFailed as remote_error:
+        if "left no outcome" not in str(remote_error):
+            return remote_error
+    except Exception:  # the outcome is unreadable: the engine's error says more
+        return error
+    return error
+
+
 def _report_failure(text: str) -> None:
     """Where the engine shows a failure reason: SageMaker reads /opt/ml/output/failure; every engine keeps stderr."""
     if os.path.isdir(os.path.dirname(SAGEMAKER_FAILURE_FILE)):

@@ -15,11 +15,13 @@ A bad value fails when the settings are read, naming the variable (pydantic's pe
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from pipeline.errors import DataError
 from pipeline.io.redact import redact_text
@@ -88,6 +90,11 @@ class Settings(BaseSettings):
         the variable."""
         try:
             return cls()
+        except SettingsError as e:  # a complex value (RECSYS_SPARK_CONF) that is not JSON
+            m = re.search(r'field "(\w+)"', str(e))
+            var = f"RECSYS_{m.group(1).upper()}" if m else "a RECSYS_* variable"
+            raise DataError(f"{var} is not valid: {e.__cause__ or e}",
+                            f"set {var} to a JSON object, e.g. '{{\"spark.executor.memory\": \"4g\"}}', or unset it") from None
         except ValidationError as e:
             first = e.errors()[0]
             name = str(first["loc"][0]) if first.get("loc") else "?"

@@ -11,6 +11,7 @@ first-model gate lenient (the popularity/EASE gates are then skipped; floors, co
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pipeline.orchestration.dev.local_airflow import REPO_DAGS, airflow_env
 pytestmark = pytest.mark.slow
 
 MODEL = "recsys-test-model"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIRST_DAY, LAST_DAY = "2026-01-04", "2026-01-17"  # 14 days; 2026-01-18 is a Sunday (@weekly)
 WEEKLY_LOGICAL = "2026-01-18"  # data interval ends 2026-01-18 → as-of 2026-01-17, the last event day
 DAILY_DATE = LAST_DAY
@@ -157,9 +159,15 @@ def test_a_weekly_run_whose_training_fails_leaves_champion_unchanged(runs: Env, 
     assert alias_version(MODEL, "champion", runs.tracking) == "1"  # what the first run left
     bad = tmp_path / "bad-train.yaml"
     bad.write_text("epochs: 0\nno_such_key: 1\n")  # TrainJob rejects both: `recsys train` exits non-zero
-    r = runs.airflow("dags", "test", "weekly_train", WEEKLY_LOGICAL, extra={"RECSYS_TRAIN_CONFIG": str(bad)})
+    sink = tmp_path / "alerts.jsonl"
+    r = runs.airflow("dags", "test", "weekly_train", WEEKLY_LOGICAL,
+                     extra={"RECSYS_TRAIN_CONFIG": str(bad), "RECSYS_ALERT_CALLBACK": "alert_sink:record",
+                            "ALERT_SINK_FILE": str(sink), "PYTHONPATH": str(FIXTURES)})
     assert r.returncode != 0, _tail(r)
     assert "DagRun failed" in r.stdout + r.stderr
+    alerts = [json.loads(line) for line in sink.read_text().splitlines()]  # the failure hook reached the operator's target
+    assert alerts and {a["task_id"] for a in alerts} == {"train"}
+    assert all(a["dag_id"] == "weekly_train" and "epochs" in a["error"] for a in alerts)
     assert alias_version(MODEL, "champion", runs.tracking) == "1"
     assert [str(v.version) for v in client(runs.tracking).search_model_versions(f"name='{MODEL}'")] == ["1"]
 
