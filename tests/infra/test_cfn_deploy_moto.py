@@ -201,7 +201,7 @@ MATRIX = [
     ("inference", "s3:PutObject", f"{ART}/mlflow/1/abc/artifacts/model.pt", False),
     ("inference", "s3:PutObject", f"{LAKE}/snapshots/x", False),
     ("inference", "s3:GetObject", f"{LAKE}/snapshots/as_of=2024-01-07/train.parquet", False),
-    ("airflow", "s3:GetObject", f"{RECS}/recommendations/dt=2024-01-07/_SUCCESS", True),
+    ("airflow", "s3:GetObject", f"{RECS}/recommendations/dt=2024-01-07/_SUCCESS", False),  # no task reads it (test_iam_derived)
     ("airflow", "s3:GetObject", f"{RECS}/recommendations/dt=2024-01-07/part-0.parquet", False),
     ("airflow", "s3:GetObject", f"{LAKE}/snapshots/as_of=2024-01-07/manifest.json", True),
     ("airflow", "s3:GetObject", f"{LAKE}/events/dt=2024-01-07/part-0.parquet", False),
