@@ -3,8 +3,10 @@
 ``BuildMatrixJob(...).run()`` does, on Spark:
 
 1. List the event partitions ``dt=YYYY-MM-DD`` of the window [as_of - window_days + 1, as_of] (a lake
-   without ``dt=`` folders is read whole; its timestamps, when present, are filtered to the window). Events
-   on S3 are staged to a local temp folder first (Spark has no s3a jars here; on EMR it would read directly).
+   without ``dt=`` folders is read whole; its timestamps, when present, are filtered to the window). Local
+   (or shared) paths are read by Spark where they are. Events on S3 are read directly as ``s3a://`` when
+   ``read_direct`` (a cluster with the hadoop-aws jars, e.g. EMR), else staged to a temp folder on the driver
+   first (no s3a jars here), which only a local master can read.
    Names starting with '.' or '_' (staging folders, markers) are skipped, as every Parquet reader does. A window
    that leaves the calendar (before 0001-01-01, or an as-of of 9999-12-31) is a DataError.
 1b. Every file's Parquet footer is read with pyarrow before Spark starts: an empty, truncated or non-Parquet
@@ -27,23 +29,28 @@
 6. Held-out users keep only items seen in training this week; per user, floor(target_fraction * n) items
    (1 when that is 0 and n >= 2, as model/split.py does) with the smallest hash of (seed, user, item) are
    targets, the rest fold-in.
-7. The volume gates (against the previous manifest), then the tables (sorted, so same input + seed gives
-   byte-identical files) are written under a new run folder and published by snapshot.write_run (manifest
-   last; the run it replaced is kept for readers still on it, older runs are removed).
+7. The volume gates (against the previous manifest), then the tables are written under a new run folder and
+   published by snapshot.publish (manifest last; the run it replaced is kept for readers still on it, older
+   runs are removed; a failure before the manifest removes the new run).
 
-The final (user_idx, item_idx) tables are collected to the driver as Arrow: the trainer loads exactly these
-rows into one process anyway (load_snapshot), so the driver holding them once is within the same bound, and
-it buys byte-identical, hash-named files through the one writer of the format.
+The users and items tables (one row per user or item) are written by the driver. The (user_idx, item_idx)
+tables, which grow with the events, are written by the executors (`_write_blocks`): rows go to blocks of
+consecutive user_idx whose size depends only on the data (`part_rows`), each block is sorted and written as
+``part-<block>.parquet`` by the task holding it, and the driver gets back (name, rows, bytes, sha256). A block's
+bytes depend only on its rows, so the same input + seed gives the same files, hence the same content digest
+(snapshot.content_digest), on local[N] and on a cluster of any size; a retried task rewrites identical bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -53,15 +60,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.split import heldout_count as split_count
 from pipeline.data import dq
 from pipeline.data.dq import DQConfig
 from pipeline.errors import DataError
 from pipeline.io.lake import Location, resolve
-from pipeline.io.snapshot import MANIFEST, manifest_digest, read_manifest, read_table, write_run
-from pipeline.io.spark import spark_session
+from pipeline.io.publish import hook
+from pipeline.io.snapshot import (
+    MANIFEST,
+    content_digest,
+    discard,
+    manifest_digest,
+    new_run_id,
+    publish,
+    read_manifest,
+    read_table,
+    table_bytes,
+    write_tables,
+)
+from pipeline.io.spark import SparkConfig, apply_env, check_master, executor_env, spark_session
 from pipeline.job import Job, JobResult
 
 if TYPE_CHECKING:
@@ -106,8 +125,9 @@ class BuildResult(JobResult):
     """The published snapshot: where it is, its content digest (what training tags its versions with), counts."""
 
     snapshot_uri: str
-    digest: str
+    digest: str  # the manifest's (this build's identity: run id and config included)
     counts: dict[str, int]
+    content_digest: str = ""  # the tables' content only: equal for the same input + seed on any engine or cluster
 
 
 class BuildMatrixJob(Job):
@@ -117,7 +137,10 @@ class BuildMatrixJob(Job):
     as_of: dt.date
     out: str  # lake root; the snapshot goes to <out>/snapshots/as_of=YYYY-MM-DD
     window_days: int = Field(28, ge=1)
-    spark_master: str = "local[*]"
+    spark: SparkConfig = SparkConfig()  # where Spark runs
+    spark_master: str | None = None  # shorthand for spark.master (the CLI, older callers); equal to it once built
+    read_direct: bool = False  # S3 events: Spark reads s3a:// itself (EMR) instead of the driver staging them
+    part_rows: int = Field(4_000_000, ge=1)  # about this many rows per train/heldout part file
     min_user_interactions: int = Field(5, ge=1)
     min_item_interactions: int = Field(1, ge=1)
     binarize: Binarize = Binarize()
@@ -128,6 +151,15 @@ class BuildMatrixJob(Job):
     shuffle_partitions: int = Field(8, ge=1)
     driver_memory: str = "6g"  # only used when this job starts the Spark session
     dq: DQConfig = DQConfig()
+
+    @model_validator(mode="after")
+    def _one_master(self) -> BuildMatrixJob:
+        """`spark_master`, when given, is the master (it overrides spark.master); afterwards both agree."""
+        if self.spark_master is not None and self.spark_master != self.spark.master:
+            spark = self.spark.model_copy(update={"master": check_master(self.spark_master)})
+            object.__setattr__(self, "spark", spark)  # frozen model: set once, while validating
+        object.__setattr__(self, "spark_master", self.spark.master)
+        return self
 
     @property
     def window_start(self) -> dt.date:
@@ -155,7 +187,7 @@ class BuildMatrixJob(Job):
         """Build, gate and publish the snapshot; a failed gate or bad input raises DataError and publishes nothing."""
         uri = _build(self)
         manifest = read_manifest(uri)
-        return BuildResult(snapshot_uri=uri, digest=manifest_digest(manifest),
+        return BuildResult(snapshot_uri=uri, digest=manifest_digest(manifest), content_digest=content_digest(manifest),
                            counts={k: int(v) for k, v in manifest.get("counts", {}).items() if isinstance(v, int)})
 
 
@@ -203,10 +235,18 @@ def _list_inputs(cfg: BuildMatrixJob) -> _Inputs:
 
 
 def _stage(cfg: BuildMatrixJob, inputs: _Inputs, tmp: str) -> dict[str, str]:
-    """Local paths Spark can read (the files themselves, or copies of S3 objects under tmp) -> their URIs."""
+    """Paths Spark reads (local files where they are, s3a:// URIs with read_direct, else copies of S3 objects under
+    tmp) -> their URIs."""
     root = resolve(cfg.events)
     if isinstance(root.fs, pafs.LocalFileSystem):
         return {i.path: i.path for i in inputs.files}
+    if cfg.read_direct:
+        return {f"s3a://{i.path}": f"s3://{i.path}" for i in inputs.files}
+    if not cfg.spark.local:
+        raise DataError(f"events on S3 ({cfg.events}) would be staged to the driver's disk, which the executors of "
+                        f"{cfg.spark.master} cannot read",
+                        "set read_direct (Spark reads s3a:// itself: a cluster with hadoop-aws, e.g. EMR), or use a "
+                        "local master (local[N])")
     paths = {}
     for k, info in enumerate(inputs.files):
         local = os.path.join(tmp, f"{k:06d}-{info.base_name}")
@@ -244,10 +284,17 @@ class _FileSchema:
 
 
 def _read_footer(path: str, label: str) -> _FileSchema:
-    if os.path.getsize(path) == 0:
+    source: Any = path
+    if path.startswith("s3a://"):  # read_direct: the footer through the lake's S3 filesystem
+        loc = resolve("s3://" + path[len("s3a://"):])
+        size = loc.fs.get_file_info(loc.path).size or 0
+        source = loc.fs.open_input_file(loc.path) if size else None
+    else:
+        size = os.path.getsize(path)
+    if size == 0:
         raise DataError(f"events file {label} is empty (0 bytes)", FIX_FILE)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(source)
         schema = pf.schema_arrow
         physical = {pf.schema.column(k).path: pf.schema.column(k).physical_type for k in range(len(pf.schema))}
     except (pa.ArrowException, OSError) as err:
@@ -414,10 +461,15 @@ def _build(cfg: BuildMatrixJob) -> str:
         paths = _stage(cfg, inputs, tmp)
         fields, spark_schema = _inspect_inputs(paths)  # before Spark: one line per bad file, not a JVM trace
         schema = dq.check_schema(fields)
-        spark = spark_session(cfg.spark_master, "recsys-build-matrix", cfg.shuffle_partitions, cfg.driver_memory)
+        spark = spark_session(cfg.spark, "recsys-build-matrix", cfg.shuffle_partitions, cfg.driver_memory)
         try:
             return _build_spark(cfg, spark, paths, spark_schema, fields, schema, inputs, prev, where)
         except (PySparkException, Py4JJavaError) as err:
+            if cfg.read_direct and any(m in str(err) for m in ("S3AFileSystem not found", "No FileSystem for scheme",
+                                                                "UnsupportedFileSystem")):
+                raise DataError(f"Spark on {cfg.spark.master} cannot read s3a:// (no hadoop-aws on its classpath) for "
+                                f"{where}", "run on a cluster that has it (EMR), add hadoop-aws to spark.jars.packages, "
+                                "or turn read_direct off (the driver stages the events)") from err
             wrapped = _spark_read_error(err, paths, where)
             if wrapped is None:
                 raise
@@ -527,51 +579,119 @@ def _assemble(cfg: BuildMatrixJob, spark: SparkSession, pos: DataFrame, per_user
     items_df = F.broadcast(spark.createDataFrame(pa.table({"item_id": _id_arrow(train_item_ids),
                                                            "item_idx": pa.array(item_pos, pa.int64())})))
 
-    train = _arrow(train_pairs.join(items_df, "item_id").select("user_idx", "item_idx")).sort_by(
-        [("user_idx", "ascending"), ("item_idx", "ascending")])
+    train = train_pairs.join(items_df, "item_id").select("user_idx", "item_idx")
     w = Window.partitionBy("user_idx")
     n = F.count(F.lit(1)).over(w)
     rank = F.row_number().over(w.orderBy(F.xxhash64(F.lit(cfg.seed), "user_id", "item_id"), "item_idx")) - 1
     n_targets = F.floor(F.lit(cfg.target_fraction) * n)
     n_targets = F.when((n_targets == 0) & (n >= 2), 1).otherwise(n_targets)
-    heldout = _arrow(labeled.where(F.col("role") != "train").join(items_df, "item_id").select(
+    heldout = labeled.where(F.col("role") != "train").join(items_df, "item_id").select(
         "user_idx", "item_idx", "role", F.when(rank < n_targets, "target").otherwise("fold_in").alias("part"))
-    ).sort_by([("user_idx", "ascending"), ("item_idx", "ascending")])
-    heldout = heldout.cast(pa.schema([("user_idx", pa.int64()), ("item_idx", pa.int64()), ("role", pa.string()),
-                                      ("part", pa.string())]))
-    train = train.cast(pa.schema([("user_idx", pa.int64()), ("item_idx", pa.int64())]))
-    targets = pc.equal(heldout["part"], "target")
-    for role in ("valid", "test"):
-        if not pc.any(pc.and_(targets, pc.equal(heldout["role"], role))).as_py():
-            raise DataError(f"no {role} user has a target item after dropping items unseen in training ({where})",
-                            "use more events (a longer --window-days) or more held-out users")
 
     dq_counts = {"events": stats.events, "users": n_kept, "items": len(train_item_ids)}
     results += dq.check_drops(dq_counts, prev[1].get("dq_counts") if prev else None, cfg.dq)
     dq.enforce(results, where)
 
-    tables = {
+    small = {
         "users": pa.table({"user_idx": pa.array(np.arange(len(all_users), dtype=np.int64)),
                            "user_id": _id_arrow(all_users), "role": pa.array(user_role.astype(str))}),
         "items": pa.table({"item_idx": pa.array(np.arange(len(all_items), dtype=np.int64)), "item_id": _id_arrow(all_items)}),
-        "train": train, "heldout": heldout,
     }
-    counts = {"users": len(all_users), "items": len(all_items), "active_users": n_kept,
-              "inactive_users": len(all_users) - n_kept, "train_users": n_kept - nv - nt,
-              "train_interactions": train.num_rows, "valid_users": nv, "test_users": nt,
-              "heldout_interactions": heldout.num_rows, "events_read": rows_read, "events_in_window": stats.events,
-              "pairs": n_pairs, "new_users": len(all_users) - (len(prev_users) if prev_users is not None else 0),
-              "new_items": len(all_items) - (len(prev_items) if prev_items is not None else 0)}
+    # blocks of consecutive user_idx holding about part_rows positives each: a function of the data only
+    n_blocks = max(1, -(-int(users["n"].sum()) // cfg.part_rows))
+    users_per_block = max(1, -(-len(all_users) // n_blocks))
     root = resolve(cfg.snapshot_uri())
-    manifest = {
-        "snapshot_id": f"as_of={cfg.as_of.isoformat()}", "as_of": cfg.as_of.isoformat(),
-        "window": {"start": cfg.window_start.isoformat(), "end": cfg.as_of.isoformat(), "days": cfg.window_days,
-                   "partitioned": inputs.partitioned},
-        "counts": counts, "dq_counts": dq_counts, "dq": [r.as_dict() for r in results],
-        "config": cfg.model_dump(mode="json"), "binarize": cfg.binarize.describe(),
-        "inputs": [{"path": i.path, "bytes": i.size} for i in inputs.files],
-        "previous_snapshot": prev[0].uri if prev else None,
-    }
-    write_run(root, tables, manifest)  # removes the new run only if it never got published
+    root.check_writable()
+    run_id = new_run_id()
+    try:
+        files = write_tables(root, run_id, small)
+        env = executor_env(cfg.spark)
+        tfiles, _ = _write_blocks(train, root, run_id, "train", users_per_block, n_blocks, env)
+        hfiles, targets = _write_blocks(heldout, root, run_id, "heldout", users_per_block, n_blocks, env)
+        files |= tfiles | hfiles
+        for role in ("valid", "test"):
+            if not targets.get(role):
+                raise DataError(f"no {role} user has a target item after dropping items unseen in training ({where})",
+                                "use more events (a longer --window-days) or more held-out users")
+        n_train = sum(f["rows"] for f in tfiles.values())
+        n_heldout = sum(f["rows"] for f in hfiles.values())
+        counts = {"users": len(all_users), "items": len(all_items), "active_users": n_kept,
+                  "inactive_users": len(all_users) - n_kept, "train_users": n_kept - nv - nt,
+                  "train_interactions": n_train, "valid_users": nv, "test_users": nt,
+                  "heldout_interactions": n_heldout, "events_read": rows_read, "events_in_window": stats.events,
+                  "pairs": n_pairs, "new_users": len(all_users) - (len(prev_users) if prev_users is not None else 0),
+                  "new_items": len(all_items) - (len(prev_items) if prev_items is not None else 0)}
+        manifest = {
+            "snapshot_id": f"as_of={cfg.as_of.isoformat()}", "as_of": cfg.as_of.isoformat(),
+            "window": {"start": cfg.window_start.isoformat(), "end": cfg.as_of.isoformat(), "days": cfg.window_days,
+                       "partitioned": inputs.partitioned},
+            "counts": counts, "dq_counts": dq_counts, "dq": [r.as_dict() for r in results],
+            # the Spark settings may hold secrets (spark.hadoop.fs.s3a.*): only the master is recorded
+            "config": cfg.model_dump(mode="json", exclude={"spark"}),
+            "binarize": cfg.binarize.describe(),
+            "inputs": [{"path": i.path, "bytes": i.size} for i in inputs.files],
+            "previous_snapshot": prev[0].uri if prev else None,
+        }
+        publish(root, run_id, files, manifest)
+    except BaseException:
+        discard(root, run_id)  # unless the manifest names it already
+        raise
     logger.info("published %s: %s", root.uri, counts)
     return root.uri
+
+
+_SCHEMAS = {"train": pa.schema([("user_idx", pa.int64()), ("item_idx", pa.int64())]),
+            "heldout": pa.schema([("user_idx", pa.int64()), ("item_idx", pa.int64()), ("role", pa.string()),
+                                  ("part", pa.string())])}
+_WRITTEN = "name string, rows long, bytes long, sha256 string, valid_targets long, test_targets long"
+
+
+def _block_writer(uri: str, schema: pa.Schema, users_per_block: int,
+                  env: dict[str, str]) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The executors' side of `_write_blocks`: every block in a task's rows, sorted, as one part file under `uri`."""
+
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        apply_env(env)
+        got = [b for b in batches if b.num_rows]
+        if not got:
+            return
+        rows = pa.Table.from_batches(got).select(schema.names).cast(schema)
+        block = pc.divide(rows["user_idx"], users_per_block)  # integer division: user_idx >= 0
+        out = resolve(uri)
+        for b in sorted(set(block.to_pylist())):
+            part = rows.filter(pc.equal(block, b)).sort_by([("user_idx", "ascending"), ("item_idx", "ascending")])
+            data = table_bytes(part.combine_chunks())
+            name = f"part-{b:05d}.parquet"
+            out.join(name).write_bytes(data)
+            hook("snapshot-part")  # a test seam (pipeline.io.publish.hook): inert unless RECSYS_HOOK_POINT names it
+            targets = {r: 0 for r in ("valid", "test")}
+            if "part" in schema.names:
+                is_target = pc.equal(part["part"], "target")
+                for r in targets:
+                    targets[r] = int(pc.sum(pc.and_(is_target, pc.equal(part["role"], r))).as_py() or 0)
+            yield pa.RecordBatch.from_pylist([{
+                "name": name, "rows": part.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "valid_targets": targets["valid"], "test_targets": targets["test"]}])
+
+    return write
+
+
+def _write_blocks(df: DataFrame, root: Location, run_id: str, table: str, users_per_block: int, n_blocks: int,
+                  env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Write `df` from the executors as <root>/<run_id>/<table>/part-<block>.parquet; returns (the manifest's file
+    entries, target rows per held-out role). A table without rows gets one empty part (readers need one file)."""
+    from pyspark.sql import functions as F
+
+    uri = root.join(run_id, table).uri
+    schema = _SCHEMAS[table]
+    blocks = df.repartition(n_blocks, F.expr(f"user_idx div {int(users_per_block)}"))  # the writer's blocks
+    written = blocks.mapInArrow(_block_writer(uri, schema, users_per_block, env), _WRITTEN).toArrow()
+    files: dict[str, dict[str, Any]] = {}
+    targets = {"valid": 0, "test": 0}
+    for r in written.to_pylist():
+        files[f"{run_id}/{table}/{r['name']}"] = {"rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"]}
+        targets["valid"] += r["valid_targets"]
+        targets["test"] += r["test_targets"]
+    if not files:
+        files = write_tables(root, run_id, {table: schema.empty_table()})
+    return files, targets

@@ -79,6 +79,26 @@ def parquet_encodings(schema: pa.Schema) -> dict[str, list[str]]:
     return {"use_dictionary": others, "use_byte_stream_split": floats}
 
 
+def part_bytes(table: pa.Table) -> bytes:
+    """A part file's bytes: deterministic for the same table (no timestamps in Parquet metadata), so a re-run gives
+    equal checksums. Row groups of 20k rows (~8-9 MB at top-100): a point lookup reads one, while scans lose ~4%
+    to compression."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS, **parquet_encodings(table.schema))
+    return buf.getvalue()
+
+
+def write_part_file(loc: Location, table: pa.Table) -> dict[str, Any]:
+    """Write `table` as the part file `loc` (fsynced on a local disk); returns its manifest entry (path: the name).
+    Used in the process that holds the rows: the driver (`PartitionWriter.write_part`) or a Spark executor."""
+    data = part_bytes(table)
+    loc.write_bytes(data)
+    if _is_local(loc):
+        fsync_path(loc.path)  # here, in the writing thread or task, rather than serially in commit
+    return {"path": loc.path.rstrip("/").rsplit("/", 1)[-1], "rows": table.num_rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
 _last_run_us = 0
 _run_id_lock = threading.Lock()
 
@@ -142,28 +162,29 @@ class PartitionWriter:
 
         Thread-safe. `part` names the file (part-NNNNN) so that parts written concurrently, finishing in any
         order, get the same names and manifest order on every run; default: the next number."""
-        buf = io.BytesIO()
-        # deterministic bytes for the same table (no timestamps in Parquet metadata): a re-run gives equal checksums.
-        # Row groups of 20k rows (~8-9 MB at top-100): a point lookup reads one, while scans lose ~4% to compression
-        pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS, **parquet_encodings(table.schema))
-        data = buf.getvalue()
         with self._lock:  # the name is taken before the (slow) upload
             name = f"part-{len(self._taken) if part is None else part:05d}.parquet"
             if name in self._taken:
                 raise ValueError(f"{name} was written twice in run {self.run_name}")
             self._taken.add(name)
-        loc = self.run_dir.join(name)
-        loc.write_bytes(data)
-        if _is_local(loc):
-            fsync_path(loc.path)  # here, in the writing thread, rather than serially in commit
-        entry = {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                 **index}
+        entry = {**write_part_file(self.run_dir.join(name), table), **index}
         with self._lock:
             self.files.append(entry)
             self.rows += table.num_rows
             written = len(self.files)
         hook(f"part-{written - 1}")
         return entry
+
+    def record_part(self, entry: dict[str, Any]) -> None:
+        """Take into this run a part another process wrote into `run_dir` with `write_part_file` (a Spark executor);
+        `entry` is what that call returned, plus its index keys."""
+        name = entry["path"]
+        with self._lock:
+            if name in self._taken:
+                raise ValueError(f"{name} was written twice in run {self.run_name}")
+            self._taken.add(name)
+            self.files.append(dict(entry))
+            self.rows += int(entry["rows"])
 
     def commit(self, extra: dict[str, Any]) -> dict[str, Any]:
         with self._lock:

@@ -327,6 +327,14 @@ def load_snapshot(uri: str, verify: bool = True) -> Snapshot:
     )
 
 
+def content_digest(manifest: dict[str, Any]) -> str:
+    """A short digest of a snapshot's tables only: each file's table, name and sha256, without the run folder, the
+    build's config or its inputs' paths. Two builds of the same input and seed have the same content digest on
+    any engine (local[N], a standalone cluster, YARN), while their manifest digests differ (run id, config)."""
+    parts = sorted((rel.split("/", 1)[1], entry["sha256"]) for rel, entry in manifest["files"].items())
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def manifest_digest(manifest: dict[str, Any]) -> str:
     """A short content digest of a snapshot: its manifest (which holds every file's sha256). Training tags each
     version with it; the gate refuses a snapshot rebuilt since."""

@@ -218,3 +218,19 @@ def test_out_not_writable_is_refused_before_writing(tmp_path: Path, data, monkey
     with pytest.raises(DataError, match=rf"cannot write {ro}/snap: no permission to write in {ro}"):
         write_snapshot(str(ro / "snap"), user_ids, item_ids, split)
     assert list(ro.iterdir()) == []
+
+
+def test_content_digest_is_the_tables_only() -> None:
+    """Two builds of the same tables (another run folder, master, inputs' paths) share the content digest; any
+    file's bytes, name or table change it. The manifest digest tells the builds apart."""
+    files = {"run-a/train/part-00000.parquet": {"sha256": "1" * 64, "rows": 3},
+             "run-a/users/part-00000.parquet": {"sha256": "2" * 64, "rows": 2}}
+    a = {"run": "run-a", "files": files, "config": {"spark_master": "local[2]"}}
+    b = {"run": "run-b", "config": {"spark_master": "spark://h:7077"},
+         "files": {k.replace("run-a", "run-b"): v for k, v in reversed(list(files.items()))}}
+    assert snapshot.content_digest(a) == snapshot.content_digest(b)
+    assert snapshot.manifest_digest(a) != snapshot.manifest_digest(b)
+    other_bytes = {**files, "run-a/train/part-00000.parquet": {"sha256": "3" * 64, "rows": 3}}
+    renamed = {k.replace("part-00000", "part-00001") if "train" in k else k: v for k, v in files.items()}
+    for changed in (other_bytes, renamed):
+        assert snapshot.content_digest({**a, "files": changed}) != snapshot.content_digest(a)
