@@ -2,19 +2,24 @@
 
 The driver saves the bundle once and broadcasts its bytes; each Python worker unpacks and loads it once
 (cached in a module global, keyed by its digest) and scores its partitions with the same
-`score_histories`/`to_table` as the local engine. Spark writes the scored rows (with each user's history
-columns, for the checks) as local Parquet; the driver then checks each file with `check_part` and
-publishes it through pipeline.io.publish/lake (Spark cannot write s3:// here; on EMR it could). The session
-comes from pipeline.io.spark (UTC session time zone); the day cut-offs on event_ts are built so that they do
-not depend on the Python process's or the JVM's time zone either (`day_start`).
+`score_histories`/`to_table` as the local engine. Each task then checks its part against its users' histories
+(`check_part`) and writes it straight into the run folder of the driver's PartitionWriter (pipeline.io.publish's
+part format, through pipeline.io.lake: a local or shared path, or s3://), and returns only the part's manifest
+entry. The driver records the entries and commits (`_SUCCESS` last), so readers see the same atomic publish as
+with the local engine, and the scored rows never pass through the driver. A failed check comes back as an entry
+with an error: the driver aborts the run (its folder, with every part already written, is removed).
+
+The session comes from pipeline.io.spark (a SparkConfig: RECSYS_SPARK_* by default, see `SparkConfig.from_env`;
+UTC session time zone); the day cut-offs on event_ts are built so that they do not depend on the Python
+process's or the JVM's time zone either (`day_start`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -25,19 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 from pipeline.io import lake
 from pipeline.io.ids import MAX_STRING_ID
-from pipeline.io.publish import PartitionWriter, hook
-from pipeline.io.spark import spark_session
+from pipeline.io.publish import PartitionWriter, hook, write_part_file
+from pipeline.io.spark import SparkConfig, apply_env, executor_env, spark_session
 from pipeline.serving import checks
 from pipeline.serving.events import bad_user_id, open_events
 from pipeline.serving.options import InferOptions
 from pipeline.serving.scoring import score_histories, to_table
 from pipeline.serving.sizing import batch_size_for, shard_events_for
-from pipeline.serving.spill import spill_dir
 from pipeline.serving.vocab import vocabulary
 
 if TYPE_CHECKING:
@@ -79,9 +82,9 @@ def worker_bundle(data: bytes, digest: str) -> ModelBundle:
     return _WORKER_BUNDLES[digest]
 
 
-def get_spark() -> SparkSession:
-    """The session this engine runs on: pipeline.io.spark's, on RECSYS_SPARK_MASTER (default local[*])."""
-    return spark_session(os.environ.get("RECSYS_SPARK_MASTER", DEFAULT_MASTER), APP_NAME)
+def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
+    """The session this engine runs on: pipeline.io.spark's, on `cfg` (default: RECSYS_SPARK_*, master local[*])."""
+    return spark_session(cfg or SparkConfig.from_env(DEFAULT_MASTER), APP_NAME)
 
 
 def day_start(day: dt.date, data_type: DataType) -> Column:
@@ -147,14 +150,19 @@ def histories(spark: SparkSession, opts: InferOptions, vocab: pa.Array) -> tuple
     return joined, hist
 
 
-def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, writer: PartitionWriter) -> dict[str, Any]:
-    """Score every active user on Spark and write the checked parts through `writer` (not committed); returns
-    the manifest's stats. Parts cover disjoint user ranges, sorted within. On any error the run's folder is
-    removed (`writer.abort()`)."""
+_WRITTEN = "error string, path string, rows long, bytes long, sha256 string, fallback long, index string"
+
+
+def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, writer: PartitionWriter,
+              spark_config: SparkConfig | None = None) -> dict[str, Any]:
+    """Score every active user on Spark; the executors write the checked parts into `writer`'s run folder (not
+    committed); returns the manifest's stats. Parts cover disjoint user ranges, sorted within. On any error the
+    run's folder is removed (`writer.abort()`)."""
+    from pyspark import TaskContext
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    spark = get_spark()
+    spark = get_spark(spark_config)
     vocab = vocabulary(bundle)
     bs = batch_size_for(bundle.n_items, opts.top_n, opts.memory_budget_mb, max_batch=opts.max_batch)
     joined, hist = histories(spark, opts, vocab)
@@ -177,51 +185,69 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     shipped = spark.sparkContext.broadcast(data)
     top_n = opts.top_n
     precision = opts.precision
-    user_type = hist.schema["user_id"].dataType
-    item_type = T.LongType() if pa.types.is_integer(vocab.type) else T.StringType()
-    schema = T.StructType([T.StructField("user_id", user_type), T.StructField("item_ids", T.ArrayType(item_type)),
-                           T.StructField("scores", T.ArrayType(T.FloatType())), T.StructField("model_version", T.StringType()),
-                           T.StructField("fallback", T.BooleanType()), T.StructField("seen", T.ArrayType(T.IntegerType()))])
+    run_uri = writer.run_dir.uri
+    env = executor_env(spark.sparkContext.master or "")
 
-    def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def score(rb: pa.RecordBatch, b: ModelBundle, voc: pa.Array) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        cols = rb.column(1)
+        flat = cols.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        offs = cols.offsets.to_numpy()
+        indptr = (offs - offs[0]).astype(np.int64)
+        top, sc, fb = score_histories(b, indptr, flat, top_n, bs, precision=precision)
+        return to_table(rb.column(0), top, sc, fb, voc, model_version), indptr, flat
+
+    def score_and_write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """One task: its users' lists, checked, as one part file in the run folder; yields the part's entry."""
+        apply_env(env)
         b = worker_bundle(shipped.value, digest)
         voc = vocabulary(b)
+        tables, indptrs, flats = [], [], []
         for rb in batches:
-            if rb.num_rows == 0:
-                continue
-            cols = rb.column(1)
-            flat = cols.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-            offs = cols.offsets.to_numpy()
-            indptr = (offs - offs[0]).astype(np.int64)
-            top, sc, fb = score_histories(b, indptr, flat, top_n, bs, precision=precision)
-            t = to_table(rb.column(0), top, sc, fb, voc, model_version)
-            seen = pa.ListArray.from_arrays(pa.array(indptr.astype(np.int32)), pa.array(flat, pa.int32()))
-            yield from t.append_column("seen", seen).to_batches()
+            if rb.num_rows:
+                t, indptr, flat = score(rb, b, voc)
+                tables.append(t)
+                indptrs.append(indptr)
+                flats.append(flat)
+        if not tables:
+            return
+        t = pa.concat_tables(tables).combine_chunks()
+        lengths = np.concatenate([np.diff(p) for p in indptrs])
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        cols = np.concatenate(flats).astype(np.int64)
+        users = t.column("user_id").combine_chunks()
+        t = checks.finalize_part(t)
+        row: dict[str, Any] = {"error": None, "path": None, "rows": 0, "bytes": 0, "sha256": None, "fallback": 0,
+                               "index": None}
+        try:
+            checks.check_part(t, users, indptr, cols, voc, top_n, model_version)
+        except DataError as e:  # the driver raises it (no retries of a deterministic failure)
+            row["error"] = json.dumps([type(e).__name__, e.problem, e.fix])
+            yield pa.RecordBatch.from_pylist([row], schema=_written_schema())
+            return
+        name = f"part-{TaskContext.get().partitionId():05d}.parquet"  # type: ignore[union-attr]
+        entry = write_part_file(lake.resolve(run_uri).join(name), t)
+        row |= {"path": entry["path"], "rows": entry["rows"], "bytes": entry["bytes"], "sha256": entry["sha256"],
+                "fallback": int(np.sum(t.column("fallback").to_numpy())),
+                "index": json.dumps(checks.user_range(users))}
+        yield pa.RecordBatch.from_pylist([row], schema=_written_schema())
 
-    scratch = contextlib.ExitStack()  # the scored rows, removed on the way out
     try:
-        tmp = scratch.enter_context(spill_dir("recsys-infer-spark-"))
         # Ranges of users (not hash buckets), sorted within: each published part then covers a disjoint user
         # range, and a reader looking up one user opens one part (and one row group of it).
-        (hist.repartitionByRange(n_parts, "user_id").sortWithinPartitions("user_id")
-         .mapInArrow(score, schema).write.parquet(str(tmp / "scored")))
+        written = (hist.repartitionByRange(n_parts, "user_id").sortWithinPartitions("user_id")
+                   .mapInArrow(score_and_write, _WRITTEN).toArrow())
         hook("spilled")
         rows = fallback = 0
-        for f in sorted((tmp / "scored").glob("part-*.parquet")):
-            t = pq.read_table(f)
-            if t.num_rows == 0:
-                continue
-            seen = t.column("seen").combine_chunks()
-            offs = seen.offsets.to_numpy()
-            indptr = (offs - offs[0]).astype(np.int64)
-            cols = seen.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-            t = t.drop_columns(["seen"])
-            users = t.column("user_id").combine_chunks()
-            t = checks.finalize_part(t)
-            checks.check_part(t, users, indptr, cols, vocab, opts.top_n, model_version)
-            writer.write_part(t, **checks.user_range(users))
-            rows += t.num_rows
-            fallback += int(np.sum(t.column("fallback").to_numpy()))
+        for r in sorted(written.to_pylist(), key=lambda r: r["path"] or ""):
+            if r["error"] is not None:
+                kind, problem, fix = json.loads(r["error"])
+                if kind == checks.OutputCheckError.__name__:
+                    raise checks.OutputCheckError(problem.removeprefix("output check failed: "), fix)
+                raise DataError(problem, fix)
+            writer.record_part({"path": r["path"], "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"],
+                                **json.loads(r["index"])})
+            rows += r["rows"]
+            fallback += r["fallback"]
         if rows != counts["users"]:
             raise checks.OutputCheckError(f"{rows} rows for {counts['users']} active users (one row per active user)")
     except BaseException:
@@ -229,7 +255,11 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         raise
     finally:
         shipped.unpersist()
-        scratch.close()
     return {"batch_size": bs, "events": int(counts["events"]), "unknown_item_events": int(counts["unknown"] or 0),
             "unknown_items": int(counts["unknown_items"]), "shards": n_parts, "active_users": rows,
             "fallback_users": fallback}
+
+
+def _written_schema() -> pa.Schema:
+    return pa.schema([("error", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()),
+                      ("sha256", pa.string()), ("fallback", pa.int64()), ("index", pa.string())])
