@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["spark_cluster"]  # tests/spark_cluster.py: the standalone cluster fixture
 
 
 def data_dir() -> Path:
