@@ -402,3 +402,17 @@ def test_missing_training_image_or_role_fails_before_any_job(aws: dict[str, Any]
         run_like_airflow(training_job("train_run", uri, _profile(aws, TRAINING_IMAGE_URI=other_repo)),
                          _context("train_missing"))
     assert _training_jobs(aws) == before  # nothing was started
+
+
+def test_the_training_image_runs_the_entry_point_sagemaker_is_given() -> None:
+    """The training job's ContainerEntrypoint is the train image's venv python on the installed package (read from
+    docker/train.Dockerfile: no Docker engine here), and that module is the remote entry point."""
+    import re
+    from pathlib import Path
+
+    from pipeline.orchestration import remote
+    from pipeline.orchestration.aws import TRAINING_ENTRY
+
+    final = re.split(r"(?m)^FROM ", (Path(__file__).resolve().parents[3] / "docker" / "train.Dockerfile").read_text())[-1]
+    assert re.search(r"ENV PATH=/opt/venv/bin:\$PATH", final) and "COPY --from=build /opt/venv /opt/venv" in final
+    assert ["python", "-m", remote.__name__] == TRAINING_ENTRY and callable(remote.main)
