@@ -40,10 +40,10 @@ def machine_rates(reps: int = 3, budget_s: float = 2.0) -> MatmulRates:
 
 
 def rates_text(r: MatmulRates) -> str:
-    """`fp32 80.1 / bf16 0.5 GFLOP/s (0.01x) at [512,600]x[600,4096]` for a row."""
+    """`fp32 80.1 / bf16 0.462 GFLOP/s (0.0058x) at [512,600]x[600,4096]` for a row."""
     b, h, n = r.shape
-    return (f"fp32 {r.fp32_gflops:.1f} / bf16 {r.bf16_gflops or float('nan'):.1f} GFLOP/s "
-            f"({r.bf16_speedup or float('nan'):.2f}x) at [{b},{h}]x[{h},{n}]")
+    return (f"fp32 {r.fp32_gflops:.3g} / bf16 {r.bf16_gflops or float('nan'):.3g} GFLOP/s "
+            f"({r.bf16_speedup or float('nan'):.2g}x) at [{b},{h}]x[{h},{n}]")
 
 
 def machine_line(device: torch.device | str = "cpu") -> str:
