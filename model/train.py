@@ -4,6 +4,14 @@ Batches are gathered from a CSR matrix that stays on the training device (no per
 dense CPU copy). The epoch is chosen by validation NDCG@100; the trainer's whole state (weights,
 anchors, optimizers, RNG, history, best weights) is a dict that a checkpoint callback can persist and
 `load_state_dict` can resume from, reproducing an uninterrupted run.
+
+Data-parallel: when torch.distributed is initialised with more than one rank, the same code trains each rank on
+its shard of every global batch and all-reduces the gradients so that each step is the single-process step of
+the global batch (model.distributed has the arithmetic and why it is not DDP). Every rank keeps identical
+weights, optimizer state and history; rank 0 alone validates (the metrics are broadcast, so all ranks stop at the
+same epoch), prints and checkpoints; `on_epoch` runs on every rank with the same record. A checkpoint is resumed
+by loading it on every rank. Each rank's dropout/sampling noise is reseeded per epoch from (seed, rank, epoch):
+the noise cannot equal one process's draws for the whole batch, and this way a resumed run draws the same noise.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from model.distributed import DataParallel
 from model.evaluate import evaluate
 from model.graph_step import GraphStep, dense_matrix
 from model.pia import ItemAnchors, PIAConfig, pia_weight
@@ -83,6 +92,10 @@ class Trainer:
         self.train_x = DeviceCSR.from_scipy(train, self.device)
         self.valid = valid
         self.on_epoch = on_epoch
+        self.dp = DataParallel.current()
+        if self.dp.active and config.cuda_graph:
+            raise ValueError(f"cuda_graph=True cannot be used in data-parallel training ({self.dp.world_size} ranks): "
+                             "train with cuda_graph=False")
         torch.manual_seed(config.seed)  # weights were made by the caller; dropout and sampling draw from here
         # batch order is drawn on the CPU, so each batch's nnz is known there: no host sync per batch
         self.perm_gen = torch.Generator().manual_seed(config.seed)
@@ -93,6 +106,7 @@ class Trainer:
             self.anchors = ItemAnchors(train.shape[1], self.ae.latent_dim, self.pia).to(self.device)
             if self.pia.init == "encoder":
                 self.anchors.init_from_encoder(lambda b: self.ae.encode(b)[0])
+        self.dp.broadcast_params([self.model] + ([self.anchors] if self.anchors is not None else []))
         self._graph: GraphStep | None = None
         self._graph_matrix: torch.Tensor | None = None
         if config.cuda_graph:
@@ -187,14 +201,35 @@ class Trainer:
             return self._run_graph_phase(phase, bar)
         opt = self.optimizers[phase.group]
         n, bs = self.train_x.n_rows, self.config.batch_size
+        dp = self.dp
+        params = [p for g in opt.param_groups for p in g["params"]]
         sums: dict[str, torch.Tensor | float] = {}
         count = 0
         for _ in range(phase.passes):
-            perm_cpu = torch.randperm(n, generator=self.perm_gen)
-            totals = np.add.reduceat(self.row_nnz[perm_cpu].numpy(), np.arange(0, n, bs)).tolist()
-            perm = perm_cpu.to(self.device)
-            for b, start in enumerate(range(0, n, bs)):
-                batch = self.train_x.batch(perm[start : start + bs], total=totals[b])
+            perm_cpu = torch.randperm(n, generator=self.perm_gen)  # the global order: the same on every rank
+            if dp.active:  # this rank's shard of each global batch, and its share n_r / N of the batch's users
+                shards = [dp.shard(perm_cpu[start : start + bs]) for start in range(0, n, bs)]
+                shares = [len(sh) / min(bs, n - start) for sh, start in zip(shards, range(0, n, bs), strict=True)]
+                totals = [int(self.row_nnz[sh].sum()) for sh in shards]
+                perm_shards = [sh.to(self.device) for sh in shards]
+            else:
+                totals = np.add.reduceat(self.row_nnz[perm_cpu].numpy(), np.arange(0, n, bs)).tolist()
+                perm = perm_cpu.to(self.device)
+                perm_shards = [perm[start : start + bs] for start in range(0, n, bs)]
+                shares = [1.0] * len(perm_shards)
+            for rows, total, share in zip(perm_shards, totals, shares, strict=True):
+                self.model.zero_grad(set_to_none=True)
+                if self.anchors is not None:
+                    self.anchors.zero_grad(set_to_none=True)
+                if rows.numel() == 0:  # a global batch smaller than the world: this rank adds no gradient
+                    dp.reduce_grads(params, share)
+                    opt.step()
+                    if phase.group in ("all", "encoder"):
+                        self.step += 1
+                    count += 1
+                    bar.update(1)
+                    continue
+                batch = self.train_x.batch(rows, total=total)
                 with self._autocast():
                     out = self.ae.loss(batch, step=self.step, phase=phase)
                     loss = out.loss
@@ -204,19 +239,18 @@ class Trainer:
                         la = self.anchors.loss(batch.binary(), out.mu, out.logvar, out.z).mean()
                         loss = loss + lam * la
                         terms["anchor"], terms["lambda_a"] = la.detach(), lam
-                self.model.zero_grad(set_to_none=True)
-                if self.anchors is not None:
-                    self.anchors.zero_grad(set_to_none=True)
                 loss.backward()
+                dp.reduce_grads(params, share)  # data-parallel: the global batch's gradient on every rank
                 opt.step()
                 if phase.group in ("all", "encoder"):
                     self.step += 1
                 terms["loss"] = loss.detach()
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = sums.get(k, 0.0) + (v * share if dp.active else v)
                 count += 1
                 bar.update(1)
         means = {k: float(v) / max(count, 1) for k, v in sums.items()}  # one host sync per phase
+        means = dp.sum_floats(means)  # data-parallel: each global batch's mean over all its users
         bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in ("loss", "anchor")})
         return means
 
@@ -234,10 +268,13 @@ class Trainer:
         cfg = self.config
         n_batches = -(-self.train_x.n_rows // cfg.batch_size)
         per_epoch = sum(p.passes for p in self.ae.phases()) * n_batches
+        main = self.dp.is_main  # rank 0 (or the only process) prints and checkpoints
         self.model.train()
         while self.epoch < cfg.epochs:
             t0 = time.perf_counter()
-            with tqdm(total=per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+            if self.dp.active:
+                torch.manual_seed(self.dp.rank_seed(cfg.seed, self.epoch))
+            with tqdm(total=per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
                       leave=False, unit="batch") as bar:
                 record: dict[str, Any] = {"epoch": self.epoch + 1}
                 for phase in self.ae.phases():
@@ -250,7 +287,8 @@ class Trainer:
                 record["train_seconds"] = time.perf_counter() - t0
                 self.epoch += 1
                 if self.valid is not None and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
-                    record.update(self.validate())
+                    # rank 0 validates; every rank takes its metrics, so all make the same choice and stop together
+                    record.update(self.dp.broadcast(self.validate() if main else None))
                     value = record[f"val_{cfg.select_metric}"]
                     if value > self.best_value:
                         self.best_value, self.best_epoch = value, self.epoch
@@ -264,13 +302,13 @@ class Trainer:
             shown = {k: v for k, v in record.items() if k in ("loss", "anchor", f"val_{cfg.select_metric}")}
             line = (f"epoch {self.epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()) +
                     f" ({record['train_seconds']:.1f}s)")
-            if cfg.progress:
+            if cfg.progress and main:
                 tqdm.write(line)
-            else:  # logs and CI: no bars, but `-v` still shows one line per epoch
+            elif main:  # logs and CI: no bars, but `-v` still shows one line per epoch
                 log.info("%s", line)
             if self.on_epoch is not None:
                 self.on_epoch(record)
-            if checkpoint is not None:
+            if checkpoint is not None and main:
                 checkpoint(self.state_dict())
             if cfg.patience is not None and self.evals_since_best >= cfg.patience:
                 log.info("early stop at epoch %d (best %d)", self.epoch, self.best_epoch)
