@@ -1,4 +1,5 @@
-"""`recsys train | gate | promote | rollback` (registered by pipeline.cli.main; mlflow/torch load inside the commands)."""
+"""`recsys train | gate | promote | rollback | diagnose` (registered by pipeline.cli.main; mlflow/torch load inside
+the commands)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ TRACKING_HELP = "default: MLFLOW_TRACKING_URI, else SQLite under RECSYS_HOME"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `train`, `gate`, `promote` and `rollback` to the `recsys` sub-commands."""
+    """Add `train`, `gate`, `promote`, `rollback` and `diagnose` to the `recsys` sub-commands."""
     t = sub.add_parser("train", help="train on a snapshot, log to MLflow, register a `challenger` version")
     t.add_argument("--snapshot", required=True, help="snapshot URI (local path or s3://)")
     t.add_argument("--config", type=Path, default=None, help="YAML file of TrainJob keys (CLI flags win)")
@@ -43,6 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     _model_args(r, version=False)
     r.add_argument("--reason", default="")
     r.set_defaults(func=cmd_rollback)
+
+    d = sub.add_parser("diagnose", help="latent-geometry diagnostics of a trained version, logged to its MLflow run")
+    d.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS or a bundle folder")
+    d.add_argument("--snapshot", default=None, help="default: the snapshot the version was trained on")
+    d.add_argument("--users", type=int, default=None, help="validation users sampled (default 1000)")
+    d.add_argument("--views", type=int, default=None, help="K masked views per user (default 8)")
+    d.add_argument("--neighbours", type=int, default=None, help="k nearest latent neighbours (default 10)")
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--no-log", dest="log_to_run", action="store_false", default=None,
+                   help="do not log to the version's MLflow run")
+    d.add_argument("--out", type=Path, default=None, help="also write summary.json and the plots here")
+    d.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    d.set_defaults(func=cmd_diagnose)
 
 
 def _model_args(p: argparse.ArgumentParser, version: bool) -> None:
@@ -101,4 +115,21 @@ def cmd_rollback(args: argparse.Namespace) -> int:
                     tracking_uri=args.tracking_uri).run()
     print(f"rolled back {r.model_name}: champion {r.champion_before} -> {r.champion_after}, "
           f"previous now {r.previous_after}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Run a DiagnoseJob and print its headline figures."""
+    from pipeline.training.diagnose import DiagnoseJob
+
+    keys = ("model", "snapshot", "users", "views", "neighbours", "seed", "log_to_run", "out", "tracking_uri")
+    r = DiagnoseJob(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None}).run()
+    if not r.applicable:
+        print(f"{r.model}: {r.reason}")
+        return 0
+    m = r.metrics
+    shown = ("drift", "knn_jaccard", "near_w2_median", "far_w2_median", "far_within_near_median", "kl_mean",
+             "active_units", "anchor_distance")
+    print(" ".join(f"{k}={m[k]:.4g}" for k in shown if k in m))
+    print(f"{r.reason}; " + (f"logged to run {r.run_id} (diag.*, {', '.join(r.artifacts)})" if r.run_id else "not logged"))
     return 0

@@ -34,6 +34,7 @@ from pipeline.io import registry
 from pipeline.io.registry import CHALLENGER, CHAMPION, PREVIOUS
 from pipeline.job import Job
 from pipeline.training.aliases import aliases, move_aliases, repair
+from pipeline.training.diagnose import run_metrics
 from pipeline.training.gate_report import log_gate_run, report_markdown
 from pipeline.training.gates import GateCheck, GateConfig, GateResult, check, passed
 from pipeline.training.ledger import Ledger, utc_now
@@ -71,8 +72,9 @@ class GateJob(Job):
         read = aliases(name, tracking)  # the verdict is relative to these; the move refuses if they change
         scores = _score(name, version, read.get(CHAMPION), snap, cfg, tracking)
         baselines = _baselines(tags, cfg.metrics, cfg.top_n)
+        latent = run_metrics(tags.get("run_id"), tracking) if cfg.latent_floors else None  # the latent gate (off by default)
         verdicts = check(cfg, scores.candidate, scores.champion, baselines, scores.nan_rows, scores.seen,
-                         champion_note=scores.note)
+                         champion_note=scores.note, diagnostics=latent)
         ok = passed(verdicts)
         champ_v = scores.champion_version
         table = {f"candidate v{version}": scores.candidate} | \

@@ -17,6 +17,11 @@ Gates, each recorded as pass / fail / skipped with a one-line detail:
                        `allow_missing_baselines: true` turns them into `skipped`. The detail says which applied.
 - coverage             coverage@top_n >= coverage_floor
 - sanity.nan / sanity.seen   no non-finite score; no fold-in (already seen) item in any top-N list
+- latent.<name>        OFF BY DEFAULT (empty `latent_floors`): a floor on the version's latent diagnostics, read
+                       from its training run's `diag.*` metrics (pipeline.training.diagnose): `active_units`
+                       (count), `active_share` (of the latent units) or `kl_mean` (nats per user), e.g.
+                       `latent_floors: {active_units: 20, kl_mean: 1.0}` fails a collapsing model. A version
+                       without the metric fails closed (trained with `diagnose: false`: run `recsys diagnose`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ Status = Literal["pass", "fail", "skipped"]
 # What the gate measures (pipeline.training.rescore, model.evaluate's default cut-offs; training records the same
 # as baseline tags): a metric outside this list has no value to compare.
 KNOWN_METRICS = ("recall@20", "recall@50", "ndcg@100")
+# The latent diagnostics a floor can be set on (model.diagnostics, logged as `diag.<name>` on the training run).
+LATENT_METRICS = ("active_units", "active_share", "kl_mean")
 
 
 class GateConfig(BaseModel):
@@ -52,6 +59,17 @@ class GateConfig(BaseModel):
     top_n: int = Field(20, ge=1, description="N of the coverage and sanity checks")
     sanity_users: int = Field(5000, ge=1, description="test users whose top-N lists are checked for seen items")
     allow_missing_baselines: bool = Field(False, description="no baselines recorded (baselines: false): skip, not fail")
+    latent_floors: dict[str, float] = Field(default_factory=dict,
+                                            description="floors on the diagnostics (active_units, active_share, "
+                                                        "kl_mean); empty: the latent gate is off")
+
+    @field_validator("latent_floors")
+    @classmethod
+    def _latent_known(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = [n for n in v if n not in LATENT_METRICS]
+        if unknown:
+            raise ValueError(f"unknown latent floor(s) {', '.join(map(repr, unknown))}: use {', '.join(LATENT_METRICS)}")
+        return v
 
     @field_validator("metrics", "primary")
     @classmethod
@@ -165,8 +183,9 @@ def _cmp(gate: str, value: float, bound: float, what: str) -> GateCheck:
 
 def check(cfg: GateConfig, candidate: dict[str, float], champion: dict[str, float] | None,
           baselines: dict[str, dict[str, float]], nan_rows: int, seen_hits: int,
-          champion_note: str = "no champion: skipped") -> list[GateCheck]:
-    """All gates. `candidate`/`champion`/`baselines[name]` map metric names (e.g. 'ndcg@100') to values."""
+          champion_note: str = "no champion: skipped", diagnostics: dict[str, float] | None = None) -> list[GateCheck]:
+    """All gates. `candidate`/`champion`/`baselines[name]` map metric names (e.g. 'ndcg@100') to values;
+    `diagnostics`: the version's latent diagnostics (`diag.*` without the prefix), read when latent floors are set."""
     out = [_cmp(f"floor.{m}", candidate.get(m, float("nan")), v, "absolute floor") for m, v in cfg.floors.items()]
     for m in cfg.metrics:
         if champion is None:
@@ -193,6 +212,19 @@ def check(cfg: GateConfig, candidate: dict[str, float], champion: dict[str, floa
     out.append(_verdict("sanity.nan", "pass" if nan_rows == 0 else "fail", f"{nan_rows} users with non-finite scores"))
     out.append(_verdict("sanity.seen", "pass" if seen_hits == 0 else "fail",
                         f"{seen_hits} already-seen items in top-{cfg.top_n} lists"))
+    return out + latent_checks(cfg, diagnostics or {})
+
+
+def latent_checks(cfg: GateConfig, diagnostics: dict[str, float]) -> list[GateCheck]:
+    """The latent gate (none when `latent_floors` is empty): each floor passes when the diagnostic is at or above
+    it; a missing diagnostic fails closed."""
+    out = []
+    for name, floor in cfg.latent_floors.items():
+        if name not in diagnostics:
+            out.append(_verdict(f"latent.{name}", "fail", f"no diag.{name} metric on the version's run: retrain with "
+                                "diagnose: true or run `recsys diagnose --model models:/NAME/VERSION` first"))
+        else:
+            out.append(_cmp(f"latent.{name}", diagnostics[name], floor, "latent floor (collapse)"))
     return out
 
 

@@ -72,6 +72,8 @@ class TrainJob(Job):
     vae: VAEConfig = VAEConfig()  # Multi-VAE/DAE architecture (ignored by RecVAE)
     pia: PIAConfig = PIAConfig(weight=1.0)  # lambda_A 1 was chosen on validation for ml-latest-small and ml-1m
     compare_base: bool = Field(True, description="also train the model without PIA (latent plot, logged metrics)")
+    diagnose: bool = Field(True, description="latent diagnostics of the model and its twin on validation users "
+                                             "(pipeline.training.diagnose: diag.* metrics, diagnostics/ artifacts)")
     baselines: bool = Field(True, description="train popularity and EASE on the same split for the gate")
     ease: EASEConfig = EASEConfig()
     max_ease_items: int = Field(20_000, ge=1, description="skip the EASE baseline (I x I dense) above this catalog")
@@ -250,6 +252,10 @@ def _train(job: TrainJob, on_epoch: EpochHook | None) -> TrainResult:
         with tempfile.TemporaryDirectory() as tmp:
             _log_figures(s, trained, Path(tmp))
             model_uri = _log_model(s, trained[job.model], public_cfg, Path(tmp))
+        if job.diagnose:  # latent geometry of the candidate and its twin (pipeline.training.diagnose)
+            from pipeline.training.diagnose import log_training_diagnostics
+
+            log_training_diagnostics(trained, job.model, s.snap, job.seed)
         elapsed = time.perf_counter() - t_start
         mlflow.log_metrics({"train_seconds_total": elapsed})
         metrics["train_seconds_total"] = elapsed
