@@ -12,6 +12,11 @@ Order of effects: everything is logged to one MLflow run first; the registered-m
 `champion` (only the gate moves that). The steps of `train()`: set up (device, snapshot, experiment), log the
 run's inputs (tags, params, dataset), fit the candidate and its no-PIA twin, fit the baselines, log the figures,
 log the model, then (after the run is closed) register.
+
+Data-parallel (`distributed`, pipeline/training/distributed.py): the same steps run under pyspark's
+TorchDistributor, one process per rank; every rank fits the same models in the same order (the trainer reduces
+their gradients), rank 0 alone does everything else (MLflow, baselines, figures, registration) and also logs
+`world_size` and `ddp_backend`, and its TrainResult comes back to the caller.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pipeline.io import registry
 from pipeline.io.redact import redact_values
 from pipeline.job import Job, JobResult
 from pipeline.training import DEFAULT_REGISTERED_NAME
+from pipeline.training.distributed import DistributedConfig, check, launch, world_params
 from pipeline.training.evaluation import activity_groups, machine_name, metric_key, summarize, summary_metrics
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,8 @@ class TrainJob(Job):
     experiment: str = registry.DEFAULT_EXPERIMENT
     tracking_uri: str | None = None
     progress: bool = False
+    distributed: DistributedConfig | None = Field(None, description="data-parallel training with TorchDistributor "
+                                                                    "(None: in this process)")
 
     @field_validator("model")
     @classmethod
@@ -97,7 +105,7 @@ class TrainJob(Job):
 
     def run(self) -> TrainResult:
         """Train, log and register (see module doc)."""
-        return train(self)
+        return train(self) if self.distributed is None else train_distributed(self)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainJob:
@@ -238,6 +246,45 @@ def train(job: TrainJob, on_epoch: EpochHook | None = None) -> TrainResult:
         return _train(job, on_epoch)
 
 
+def train_distributed(job: TrainJob, on_epoch: EpochHook | None = None) -> TrainResult:
+    """The job on `job.distributed.num_processes` ranks (TorchDistributor); `on_epoch` (tests) runs on every rank,
+    so it must pickle. The job travels as its JSON; rank 0's TrainResult comes back."""
+    cfg = job.distributed
+    if cfg is None:
+        raise ValueError("train_distributed needs a job with `distributed` set")
+    check(cfg)
+    if job.cuda_graph:
+        raise DataError("cuda_graph cannot be used in data-parallel training", "set cuda_graph: false")
+    if cfg.use_gpu and job.device == "cpu":
+        raise DataError("device is cpu but distributed.use_gpu is true", "set device: auto (or cuda), or use_gpu: false")
+    if not cfg.use_gpu and job.device.startswith("cuda"):
+        raise DataError(f"device is {job.device} but distributed.use_gpu is false",
+                        "set distributed.use_gpu: true for GPU ranks, or device: auto / cpu")
+    out = launch(cfg, _train_on_rank, job.model_dump_json(), on_epoch)
+    return TrainResult.model_validate_json(out)
+
+
+def _train_on_rank(job_json: str, on_epoch: EpochHook | None) -> str | None:
+    """One rank: rank 0 runs the whole job (the trainer inside sees the process group); the others fit the same
+    models in the same order and log nothing. Returns rank 0's TrainResult as JSON (None on the other ranks)."""
+    import torch.distributed as dist
+
+    job = TrainJob.model_validate_json(job_json)
+    assert job.distributed is not None
+    job = job.model_copy(update={"device": "cuda" if job.distributed.use_gpu else "cpu"})  # cuda: this rank's GPU
+    if dist.get_rank() == 0:
+        return train(job, on_epoch).model_dump_json()
+    s = _set_up(job, tracking=False)
+    for name in _fit_order(job):
+        s.build(name).fit(s.snap.train, s.snap.valid, on_epoch=on_epoch if name == job.model else None)
+    return None
+
+
+def _fit_order(job: TrainJob) -> list[str]:
+    """The models the job fits, in order (every rank of a data-parallel run fits exactly these)."""
+    return [job.model] + ([job.base_model] if job.compare_base and job.base_model else [])
+
+
 def _train(job: TrainJob, on_epoch: EpochHook | None) -> TrainResult:
     import mlflow
 
@@ -265,8 +312,9 @@ def _train(job: TrainJob, on_epoch: EpochHook | None) -> TrainResult:
     return TrainResult(model_name=job.registered_name, version=version, run_id=run_id, metrics=metrics)
 
 
-def _set_up(job: TrainJob) -> _Setup:
-    """Resolve the device (fails fast when cuda is asked for and absent), load the snapshot, point MLflow."""
+def _set_up(job: TrainJob, tracking: bool = True) -> _Setup:
+    """Resolve the device (fails fast when cuda is asked for and absent), load the snapshot, point MLflow (unless
+    not `tracking`: the ranks > 0 of a data-parallel run, which log nothing)."""
     import torch
 
     from model.train import TrainConfig, resolve_device
@@ -276,10 +324,12 @@ def _set_up(job: TrainJob) -> _Setup:
     snap = load_snapshot(job.snapshot)
     if snap.test.n_users == 0 or snap.valid.n_users == 0:
         raise DataError(f"snapshot {job.snapshot} has no validation or test users", "rebuild it with held-out users")
-    registry.setup(job.tracking_uri)
-    experiment_id = registry.ensure_experiment(job.experiment, job.tracking_uri)
     train_cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, device=device,
                             bf16=job.bf16, patience=job.patience, progress=job.progress)
+    if not tracking:
+        return _Setup(job, device, snap, "", "", "", None, np.zeros(0), train_cfg)
+    registry.setup(job.tracking_uri)
+    experiment_id = registry.ensure_experiment(job.experiment, job.tracking_uri)
     return _Setup(job, device, snap, experiment_id, registry.git_commit(), manifest_digest(snap.manifest),
                   torch.as_tensor(snap.item_popularity()), snapshot_counts(snap), train_cfg)
 
@@ -296,6 +346,7 @@ def _log_inputs(s: _Setup) -> dict[str, Any]:
                      "model": job.model, "device": s.device, "machine": machine_name(s.device)})
     public_cfg: dict[str, Any] = redact_values(job.model_dump(mode="json"))  # tracking_uri may carry user:password
     mlflow.log_params(flatten(public_cfg))
+    mlflow.log_params(world_params())  # world_size and ddp_backend, in a data-parallel run only
     with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all are fine
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(job.snapshot)
@@ -310,7 +361,7 @@ def _fit_candidate(s: _Setup, on_epoch: EpochHook | None) -> tuple[dict[str, Any
     import mlflow
 
     job = s.job
-    names = [job.model] + ([job.base_model] if job.compare_base and job.base_model else [])
+    names = _fit_order(job)
     trained: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     for name in names:
