@@ -108,7 +108,6 @@ def choose_precision(requested: str, device: str, bundle: ModelBundle,
             msg = (f"--precision bf16 on a CPU without native bf16 ({cap.reason}): bf16 is emulated here and much "
                    "slower than fp32; use --precision auto or fp32")
             log.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
         if parts is None:
             return PrecisionChoice("fp32", f"bf16 requested, but {bundle.name} has no decoder output layer: fp32")
         return PrecisionChoice("bf16", f"requested (bf16); {cap.reason}")

@@ -68,10 +68,16 @@ def test_models_without_a_decoder_layer_stay_fp32() -> None:
     assert choice.chosen == "fp32" and "no decoder output layer" in choice.reason
 
 
-def test_explicit_bf16_without_native_support_warns_but_is_used(bundle: ModelBundle) -> None:
-    with pytest.warns(RuntimeWarning, match="emulated here and much slower"):
+def test_explicit_bf16_without_native_support_warns_but_is_used(bundle: ModelBundle,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="pipeline.serving.precision"):
         choice = choose_precision("bf16", "cpu", bundle, lambda: NOT_NATIVE)
+    assert "emulated here and much slower" in caplog.text
     assert choice.chosen == "bf16" and not choice.guard  # asked for: no guard, but never chosen by auto
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.serving.precision"):
+        choose_precision("bf16", "cpu", bundle, lambda: NATIVE)
+    assert not caplog.text  # native: no warning
 
 
 def test_unknown_precision_names_the_choices(bundle: ModelBundle) -> None:
