@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
     p.add_argument("--engine", default="local", choices=["local", "spark"],
                    help="spark: the same scoring through mapInArrow, one model copy per executor")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
-                   help="scoring matmuls (auto: tf32 on CUDA, fp32 on the CPU)")
+                   help="scoring matmuls (auto: tf32 on CUDA, bf16 on a CPU with native bf16, else fp32)")
     p.add_argument("--memory-budget-mb", type=int, default=1024, help="for one scoring batch's scores + top-k")
     p.add_argument("--history-days", type=int, default=None, help="history window ending at --date (default: all)")
     p.add_argument("--min-weight", type=float, default=None, help="keep events with weight >= this")
