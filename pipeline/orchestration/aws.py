@@ -415,6 +415,16 @@ class RemoteEmrServerlessJobOperator(_DeferThreaded, EmrServerlessStartJobOperat
                         f"EMR Serverless job run {job_id} ({run.get('name', self.name)}) {state}: {run.get('stateDetails', '')}")
 
 
+def _service_limit_s(wanted_s: int, poll_s: int, kwargs: Mapping[str, Any]) -> int:
+    """The service-side time limit: the profile's, but ending before the task's execution_timeout (when given), so
+    the service stops the job itself and the task fails with its reason rather than leave a job nobody waits for."""
+    timeout = kwargs.get("execution_timeout")
+    if timeout is None:
+        return wanted_s
+    budget = int(timeout.total_seconds()) - max(2 * poll_s, 60)
+    return max(min(wanted_s, budget), 300)
+
+
 def emr_serverless_job(task_id: str, envelope_uri: Any, profile: AwsProfile, kind: SparkKind | None = None,
                        **kwargs: Any) -> RemoteEmrServerlessJobOperator:
     """The task that runs remote.py on `envelope_uri` (the prepare task's XComArg or a template) as an EMR
@@ -431,14 +441,15 @@ def emr_serverless_job(task_id: str, envelope_uri: Any, profile: AwsProfile, kin
     overrides = ({"monitoringConfiguration": {"s3MonitoringConfiguration": {"logUri": profile.emr_log_uri + "/"}}}
                  if profile.emr_log_uri else None)
     poll = profile.poll_seconds
+    minutes = _service_limit_s(profile.emr_timeout_minutes * 60, poll, kwargs) // 60
     return RemoteEmrServerlessJobOperator(
         task_id=task_id, envelope_uri=envelope_uri, kind=kind, project=profile.project, preflight=profile.preflight,
         application_id=profile.emr_application_id, execution_role_arn=role,
         job_driver={"sparkSubmit": submit}, configuration_overrides=overrides,
         # tags: the Airflow role may only act on job runs tagged with the project (infra/iam.yaml SparkJobs)
-        config={"tags": {"project": profile.project}, "executionTimeoutMinutes": profile.emr_timeout_minutes},
+        config={"tags": {"project": profile.project}, "executionTimeoutMinutes": minutes},
         wait_for_completion=True, deferrable=True, waiter_delay=poll,
-        waiter_max_attempts=math.ceil(profile.emr_timeout_minutes * 60 / poll) + 2,
+        waiter_max_attempts=math.ceil(minutes * 60 / poll) + 2,
         aws_conn_id=profile.aws_conn_id, region_name=profile.region, **kwargs)
 
 
@@ -520,7 +531,10 @@ def training_job(task_id: str, envelope_uri: Any, profile: AwsProfile, **kwargs:
     """
     spec: dict[str, Any] = {"TrainingImage": profile.training_image_uri, "TrainingInputMode": "File",
                             "ContainerEntrypoint": TRAINING_ENTRY, "ContainerArguments": [envelope_uri]}
-    stopping: dict[str, Any] = {"MaxRuntimeInSeconds": profile.training_max_runtime_s}
+    poll = profile.poll_seconds
+    wait_s = 2 * profile.training_max_runtime_s if profile.training_spot else profile.training_max_runtime_s
+    limit = _service_limit_s(wait_s, poll, kwargs)  # spot: waiting for capacity counts too
+    stopping: dict[str, Any] = {"MaxRuntimeInSeconds": min(profile.training_max_runtime_s, limit)}
     config: dict[str, Any] = {
         "TrainingJobName": "set-per-try-at-execute",
         "AlgorithmSpecification": spec,
@@ -534,14 +548,13 @@ def training_job(task_id: str, envelope_uri: Any, profile: AwsProfile, **kwargs:
     }
     if profile.training_spot:
         config["EnableManagedSpotTraining"] = True
-        stopping["MaxWaitTimeInSeconds"] = 2 * profile.training_max_runtime_s  # waiting for capacity counts too
-    poll = profile.poll_seconds
+        stopping["MaxWaitTimeInSeconds"] = limit
     return RemoteSageMakerTrainingOperator(
         task_id=task_id, envelope_uri=envelope_uri, project=profile.project, preflight=profile.preflight,
         image_uri=profile.training_image_uri, config=config, wait_for_completion=True, deferrable=True,
         check_if_job_exists=False,  # execute() checks its per-try name itself and attaches instead of renaming
         print_log=profile.print_log, check_interval=poll,
-        max_attempts=math.ceil(stopping.get("MaxWaitTimeInSeconds", profile.training_max_runtime_s) / poll) + 5,
+        max_attempts=math.ceil(limit / poll) + 5,
         aws_conn_id=profile.aws_conn_id, region_name=profile.region, **kwargs)
 
 

@@ -145,6 +145,28 @@ def test_the_aws_dags_use_the_remote_operators(aws_tasks: list[Any]) -> None:
     assert sum(isinstance(t, RemoteSageMakerTrainingOperator) for t in aws_tasks) == 1
 
 
+def test_the_remote_operators_get_the_staged_envelope(aws_tasks: list[Any]) -> None:
+    """Each `<step>_run` waits for `<step>_stage`, survives DAG serialization, and renders the stage task's XCom
+    (the envelope URI) into the job driver / container arguments."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    uri = "s3://lake-b/_jobs/weekly_train/r/step/envelope.json"
+
+    class _TI:
+        def xcom_pull(self, *a: Any, **k: Any) -> str:
+            return uri
+
+    runs = [t for t in aws_tasks if t.task_id.endswith("_run")]
+    assert sorted(t.task_id for t in runs) == ["build_matrix_run", "infer_run", "train_run"]
+    for t in runs:
+        assert t.upstream_task_ids == {t.task_id.removesuffix("_run") + "_stage"}, t.task_id
+        assert DagSerialization.from_dict(DagSerialization.to_dict(t.dag)).get_task(t.task_id).task_id == t.task_id
+        t.render_template_fields({"ti": _TI(), "task_instance": _TI(), "run_id": "r", "dag": t.dag, "task": t, "params": {}})
+        args = (t.job_driver["sparkSubmit"]["entryPointArguments"] if t.task_id != "train_run"
+                else t.config["AlgorithmSpecification"]["ContainerArguments"])
+        assert t.envelope_uri == uri and args == [uri], t.task_id
+
+
 def test_every_needed_action_is_granted_and_nothing_else(aws_tasks: list[Any]) -> None:
     missing, extra = missing_and_extra(_needed(aws_tasks), granted(_template()))
     assert not missing, "infra/iam.yaml lacks what the tasks do:\n" + "\n".join(missing)

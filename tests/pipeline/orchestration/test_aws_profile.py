@@ -61,6 +61,10 @@ def aws(moto_server: str) -> Iterator[dict[str, Any]]:
     try:
         yield {"roles": roles, "app": app, "bucket": bucket, "kw": kw, "endpoint": moto_server}
     finally:
+        # moto servers in one process share their backends: leave no bucket behind for tests that list them all
+        lake = boto3.resource("s3", **kw).Bucket(bucket)
+        lake.object_versions.delete()
+        lake.delete()
         if old is None:
             os.environ.pop("AIRFLOW_CONN_AWS_DEFAULT", None)
         else:
@@ -416,3 +420,22 @@ def test_the_training_image_runs_the_entry_point_sagemaker_is_given() -> None:
     final = re.split(r"(?m)^FROM ", (Path(__file__).resolve().parents[3] / "docker" / "train.Dockerfile").read_text())[-1]
     assert re.search(r"ENV PATH=/opt/venv/bin:\$PATH", final) and "COPY --from=build /opt/venv /opt/venv" in final
     assert ["python", "-m", remote.__name__] == TRAINING_ENTRY and callable(remote.main)
+
+
+def test_the_service_stops_a_job_before_the_task_times_out(aws: dict[str, Any]) -> None:
+    """With an execution_timeout, the job's own limit ends first (so its reason, not a bare task timeout, is the
+    failure, and no job outlives its task); without one the profile's limits apply."""
+    import datetime as dt
+
+    from pipeline.orchestration.aws import emr_serverless_job, training_job
+
+    p = _profile(aws, EMR_TIMEOUT_MINUTES="600", TRAINING_MAX_RUNTIME_S="36000", POLL_SECONDS="60")
+    assert emr_serverless_job("infer_run", "u", p).config["executionTimeoutMinutes"] == 600
+    assert emr_serverless_job("infer_run", "u", p, execution_timeout=dt.timedelta(hours=2)).config[
+        "executionTimeoutMinutes"] == 118
+    sm = training_job("train_run", "u", p, execution_timeout=dt.timedelta(hours=6)).config["StoppingCondition"]
+    assert sm == {"MaxRuntimeInSeconds": 6 * 3600 - 120}
+    spot = _profile(aws, TRAINING_SPOT="true", TRAINING_MAX_RUNTIME_S="3600", POLL_SECONDS="60")
+    sm = training_job("train_run", "u", spot, execution_timeout=dt.timedelta(hours=6)).config
+    assert sm["EnableManagedSpotTraining"] and sm["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600,
+                                                                          "MaxWaitTimeInSeconds": 7200}
