@@ -397,10 +397,16 @@ class RemoteEmrServerlessJobOperator(_DeferThreaded, EmrServerlessStartJobOperat
         with _aws_errors(f"EMR Serverless job {self.name} on application {self.application_id}"):
             return super().execute(context, event)
 
-    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> str | None:  # type: ignore[override]
+    def defer(self, *, trigger: Any, method_name: str, kwargs: dict[str, Any] | None = None, timeout: Any = None) -> NoReturn:
+        # the task resumes on a fresh operator, and the trigger's failure event names no job: hand the id over
+        kwargs = {**(kwargs or {}), "job_id": self.job_id} if method_name == "execute_complete" else kwargs
+        super().defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None,  # type: ignore[override]
+                         job_id: str | None = None) -> str | None:
         event = event or {}
         details = event.get("job_details") or {}
-        job_id = details.get("job_id") or self.job_id
+        job_id = details.get("job_id") or job_id or self.job_id
         if event.get("status") == "success":
             self.log.info("EMR Serverless job run %s succeeded", job_id)
             return str(job_id)
@@ -498,7 +504,7 @@ class RemoteSageMakerTrainingOperator(_DeferThreaded, SageMakerTrainingOperator)
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, dict]:
         event = event or {}
-        name = str(event.get("job_name") or self.config.get("TrainingJobName"))
+        name = str(event.get("job_name") or remote_job_name(self.project, *_key(context)))
         status = event.get("status")
         if status == "success":
             with _aws_errors(f"reading SageMaker training job {name}"):

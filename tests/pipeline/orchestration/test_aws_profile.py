@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import functools
 import json
 import threading
 import time
@@ -116,17 +118,21 @@ def run_like_airflow(op: Any, context: dict[str, Any], deferred: list[str] | Non
     from airflow.sdk.exceptions import TaskDeferred
 
     deferred = [] if deferred is None else deferred
-    call, kwargs = op.execute, {}
+    pristine = copy.deepcopy(op)
+    call = functools.partial(op.execute, context)
     for _ in range(5):
         try:
-            return call(context, **kwargs)
+            return call()
         except TaskDeferred as d:
             classpath, params = d.trigger.serialize()
             module, _, name = classpath.rpartition(".")
             trigger = getattr(importlib.import_module(module), name)(**params)  # what the triggerer does
             event = asyncio.run(asyncio.wait_for(_first_event(trigger), timeout=60))
             deferred.append(type(trigger).__name__)
-            call, kwargs = getattr(op, d.method_name), {"event": event.payload}
+            # the task resumes in a new process: a fresh operator, given only the deferral's kwargs and the event
+            fresh = copy.deepcopy(pristine)
+            call = functools.partial(fresh.resume_execution, d.method_name, {**(d.kwargs or {}), "event": event.payload},
+                                     context)
     raise AssertionError("deferred too many times")
 
 
