@@ -266,7 +266,10 @@ def test_emr_job_runs_remote_py_on_the_envelope_and_succeeds(aws: dict[str, Any]
     uri = _stage_any(aws, "emr-ok")
     op = emr_serverless_job("build_matrix_run", uri, _profile(aws))
     ctx = _context("build_matrix_run")
-    job_id = run_like_airflow(op, ctx)  # moto's job run is SUCCESS at once: the trigger's first poll ends it
+    boto3.client("emr-serverless", **aws["kw"]).stop_application(applicationId=aws["app"])  # auto-stopped when idle
+    deferred: list[str] = []
+    job_id = run_like_airflow(op, ctx, deferred)  # moto's job run is SUCCESS at once: the trigger's first poll ends it
+    assert deferred == ["EmrServerlessApplicationTrigger", "EmrServerlessJobTrigger"]  # started the app, then the job
     run = boto3.client("emr-serverless", **aws["kw"]).get_job_run(applicationId=aws["app"], jobRunId=job_id)["jobRun"]
     submit = run["jobDriver"]["sparkSubmit"]
     assert submit == {"entryPoint": "local:///opt/recsys/remote.py", "entryPointArguments": [uri],
