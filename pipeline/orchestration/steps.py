@@ -72,8 +72,8 @@ def train_job(s: Settings, build: BuildResult | dict[str, Any]) -> TrainJob:
     overrides: dict[str, Any] = {"snapshot": build.snapshot_uri, "device": s.device, "registered_name": s.model_name,
                                  "tracking_uri": s.tracking_uri}
     if s.profile == "spark":
-        overrides |= {"spark_master": s.spark_master,
-                      "distributed": {"num_processes": s.train_processes, "use_gpu": s.train_gpu}}
+        overrides |= {"distributed": {"num_processes": s.train_processes, "use_gpu": s.train_gpu,
+                                      "spark_master": s.spark_master}}
     return load_config(s.train_config, overrides)
 
 

@@ -155,3 +155,27 @@ def test_serving_defaults_to_the_name_training_registers() -> None:
     assert f"models:/{DEFAULT_REGISTERED_NAME}@champion" == DEFAULT_MODEL
     assert steps.Settings(home=Path("."), events_uri="e", lake_uri="l", recs_uri="r",
                           tracking_uri="t").model_name == DEFAULT_REGISTERED_NAME
+
+
+def test_the_embedded_profile_runs_everything_in_process(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    assert steps.infer_job(s, "2026-01-17").engine == "local"
+    assert steps.train_job(s, {"snapshot_uri": "snap", "digest": "d", "counts": {}}).distributed is None
+
+
+def test_the_spark_profile_launches_training_onto_the_cluster_and_scores_with_the_spark_engine(tmp_path: Path) -> None:
+    s = settings(tmp_path, profile="spark", spark_master="spark://10.0.0.1:7077", train_processes=4, train_gpu=True)
+    job = steps.train_job(s, {"snapshot_uri": "snap", "digest": "d", "counts": {}})
+    assert job.distributed is not None and job.distributed.num_processes == 4 and job.distributed.use_gpu
+    assert job.distributed.spark_master == "spark://10.0.0.1:7077"
+    assert steps.build_matrix_job(s, "2026-01-17").spark_master == "spark://10.0.0.1:7077"
+    assert steps.infer_job(s, "2026-01-17").engine == "spark"
+
+
+def test_stage_writes_the_job_under_the_staging_area_by_dag_run_and_task(tmp_path: Path) -> None:
+    from pipeline.orchestration import remote
+
+    s = settings(tmp_path, lake_uri=str(tmp_path / "lake"))
+    uri = steps.stage(s, steps.infer_job(s, "2026-01-17"), "daily_inference", "manual__2026-01-17T00:00:00+00:00", "infer")
+    assert uri == f"{tmp_path}/lake/_jobs/daily_inference/manual__2026-01-17T00_00_00_00_00/infer/envelope.json"
+    assert remote.JobEnvelope.model_validate_json(Path(uri).read_text()).build() == steps.infer_job(s, "2026-01-17")
