@@ -25,6 +25,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from pipeline.errors import DataError
 from pipeline.io.redact import redact_text
+from pipeline.io.spark import SparkConfig
 from pipeline.training import DEFAULT_REGISTERED_NAME
 
 Profile = Literal["embedded", "spark", "aws"]
@@ -83,6 +84,12 @@ class Settings(BaseSettings):
         for k, v in filled.items():
             object.__setattr__(self, k, v)  # frozen: filled once, during validation
         return self
+
+    def spark(self) -> SparkConfig:
+        """Where the jobs' Spark sessions run (the master, driver address and conf above; executor resources go in
+        RECSYS_SPARK_CONF)."""
+        return SparkConfig(master=self.spark_master, driver_host=self.spark_driver_host,
+                           bind_address=self.spark_bind_address, conf=self.spark_conf)
 
     @classmethod
     def from_env(cls) -> Settings:

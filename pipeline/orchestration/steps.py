@@ -57,7 +57,7 @@ def _no_credentials() -> Iterator[None]:
 def build_matrix_job(s: Settings, as_of: dt.date | str) -> BuildMatrixJob:
     """Weekly: the build of the window ending at `as_of`, on the settings' Spark master."""
     return BuildMatrixJob(events=s.events_uri, as_of=parse_date(as_of), window_days=s.window_days, out=s.lake_uri,
-                          spark_master=s.spark_master)
+                          spark=s.spark())
 
 
 def build_matrix(s: Settings, as_of: dt.date | str) -> BuildResult:

@@ -164,11 +164,14 @@ def test_the_embedded_profile_runs_everything_in_process(tmp_path: Path) -> None
 
 
 def test_the_spark_profile_launches_training_onto_the_cluster_and_scores_with_the_spark_engine(tmp_path: Path) -> None:
-    s = settings(tmp_path, profile="spark", spark_master="spark://10.0.0.1:7077", train_processes=4, train_gpu=True)
+    s = settings(tmp_path, profile="spark", spark_master="spark://10.0.0.1:7077", train_processes=4, train_gpu=True,
+                 spark_driver_host="10.0.0.9", spark_conf={"spark.executor.memory": "4g"})
     job = steps.train_job(s, {"snapshot_uri": "snap", "digest": "d", "counts": {}})
     assert job.distributed is not None and job.distributed.num_processes == 4 and job.distributed.use_gpu
     assert job.distributed.spark_master == "spark://10.0.0.1:7077"
-    assert steps.build_matrix_job(s, "2026-01-17").spark_master == "spark://10.0.0.1:7077"
+    built = steps.build_matrix_job(s, "2026-01-17")
+    assert built.spark.master == "spark://10.0.0.1:7077" and built.spark_master == "spark://10.0.0.1:7077"
+    assert built.spark.driver_host == "10.0.0.9" and built.spark.settings()["spark.executor.memory"] == "4g"
     assert steps.infer_job(s, "2026-01-17").engine == "spark"
 
 
