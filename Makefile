@@ -11,7 +11,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 export PYTHONHASHSEED := 0
 export RECSYS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv run test lint typecheck fmt bench-train bench-ease bench-build bench-infer bench-recs experiment results backfill clean
+.PHONY: venv run test lint typecheck fmt bench-train bench-train-ddp bench-ease bench-build bench-infer bench-recs experiment results backfill clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,9 @@ fmt: venv
 
 bench-train: venv
 	$(PY) -m bench.train_epoch $(ARGS)
+
+bench-train-ddp: venv
+	$(PY) -m bench.train_ddp $(ARGS)
 
 bench-ease: venv
 	$(PY) -m bench.ease_fit $(ARGS)

@@ -105,7 +105,12 @@ def launch(cfg: DistributedConfig, fn: Callable[..., Any], *args: Any) -> Any:
 
     spark_session(cfg.spark_master, "recsys-train-ddp")  # TorchDistributor uses the active session
     env = {k: v for k, v in os.environ.items() if k.startswith(SHIPPED_ENV_PREFIXES)} if cfg.runs_on_this_machine else {}
-    distributor = TorchDistributor(num_processes=cfg.num_processes, local_mode=cfg.local_mode, use_gpu=cfg.use_gpu)
+    try:  # it reads the session's GPU resources: a cluster without them is refused here
+        distributor = TorchDistributor(num_processes=cfg.num_processes, local_mode=cfg.local_mode, use_gpu=cfg.use_gpu)
+    except RuntimeError as e:
+        raise DataError(f"TorchDistributor cannot place {cfg.num_processes} GPU rank(s): {_line(str(e), 200)}",
+                        "give the Spark session GPU resources (spark.executor.resource.gpu.amount and "
+                        "spark.task.resource.gpu.amount=1, or the driver's with local_mode), or set use_gpu: false") from None
     try:
         out = distributor.run(_on_rank, cfg.model_dump_json(), env, fn, *args)
     except Exception as e:  # the launch itself failed (Spark, torchrun, a process killed): no rank's report
