@@ -45,9 +45,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     RECSYS_HOME=/home/recsys/.recsys
 USER 10001
 WORKDIR /home/recsys
-# The `aws` profile's SageMaker training job (pipeline/orchestration/aws.py training_job) overrides the entry point with
-# ContainerEntrypoint ["python", "-m", "pipeline.orchestration.remote"] + ContainerArguments [<envelope URI>]: the
-# venv's python (on PATH above) runs the staged TrainJob and writes its outcome (and /opt/ml/output/failure on an error).
+# The `aws` profile's SageMaker training job (pipeline/orchestration/aws/operators.py training_job) overrides the
+# entry point with ContainerEntrypoint ["python", "-m", "pipeline.orchestration.remote"] + ContainerArguments
+# [<envelope URI>]: the venv's python (on PATH above) runs the staged TrainJob and writes its outcome (and
+# /opt/ml/output/failure on an error).
 # By hand: `docker run IMAGE train --snapshot ...` runs the CLI.
 ENTRYPOINT ["recsys"]
 CMD ["train", "--help"]
