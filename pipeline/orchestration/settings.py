@@ -7,7 +7,7 @@ The same DAG code runs in every execution profile; `RECSYS_PROFILE` picks where 
   ``RECSYS_SPARK_MASTER`` (standalone, YARN, Kubernetes) with spark-submit, and training is launched onto the
   cluster's workers with TorchDistributor (``RECSYS_TRAIN_PROCESSES`` processes, ``RECSYS_TRAIN_GPU``);
 - ``aws``: EMR Serverless for the Spark jobs and a SageMaker training job for training (RECSYS_AWS_* settings,
-  pipeline/orchestration/aws.py).
+  pipeline/orchestration/aws/profile.py).
 
 A bad value fails when the settings are read, naming the variable (pydantic's per-field message).
 """

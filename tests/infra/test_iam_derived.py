@@ -1,7 +1,7 @@
 """IAM derived from the jobs: the actions each role needs, from the DAGs' tasks in the `aws` profile, against what
 infra/iam.yaml grants, both ways.
 
-The needs come from pipeline/orchestration/aws.py, next to the code that performs them: each operator's API calls,
+The needs come from pipeline/orchestration/aws/iam.py, next to the code that performs them: each operator's API calls,
 each job kind's S3 areas (under its job role), each Python task's S3 areas (under the Airflow role) and what each
 service does with its role. The DAG files are parsed with RECSYS_PROFILE=aws through Airflow's DagBag, so a new
 task with no declared needs, a need that no policy grants, or a grant that no task needs each fails here.
