@@ -111,7 +111,8 @@ def infer_job(s: Settings, date: dt.date | str) -> InferJob:
     """Daily: every active user's top-N from the champion for `date`; the Spark engine outside the embedded profile."""
     return InferJob(date=parse_date(date), events=s.events_uri, out=s.recs_uri, model=f"models:/{s.model_name}@champion",
                     top_n=s.top_n, device=s.device, tracking_uri=s.tracking_uri,
-                    engine="local" if s.profile == "embedded" else "spark")
+                    engine="local" if s.profile == "embedded" else "spark",
+                    spark=None if s.profile == "embedded" else s.spark())
 
 
 def infer(s: Settings, date: dt.date | str) -> InferResult:

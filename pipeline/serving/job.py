@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipeline.io import lake, registry
 from pipeline.io.publish import MANIFEST, PartitionWriter
 from pipeline.io.redact import redact_uri
+from pipeline.io.spark import SparkConfig
 from pipeline.job import Job, JobResult
 from pipeline.serving import checks, layout
 from pipeline.serving.local_engine import run_local
@@ -68,6 +69,7 @@ class InferJob(InferOptions, Job):
     tracking_uri: str | None = None  # the MLflow registry models:/ resolves against (None: MLFLOW_TRACKING_URI, else local)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["local", "spark"] = "local"
+    spark: SparkConfig | None = None  # the Spark engine's session (None: RECSYS_SPARK_* via SparkConfig.from_env)
 
     @property
     def partition_uri(self) -> str:
@@ -98,8 +100,10 @@ def publish_recommendations(job: InferJob, bundle: ModelBundle, model_version: s
 def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str, t0: float) -> InferResult:
     _ = job.first_day
     writer = PartitionWriter(layout.partition(job.out, job.date))
-    engine = run_spark if job.engine == "spark" else run_local
-    stats = engine(job, bundle, model_version, writer)
+    if job.engine == "spark":
+        stats = run_spark(job, bundle, model_version, writer, spark_config=job.spark)
+    else:
+        stats = run_local(job, bundle, model_version, writer)
     try:  # before the commit: a refused run leaves the date's previous partition published
         checks.check_shares(job, stats["events"], stats["unknown_item_events"], stats["active_users"],
                             stats["fallback_users"])

@@ -172,7 +172,8 @@ def test_the_spark_profile_launches_training_onto_the_cluster_and_scores_with_th
     built = steps.build_matrix_job(s, "2026-01-17")
     assert built.spark.master == "spark://10.0.0.1:7077" and built.spark_master == "spark://10.0.0.1:7077"
     assert built.spark.driver_host == "10.0.0.9" and built.spark.settings()["spark.executor.memory"] == "4g"
-    assert steps.infer_job(s, "2026-01-17").engine == "spark"
+    scoring = steps.infer_job(s, "2026-01-17")
+    assert scoring.engine == "spark" and scoring.spark is not None and scoring.spark.master == "spark://10.0.0.1:7077"
 
 
 def test_stage_writes_the_job_under_the_staging_area_by_dag_run_and_task(tmp_path: Path) -> None:
