@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_dag_runs import TINY_TRAIN  # the same tiny model as the embedded DAG runs
 
 from pipeline.data.synth_events import SynthEventsJob
 from pipeline.orchestration.dev.local_airflow import REPO_DAGS, airflow_env
@@ -26,16 +27,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "recsys-spark-profile"
 FIRST_DAY, LAST_DAY, WEEKLY_LOGICAL = "2026-01-04", "2026-01-17", "2026-01-18"
-TINY_TRAIN = """\
-epochs: 3
-patience: 2
-batch_size: 100
-compare_base: false
-baselines: false
-vae:
-  hidden_dims: [32]
-  latent_dim: 16
-"""
 
 
 class Env:
