@@ -25,7 +25,8 @@ def _count_or_fraction(text: str) -> int | float:
 
 def register(sub: Any) -> None:
     i = sub.add_parser("ingest", help="convert MovieLens / Netflix / MSD / interaction Parquet into events")
-    i.add_argument("--format", required=True, choices=["movielens", "netflix", "msd", "interactions"])
+    i.add_argument("--format", required=True, choices=["movielens", "netflix", "msd", "interactions"],
+                   help="the source's layout")
     i.add_argument("--src", type=Path, required=True, help="the source file or folder")
     i.add_argument("--out", required=True, help="events URI (local folder or s3://bucket/prefix)")
     i.add_argument("--no-partition", action="store_true", help="one folder even when the data has timestamps")
@@ -36,7 +37,7 @@ def register(sub: Any) -> None:
     s.add_argument("--items", type=int, required=True, help="catalog size")
     s.add_argument("--days", type=int, required=True, help="days of events, one dt= partition each")
     s.add_argument("--out", required=True, help="events URI (local folder or s3://bucket/prefix)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same events")
     s.add_argument("--start", type=_date, default=dt.date(2024, 1, 1), help="first day (YYYY-MM-DD)")
     s.add_argument("--mean-items", type=float, default=30.0, help="mean distinct items per user")
     s.set_defaults(func=cmd_synth)

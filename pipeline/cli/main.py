@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import re
 import sys
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -31,11 +32,42 @@ COMMAND_MODULES = ("pipeline.cli.data", "pipeline.cli.training", "pipeline.cli.s
 log = logging.getLogger("recsys")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it in words ("default: the
+    config's"); an option without a value (None) shows `none`. On/off flags and required options show nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS or action.nargs == 0
+                or "default" in text.lower()):
+            return text
+        shown = "none" if action.default is None else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+class _SubParser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject's), or `unknown` when run from a tree not installed."""
+    try:
+        return importlib.metadata.version("recsys-pia")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recsys", description="Multi-VAE + PIA recommender pipeline")
+    p = argparse.ArgumentParser(prog="recsys", description="Multi-VAE + PIA recommender pipeline",
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                   help="print the installed recsys-pia version and exit")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log at INFO level (with --no-progress, training logs one line per epoch instead of bars)")
-    sub = p.add_subparsers(dest="command", required=True)
+    # every sub-command's parser gets the same formatter (the area modules call sub.add_parser as usual)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     # Each job area registers its own sub-commands (register(sub)); heavy imports stay inside the commands.
     for module in COMMAND_MODULES:
@@ -127,12 +159,17 @@ _COMPARE = {"greater_than_equal": ("ge", ">=", "to {} or more"), "greater_than":
             "less_than_equal": ("le", "<=", "to {} or less"), "less_than": ("lt", "<", "below {}")}
 
 
-def _flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
-    """The option strings of one sub-command (to say which flag sets a field)."""
+def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """The option strings of one sub-command (to say which flag sets a field): each option string to itself, and
+    `--<dest>` to the option that sets that job field under another name (`train --architecture` sets `model`)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return set(action.choices[command]._option_string_actions)
-    return set()
+            options = action.choices[command]._option_string_actions
+            flags = {o: o for o in options}
+            for o, a in options.items():
+                flags.setdefault(f"--{a.dest.replace('_', '-')}", o)
+            return flags
+    return {}
 
 
 def _model_named(title: str) -> type[BaseModel] | None:
@@ -174,12 +211,14 @@ def _shown(value: Any) -> str:
 def validation_lines(err: ValidationError, flags: Collection[str] = ()) -> list[str]:
     """One `field: problem. Fix: fix` line per error of a pydantic ValidationError (no documentation URLs).
 
-    `flags`: the sub-command's options, to name the flag or --config key that sets a field."""
+    `flags`: the sub-command's options (or `_flags`' mapping), to name the flag or --config key that sets a field."""
     lines = []
     for e in err.errors(include_url=False):
         loc = tuple(e["loc"])
         field = ".".join(str(p) for p in loc) or "config"
         flag = f"--{field.replace('_', '-')}" if len(loc) == 1 else None
+        if isinstance(flags, Mapping) and flag in flags:
+            flag = flags[flag]  # the option that sets this field (train: --architecture sets `model`)
         places = [p for p in (flag if flag in flags else None, "--config" if "--config" in flags else None) if p]
         where = f" ({' or '.join(places)})" if places else ""
         kind, msg, ctx = e["type"], str(e["msg"]), e.get("ctx") or {}

@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
     e.add_argument("--seeds", type=int, default=5, help="seeds to run; each is its own user split and initialization")
     e.add_argument("--first-seed", type=int, default=0, help="seed of the first run (to add seeds to a finished run)")
     e.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     e.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RECSYS_DATA_DIR", "../shared/data")),
                    help="where data set names resolve (env RECSYS_DATA_DIR)")
     e.add_argument("--epochs", type=int, default=200, help="max epochs of the autoencoders")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.training import DEFAULT_REGISTERED_NAME
 
-TRACKING_HELP = "default: MLFLOW_TRACKING_URI, else SQLite under RECSYS_HOME"
+TRACKING_HELP = "MLflow tracking and registry URI (default: MLFLOW_TRACKING_URI, else SQLite under RECSYS_HOME)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,15 +16,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train on a snapshot, log to MLflow, register a `challenger` version")
     t.add_argument("--snapshot", required=True, help="snapshot URI (local path or s3://)")
     t.add_argument("--config", type=Path, default=None, help="YAML file of TrainJob keys (CLI flags win)")
-    t.add_argument("--model", default=None, help="multivae-pia (default), multivae, recvae-pia, ...")
+    # the TrainJob field is `model`; the flag is --architecture because --model names a registered model or a URI
+    t.add_argument("--architecture", dest="model", default=None, metavar="ARCH",
+                   help="what to train: multivae-pia, multivae, multidae, recvae-pia, recvae "
+                        "(default: the config's, else multivae-pia)")
     t.add_argument("--epochs", type=int, default=None, help="max epochs (default: the config's)")
-    t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    t.add_argument("--bf16", action="store_true", default=None)
+    t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when present (default: the config's, else auto)")
+    t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CUDA (default: the config's)")
     t.add_argument("--cuda-graph", action="store_true", default=None,
-                   help="Multi-VAE/DAE on CUDA: replay each training step as one CUDA graph")
+                   help="Multi-VAE/DAE on CUDA: replay each training step as one CUDA graph (default: the config's)")
     t.add_argument("--compare-base", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train the model without PIA (default on)")
-    t.add_argument("--registered-name", default=None, help="MLflow registered model name")
+                   help="also train the architecture without PIA (default: the config's, else on)")
+    t.add_argument("--registered-name", default=None,
+                   help=f"MLflow registered model name (default: the config's, else {DEFAULT_REGISTERED_NAME})")
     t.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     t.set_defaults(func=cmd_train)
 
@@ -37,12 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("promote", help="manual override: make a version `champion` without gates (recorded)")
     _model_args(p, version=True)
-    p.add_argument("--reason", required=True)
+    p.add_argument("--reason", required=True, help="why (recorded in the promotion ledger and the version's tags)")
     p.set_defaults(func=cmd_promote)
 
     r = sub.add_parser("rollback", help="move `champion` back to `previous` (recorded)")
     _model_args(r, version=False)
-    r.add_argument("--reason", default="")
+    r.add_argument("--reason", default="", help="why (recorded in the promotion ledger)")
     r.set_defaults(func=cmd_rollback)
 
     d = sub.add_parser("diagnose", help="latent-geometry diagnostics of a trained version, logged to its MLflow run")
@@ -51,10 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--users", type=int, default=None, help="validation users sampled (default 1000)")
     d.add_argument("--views", type=int, default=None, help="K masked views per user (default 8)")
     d.add_argument("--neighbours", type=int, default=None, help="k nearest latent neighbours (default 10)")
-    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--seed", type=int, default=None, help="seed of the sampled users and views (default 0)")
     d.add_argument("--no-log", dest="log_to_run", action="store_false", default=None,
                    help="do not log to the version's MLflow run")
-    d.add_argument("--out", type=Path, default=None, help="also write summary.json and the plots here")
+    d.add_argument("--out", type=Path, default=None, help="also write summary.json and the plots here (default: nowhere)")
     d.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     d.set_defaults(func=cmd_diagnose)
 
@@ -63,7 +68,8 @@ def _model_args(p: argparse.ArgumentParser, version: bool) -> None:
     p.add_argument("--model", default=DEFAULT_REGISTERED_NAME, help="registered model name")
     if version:
         p.add_argument("--version", required=True, help="registered model version")
-    p.add_argument("--ledger", default=None, help="promotion ledger URI (default RECSYS_LEDGER or RECSYS_HOME/...)")
+    p.add_argument("--ledger", default=None,
+                   help="promotion ledger URI (default: RECSYS_LEDGER, else RECSYS_HOME/promotion-ledger.jsonl)")
     p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
 
