@@ -11,7 +11,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 export PYTHONHASHSEED := 0
 export RECSYS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv run test lint typecheck fmt bench-train bench-train-ddp bench-ease bench-build bench-infer bench-recs experiment results backfill clean
+.PHONY: venv run ui test lint typecheck fmt bench-train bench-train-ddp bench-ease bench-build bench-infer bench-recs experiment results backfill clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,14 @@ $(CHECKOV_STAMP): tools/checkov.lock
 	@touch $(CHECKOV_STAMP)
 
 # The main job on the embedded default: synthetic events → weekly DAG → daily DAG (pipeline/orchestration/dev/story.py).
+# One screen of output; Airflow's and the jobs' logs go to RECSYS_HOME/logs/make-run.log.
 run: venv
-	RECSYS_HOME=$${RECSYS_HOME:-$(CURDIR)/out/home} $(PY) -m pipeline.orchestration.dev.story
+	@RECSYS_HOME=$${RECSYS_HOME:-$(CURDIR)/out/home} $(PY) -m pipeline.orchestration.dev.story
+
+# The MLflow UI and the Airflow UI on 127.0.0.1 over `make run`'s stores (pipeline/orchestration/dev/ui.py), until
+# Ctrl-C; e.g. `make ui ARGS="--mlflow-port 5001 --airflow-port 8081"`.
+ui: venv
+	@RECSYS_HOME=$${RECSYS_HOME:-$(CURDIR)/out/home} $(PY) -m pipeline.orchestration.dev.ui $(ARGS)
 
 # The accuracy experiment on synthetic data (a results table): what `make run` did before the pipeline existed.
 experiment: venv
