@@ -7,7 +7,8 @@ Modules, one job each:
 - evaluation   metrics, activity groups and summary rows (shared with the research harness)
 - gates        the gate's rules: GateConfig, one GateCheck per gate, check/passed (pure), GateResult
 - gate         GateJob → GateResult: re-score, check, record, promote
-- gate_report  the gate's markdown report and its best-effort MLflow record
+- gate_report  the gate's markdown report and its best-effort MLflow record (with the HTML report)
+- gate_html    the gate's HTML report: verdict, gates, models side by side, training curves, latent diagnostics
 - rescore      scoring a registered bundle on a snapshot's test users
 - aliases      moving `champion`/`previous` with an intent record, and repairing an interrupted move
 - ledger       the append-only promotion ledger

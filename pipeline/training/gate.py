@@ -14,7 +14,7 @@ Steps of `GateJob.run()`, in this order:
    written inside the move (the move is undone when the line cannot be written);
 5. the record: (enabled mode, rejected) one `rejection` ledger line; then the `gate.*` version tags; a promoted
    candidate loses its `challenger` alias;
-6. best-effort: the report, chart and metrics on the candidate's run (pipeline.training.gate_report).
+6. best-effort: the report, chart, metrics and HTML report on the candidate's run (pipeline.training.gate_report).
 
 Dry-run mode does 2, 3, 4 (without moving anything), the version tags and 6: no repair, no ledger line.
 Versions are canonical integers (registry.canonical_version): '02' is gated as '2'. MLflow errors are one
@@ -97,9 +97,8 @@ class GateJob(Job):
                             verdicts=verdicts, metrics=table, warnings=[warning] if warning else [])
         result = result.model_copy(update={"report": report_markdown(result, cfg, self.mode)})
         if tags.get("run_id"):
-            failed_uploads = log_gate_run(result, cfg, self.mode, tags["run_id"], scores.candidate, scores.champion,
-                                          tracking)
-            result = result.model_copy(update={"warnings": [*result.warnings, *failed_uploads]})
+            up = log_gate_run(result, cfg, self.mode, tags["run_id"], scores.candidate, scores.champion, tracking)
+            result = result.model_copy(update={"warnings": [*result.warnings, *up.warnings], "html_report": up.html_uri})
         return result
 
     def _record(self, version: str, verdicts: list[GateCheck], ok: bool, promoted: bool, champ_v: str | None) -> None:

@@ -170,6 +170,7 @@ class GateResult(JobResult):
     metrics: dict[str, dict[str, float]]
     report: str = ""
     warnings: list[str] = Field(default_factory=list)
+    html_report: str | None = None  # where gate_report.html was logged (None: not uploaded; see warnings)
 
 
 def _verdict(gate: str, status: Status, detail: str) -> GateCheck:

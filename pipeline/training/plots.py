@@ -1,6 +1,7 @@
 """PNG figures logged to MLflow: training curves, the latent space of test users, the gate's comparison.
 
-matplotlib with the Agg backend (no display on training machines); every function writes one file.
+matplotlib with the Agg backend (no display on training machines); every function writes one file, except the
+`*_figure` ones, which return the figure (the HTML gate report inlines them: pipeline.training.gate_html).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def _plt() -> Any:
 
 def training_curves(histories: dict[str, list[dict[str, Any]]], path: Path, select_metric: str = "val_ndcg@100") -> Path:
     """Loss, beta and the validation metric per epoch, one line per model (e.g. with and without PIA)."""
+    return _save(training_curves_figure(histories, select_metric), path)
+
+
+def training_curves_figure(histories: dict[str, list[dict[str, Any]]], select_metric: str = "val_ndcg@100") -> Any:
+    """The figure of `training_curves` (records: `epoch` and any of loss / beta / the metric); the caller closes it."""
     plt = _plt()
     keys = [("loss", "training loss"), ("beta", "β (KL weight)"), (select_metric, select_metric.replace("val_", "validation "))]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
@@ -35,8 +41,12 @@ def training_curves(histories: dict[str, list[dict[str, Any]]], path: Path, sele
         ax.grid(alpha=0.3)
     axes[-1].legend()
     fig.tight_layout()
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -69,6 +79,11 @@ def latent_space(panels: dict[str, np.ndarray], groups: np.ndarray, path: Path) 
 
 def gate_chart(rows: dict[str, dict[str, float]], metrics: list[str], path: Path) -> Path:
     """Grouped bars: candidate, champion, baselines over the gate's metrics."""
+    return _save(gate_chart_figure(rows, metrics), path)
+
+
+def gate_chart_figure(rows: dict[str, dict[str, float]], metrics: list[str]) -> Any:
+    """The figure of `gate_chart` (a column without a metric gets no bar); the caller closes it."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(metrics) * max(1, len(rows)) / 2), 4))
     width = 0.8 / max(1, len(rows))
@@ -81,6 +96,4 @@ def gate_chart(rows: dict[str, dict[str, float]], metrics: list[str], path: Path
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

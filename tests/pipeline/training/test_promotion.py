@@ -31,7 +31,7 @@ def test_train_gate_promote_rollback_cycle(trained: dict[str, str], easy_gates: 
     c = registry.client()
     assert c.get_model_version(NAME, good).tags["gate.verdict"] == "passed"
     arts = {a.path for a in c.list_artifacts(trained["good_run"], "gate/enabled")}
-    assert arts == {"gate/enabled/gate_report.md", "gate/enabled/gate_chart.png"}
+    assert arts == {"gate/enabled/gate_report.md", "gate/enabled/gate_chart.png", "gate/enabled/gate_report.html"}
     # a worse candidate is re-compared with the champion re-scored on the same users: rejected
     o2 = gate(bad, gates=easy_gates)
     assert not o2.passed and not o2.promoted and o2.champion == good

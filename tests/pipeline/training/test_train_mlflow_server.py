@@ -7,6 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.io import registry
+
 from .conftest import NAME, aliases, gate, point_at, tiny
 
 REPO = Path(__file__).resolve().parents[3]
@@ -22,6 +24,9 @@ def test_train_gate_promote_and_serve_from_server(mlflow_server: str, synth_snap
     r = tiny(synth_snapshot, epochs=2).run()
     o = gate(r.version, gates=easy_gates)
     assert o.promoted and aliases()["champion"] == r.version
+    # the HTML gate report is an artifact of the version's run, in the server's store
+    assert o.html_report is not None and o.html_report.endswith("gate/enabled/gate_report.html")
+    assert "gate/enabled/gate_report.html" in {a.path for a in registry.client().list_artifacts(r.run_id, "gate/enabled")}
     m = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     out = m.predict(pd.DataFrame({"item_ids": [[1000, 1001, 1002]]}), params={"k": 5})
     assert len(out["item_ids"][0]) == 5 and not {1000, 1001, 1002} & set(out["item_ids"][0])
