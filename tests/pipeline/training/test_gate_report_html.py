@@ -140,7 +140,6 @@ def test_the_html_report_is_an_artifact_of_the_gated_run_with_its_curves_and_twi
                                                                                    easy_gates: GateConfig) -> None:
     o = gate(trained["good"], gates=easy_gates)
     assert o.promoted and o.html_report is not None and o.html_report.endswith("gate/enabled/gate_report.html")
-    print(o.html_report)
     c = registry.client()
     run = trained["good_run"]
     assert "gate/enabled/gate_report.html" in {a.path for a in c.list_artifacts(run, "gate/enabled")}
