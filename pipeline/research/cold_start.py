@@ -1,0 +1,459 @@
+"""`recsys experiment --protocol cold-start`: item cold start with MARec-EASE (../shared/reference/MAREC.md §1, §4).
+
+Per seed (one split each):
+- items: a random `cold_fraction` (20%) of the items that have metadata become cold (their clicks leave training,
+  their metadata stays), halved into cold-val and cold-test; every other item is warm, and its clicks are split at
+  random 80/10/10 into train / warm-val / warm-test (the paper's ML10M/Netflix protocol);
+- users without a training click drop out (nothing to rank from).
+
+Candidate sets, both reported:
+- "cold": rank the cold-test items only (warm and cold-val items masked) for the users who clicked a cold-test
+  item; targets = those clicks. α and β do not change this ranking (MAREC.md §2's structure result).
+- "all": rank the whole catalogue minus the user's training and validation clicks; targets = warm-test ∪
+  cold-test clicks; reported over all targets and split into the warm and the cold targets (the paper's Table 7).
+  MARec's αβ (cold-vs-warm trade-off) and both models' λ1 are chosen on the "all" validation ranking.
+
+Hyperparameters come from the validation items/clicks only, chosen on each seed's own split (or, with
+tune_every_seed=False, on the first one and reused): MARec's δ, λ1 and feature blocks (all, and all but free
+text where a text block exists) on cold-val NDCG@25; item-kNN's neighbourhood size likewise. Metrics
+(model.metrics): hr@K = hits@K / min(K, #targets) (our recall@K), NDCG@K binary with IDCG over min(K, #targets);
+K = 10, 25 and NDCG@100.
+
+Baselines on "cold":
+- random: cold items in random order. EASE without alignment is exactly this: every cold item scores 0 (its
+  column and row of XᵀX are empty), so its order among cold items is whatever tie-break the ranker uses.
+- popularity-among-cold: cold items have no clicks, so "popularity" must come from metadata: each feature value's
+  mean training clicks over warm items carrying it, averaged over the cold item's values (non-personalised).
+- meta-knn: item-kNN on metadata (cosine of the concatenated, min-max scaled blocks; the k most similar warm
+  items of each cold item), score = Σ over the user's items.
+- marec-eq5: the metadata-only scores X S (MARec's alignment target without the backbone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+import torch
+from pydantic import Field
+
+from model.ease import _spd_inverse_inplace, gram_dense
+from model.marec import MARecConfig, combine, fit_mu, regressors
+from model.metadata import decade_one_hot, minmax_columns, multi_hot, smoothed_cosine, tfidf
+from model.metrics import ranking_metrics
+from pipeline.data.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
+from pipeline.data.items import TEXT_COLUMNS, read_items
+from pipeline.errors import DataError
+from pipeline.io.lake import resolve
+from pipeline.io.publish import write_single_object
+from pipeline.job import Job, JobResult
+from pipeline.training.evaluation import machine_name
+
+log = logging.getLogger(__name__)
+
+METRICS = ("recall@10", "recall@25", "ndcg@10", "ndcg@25", "ndcg@100")  # recall@K is the paper's hr@K
+SELECT = "ndcg@25"
+# list columns used as blocks by default; others (user_tags: the same users' tags) only when asked
+# (ml-1m: imdb_genres left out by default, it repeats the tags' genres; user_tags: the same users' tags)
+LIST_BLOCKS = ("tags", "genres", "directors", "writers", "actors")
+SCALAR_BLOCKS = ("type",)  # a categorical attribute as a one-value list
+NOT_CONTENT = ("site_rating", "members")  # anime popularity statistics: never features (README)
+
+
+class ColdStartResult(JobResult):
+    results: dict[str, Any]
+    results_json: str
+    results_md: str
+
+
+class ColdStartJob(Job):
+    """MARec-EASE and baselines under the item cold-start protocol (see the module doc)."""
+
+    dataset: str
+    data_dir: Path = Path("../shared/data")
+    out: Path
+    seeds: int = Field(3, ge=1)
+    first_seed: int = 0
+    cold_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    min_rating: float | None = None
+    min_user_interactions: int = Field(5, ge=1)
+    min_item_users: int = Field(1, ge=1, description="keep items with at least this many positive users")
+    blocks: tuple[str, ...] | None = None  # feature blocks (item columns, or 'year'); default: what the set has
+    delta_grid: tuple[float, ...] = (1.0, 10.0, 50.0, 200.0, 1000.0)
+    l2_grid: tuple[float, ...] = (1.0, 10.0, 100.0, 500.0)
+    ab_grid: tuple[float, ...] = (0.0, 0.03, 0.1, 0.2, 0.5, 1.0, 3.0, 10.0, 100.0)
+    knn_grid: tuple[int, ...] = (20, 100, 0)  # 0: every warm item
+    w0: float = 0.1
+    tune_every_seed: bool = True  # False: tune on the first seed's split, reuse for the others (faster)
+    second_order: bool = True
+    max_items: int = Field(20_000, ge=1)
+
+    def run(self) -> ColdStartResult:
+        results = ColdStart(self).run()
+        return ColdStartResult(results=results, results_json=str(self.out / "results.json"),
+                               results_md=str(self.out / "results.md"))
+
+
+# -- data -----------------------------------------------------------------------------------------------
+
+def load(cfg: ColdStartJob) -> tuple[Interactions, dict[str, sp.csr_matrix], list[str]]:
+    """The binarised matrix (items with metadata only) and its feature blocks [I, *], min-max scaled."""
+    path = resolve_dataset(cfg.dataset, cfg.data_dir)
+    items_path = path.parent / "items.parquet"
+    if not items_path.exists():
+        raise DataError(f"{cfg.dataset} has no items.parquet next to {path.name}",
+                        "run the cold-start protocol on a set with item metadata (ml-100k, ml-1m-*, lastfm-hetrec2011, anime)")
+    df = read_interactions(path)
+    rule = BinarizeRule(min_rating=cfg.min_rating if cfg.min_rating is not None else (4.0 if "rating" in df.columns else None))
+    items = read_items(items_path).to_pandas().set_index("item_id")
+    names = list(cfg.blocks) if cfg.blocks else default_blocks(items.columns)
+    df = df[df["item_id"].isin(items.index)]
+    data = prepare(df, rule, cfg.min_user_interactions)
+    users_per_item = np.diff(data.matrix.tocsc().indptr)
+    keep = users_per_item >= cfg.min_item_users
+    raw = {n: build_block(items, n, data.item_ids) for n in names}
+    has_meta = np.zeros(data.n_items, dtype=bool)
+    for z in raw.values():
+        has_meta |= np.diff(z.indptr) > 0
+    keep &= has_meta
+    if keep.sum() > cfg.max_items:
+        raise DataError(f"{int(keep.sum())} items with metadata exceed max_items={cfg.max_items} (dense I x I)",
+                        "raise --min-item-users or --max-items")
+    cols = np.flatnonzero(keep)
+    m = sp.csr_matrix(data.matrix[:, cols])
+    rows = np.flatnonzero(np.diff(m.indptr) > 0)
+    data = Interactions(sp.csr_matrix(m[rows]), data.user_ids[rows], data.item_ids[cols], data.stats)
+    blocks = {n: minmax_columns(build_block(items, n, data.item_ids)) for n in names}
+    return data, {n: z for n, z in blocks.items() if z.shape[1] > 0}, names
+
+
+def default_blocks(columns: Any) -> list[str]:
+    cols = set(columns)
+    out = [c for c in LIST_BLOCKS if c in cols]
+    if "genres" in cols and "tags" in cols:  # ml-latest-small: tags = genres + the same users' tags (README)
+        out.remove("tags")
+    out += [c for c in SCALAR_BLOCKS if c in cols]
+    out += [c for c in TEXT_COLUMNS if c in cols]
+    if "year" in cols:
+        out.append("year")
+    return [c for c in out if c not in NOT_CONTENT]
+
+
+def build_block(items: Any, name: str, item_ids: np.ndarray) -> sp.csr_matrix:
+    """One feature block [len(item_ids), *] from the items frame (indexed by item_id)."""
+    if name not in items.columns:
+        raise DataError(f"items have no column {name!r} (columns: {', '.join(map(str, items.columns))})",
+                        "pick --blocks among the items' columns")
+    col = items[name].reindex(item_ids)
+    if name in TEXT_COLUMNS:
+        return tfidf([v if isinstance(v, str) else None for v in col], max_words=1000)
+    if name == "year":
+        return decade_one_hot([None if v is None or v != v else int(v) for v in col])
+    first = next((v for v in col if v is not None and not (isinstance(v, float) and v != v)), None)
+    if isinstance(first, str):
+        return multi_hot([[v] if isinstance(v, str) and v else [] for v in col])
+    return multi_hot([list(v) if v is not None and not isinstance(v, float) else [] for v in col])
+
+
+@dataclass(frozen=True)
+class ColdSplit:
+    train: sp.csr_matrix  # [U, I] warm training clicks (cold columns empty)
+    warm_val: sp.csr_matrix
+    warm_test: sp.csr_matrix
+    cold_val: sp.csr_matrix  # clicks on cold-val items
+    cold_test: sp.csr_matrix
+    cold_val_items: np.ndarray
+    cold_test_items: np.ndarray
+
+    @property
+    def warm(self) -> np.ndarray:
+        w = np.ones(self.train.shape[1], dtype=bool)
+        w[self.cold_val_items] = False
+        w[self.cold_test_items] = False
+        return w
+
+
+def cold_split(x: sp.csr_matrix, seed: int, cold_fraction: float = 0.2) -> ColdSplit:
+    rng = np.random.default_rng(seed)
+    n_items = x.shape[1]
+    cold = rng.permutation(n_items)[: max(2, round(cold_fraction * n_items))]
+    half = len(cold) // 2
+    cv, ct = np.sort(cold[:half]), np.sort(cold[half:])
+    coo = sp.coo_matrix(x)
+    is_cold = np.zeros(n_items, dtype=bool)
+    is_cold[cold] = True
+    in_cv = np.isin(coo.col, cv)
+    in_ct = np.isin(coo.col, ct)
+    draw = rng.random(coo.nnz)
+    warm = ~is_cold[coo.col]
+
+    def part(mask: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((np.ones(int(mask.sum()), np.float32), (coo.row[mask], coo.col[mask])), shape=x.shape)
+
+    return ColdSplit(part(warm & (draw < 0.8)), part(warm & (draw >= 0.8) & (draw < 0.9)), part(warm & (draw >= 0.9)),
+                     part(in_cv), part(in_ct), cv, ct)
+
+
+# -- scoring ----------------------------------------------------------------------------------------------
+
+def metrics(scores: np.ndarray, targets: sp.csr_matrix, mask: sp.csr_matrix | None = None) -> dict[str, float]:
+    """Mean metrics over rows with a target; scores [U, C] (C candidate columns), masked cells never ranked."""
+    s = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+    if mask is not None and mask.nnz:
+        mc = sp.coo_matrix(mask)
+        s[torch.from_numpy(mc.row.astype(np.int64)), torch.from_numpy(mc.col.astype(np.int64))] = -torch.inf
+    t = torch.from_numpy(sp.csr_matrix(targets).toarray() > 0)
+    out = ranking_metrics(s, t, ks_recall=(10, 25), ks_ndcg=(10, 25, 100))
+    res = {k: float(np.nanmean(v.numpy())) if torch.isfinite(v).any() else float("nan") for k, v in out.items()}
+    res["users"] = float(int((t.sum(1) > 0).sum()))
+    return res
+
+
+def _users_with(targets: sp.csr_matrix, train: sp.csr_matrix) -> np.ndarray:
+    return np.flatnonzero((np.diff(sp.csr_matrix(targets).indptr) > 0) & (np.diff(train.indptr) > 0))
+
+
+class ColdStart:
+    def __init__(self, cfg: ColdStartJob):
+        self.cfg = cfg
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        data, blocks, _ = load(cfg)
+        text = [n for n in blocks if n in TEXT_COLUMNS]
+        blocksets = {"all": list(blocks)} | ({"no-text": [n for n in blocks if n not in text]} if text else {})
+        print(f"[{cfg.dataset}] {data.n_users} users x {data.n_items} items, {data.matrix.nnz} clicks; blocks "
+              + ", ".join(f"{n}({z.shape[1]})" for n, z in blocks.items()), flush=True)
+        per_seed: list[dict[str, Any]] = []
+        first: dict[str, Any] | None = None
+        tuning: list[dict[str, Any]] = []
+        for si, seed in enumerate(range(cfg.first_seed, cfg.first_seed + cfg.seeds)):
+            split = cold_split(data.matrix, seed, cfg.cold_fraction)
+            row = self.one_seed(split, blocks, blocksets, seed, first if si and not cfg.tune_every_seed else None, tuning)
+            first = first or row["chosen"]
+            per_seed.append(row)
+            self.write(data, blocks, per_seed, tuning, time.perf_counter() - t0)
+        return json.loads((cfg.out / "results.json").read_text())
+
+    # one split: tune on its validation parts when `chosen_in` is None, else reuse those values
+    def one_seed(self, sp_: ColdSplit, blocks: dict[str, sp.csr_matrix], blocksets: dict[str, list[str]], seed: int,
+                 chosen_in: dict[str, Any] | None, tuning: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        tune = chosen_in is None
+        chosen: dict[str, Any] = {} if tune else chosen_in  # type: ignore[assignment]
+        x = sp_.train
+        warm = sp_.warm
+        wi, ci = np.flatnonzero(warm), np.flatnonzero(~warm)
+        pos_v, pos_t = np.searchsorted(ci, sp_.cold_val_items), np.searchsorted(ci, sp_.cold_test_items)
+        xw = sp.csr_matrix(x[:, wi])
+        n_click = np.asarray(xw.sum(axis=0)).ravel()
+        t_start = time.perf_counter()
+        k_cache: dict[float, np.ndarray] = {}
+
+        def k_inv(l2: float) -> np.ndarray:
+            if l2 not in k_cache:
+                k = gram_dense(sp.csr_matrix(xw, dtype=np.float32), np.dtype(np.float32))
+                k[np.diag_indices_from(k)] += l2
+                k_cache[l2] = _spd_inverse_inplace(k)
+            return k_cache[l2]
+
+        # cold-only candidate sets: scores over cold-val / cold-test columns, rows = users with such targets
+        uv, ut = _users_with(sp_.cold_val, x), _users_with(sp_.cold_test, x)
+        tv = sp.csr_matrix(sp_.cold_val[uv][:, sp_.cold_val_items])
+        tt = sp.csr_matrix(sp_.cold_test[ut][:, sp_.cold_test_items])
+        xv, xt = xw[uv], xw[ut]
+
+        def cold_eval(c_cols: np.ndarray, val: bool) -> dict[str, float]:
+            """c_cols [Iw, Ic]: weights from warm items to the cold items; scored on the cold-val or cold-test ones."""
+            if val:
+                return metrics(np.asarray(xv @ c_cols[:, pos_v]), tv)
+            return metrics(np.asarray(xt @ c_cols[:, pos_t]), tt)
+
+        results: dict[str, dict[str, float]] = {}
+        rng = np.random.default_rng(seed + 10_000)
+        results["random (= ease)"] = metrics(rng.random(tt.shape), tt)
+
+        # popularity-among-cold: each feature value's mean training clicks over warm items, averaged per item
+        f = sp.hstack([blocks[n] for n in blocks]).tocsr()
+        fb = sp.csr_matrix(f > 0, dtype=np.float64)
+        carriers = np.asarray(fb[wi].sum(axis=0)).ravel()
+        value_pop = (fb[wi].T @ n_click) / np.maximum(carriers, 1)
+        item_pop = (fb @ value_pop) / np.maximum(np.asarray(fb.sum(axis=1)).ravel(), 1)
+        results["popularity-among-cold"] = metrics(np.tile(item_pop[sp_.cold_test_items], (len(ut), 1)), tt)
+
+        # metadata item-kNN: plain cosine of the concatenated blocks, k nearest warm items per cold item
+        g0 = smoothed_cosine(f, 0.0)[np.ix_(wi, ci)]  # [Iw, Ic]
+        def knn(k: int) -> np.ndarray:
+            if k <= 0 or k >= len(wi):
+                return g0
+            cut = -np.partition(-g0, k - 1, axis=0)[k - 1]  # k-th largest per column
+            return np.where(g0 >= cut[None, :], g0, 0.0)
+        if tune:
+            rows: list[dict[str, Any]] = [{"k": k, **cold_eval(knn(k), True)} for k in cfg.knn_grid]
+            best = max(rows, key=lambda r: r[SELECT])
+            chosen["meta-knn"] = {"k": best["k"]}
+            tuning.append({"seed": seed, "model": "meta-knn", "rows": rows})
+        results["meta-knn"] = cold_eval(knn(chosen["meta-knn"]["k"]), False)
+
+        # MARec: S per (blocks, δ), μ by NNLS on the training clicks; C_λ = (I − λK) S_wc on the cold columns
+        mcfg = MARecConfig(w0=cfg.w0, second_order=cfg.second_order, seed=seed)
+        s_cache: dict[tuple[str, float], np.ndarray] = {}
+
+        def s_wc(bs: str, delta: float) -> np.ndarray:
+            key = (bs, delta)
+            if key not in s_cache:
+                gs = [smoothed_cosine(blocks[n], delta) for n in blocksets[bs]]
+                regs = regressors(gs, mcfg.second_order, mcfg.max_pairs_blocks)
+                mu = fit_mu(x, regs, mcfg)
+                s_cache[key] = np.ascontiguousarray(combine(regs, mu)[np.ix_(wi, ci)])  # [Iw, Ic]
+                log.info("S(%s, δ=%g): μ=%s", bs, delta, np.round(mu, 4))
+            return s_cache[key]
+
+        def c_of(s_w: np.ndarray, l2: float) -> np.ndarray:
+            return s_w - np.float32(l2) * (k_inv(l2) @ s_w)
+
+        if tune:
+            rows = []
+            for bs in blocksets:
+                for delta in cfg.delta_grid:
+                    s_w = s_wc(bs, delta)
+                    rows.append({"model": "marec-eq5", "blocks": bs, "delta": delta, **cold_eval(s_w, True)})
+                    for l2 in cfg.l2_grid:
+                        rows.append({"model": "marec", "blocks": bs, "delta": delta, "l2": l2, **cold_eval(c_of(s_w, l2), True)})
+                        print(f"  tune marec {bs} δ={delta:g} λ1={l2:g}: val {SELECT}={rows[-1][SELECT]:.4f}", flush=True)
+            tuning.append({"seed": seed, "model": "marec", "rows": rows})
+            for name in ("marec", "marec-eq5"):
+                best = max((r for r in rows if r["model"] == name), key=lambda r: r[SELECT])
+                chosen[name] = {k: best[k] for k in ("blocks", "delta", "l2") if k in best}
+                if "no-text" in blocksets:  # the text ablation: the best of each block set, on the same validation
+                    for bs, label in (("no-text", " (no text)"), ("all", " (with text)")):
+                        nt = max((r for r in rows if r["model"] == name and r["blocks"] == bs), key=lambda r: r[SELECT])
+                        chosen[name + label] = {k: nt[k] for k in ("blocks", "delta", "l2") if k in nt}
+        for name in [n for n in chosen if n.startswith("marec")]:  # marec, marec-eq5 and their text ablations
+            c = chosen[name]
+            s_w = s_wc(c["blocks"], c["delta"])
+            results[name] = cold_eval(s_w if "eq5" in name else c_of(s_w, c["l2"]), False)
+
+        # whole catalogue: EASE (cold scores 0) vs MARec (cold columns αβ·C); λ1 and αβ chosen on the val ranking
+        cm = chosen["marec"]
+        s_w = s_wc(cm["blocks"], cm["delta"])
+        all_val = sp.csr_matrix(sp_.warm_val + sp_.cold_val)
+        all_test = sp.csr_matrix(sp_.warm_test + sp_.cold_test)
+        av, at = _users_with(all_val, x), _users_with(all_test, x)
+
+        def full_scores(users: np.ndarray, l2: float, ab: float) -> np.ndarray:
+            k = k_inv(l2)
+            b = -k / np.diag(k)[None, :]
+            np.fill_diagonal(b, 0.0)
+            out = np.zeros((len(users), x.shape[1]), dtype=np.float32)
+            out[:, wi] = np.asarray(xw[users] @ b)
+            if ab:
+                out[:, ci] = np.float32(ab) * np.asarray(xw[users] @ c_of(s_w, l2))
+            return out
+
+        def all_eval(l2: float, ab: float, val: bool) -> dict[str, Any]:
+            users, tgt = (av, all_val) if val else (at, all_test)
+            seen = x[users] if val else sp.csr_matrix(x[users] + all_val[users])
+            s = full_scores(users, l2, ab)
+            out = {"all": metrics(s, tgt[users], seen)}
+            if not val:
+                for part, t in (("warm", sp_.warm_test), ("cold", sp_.cold_test)):
+                    out[part] = metrics(s, t[users], seen)
+            return out
+
+        if tune:
+            rows = [{"l2": l2, "ab": ab, **all_eval(l2, ab, True)["all"]} for l2 in cfg.l2_grid for ab in cfg.ab_grid]
+            tuning.append({"seed": seed, "model": "all-catalogue", "rows": rows})
+            chosen["catalogue: ease"] = {"l2": max((r for r in rows if r["ab"] == 0), key=lambda r: r[SELECT])["l2"]}
+            best = max((r for r in rows if r["ab"] > 0), key=lambda r: r[SELECT])
+            chosen["catalogue: marec"] = {"l2": best["l2"], "ab": best["ab"]}
+        catalogue = {"ease": all_eval(chosen["catalogue: ease"]["l2"], 0.0, False),
+                     "marec": all_eval(chosen["catalogue: marec"]["l2"], chosen["catalogue: marec"]["ab"], False)}
+        return {"seed": seed, "cold": results, "catalogue": catalogue, "chosen": dict(chosen),
+                "cold_items": {"val": len(sp_.cold_val_items), "test": len(sp_.cold_test_items)},
+                "seconds": time.perf_counter() - t_start}
+
+    def write(self, data: Interactions, blocks: dict[str, sp.csr_matrix], per_seed: list[dict[str, Any]],
+              tuning: list[dict[str, Any]], wall: float) -> None:
+        cfg = self.cfg
+        res = {"dataset": cfg.dataset, "protocol": "cold-start",
+               "data": {"users": data.n_users, "items": data.n_items, "nnz": int(data.matrix.nnz)},
+               "blocks": {n: int(z.shape[1]) for n, z in blocks.items()},
+               "config": json.loads(cfg.model_dump_json()), "machine": machine_name("cpu"),
+               "seeds": [r["seed"] for r in per_seed], "chosen": [r["chosen"] for r in per_seed],
+               "cold": summarize([r["cold"] for r in per_seed]),
+               "catalogue": {m: {part: summarize_one([r["catalogue"][m][part] for r in per_seed])
+                                 for part in ("all", "warm", "cold")} for m in ("ease", "marec")},
+               "gain": gain(per_seed), "per_seed": per_seed, "tuning": tuning, "wall_seconds": wall}
+        write_single_object(resolve(cfg.out / "results.json"), json.dumps(res, indent=1, default=_default).encode())
+        write_single_object(resolve(cfg.out / "results.md"), render(res).encode())
+
+
+def summarize_one(rows: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for m in (*METRICS, "users"):
+        v = np.array([r[m] for r in rows], dtype=float)
+        out[m] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
+    return out
+
+
+def summarize(rows: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    return {m: summarize_one([r[m] for r in rows]) for m in rows[0]}
+
+
+BASELINES = ("random (= ease)", "popularity-among-cold", "meta-knn")
+
+
+def gain(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """MARec's relative gain (%) on each cold metric over the best baseline by that metric's mean."""
+    out: dict[str, Any] = {}
+    for m in METRICS:
+        means = {b: float(np.mean([r["cold"][b][m] for r in per_seed])) for b in BASELINES}
+        best = max(means, key=lambda b: means[b])
+        mar = float(np.mean([r["cold"]["marec"][m] for r in per_seed]))
+        out[m] = {"best_baseline": best, "baseline": means[best], "marec": mar,
+                  "gain_pct": (mar / means[best] - 1) * 100 if means[best] > 0 else None}
+    return out
+
+
+def _fmt(d: dict[str, float | None]) -> str:
+    return f"{d['mean']:.4f}" + (f" ± {d['std']:.4f}" if d.get("std") is not None else "")
+
+
+def render(res: dict[str, Any]) -> str:
+    lines = [f"# Cold-start protocol: {res['dataset']}", "",
+             f"{res['data']['users']} users × {res['data']['items']} items, {res['data']['nnz']} clicks; seeds {res['seeds']}; "
+             f"blocks {res['blocks']}; {res['machine']}; {res['wall_seconds']:.0f} s", "",
+             "## Cold items only (hr@K = recall@K)", "", "| model | " + " | ".join(METRICS) + " |",
+             "|---|" + "---|" * len(METRICS)]
+    for m, v in res["cold"].items():
+        lines.append(f"| {m} | " + " | ".join(_fmt(v[k]) for k in METRICS) + " |")
+    lines += ["", "Gain of MARec over the best baseline: " + ", ".join(
+        f"{m} {g['gain_pct']:+.1f}% (vs {g['best_baseline']})" for m, g in res["gain"].items() if g["gain_pct"] is not None),
+              "", "## Whole catalogue (targets: warm-test ∪ cold-test)", "",
+              "| model | part | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for m, parts in res["catalogue"].items():
+        for part, v in parts.items():
+            lines.append(f"| {m} | {part} | " + " | ".join(_fmt(v[k]) for k in METRICS) + " |")
+    lines += ["", "Chosen on validation, per seed:", ""]
+    lines += [f"- seed {seed}: `{json.dumps(c)}`" for seed, c in zip(res["seeds"], res["chosen"], strict=True)]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, pa.Scalar):
+        return o.as_py()
+    raise TypeError(type(o))
