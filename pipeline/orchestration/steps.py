@@ -21,7 +21,7 @@ from pipeline.io.lake import resolve
 from pipeline.io.redact import redact_text
 from pipeline.job import Job, JobResult
 from pipeline.orchestration import remote
-from pipeline.orchestration.settings import Settings
+from pipeline.orchestration.settings import Settings  # the one settings class (re-exported for the DAG tasks)
 from pipeline.serving.job import InferJob, InferResult
 from pipeline.training.gate import GateJob, GateResult
 from pipeline.training.gates import load_gate_config
@@ -89,7 +89,7 @@ def gate(s: Settings, trained: TrainResult | dict[str, Any]) -> GateResult:
     GateRejected (the run fails, visibly) after the verdict and the ledger line are recorded."""
     trained = TrainResult.model_validate(trained)
     job = GateJob(model_name=trained.model_name, version=trained.version, mode=s.gate_mode,
-                  gates=load_gate_config(s.gate_config), tracking_uri=s.tracking_uri)
+                  gates=load_gate_config(s.gate_config), ledger_uri=s.ledger, tracking_uri=s.tracking_uri)
     with _no_credentials():
         result = job.run()
     if not result.passed and s.gate_mode == "enabled":
