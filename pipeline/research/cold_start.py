@@ -46,9 +46,10 @@ from pydantic import Field
 
 from model.ease import _spd_inverse_inplace, gram_dense
 from model.marec import MARecConfig, combine, fit_mu, regressors
-from model.metadata import decade_one_hot, minmax_columns, multi_hot, smoothed_cosine, tfidf
+from model.metadata import smoothed_cosine
 from model.metrics import ranking_metrics
 from pipeline.data.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
+from pipeline.data.item_features import build_block, default_blocks, feature_blocks
 from pipeline.data.items import TEXT_COLUMNS, read_items
 from pipeline.errors import DataError
 from pipeline.io.lake import resolve
@@ -60,13 +61,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("recall@10", "recall@25", "ndcg@10", "ndcg@25", "ndcg@100")  # recall@K is the paper's hr@K
 SELECT = "ndcg@25"
-# list columns used as blocks by default; others (user_tags: the same users' tags) only when asked
-# (ml-1m: imdb_genres left out by default, it repeats the tags' genres; user_tags: the same users' tags)
-LIST_BLOCKS = ("tags", "genres", "directors", "writers", "actors")
-SCALAR_BLOCKS = ("type",)  # a categorical attribute as a one-value list
-NOT_CONTENT = ("site_rating", "members")  # anime popularity statistics: never features (README)
-
-
 class ColdStartResult(JobResult):
     results: dict[str, Any]
     results_json: str
@@ -94,6 +88,7 @@ class ColdStartJob(Job):
     tune_every_seed: bool = True  # False: tune on the first seed's split, reuse for the others (faster)
     second_order: bool = True
     max_items: int = Field(20_000, ge=1)
+    feature_cache: Path | None = None  # feature blocks cached here by content hash (pipeline.data.item_features)
 
     def run(self) -> ColdStartResult:
         results = ColdStart(self).run()
@@ -118,7 +113,7 @@ def load(cfg: ColdStartJob) -> tuple[Interactions, dict[str, sp.csr_matrix], lis
     data = prepare(df, rule, cfg.min_user_interactions)
     users_per_item = np.diff(data.matrix.tocsc().indptr)
     keep = users_per_item >= cfg.min_item_users
-    raw = {n: build_block(items, n, data.item_ids) for n in names}
+    raw = {n: build_block(items, n, data.item_ids) for n in names}  # which items have any metadata
     has_meta = np.zeros(data.n_items, dtype=bool)
     for z in raw.values():
         has_meta |= np.diff(z.indptr) > 0
@@ -130,36 +125,11 @@ def load(cfg: ColdStartJob) -> tuple[Interactions, dict[str, sp.csr_matrix], lis
     m = sp.csr_matrix(data.matrix[:, cols])
     rows = np.flatnonzero(np.diff(m.indptr) > 0)
     data = Interactions(sp.csr_matrix(m[rows]), data.user_ids[rows], data.item_ids[cols], data.stats)
-    blocks = {n: minmax_columns(build_block(items, n, data.item_ids)) for n in names}
-    return data, {n: z for n, z in blocks.items() if z.shape[1] > 0}, names
-
-
-def default_blocks(columns: Any) -> list[str]:
-    cols = set(columns)
-    out = [c for c in LIST_BLOCKS if c in cols]
-    if "genres" in cols and "tags" in cols:  # ml-latest-small: tags = genres + the same users' tags (README)
-        out.remove("tags")
-    out += [c for c in SCALAR_BLOCKS if c in cols]
-    out += [c for c in TEXT_COLUMNS if c in cols]
-    if "year" in cols:
-        out.append("year")
-    return [c for c in out if c not in NOT_CONTENT]
-
-
-def build_block(items: Any, name: str, item_ids: np.ndarray) -> sp.csr_matrix:
-    """One feature block [len(item_ids), *] from the items frame (indexed by item_id)."""
-    if name not in items.columns:
-        raise DataError(f"items have no column {name!r} (columns: {', '.join(map(str, items.columns))})",
-                        "pick --blocks among the items' columns")
-    col = items[name].reindex(item_ids)
-    if name in TEXT_COLUMNS:
-        return tfidf([v if isinstance(v, str) else None for v in col], max_words=1000)
-    if name == "year":
-        return decade_one_hot([None if v is None or v != v else int(v) for v in col])
-    first = next((v for v in col if v is not None and not (isinstance(v, float) and v != v)), None)
-    if isinstance(first, str):
-        return multi_hot([[v] if isinstance(v, str) and v else [] for v in col])
-    return multi_hot([list(v) if v is not None and not isinstance(v, float) else [] for v in col])
+    blocks = feature_blocks(items, data.item_ids, names, cfg.feature_cache)
+    if not blocks:
+        raise DataError(f"no metadata value of {names} is shared by two items: no similarity to learn from",
+                        "choose --blocks with shared values (genres, tags, people)")
+    return data, blocks, names
 
 
 @dataclass(frozen=True)
@@ -349,20 +319,24 @@ class ColdStart:
         all_test = sp.csr_matrix(sp_.warm_test + sp_.cold_test)
         av, at = _users_with(all_val, x), _users_with(all_test, x)
 
-        def full_scores(users: np.ndarray, l2: float, ab: float) -> np.ndarray:
-            k = k_inv(l2)
-            b = -k / np.diag(k)[None, :]
-            np.fill_diagonal(b, 0.0)
+        parts: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray]] = {}
+
+        def full_scores(users: np.ndarray, l2: float, ab: float, val: bool) -> np.ndarray:
+            if (val, l2) not in parts:  # warm scores (EASE) and cold scores per unit αβ, once per λ1
+                k = k_inv(l2)
+                b = -k / np.diag(k)[None, :]
+                np.fill_diagonal(b, 0.0)
+                parts[(val, l2)] = (np.asarray(xw[users] @ b), np.asarray(xw[users] @ c_of(s_w, l2)))
+            warm_s, cold_s = parts[(val, l2)]
             out = np.zeros((len(users), x.shape[1]), dtype=np.float32)
-            out[:, wi] = np.asarray(xw[users] @ b)
-            if ab:
-                out[:, ci] = np.float32(ab) * np.asarray(xw[users] @ c_of(s_w, l2))
+            out[:, wi] = warm_s
+            out[:, ci] = np.float32(ab) * cold_s
             return out
 
         def all_eval(l2: float, ab: float, val: bool) -> dict[str, Any]:
             users, tgt = (av, all_val) if val else (at, all_test)
             seen = x[users] if val else sp.csr_matrix(x[users] + all_val[users])
-            s = full_scores(users, l2, ab)
+            s = full_scores(users, l2, ab, val)
             out = {"all": metrics(s, tgt[users], seen)}
             if not val:
                 for part, t in (("warm", sp_.warm_test), ("cold", sp_.cold_test)):

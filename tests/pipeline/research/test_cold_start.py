@@ -13,8 +13,9 @@ import pytest
 import scipy.sparse as sp
 
 from pipeline.cli.main import main
+from pipeline.data.item_features import default_blocks
 from pipeline.errors import DataError
-from pipeline.research.cold_start import ColdStartJob, cold_split, default_blocks
+from pipeline.research.cold_start import ColdStartJob, cold_split
 
 N_USERS, N_ITEMS, N_GENRES = 400, 150, 8
 
