@@ -1,6 +1,6 @@
 """make bench-recs: reading one day's published recommendations the way downstream services do.
 
-Untimed set-up: a committed `recommendations/dt=DAY` partition for --users users (top-100 lists over 20,108
+Untimed set-up: a committed date DAY of the `recommendations` Delta table, --users users (top-100 lists over 20,108
 items, Zipf popularity, descending scores), written through pipeline.io.publish exactly as `recsys infer`'s
 local engine writes it: users hashed into parts of ~54k users (the default shard size), each part sorted
 by user, with the manifest's shard and user-range index. On the local disk and/or a moto S3 server on
@@ -9,7 +9,7 @@ by user, with the manifest's shard and user-range index. On the local disk and/o
 Timed, in the same run:
 - one user's list through `read_recommendations(user_ids=[u])` (the index picks one part, Parquet statistics
   one row group), median over random users, against the reference: read every part, then filter (what the
-  reader did before the index, and what any reader without one must do);
+  reader did before the index, and what any Delta reader without one must do: the date's live files);
 - 1,000 users at once;
 - the whole date streamed with `iter_recommendations` (rows/s, and the RSS it adds) against
   `read_recommendations` of the whole date.
@@ -71,13 +71,14 @@ def full_scan(out_uri: str, wanted: list[int]) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.io.publish import committed_run
-    from pipeline.serving.layout import partition
+    from pipeline.io import delta_table
+    from pipeline.serving.layout import recommendations_root
 
-    found = committed_run(partition(out_uri, dt.date.fromisoformat(DAY)))
-    assert found is not None
-    run, manifest = found
-    table = pa.concat_tables(pq.read_table(run.join(f["path"]).path, filesystem=run.fs) for f in manifest["files"])
+    root = recommendations_root(out_uri)
+    snapshot = delta_table.open_table(root)  # the date's live files, as any Delta reader finds them
+    assert snapshot is not None
+    paths = [p for p, _ in delta_table.live_files_of(delta_table.live_files(snapshot), dt.date.fromisoformat(DAY))]
+    table = pa.concat_tables(pq.read_table(root.join(p).path, filesystem=root.fs) for p in paths)
     return table.filter(pc.is_in(table["user_id"], value_set=pa.array(wanted, pa.int64()))).num_rows
 
 

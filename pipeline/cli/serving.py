@@ -1,4 +1,6 @@
-"""`recsys infer` (daily batch inference) and `recsys recs` (read one user's published list)."""
+"""`recsys infer` (daily batch inference), `recsys recs` (read one user's published list), and the recommendations
+table's operations: `recsys history` (which versions changed a date), `recsys restore` (a date's files as of an
+earlier version), `recsys vacuum` (delete what no version within the retention needs)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,28 @@ def register(sub: Any) -> None:
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=cmd_recs)
 
+    h = sub.add_parser("history", help="the recommendations table's versions that changed a date")
+    h.add_argument("--out", required=True, help="lake root given to `recsys infer --out`")
+    h.add_argument("--date", required=True, help="YYYY-MM-DD")
+    h.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    h.set_defaults(func=cmd_history)
+
+    rs = sub.add_parser("restore", help="publish a date's recommendations as of an earlier table version again")
+    rs.add_argument("--out", required=True, help="lake root given to `recsys infer --out`")
+    rs.add_argument("--date", required=True, help="YYYY-MM-DD")
+    rs.add_argument("--version", type=int, default=None,
+                    help="table version whose files of the date to restore (default: the version before the date's "
+                         "latest change; see `recsys history`)")
+    rs.set_defaults(func=cmd_restore)
+
+    v = sub.add_parser("vacuum", help="delete replaced and never-committed recommendation files past a retention")
+    v.add_argument("--out", required=True, help="lake root given to `recsys infer --out`")
+    v.add_argument("--retain-hours", type=float, default=168.0,
+                   help="keep files replaced less than this long ago (restore needs them) and staged files of runs "
+                        "younger than this (default 168: a week)")
+    v.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    v.set_defaults(func=cmd_vacuum)
+
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from pipeline.io.dates import parse_date
@@ -75,4 +99,42 @@ def cmd_recs(args: argparse.Namespace) -> int:
           + ("  (popularity fallback)" if r["fallback"] else ""))
     for rank, (item, score) in enumerate(r["items"], 1):
         print(f"{rank:4d}  {item}  {score:.6g}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from pipeline.io.dates import parse_date
+    from pipeline.serving.restore import HistoryJob
+
+    r = HistoryJob(out=args.out, date=parse_date(args.date)).run()
+    if args.json:
+        print(r.model_dump_json())
+        return 0
+    print(f"{r.table_uri}  date {r.date}  (table version {r.version})")
+    if not r.commits:
+        print("no commit of this date")
+    for c in r.commits:
+        what = c.operation + (f" of v{c.restored_version}" if c.restored_version is not None else "")
+        print(f"{'*' if c.live else ' '} v{c.version:<5d} {c.timestamp:%Y-%m-%d %H:%M:%S}Z  {what:<16s} model version "
+              f"{c.model_version}  rows {c.rows}  {c.run}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from pipeline.io.dates import parse_date
+    from pipeline.serving.restore import RestoreJob
+
+    r = RestoreJob(out=args.out, date=parse_date(args.date), version=args.version).run()
+    print(f"restored {r.date} to its files of version {r.restored_version} ({r.rows} rows, model version "
+          f"{r.model_version}, {r.run}) as version {r.version} of {r.table_uri}")
+    return 0
+
+
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    from pipeline.serving.restore import VacuumJob
+
+    r = VacuumJob(out=args.out, retain_hours=args.retain_hours, dry_run=args.dry_run).run()
+    verb = "would delete" if r.dry_run else "deleted"
+    print(f"{verb} {r.files} files older than {r.retain_hours:g} h from {r.table_uri}"
+          + ("" if r.dry_run else f" ({r.run_folders} emptied run folders removed)"))
     return 0

@@ -1,32 +1,27 @@
-"""Atomic publishing of one date's partition of a dataset in the lake (local folder or s3://).
+"""Publishing one date of a dataset in the lake (local folder or s3://) as one commit of a Delta Lake table.
 
-Layout of a partition:
+Layout (pipeline.io.delta_table):
 
-    <root>/dt=YYYY-MM-DD/run-<id>/part-00000.parquet ...   the data of one run
-    <root>/dt=YYYY-MM-DD/run-<id>/_manifest.json           files, rows, checksums, model version
-    <root>/dt=YYYY-MM-DD/_SUCCESS                          {"run": "run-<id>", "manifest_sha256": ...}
+    <root>/_delta_log/...                                  the commits: the live files of each date
+    <root>/dt=YYYY-MM-DD/run-<id>/part-00000.parquet ...   the data of one run (no dt column)
+    <root>/dt=YYYY-MM-DD/run-<id>/_manifest.json           files, rows, checksums, user ranges, model version
 
-`_SUCCESS` is the commit point: one single-object write (an S3 PUT, or a rename on a local disk) that names
-the run folder readers must use. Until it is written, readers keep seeing the previous run (its folder is
-untouched) or nothing. On a local disk the parts and the manifest are fsynced before it, so a power loss
-cannot leave it pointing at empty files. A crash at any point therefore leaves either the previous complete
-partition or the new complete one visible, never a mix.
+A run's files are staged in its own folder (by this process or by Spark executors, `write_part_file`), invisible
+to every reader: nothing in the log names them. `commit` writes the manifest (fsynced on a local disk, like the
+parts), then makes the run's files the date's files in ONE Delta commit that also removes the date's previous
+files, with the manifest's facts (model version, precision, counts, run id) in the commit's metadata. A crash at
+any point leaves the previous commit or the new one, never a mix; a crashed run's folder stays invisible until a
+vacuum removes it.
 
-Runs of the same date may overlap (an Airflow retry while a zombie attempt lives, a manual re-run). Run ids
-sort by start time, and the newest started run wins:
-- after its commit a run deletes only older run folders (the replaced run, crashed runs, an older run still
-  writing); a newer run's folder is left to that run, which deletes this one when it commits;
-- before its commit a run checks that every file it wrote is still there (a newer run's commit deletes older
-  runs) and that `_SUCCESS` does not name a newer run; if either fails it removes its folder and raises,
-  leaving `_SUCCESS` as it was.
-One race is left, as no check-then-write can close it on S3: a newer run that commits between an older run's
-checks and its `_SUCCESS` write, deleting the older run, leaves `_SUCCESS` naming a deleted folder; readers then
-get a clear DataError until the date is re-run.
+Runs of the same date may overlap (an Airflow retry while a zombie attempt lives, a manual re-run). A re-run
+replaces the date; two commits racing for the same date cannot both win: the loser gets a DataError, its staged
+folder is removed and the table is as the winner left it (delta_table's concurrency notes). Replaced runs'
+folders stay, so a date can be restored (pipeline.serving.restore), until a vacuum with a retention.
 """
 
 from __future__ import annotations
 
-import contextlib
+import datetime as dt
 import hashlib
 import io
 import json
@@ -43,11 +38,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
-from pipeline.io.lake import Location, is_temporary
+from pipeline.io import delta_table
+from pipeline.io.lake import Location
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
 RUN_PREFIX = "run-"
 ROW_GROUP_ROWS = 20_000
@@ -132,9 +127,14 @@ def write_single_object(loc: Location, data: bytes) -> None:
     loc.write_bytes(data, durable=True)
 
 
+def _parent(loc: Location) -> Location:
+    return Location(loc.fs, loc.path.rstrip("/").rsplit("/", 1)[0], loc.uri.rstrip("/").rsplit("/", 1)[0])
+
+
 @dataclass
 class PartitionWriter:
-    """Writes one run of a date partition: `write_part` for each table, then `commit(extra)`.
+    """Writes one run of a date of the Delta table `<root>`: `write_part` (or `record_part`) for each part, then
+    `commit(extra)`. `partition` is `<root>/dt=YYYY-MM-DD`, where the run's folder is staged.
 
     Nothing is visible to readers before `commit`; `abort` removes the run's folder."""
 
@@ -144,9 +144,20 @@ class PartitionWriter:
     rows: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _taken: set[str] = field(default_factory=set, repr=False, compare=False)
+    _schema: pa.Schema | None = field(default=None, repr=False, compare=False)
+    date: dt.date = field(init=False, compare=False)  # from the partition's name
 
     def __post_init__(self) -> None:
+        name = self.partition.path.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith(f"{delta_table.PARTITION}="):
+            raise ValueError(f"{self.partition.uri} is not a {delta_table.PARTITION}= partition")
+        self.date = dt.date.fromisoformat(name.split("=", 1)[1])
         self.partition.check_writable()  # --out a file, or not writable: one clear error before any work
+
+    @property
+    def table(self) -> Location:
+        """The Delta table's root (the partition's parent)."""
+        return _parent(self.partition)
 
     @property
     def run_name(self) -> str:
@@ -167,6 +178,8 @@ class PartitionWriter:
             if name in self._taken:
                 raise ValueError(f"{name} was written twice in run {self.run_name}")
             self._taken.add(name)
+            if self._schema is None:
+                self._schema = table.schema
         entry = {**write_part_file(self.run_dir.join(name), table), **index}
         with self._lock:
             self.files.append(entry)
@@ -186,107 +199,72 @@ class PartitionWriter:
             self.files.append(dict(entry))
             self.rows += int(entry["rows"])
 
+    def staged_paths(self) -> list[str]:
+        """The run's part files, as paths under the table root (what the commit adds), in part order."""
+        with self._lock:
+            names = sorted(f["path"] for f in self.files)
+        return [f"{self.partition_name}/{self.run_name}/{n}" for n in names]
+
+    @property
+    def partition_name(self) -> str:
+        return f"{delta_table.PARTITION}={self.date.isoformat()}"
+
+    def _files_schema(self, files: list[dict[str, Any]]) -> pa.Schema:
+        if self._schema is not None:
+            return self._schema
+        if not files:
+            return pa.schema([])
+        with self.run_dir.join(files[0]["path"]).fs.open_input_file(self.run_dir.join(files[0]["path"]).path) as f:
+            return pq.read_schema(f)  # parts written elsewhere (Spark executors): one footer read
+
     def commit(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest, then commit the run's parts as the date's files (pipeline.io.delta_table.commit_date);
+        returns the manifest, plus the committed table `version`. A DataError (the run's folder removed, the table
+        untouched) when a concurrent commit of the date won, the table has another schema, or a part vanished."""
         with self._lock:
             if len(self.files) != len(self._taken):
                 raise RuntimeError("commit while a part is still being written")
             files = sorted(self.files, key=lambda f: f["path"])
-        manifest = {**extra, "run": self.run_name, "files": files, "rows": self.rows}
-        body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
-        self.run_dir.join(MANIFEST).write_bytes(body)
-        if _is_local(self.run_dir):  # parts were fsynced by write_part; their names and the folder's here
-            for path in (self.run_dir.join(MANIFEST).path, self.run_dir.path, self.partition.path):
-                fsync_path(path)
-        hook("manifest")
-        self._check_before_commit([f["path"] for f in files])
-        pointer = {"run": self.run_name, "manifest_sha256": hashlib.sha256(body).hexdigest(), "rows": self.rows}
-        write_single_object(self.partition.join(SUCCESS), json.dumps(pointer, sort_keys=True).encode())
-        hook("success")
-        self.cleanup()
-        return manifest
-
-    def _check_before_commit(self, parts: list[str]) -> None:
-        """Raise (after removing this run's folder) when a newer run for this date deleted files of this run or
-        has committed already: this run must not replace it. `_SUCCESS` is left as it was."""
-        missing = sorted({*parts, MANIFEST} - set(self.run_dir.list()))
-        newer: Any = None
-        if not missing:
-            with contextlib.suppress(FileNotFoundError):  # no commit yet
-                raw = self.partition.join(SUCCESS).read_bytes()
-                with contextlib.suppress(ValueError):  # an unreadable commit: this run replaces it
-                    newer = json.loads(raw)
-            newer = newer.get("run") if isinstance(newer, dict) else None
-            if not (isinstance(newer, str) and newer > self.run_name):
-                return
-        self.abort()
-        if missing:
-            why = f"{', '.join(missing[:3])} vanished from its folder: a newer run for this date removed it"
-        else:
-            why = f"a newer run, {newer}, has committed this date already"
-        raise DataError(f"run {self.run_name} of {self.partition.uri} was not published ({why})",
-                        "let one run per date finish; re-run the date if the newer run did not publish it")
-
-    def cleanup(self) -> None:
-        """Delete the run folders older than this run (the replaced run, crashed runs, an older run still being
-        written) and stale `_SUCCESS` temporary files. Newer run folders belong to runs that may still be
-        writing: the newest run deletes the rest when it commits."""
-        for name in self.partition.list():
-            if (name.startswith(RUN_PREFIX) and name < self.run_name) or is_temporary(name, SUCCESS):
-                self.partition.join(name).delete()
+        try:
+            schema = self._files_schema(files)
+            if delta_table.PARTITION in schema.names:
+                raise DataError(f"run {self.run_name} of {self.partition.uri} has a {delta_table.PARTITION!r} column in "
+                                "its parts: Delta keeps the partition value in the log, not in the data files",
+                                f"drop the {delta_table.PARTITION!r} column from the tables given to write_part")
+            manifest = {**extra, "run": self.run_name, "files": files, "rows": self.rows}
+            body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+            self.run_dir.join(MANIFEST).write_bytes(body)
+            if _is_local(self.run_dir):  # parts were fsynced by write_part; their names and the folder's here
+                for path in (self.run_dir.join(MANIFEST).path, self.run_dir.path, self.partition.path):
+                    fsync_path(path)
+            hook("manifest")
+            missing = sorted({f["path"] for f in files} - set(self.run_dir.list()))
+            if missing:
+                raise DataError(f"run {self.run_name} of {self.partition.uri} was not published "
+                                f"({', '.join(missing[:3])} vanished from its folder: a vacuum or a person removed it)",
+                                "re-run the date")
+            snapshot = delta_table.open_table(self.table)
+            hook("delta-read")  # a test seam: two writers that both read the table before either commits
+            facts = {k: v for k, v in manifest.items() if k != "files"} | {"n_files": len(files), "operation": "publish"}
+            data = [delta_table.DataFile(f"{self.partition_name}/{self.run_name}/{f['path']}", int(f["bytes"]),
+                                         int(f["rows"]), f.get("user_min"), f.get("user_max")) for f in files]
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            version = delta_table.commit_date(self.table, self.date, data, schema, facts, table=snapshot)
+        except delta_table.CommitRefused:
+            self.abort()  # refused: nothing names these files
+            raise
+        # any other failure: the commit may or may not have landed, so the files stay (a vacuum removes them if not)
+        hook("commit")
+        return {**manifest, "version": version}
 
     def abort(self) -> None:
         """Remove this run's folder, best effort: it is called while another error propagates (which must not be
-        replaced), and an uncommitted folder is invisible to readers and removed by the date's next run."""
+        replaced), and an uncommitted folder is invisible to readers and removed by a vacuum."""
         try:
             self.run_dir.delete()
         except Exception as e:
-            log.warning("could not remove the uncommitted run %s (%s); the next run of the date removes it",
+            log.warning("could not remove the uncommitted run %s (%s); a vacuum of the table removes it",
                         self.run_dir.uri, e)
-
-
-def committed_run(partition: Location) -> tuple[Location, dict[str, Any]] | None:
-    """The committed run folder and its manifest, or None when the partition has no `_SUCCESS`.
-
-    Two reads (pointer, manifest), no listing. A re-run that commits between them deletes the run the
-    pointer named; the pointer is then read again. A corrupt `_SUCCESS` or manifest, or a manifest that is
-    missing, is a DataError naming the file."""
-    success = partition.join(SUCCESS)
-    fix = "re-run the job for that date"
-    for attempt in range(3):
-        try:
-            raw = success.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise DataError(f"partition {partition.uri} has an unreadable commit: {success.uri} ({e})", fix) from e
-        try:
-            pointer = json.loads(raw)
-        except ValueError as e:
-            raise DataError(f"partition {partition.uri} has an unreadable commit: {success.uri} is not JSON ({e})",
-                            fix) from e
-        if not isinstance(pointer, dict) or not isinstance(pointer.get("run"), str):
-            raise DataError(f"partition {partition.uri} has an unreadable commit: {success.uri} names no run", fix)
-        run = partition.join(pointer["run"])
-        manifest = run.join(MANIFEST)
-        try:
-            body = manifest.read_bytes()
-        except FileNotFoundError as e:
-            if attempt < 2:
-                continue  # replaced meanwhile (or never there: the next attempts say so)
-            raise DataError(f"partition {partition.uri} has an unreadable commit: {manifest.uri}, named by "
-                            f"{SUCCESS}, is missing", fix) from e
-        except (OSError, ValueError) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"partition {partition.uri} has an unreadable commit: {manifest.uri} ({e})", fix) from e
-        break
-    if hashlib.sha256(body).hexdigest() != pointer.get("manifest_sha256"):
-        raise DataError(f"manifest of {run.uri} does not match its _SUCCESS", fix)
-    try:
-        parsed = json.loads(body)
-    except ValueError as e:
-        raise DataError(f"partition {partition.uri} has an unreadable commit: {manifest.uri} is not JSON ({e})",
-                        fix) from e
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("files"), list):
-        raise DataError(f"partition {partition.uri} has an unreadable commit: {manifest.uri} lists no files", fix)
-    return run, parsed

@@ -1,8 +1,9 @@
 """`recsys infer` as a job: score every active user for a date with one model version and publish the lists
-atomically under `<out>/recommendations/dt=DATE/` (pipeline.serving.layout).
+as the date's files of the Delta table `<out>/recommendations` (pipeline.serving.layout), in one commit.
 
     InferJob(...).run()  ──load the model once (alias → version)──▶ engine (local or spark)
-        ──parts, each checked──▶ shares checked ──▶ _manifest.json ──▶ _SUCCESS (pipeline.io.publish) ──▶ InferResult
+        ──parts, each checked, staged in dt=DATE/run-<id>/──▶ shares checked ──▶ _manifest.json
+        ──▶ one Delta commit: the date's old files out, the run's in (pipeline.io.publish) ──▶ InferResult
 
 `InferJob` is the whole configuration (the engines' `InferOptions` plus where the model comes from and where
 the output goes); `run()` returns an `InferResult`, the small typed summary the CLI prints and the DAG passes
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 class InferResult(JobResult):
     """One published date: where it is, which model made it, what it holds (the manifest has the details)."""
 
-    partition_uri: str  # <out>/recommendations/dt=DATE: read it with pipeline.serving.recs
+    partition_uri: str  # <out>/recommendations/dt=DATE: read it with pipeline.serving.recs (or any Delta reader)
     run: str  # the committed run folder inside the partition
+    version: int  # the Delta table version of the commit (`recsys history`, `recsys restore --version`)
     date: dt.date
     model_name: str  # the registered model's name (job.model a models:/ URI), else the bundle's name
     model_version: str  # the concrete version every row names (an alias resolved once)
@@ -54,7 +56,7 @@ class InferResult(JobResult):
 
     def manifest(self) -> dict[str, Any]:
         """The run's full `_manifest.json` (files with checksums and user ranges, sharding, phase seconds), read
-        from the lake. Only while this run is the date's newest: a later run of the date removes it."""
+        from the lake. It stays after a later run replaces the date, until a vacuum removes the run."""
         body = lake.resolve(self.partition_uri).join(self.run, MANIFEST).read_bytes()
         manifest: dict[str, Any] = json.loads(body)
         return manifest
@@ -121,7 +123,7 @@ def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str
              "seconds": round(time.perf_counter() - t0, 3)}
     m = writer.commit(extra)
     name = registry.parse_model_uri(job.model)[0] if job.model.startswith("models:/") else bundle.name
-    return InferResult(partition_uri=writer.partition.uri, run=m["run"], date=job.date, model_name=name,
+    return InferResult(partition_uri=writer.partition.uri, run=m["run"], version=m["version"], date=job.date, model_name=name,
                        model_version=str(model_version), users=m["rows"],
                        fallback_users=m["fallback_users"], events=m["events"], unknown_item_events=m["unknown_item_events"],
                        files=len(m["files"]), precision=precision, seconds=m["seconds"])

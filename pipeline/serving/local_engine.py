@@ -1,7 +1,7 @@
 """The local engine: every active user scored in this process, shard by shard, in bounded memory.
 
     events ──spill (one streaming pass)──▶ shard files (users hashed) ──per shard──▶ histories (CSR)
-        ──batches──▶ scores, seen masked, top N ──▶ table ──▶ checks ──▶ part file (PartitionWriter)
+        ──batches──▶ scores, seen masked, top N ──▶ table ──▶ checks ──▶ part file staged in the run folder (PartitionWriter)
 
 The steps overlap across shards: while one shard is scored in the main thread, worker threads build the
 histories of the next shards and turn scored shards into checked Parquet parts (numpy, Arrow and Parquet

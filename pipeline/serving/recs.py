@@ -1,8 +1,13 @@
-"""Reading published recommendations (for downstream services): only committed partitions (`_SUCCESS`).
+"""Reading published recommendations (for downstream services): the live files of the Delta table
+`<out>/recommendations` (pipeline.serving.layout), never a staged or replaced run.
 
     read_recommendations("s3://lake", "2024-05-01")            one date's table
     read_recommendations("/lake", "latest", user_ids=[42, 7])  the newest committed date, a few users
     for batch in iter_recommendations("s3://lake", "latest"):   a whole date, streamed part by part
+
+A read takes one snapshot of the table (its latest version): the date's live files, grouped by the run folder
+that staged them, whose `_manifest.json` gives each file's checksum, size and user range (the lookup index). A
+date re-published while it is read keeps its old files until a vacuum, so a read is consistent.
 
 User ids follow pipeline.io.ids (the rule ingestion and inference apply), dates pipeline.io.dates. Every part
 is checked against the sha256 its manifest records before any of its rows is returned: a damaged part is a
@@ -18,6 +23,7 @@ import bisect
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -30,10 +36,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
-from pipeline.io import lake
+from pipeline.io import delta_table, lake
 from pipeline.io.dates import parse_date
 from pipeline.io.ids import check_id
-from pipeline.io.publish import SUCCESS, committed_run
+from pipeline.io.publish import MANIFEST
 from pipeline.serving import layout
 from pipeline.serving.sharding import scheme_for, shard_of
 
@@ -44,19 +50,36 @@ _VERIFIED: OrderedDict[tuple[str, str, int, int | None], None] = OrderedDict()
 _verified_lock = threading.Lock()
 
 
-def committed_dates(out_uri: str) -> list[dt.date]:
-    """Dates with a committed partition, newest first."""
+_tables: dict[str, Any] = {}  # table root URI → its DeltaTable, brought up to date on each read
+_tables_lock = threading.Lock()
+
+
+def _snapshot(out_uri: str) -> tuple[lake.Location, pa.Table | None, int]:
+    """The table's live files (path, size, rows, date) at its latest version, and that version; (root, None, -1)
+    when there is no table. The DeltaTable is kept per root and updated incrementally (one listing of the log)."""
     root = layout.recommendations_root(out_uri)
-    dates = []
-    for name in root.list():
-        if name.startswith("dt="):
+    with _tables_lock:
+        table = _tables.get(root.uri)
+        if table is not None:
             try:
-                day = parse_date(name[3:])
-            except DataError:
-                continue  # not a date partition
-            if root.join(name, SUCCESS).is_file():
-                dates.append(day)
-    return sorted(dates, reverse=True)
+                table.update_incremental()
+            except Exception:  # vanished or rewritten table: open it afresh
+                table = None
+        if table is None:
+            table = delta_table.open_table(root)
+            if table is None:
+                _tables.pop(root.uri, None)
+                return root, None, -1
+            _tables[root.uri] = table
+        return root, delta_table.live_files(table), table.version()
+
+
+def committed_dates(out_uri: str) -> list[dt.date]:
+    """Dates with committed recommendations (live files in the table), newest first."""
+    _, files, _ = _snapshot(out_uri)
+    if files is None:
+        return []
+    return sorted(set(files.column("date").to_pylist()), reverse=True)
 
 
 def resolve_date(out_uri: str, date: str | dt.date) -> dt.date:
@@ -118,14 +141,57 @@ def _may_hold(keys: list[Any], lo: Any, hi: Any) -> bool:
 
 
 def _open_committed(out_uri: str, date: str | dt.date) -> tuple[dt.date, lake.Location, lake.Location, dict[str, Any]]:
+    """The date's snapshot: (day, table root, table root, manifest), the manifest merged from the run folders of
+    the date's live files: its `files` are their manifest entries with paths under the table root (so the second
+    location, where parts are read from, is the root too), plus the table `version` and the run(s)."""
     day = resolve_date(out_uri, date)
-    partition = layout.partition(out_uri, day)
-    found = committed_run(partition)
-    if found is None:
-        raise DataError(f"no committed recommendations for {day} under {partition.uri}",
+    root, files, version = _snapshot(out_uri)
+    live = None if files is None else delta_table.live_files_of(files, day)
+    if not live:
+        where = layout.partition(out_uri, day).uri
+        raise DataError(f"no committed recommendations for {day} under {where}",
                         "run `recsys infer --date` for that date, or use --date latest")
-    run, manifest = found
-    return day, partition, run, manifest
+    by_run: dict[str, dict[str, int]] = {}
+    for path, size in live:
+        folder, _, name = path.rpartition("/")
+        by_run.setdefault(folder, {})[name] = size
+    entries: list[dict[str, Any]] = []
+    manifests = []
+    for folder, sizes in sorted(by_run.items()):
+        manifest = _read_manifest(root, folder, day)
+        manifests.append(manifest)
+        known = {str(f.get("path")): f for f in manifest["files"] if isinstance(f, dict)}
+        for name, size in sorted(sizes.items()):
+            loc = root.join(folder, name)
+            entry = known.get(name)
+            if entry is None:
+                raise _damaged(loc, day, f"is not listed in {MANIFEST} of its run (no checksum to verify it)")
+            if entry.get("bytes") != size:
+                raise _damaged(loc, day, f"has {entry.get('bytes')} bytes in its manifest, {size} in the table's log")
+            entries.append({**entry, "path": f"{folder}/{name}"})
+    versions = {str(m.get("model_version", "")) for m in manifests}
+    merged: dict[str, Any] = {"files": entries, "version": version, "run": ",".join(sorted(by_run)),
+                              "model_version": versions.pop() if len(versions) == 1 else ""}
+    if len(manifests) == 1:  # the shard index holds within one run only
+        merged["user_sharding"] = manifests[0].get("user_sharding")
+    return day, root, root, merged
+
+
+def _read_manifest(root: lake.Location, folder: str, day: dt.date) -> dict[str, Any]:
+    loc = root.join(folder, MANIFEST)
+    fix = f"re-run inference for {day} (`recsys infer --date {day}`), or restore an earlier version (`recsys restore`)"
+    try:
+        body = loc.read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(f"the recommendations for {day} have no manifest: {loc.uri} is missing", fix) from e
+    try:
+        parsed = json.loads(body)
+    except ValueError as e:
+        raise DataError(f"the recommendations for {day} have an unreadable manifest: {loc.uri} is not JSON ({e})",
+                        fix) from e
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("files"), list):
+        raise DataError(f"the recommendations for {day} have an unreadable manifest: {loc.uri} lists no files", fix)
+    return parsed
 
 
 def _user_type(run: lake.Location, manifest: dict[str, Any], day: dt.date) -> pa.DataType:
@@ -230,7 +296,8 @@ def read_recommendations(out_uri: str, date: str | dt.date = "latest", user_ids:
             continue
         break
     table = pa.concat_tables(tables) if tables else _empty(columns)
-    return table.replace_schema_metadata({"dt": day.isoformat(), "model_version": str(manifest.get("model_version", ""))})
+    return table.replace_schema_metadata({"dt": day.isoformat(), "model_version": str(manifest.get("model_version", "")),
+                                          "version": str(manifest["version"])})
 
 
 def iter_recommendations(out_uri: str, date: str | dt.date = "latest", batch_size: int = 65_536,
@@ -239,16 +306,20 @@ def iter_recommendations(out_uri: str, date: str | dt.date = "latest", batch_siz
     verified against its checksum before its first batch) and one batch, whatever the number of users (for bulk
     consumers: loading a key-value store, exporting).
 
-    The committed run is resolved once. If the date is re-run meanwhile, the new commit deletes the run being
-    read; the iteration then stops with a DataError (read again from the start) rather than mixing runs."""
-    day, partition, run, manifest = _open_committed(out_uri, date)
+    The date's files are resolved once (one snapshot of the table). A re-run meanwhile leaves them in place; only a
+    vacuum deletes them, and the iteration then stops with a DataError (read again from the start) rather than
+    mixing runs."""
+    day, _, run, manifest = _open_committed(out_uri, date)
     for f in manifest["files"]:
         try:
             with _open_part(run, f, day) as pf:
                 yield from pf.iter_batches(batch_size=batch_size, columns=columns)
-        except OSError as e:  # FileNotFoundError included
-            now = committed_run(partition)
-            if now is None or now[0].path != run.path:
+        except OSError as e:  # FileNotFoundError included: a vacuum removed the files of a replaced version
+            try:
+                now = _open_committed(out_uri, day)[3]
+            except DataError:
+                now = None
+            if now is None or now["version"] != manifest["version"]:
                 raise DataError(f"recommendations for {day} were replaced by a re-run while being read",
                                 "read them again from the start") from e
             raise

@@ -5,8 +5,8 @@ The driver saves the bundle once and broadcasts its bytes; each Python worker un
 `score_histories`/`to_table` as the local engine. Each task then checks its part against its users' histories
 (`check_part`) and writes it straight into the run folder of the driver's PartitionWriter (pipeline.io.publish's
 part format, through pipeline.io.lake: a local or shared path, or s3://), and returns only the part's manifest
-entry. The driver records the entries and commits (`_SUCCESS` last), so readers see the same atomic publish as
-with the local engine, and the scored rows never pass through the driver. A failed check comes back as an entry
+entry. The driver records the entries and commits them (one Delta commit of the date), so readers see the same
+atomic publish as with the local engine, and the scored rows never pass through the driver. A failed check comes back as an entry
 with an error: the driver aborts the run (its folder, with every part already written, is removed).
 
 The session comes from pipeline.io.spark (a SparkConfig: RECSYS_SPARK_* by default, see `SparkConfig.from_env`;

@@ -1,9 +1,13 @@
-"""pipeline.io.publish: `recsys infer` killed (SIGKILL) at several points leaves readers the previous complete
-partition or none, never a partial one; the next run cleans up what the killed one left."""
+"""pipeline.io.publish: a date is published as one commit of the Delta table. `recsys infer` killed (SIGKILL) at
+several points leaves readers the previous complete date or none, never a partial one; a re-run replaces, never
+duplicates; two writers racing for a date: one wins, the other gets a clear error and leaves nothing behind."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,15 +19,16 @@ import pytest
 from infer_support import events_table, tiny_bundle, write_events
 
 from pipeline.errors import DataError
+from pipeline.io import delta_table
 from pipeline.io.lake import resolve
-from pipeline.io.publish import SUCCESS, PartitionWriter, committed_run
+from pipeline.io.publish import PartitionWriter
 from pipeline.serving.job import InferJob, publish_recommendations
 from pipeline.serving.recs import read_recommendations
 
 REPO = Path(__file__).resolve().parents[3]
 DAY = "2024-05-03"
 # (hook point, whether the new run is visible after the kill)
-POINTS = [("spilled", False), ("part-0", False), ("manifest", False), ("success", True)]
+POINTS = [("spilled", False), ("part-0", False), ("manifest", False), ("delta-read", False), ("commit", True)]
 
 
 def _infer_cmd(events: str, out: Path, model: Path) -> list[str]:
@@ -77,77 +82,17 @@ def test_sigkill_at_any_point_leaves_previous_or_new_complete_partition(tmp_path
                 read_recommendations(str(out), DAY)
             with pytest.raises(DataError, match="no committed recommendations"):
                 read_recommendations(str(out), "latest")
-    # a later run replaces whatever the killed one left: one run folder, committed
+    # a later run replaces whatever the killed one left: only its files are live (the killed run's stay invisible)
     out = tmp_path / "part-0-True"
     m = publish_recommendations(InferJob(date=DAY, events=events, out=str(out), device="cpu", top_n=5,  # type: ignore[arg-type]
                                          progress=False, shard_events=100), bundle, "again")
-    part = out / "recommendations" / f"dt={DAY}"
-    assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, m.run])
+    assert {p.split("/")[1] for p in _live(out)} == {m.run} and m.version == prev.version + 1
+    assert read_recommendations(str(out), DAY).num_rows == prev.users
 
 
-def test_commit_pointer_is_verified(tmp_path: Path) -> None:
-    import pyarrow as pa
-
-    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
-    w = PartitionWriter(part)
-    w.write_part(pa.table({"user_id": [1]}))
-    assert committed_run(part) is None  # nothing visible before commit
-    w.commit({"model_version": "1"})
-    run_dir, manifest = committed_run(part)  # type: ignore[misc]
-    assert manifest["rows"] == 1 and run_dir.path.endswith(w.run_name)
-    (Path(run_dir.path) / "_manifest.json").write_text("{}")  # tampered manifest: the pointer's checksum catches it
-    with pytest.raises(DataError, match="does not match"):
-        committed_run(part)
-
-
-def test_unreadable_commit_pointers(tmp_path: Path) -> None:
-    import pyarrow as pa
-
-    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
-    w = PartitionWriter(part)
-    w.write_part(pa.table({"user_id": [1]}))
-    w.commit({"model_version": "1"})
-    success = Path(part.path) / SUCCESS
-    good = success.read_text()
-    for bad in ("not json", '{"run": "run-gone", "manifest_sha256": "x"}', '{"no_run": 1}', '["run-x"]',
-                '{"run": "../escape"}'):
-        success.write_text(bad)
-        with pytest.raises(DataError, match=r"unreadable commit|unsafe path"):
-            committed_run(part)
-    success.write_text(good)
-    assert committed_run(part) is not None
-
-
-def test_commit_read_survives_a_rerun_between_pointer_and_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A re-run commits (and deletes the old run) after a reader read `_SUCCESS` but before it read the manifest:
-    the reader reads the pointer again and gets the new run, instead of failing."""
-    import pyarrow as pa
-
-    from pipeline.io import lake
-
-    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
-    first = PartitionWriter(part)
-    first.write_part(pa.table({"user_id": [1]}))
-    first.commit({"model_version": "1"})
-    stale = (Path(part.path) / SUCCESS).read_bytes()
-    second = PartitionWriter(part)
-    second.write_part(pa.table({"user_id": [1, 2]}))
-    second.commit({"model_version": "2"})  # deletes the first run's folder
-    assert not Path(first.run_dir.path).exists()
-
-    real = lake.Location.read_bytes
-    reads = []
-
-    def racing(self: lake.Location) -> bytes:
-        reads.append(self.path)
-        if self.path.endswith(SUCCESS) and len(reads) == 1:
-            return stale  # the pointer as it was before the re-run committed
-        return real(self)
-
-    monkeypatch.setattr(lake.Location, "read_bytes", racing)
-    run_dir, manifest = committed_run(part)  # type: ignore[misc]
-    assert manifest["model_version"] == "2" and run_dir.path == second.run_dir.path
-    assert sum(p.endswith(SUCCESS) for p in reads) == 2
+def _live(out: Path) -> list[str]:
+    table = delta_table.open_table(resolve(out / "recommendations"))
+    return [] if table is None else delta_table.live_files(table)["path"].to_pylist()
 
 
 def test_parts_written_concurrently_are_named_and_listed_by_number(tmp_path: Path) -> None:
@@ -191,69 +136,140 @@ def test_parts_encode_scores_by_byte_stream_split_and_read_back_unchanged(tmp_pa
     assert again["sha256"] == entry["sha256"]  # same table, same bytes (re-runs compare by checksum)
 
 
-def _users(root: Path, day: str) -> list[int]:
+def _users(root: Path | str, day: str) -> list[int]:
     return sorted(read_recommendations(str(root), day)["user_id"].to_pylist())
 
 
-def _overlap_setup(tmp_path: Path) -> tuple[Path, str, PartitionWriter, PartitionWriter]:
-    """A committed previous partition, then run A and a later-started run B of the same date, both writing."""
+def _commit(root: Path | str, day: str, users: list[int], version: str) -> PartitionWriter:
     import pyarrow as pa
 
-    day = "2024-01-01"
-    part = resolve(tmp_path / "recommendations" / f"dt={day}")
-    prev = PartitionWriter(part)
-    prev.write_part(pa.table({"user_id": [9]}))
-    prev.commit({"model_version": "prev"})
-    a, b = PartitionWriter(part), PartitionWriter(part)
-    assert a.run_name < b.run_name  # run ids sort by start time
-    a.write_part(pa.table({"user_id": [1]}), part=0)
-    a.write_part(pa.table({"user_id": [2]}), part=1)
-    b.write_part(pa.table({"user_id": [10]}), part=0)
-    return tmp_path, day, a, b
+    w = PartitionWriter(resolve(f"{root}/recommendations/dt={day}"))
+    w.write_part(pa.table({"user_id": pa.array(users, pa.int64())}), user_min=min(users), user_max=max(users))
+    w.commit({"model_version": version})
+    return w
 
 
-def test_overlapping_runs_older_commits_first_then_newer(tmp_path: Path) -> None:
-    """A commits while B still writes: A's cleanup leaves B's folder alone, B commits its full data and removes A."""
+def test_a_rerun_replaces_the_date_in_one_commit_and_keeps_the_old_files(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    root, day, a, b = _overlap_setup(tmp_path)
-    a.commit({"model_version": "a"})
-    assert _users(root, day) == [1, 2] and Path(b.run_dir.path).is_dir()
-    b.write_part(pa.table({"user_id": [11]}), part=1)
-    b.commit({"model_version": "b"})
-    assert _users(root, day) == [10, 11]
-    assert sorted(p.name for p in Path(b.partition.path).iterdir()) == sorted([SUCCESS, b.run_name])
+    first = _commit(tmp_path, "2024-01-01", [9], "prev")
+    _commit(tmp_path, "2024-01-02", [5], "other")
+    w = PartitionWriter(resolve(tmp_path / "recommendations" / "dt=2024-01-01"))
+    w.write_part(pa.table({"user_id": pa.array([1], pa.int64())}), part=0)
+    w.write_part(pa.table({"user_id": pa.array([2], pa.int64())}), part=1)
+    assert _users(tmp_path, "2024-01-01") == [9]  # staged, not visible
+    m = w.commit({"model_version": "new", "precision": "fp32"})
+    assert m["version"] == 2 and _users(tmp_path, "2024-01-01") == [1, 2] and _users(tmp_path, "2024-01-02") == [5]
+    assert Path(first.run_dir.path).is_dir()  # replaced, not deleted: restore needs it until a vacuum
+    table = delta_table.open_table(resolve(tmp_path / "recommendations"))
+    assert table is not None and table.version() == 2
+    facts = delta_table.commit_facts(table.history(1)[0])  # the manifest's facts, in the commit
+    assert facts is not None and facts["run"] == w.run_name and facts["model_version"] == "new"
+    assert facts["precision"] == "fp32" and facts["rows"] == 2 and facts["dt"] == "2024-01-01" and "files" not in facts
+    assert json.loads((Path(w.run_dir.path) / "_manifest.json").read_text())["files"][1]["sha256"]
 
 
-def test_overlapping_runs_newer_commits_first_older_is_refused(tmp_path: Path) -> None:
-    """B commits first (deleting A's folder); A writes on and commits: a clear error, B's partition untouched."""
+def _race(root: str, day: str, previous: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two writers of `day` read the table, both wait (the `delta-read` hook), then both commit."""
+    import threading
+
     import pyarrow as pa
 
-    root, day, a, b = _overlap_setup(tmp_path)
-    b.commit({"model_version": "b"})
-    assert not Path(a.run_dir.path).exists()
-    a.write_part(pa.table({"user_id": [3]}), part=2)  # recreates A's folder with one part of three
-    success = (Path(b.partition.path) / SUCCESS).read_bytes()
-    with pytest.raises(DataError, match=r"was not published \(part-00000\.parquet.* vanished.*Fix: .*re-run"):
-        a.commit({"model_version": "a"})
-    assert (Path(b.partition.path) / SUCCESS).read_bytes() == success
-    assert _users(root, day) == [10]
-    assert sorted(p.name for p in Path(b.partition.path).iterdir()) == sorted([SUCCESS, b.run_name])
+    _commit(root, "2024-01-09", [7], "other date")
+    if previous:
+        _commit(root, day, [9], "prev")
+    before = delta_table.open_table(resolve(f"{root}/recommendations"))
+    assert before is not None
+    monkeypatch.setenv("RECSYS_HOOK_POINT", "delta-read")
+    monkeypatch.setenv("RECSYS_HOOK_SLEEP", "1.5")  # both have read the table before either commits
+    writers = [PartitionWriter(resolve(f"{root}/recommendations/dt={day}")) for _ in range(2)]
+    for k, w in enumerate(writers):
+        w.write_part(pa.table({"user_id": pa.array([10 * k + 1, 10 * k + 2], pa.int64())}))
+    outcome: dict[int, BaseException | None] = {}
+    gate = threading.Barrier(2)
+
+    def go(k: int) -> None:
+        gate.wait()
+        try:
+            writers[k].commit({"model_version": f"w{k}"})
+            outcome[k] = None
+        except BaseException as e:
+            outcome[k] = e
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    monkeypatch.delenv("RECSYS_HOOK_POINT")
+    errors = [e for e in outcome.values() if e is not None]
+    assert len(outcome) == 2 and len(errors) == 1, outcome
+    assert isinstance(errors[0], DataError)
+    assert re.search(rf"the commit of {day} to the Delta table at .* lost to a concurrent commit of the same date.*"
+                     r"this run's files were not published\. Fix: let one run per date finish", str(errors[0]))
+    winner = next(k for k, e in outcome.items() if e is None)
+    loser = writers[1 - winner]
+    after = delta_table.open_table(resolve(f"{root}/recommendations"))
+    assert after is not None and after.version() == before.version() + 1  # exactly one version for one commit
+    assert _users(root, day) == [10 * winner + 1, 10 * winner + 2]  # one complete run, no duplicates
+    assert {p.split("/")[1] for p in delta_table.live_files(after, dt.date.fromisoformat(day))["path"].to_pylist()} == {
+        writers[winner].run_name}
+    assert not loser.run_dir.exists()  # the loser's staged files are removed
+    assert _users(root, "2024-01-09") == [7]  # other dates untouched
 
 
-def test_an_older_run_does_not_replace_a_newer_commit(tmp_path: Path) -> None:
-    """B commits before A wrote anything (so nothing of A was deleted): A still may not replace B."""
+@pytest.mark.parametrize("previous", [True, False], ids=["replacing-a-date", "a-new-date"])
+def test_two_writers_racing_for_a_date_on_local_disk(tmp_path: Path, previous: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _race(str(tmp_path), "2024-01-01", previous, monkeypatch)
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["replacing-a-date", "a-new-date"])
+def test_two_writers_racing_for_a_date_on_s3(s3_bucket: str, previous: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the moto server: commits are conditional PUTs (delta_table.storage_options), the conflict check the same."""
+    _race(f"{s3_bucket}/lake", "2024-01-01", previous, monkeypatch)
+
+
+def test_moto_honours_conditional_puts(s3_bucket: str, moto_server: str) -> None:
+    """What the S3 commit mode relies on: a PUT with If-None-Match: * of an existing key fails (AWS S3 since 2024)."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    bucket = s3_bucket.removeprefix("s3://")
+    s3.put_object(Bucket=bucket, Key="k", Body=b"1", IfNoneMatch="*")
+    with pytest.raises(ClientError, match="PreconditionFailed"):
+        s3.put_object(Bucket=bucket, Key="k", Body=b"2", IfNoneMatch="*")
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == b"1"
+
+
+def test_unsafe_s3_renames_are_refused(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_S3_ALLOW_UNSAFE_RENAME", "true")
+    with pytest.raises(DataError, match=r"AWS_S3_ALLOW_UNSAFE_RENAME is set.*Fix: unset AWS_S3_ALLOW_UNSAFE_RENAME"):
+        _commit(f"{s3_bucket}/lake", "2024-01-01", [1], "v")
+    monkeypatch.delenv("AWS_S3_ALLOW_UNSAFE_RENAME")
+    assert delta_table.open_table(resolve(f"{s3_bucket}/lake/recommendations")) is None  # nothing committed
+    assert not resolve(f"{s3_bucket}/lake/recommendations/dt=2024-01-01").list()  # nor left staged
+
+
+def test_a_table_with_another_schema_is_refused(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
-    a, b = PartitionWriter(part), PartitionWriter(part)
-    b.write_part(pa.table({"user_id": [10]}))
-    b.commit({"model_version": "b"})
-    a.write_part(pa.table({"user_id": [1]}))
-    with pytest.raises(DataError, match=rf"newer run, {b.run_name}, has committed"):
-        a.commit({"model_version": "a"})
-    assert _users(tmp_path, "2024-01-01") == [10]
-    assert sorted(p.name for p in Path(part.path).iterdir()) == sorted([SUCCESS, b.run_name])
+    _commit(tmp_path, "2024-01-01", [1], "v")
+    w = PartitionWriter(resolve(tmp_path / "recommendations" / "dt=2024-01-02"))
+    w.write_part(pa.table({"user_id": pa.array(["a"]), "extra": pa.array([1])}))
+    with pytest.raises(DataError, match=r"the Delta table at .*recommendations has another schema \(columns user_id: "
+                                        r"\"long\", dt: \"date\"; .*than this run's files \(columns user_id: "
+                                        r"\"string\", extra: \"long\", dt: \"date\".*Fix: publish to another --out"):
+        w.commit({"model_version": "v"})
+    table = delta_table.open_table(resolve(tmp_path / "recommendations"))
+    assert table is not None and table.version() == 0 and not w.run_dir.exists()  # nothing committed, nothing left
+    # a partition column in the parts: refused before the table is touched
+    w = PartitionWriter(resolve(tmp_path / "recommendations" / "dt=2024-01-02"))
+    w.write_part(pa.table({"user_id": pa.array([1]), "dt": pa.array(["2024-01-02"])}))
+    with pytest.raises(DataError, match=r"has a 'dt' column in its parts.*Fix: drop the 'dt' column"):
+        w.commit({"model_version": "v"})
+    assert table.version() == 0 and not w.run_dir.exists()
 
 
 def test_run_ids_sort_by_start_time() -> None:
@@ -264,66 +280,53 @@ def test_run_ids_sort_by_start_time() -> None:
     assert ids[0] > "20200101T000000-0a1b2c3d"  # a run named by the old second-precision format is older
 
 
-def test_parts_and_manifest_are_durable_before_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parts_and_manifest_are_durable_before_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow as pa
 
+    from pipeline.io import publish
+
     events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_commit = os.fsync, publish.delta_table.commit_date
 
     def fsync(fd: int) -> None:
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
-    def replace(src: str, dst: str) -> None:
-        real_replace(src, dst)
-        events.append(("replace", str(dst)))
+    def commit(*args: object, **kwargs: object) -> int:
+        events.append(("commit", ""))
+        return real_commit(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(publish.delta_table, "commit_date", commit)
     part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
     w = PartitionWriter(part)
     w.write_part(pa.table({"user_id": [1]}))
     w.write_part(pa.table({"user_id": [2]}))
     w.commit({"model_version": "1"})
-    committed = events.index(("replace", str(Path(part.path) / SUCCESS)))
+    committed = events.index(("commit", ""))
     before = {path for kind, path in events[:committed] if kind == "fsync"}
     run_dir = Path(w.run_dir.path)
     assert {str(run_dir / n) for n in ("part-00000.parquet", "part-00001.parquet", "_manifest.json")} <= before
     assert {str(run_dir), part.path} <= before  # the new names, and the run folder's own entry
-    assert ("fsync", part.path) in events[committed:]  # the rename of _SUCCESS itself
 
 
-@pytest.mark.parametrize("target, body, problem", [
-    (SUCCESS, "{trunc", r"_SUCCESS is not JSON \(Expecting property name"),
-    (SUCCESS, '{"manifest_sha256": "x"}', r"_SUCCESS names no run"),
-    ("manifest", "{trunc", r"run-[^/]+/_manifest\.json is not JSON"),
-    ("manifest", "[]", r"run-[^/]+/_manifest\.json lists no files"),
-    ("manifest", None, r"run-[^/]+/_manifest\.json, named by _SUCCESS, is missing"),
+@pytest.mark.parametrize("body, problem", [
+    ("{trunc", r"have an unreadable manifest: .*run-[^/]+/_manifest\.json is not JSON \(Expecting property name"),
+    ("[]", r"have an unreadable manifest: .*run-[^/]+/_manifest\.json lists no files"),
+    ('{"files": []}', r"part-00000\.parquet .*is not listed in _manifest\.json of its run"),
+    (None, r"have no manifest: .*run-[^/]+/_manifest\.json is missing"),
 ])
-def test_corrupt_commit_files_name_the_file(tmp_path: Path, target: str, body: str | None, problem: str) -> None:
-    """A corrupt or missing `_SUCCESS` / `_manifest.json` (a manifest rewritten with a matching pointer, so
-    that the checksum alone does not catch it): one DataError naming the file, the fix a re-run."""
-    import hashlib
-    import json
-
-    import pyarrow as pa
-
-    part = resolve(tmp_path / "recommendations" / "dt=2024-01-01")
-    w = PartitionWriter(part)
-    w.write_part(pa.table({"user_id": [1]}))
-    w.commit({"model_version": "1"})
-    success, manifest = Path(part.path) / SUCCESS, Path(w.run_dir.path) / "_manifest.json"
-    if target == SUCCESS:
-        success.write_text(body)  # type: ignore[arg-type]
-    elif body is None:
+def test_a_corrupt_or_missing_manifest_names_the_file(tmp_path: Path, body: str | None, problem: str) -> None:
+    """The lookup index and the checksums are in the committed run's manifest: a corrupt or missing one is one
+    DataError naming the file and the fix, never rows read unverified."""
+    w = _commit(tmp_path, "2024-01-01", [1], "1")
+    manifest = Path(w.run_dir.path) / "_manifest.json"
+    if body is None:
         manifest.unlink()
     else:
         manifest.write_text(body)
-        pointer = json.loads(success.read_text())
-        success.write_text(json.dumps({**pointer, "manifest_sha256": hashlib.sha256(body.encode()).hexdigest()}))
-    with pytest.raises(DataError, match=rf"^partition {part.uri} has an unreadable commit: .*{problem}.*"
-                                        r"Fix: re-run the job for that date\.$"):
-        committed_run(part)
+    with pytest.raises(DataError, match=rf"{problem}.*Fix: re-run inference for 2024-01-01"):
+        read_recommendations(str(tmp_path), "2024-01-01")
 
 
 def test_out_that_is_a_file_or_not_writable_is_refused_before_any_write(tmp_path: Path,

@@ -54,7 +54,7 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         jobs.append(self)
         return InferResult(partition_uri=f"{self.out}/recommendations/dt={self.date}", date=self.date, model_name="m",
                            model_version="7", users=5, fallback_users=0, unknown_item_events=0, files=1,
-                           precision="fp32", seconds=0.1, run="run-1", events=9)
+                           precision="fp32", seconds=0.1, run="run-1", version=0, events=9)
 
     for cls, fn in ((BuildMatrixJob, build), (TrainJob, train), (GateJob, gate), (InferJob, infer)):
         monkeypatch.setattr(cls, "run", fn)

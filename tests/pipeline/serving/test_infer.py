@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import scipy.sparse as sp
+from deltalake import DeltaTable
 from infer_support import DATES, events_table, run_infer, tiny_bundle, write_events
 
 from pipeline.errors import DataError
-from pipeline.io import lake
+from pipeline.io import delta_table, lake
 from pipeline.io.bundle import ModelBundle
-from pipeline.io.publish import SUCCESS
 from pipeline.serving import checks, scoring, sizing, spill
 from pipeline.serving.checks import OutputCheckError
 from pipeline.serving.events import open_events
@@ -89,7 +89,8 @@ def test_end_to_end_local(tmp_path: Path, bundle: ModelBundle, events: tuple[pa.
     assert m["fallback_users"] == sum(got["fallback"].to_pylist()) >= 1
     files = [f["path"] for f in m["files"]]
     run_dir = tmp_path / "recommendations" / f"dt={DAY}" / m["run"]
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted([*files, "_manifest.json"])
+    names = sorted(p.name for p in run_dir.iterdir())  # besides the parts, only files Delta readers skip ("_...")
+    assert [n for n in names if not n.startswith("_")] == sorted(files) and "_manifest.json" in names
 
 
 @pytest.mark.parametrize("vocab_ids", [np.array([5, 0, 9, 3]), np.array([7, 10**15, 2, 40]), np.array(["b", "a", "c"])],
@@ -171,7 +172,7 @@ def test_a_failed_check_in_a_later_shard_publishes_nothing_when_parallel(
     with pytest.raises(OutputCheckError, match="duplicate users"):
         run_infer(cfg(uri, tmp_path, shard_events=20, parallel_shards=4), bundle, "7")
     part = tmp_path / "recommendations" / f"dt={DAY}"
-    assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, first["run"]])
+    assert sorted(p.name for p in part.iterdir()) == [first["run"]]
     assert read_recommendations(str(tmp_path), DAY).num_rows == first["rows"]
 
 
@@ -236,7 +237,9 @@ def test_rerun_replaces_the_partition_with_identical_content(tmp_path: Path, bun
     b = run_infer(cfg(uri, tmp_path), bundle, "7")
     part = tmp_path / "recommendations" / f"dt={DAY}"
     assert a["run"] != b["run"]
-    assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, b["run"]])  # the old run folder is gone
+    assert sorted(p.name for p in part.iterdir()) == sorted([a["run"], b["run"]])  # the old run stays (restore)
+    live = DeltaTable(str(tmp_path / "recommendations")).file_uris()
+    assert len(live) == len(b["files"]) and all(f"/{b['run']}/" in f for f in live)  # but only b's files are live
     assert [(f["sha256"], f["rows"]) for f in a["files"]] == [(f["sha256"], f["rows"]) for f in b["files"]]
     assert read_recommendations(str(tmp_path), DAY).num_rows == a["rows"]
 
@@ -317,7 +320,7 @@ def test_every_output_check_blocks_publishing(name: str, tmp_path: Path, bundle:
     with pytest.raises(OutputCheckError, match=message):
         run_infer(cfg(uri, tmp_path), bundle, "7")
     part = tmp_path / "recommendations" / f"dt={DAY}"
-    assert sorted(p.name for p in part.iterdir()) == sorted([SUCCESS, first["run"]])  # nothing new, nothing left
+    assert sorted(p.name for p in part.iterdir()) == [first["run"]]  # nothing new, nothing left
     assert read_recommendations(str(tmp_path), DAY).num_rows == first["rows"]
 
 
@@ -343,9 +346,11 @@ def test_end_to_end_s3(s3_bucket: str, bundle: ModelBundle, events: tuple[pa.Tab
     ev = write_events(table, f"{s3_bucket}/lake/events")
     out = f"{s3_bucket}/lake"
     m = run_infer(cfg(ev, out), bundle, "7")
-    run_infer(cfg(ev, out), bundle, "7")  # re-run on S3: still one run folder
+    again = run_infer(cfg(ev, out), bundle, "7")  # re-run on S3: replaces, never duplicates
     part = lake.resolve(out).join("recommendations", f"dt={DAY}")
-    assert len([n for n in part.list() if n.startswith("run-")]) == 1 and SUCCESS in part.list()
+    assert sorted(n for n in part.list() if n.startswith("run-")) == sorted([m["run"], again["run"]])
+    live = delta_table.live_files(delta_table.open_table(lake.resolve(out).join("recommendations")))  # type: ignore[arg-type]
+    assert live.num_rows == len(again["files"]) and all(f"/{again['run']}/" in p for p in live["path"].to_pylist())
     got = read_recommendations(out, "latest")
     assert as_dict(got) == expected(bundle, table, 10) and got.num_rows == m["rows"]
     # lookups and streaming through the S3 filesystem (the index picks parts; row groups read by range)

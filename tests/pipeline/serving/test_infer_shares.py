@@ -15,7 +15,6 @@ from infer_support import events_table, run_infer, tiny_bundle, write_events
 
 from pipeline.errors import DataError
 from pipeline.io.bundle import ModelBundle
-from pipeline.io.publish import SUCCESS
 from pipeline.serving.checks import OutputCheckError
 from pipeline.serving.job import InferJob
 from pipeline.serving.recs import read_recommendations
@@ -72,7 +71,7 @@ def test_events_of_another_catalog_do_not_replace_the_good_partition(tmp_path: P
                                                r"have items the model does not know \(at most 50\.0% allowed.*Fix: the "
                                                r"events' item ids do not match the model's vocabulary"):
         run_infer(job(bad, out), bundle, "bad")
-    assert listing(out) == sorted([SUCCESS, first["run"]])  # no new run folder, the commit untouched
+    assert listing(out) == [first["run"]]  # no new run folder, the committed one untouched
     got = read_recommendations(str(out), DAY)
     assert got.num_rows == first["rows"] and set(got["model_version"].to_pylist()) == {"good"}
     assert not any(got["fallback"].to_pylist())
@@ -89,7 +88,7 @@ def test_mostly_fallback_users_are_refused_and_the_ceilings_are_configurable(tmp
     with pytest.raises(OutputCheckError, match=r"of the \d+ active users have no item the model knows and would all "
                                                r"get the popularity fallback \(at most 50\.0% allowed, --max-fallback-share"):
         run_infer(job(events, out), bundle, "bad")
-    assert listing(out) == sorted([SUCCESS, first["run"]])
+    assert listing(out) == [first["run"]]
     with pytest.raises(OutputCheckError, match="events in the history window have items the model does not know"):
         run_infer(job(events, out, max_unknown_item_share=0.01), bundle, "bad")
     m = run_infer(job(events, out, max_fallback_share=1.0), bundle, "accepted")  # a known influx: raised on purpose
@@ -127,4 +126,4 @@ def test_spark_engine_refuses_the_same_run(tmp_path: Path, bundle: ModelBundle, 
     bad = write_events(foreign_items(table), str(tmp_path / "bad"))
     with pytest.raises(DataError, match=r"100\.0% of the \d+ events in the history window have items the model does not"):
         run_infer(job(bad, tmp_path / "out", engine="spark"), bundle, "bad")
-    assert not (tmp_path / "out" / "recommendations" / f"dt={DAY}" / SUCCESS).exists()
+    assert not (tmp_path / "out" / "recommendations" / "_delta_log").exists()  # nothing committed

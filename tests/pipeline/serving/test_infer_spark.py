@@ -55,4 +55,4 @@ def test_spark_engine_refuses_min_weight_without_a_weight_column(tmp_path: Path,
                       device="cpu", top_n=5, progress=False, min_weight=1.0)
     with pytest.raises(DataError, match="--min-weight needs a numeric weight column; the events have none"):
         publish_recommendations(job, tiny_bundle(), "3")
-    assert not (tmp_path / "out" / "recommendations" / "dt=2024-05-03" / "_SUCCESS").exists()
+    assert not (tmp_path / "out" / "recommendations" / "_delta_log").exists()  # nothing committed

@@ -1,4 +1,4 @@
-"""pipeline.serving.recs: readers trust only committed partitions, resolve 'latest', and validate outside input."""
+"""pipeline.serving.recs: readers trust only the Delta table's committed files, resolve 'latest', and validate outside input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from infer_support import events_table, tiny_bundle, write_events
 from pipeline.errors import DataError
 from pipeline.io import lake
 from pipeline.io.dates import parse_date
-from pipeline.io.publish import SUCCESS, PartitionWriter
+from pipeline.io.publish import PartitionWriter
 from pipeline.serving.job import InferJob, publish_recommendations
 from pipeline.serving.recs import committed_dates, read_recommendations, user_recommendations
 
@@ -27,10 +27,9 @@ def lake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         job = InferJob(date=dt.date.fromisoformat(day), events=events, out=str(root), device="cpu", top_n=5,  # type: ignore[arg-type]
                        progress=False)
         publish_recommendations(job, b, f"v-{day}")
-    # an uncommitted newer partition (a run that died before _SUCCESS), and a stray folder
+    # a newer date staged but never committed (a run that died before its commit: files, no log entry), a stray folder
     part = root / "recommendations" / "dt=2024-05-03"
     shutil.copytree(root / "recommendations" / "dt=2024-05-02", part)
-    (part / SUCCESS).unlink()
     (root / "recommendations" / "dt=garbage").mkdir()
     return root
 
@@ -110,7 +109,8 @@ def test_integer_user_ids_across_the_int64_range(tmp_path: Path) -> None:
     asked = [str(top), "-5", "007", low]  # digit strings of any length, with a sign, leading zeros
     assert sorted(read_recommendations(str(tmp_path), "latest", user_ids=asked)["user_id"].to_pylist()) == [low, -5, 7, top]
     assert user_recommendations(str(tmp_path), "latest", str(top))["user_id"] == top
-    before = (tmp_path / "recommendations" / "dt=2024-05-01" / SUCCESS).read_bytes()
+    log = tmp_path / "recommendations" / "_delta_log"
+    before = sorted(p.name for p in log.iterdir())
     for bad in ([str(top + 1)], [top + 1], [str(low - 1)], [1, 2**70]):
         with pytest.raises(DataError, match=r"outside the int64 range.*Fix: pass the user id as stored"):
             read_recommendations(str(tmp_path), "latest", user_ids=bad)
@@ -119,7 +119,7 @@ def test_integer_user_ids_across_the_int64_range(tmp_path: Path) -> None:
             read_recommendations(str(tmp_path), "latest", user_ids=[bad_id])
     with pytest.raises(DataError, match="outside the int64 range"):
         user_recommendations(str(tmp_path), "latest", 2**64)
-    assert (tmp_path / "recommendations" / "dt=2024-05-01" / SUCCESS).read_bytes() == before  # a read changes nothing
+    assert sorted(p.name for p in log.iterdir()) == before  # a read changes nothing
 
 
 def test_cli_recs_errors(lake_root: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,7 +4,6 @@ the same rows as a full read, and still work on partitions written without an in
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ from infer_support import events_table, run_infer, tiny_bundle, write_events
 
 from pipeline.errors import DataError
 from pipeline.io import lake, publish
-from pipeline.io.publish import MANIFEST, SUCCESS, PartitionWriter
+from pipeline.io.publish import MANIFEST, PartitionWriter
 from pipeline.serving.job import InferJob
 from pipeline.serving.recs import files_for_users, iter_recommendations, read_recommendations
 from pipeline.serving.sharding import INT_SCHEME, STRING_SCHEME, shard_of, user_hash
@@ -87,14 +86,11 @@ def test_partitions_without_an_index_are_read_whole(day: tuple[Path, dict, bool]
     assert [f["path"] for f in files_for_users(other, wanted)] == ranged
     assert files_for_users(m, pa.array([], wanted.type)) == []
 
-    # and end to end: strip the index from the committed manifest (re-pointing _SUCCESS), read the same rows
+    # and end to end: strip the index from the committed run's manifest, read the same rows
     copy = tmp_path / "lake"
     shutil.copytree(root / "recommendations", copy / "recommendations")
     part = lake.resolve(str(copy / "recommendations" / f"dt={DAY}"))
-    body = json.dumps(old, indent=2, sort_keys=True).encode()
-    part.join(m["run"], MANIFEST).write_bytes(body)
-    part.join(SUCCESS).write_bytes(json.dumps({"run": m["run"], "manifest_sha256": hashlib.sha256(body).hexdigest(),
-                                               "rows": m["rows"]}).encode())
+    part.join(m["run"], MANIFEST).write_bytes(json.dumps(old, indent=2, sort_keys=True).encode())
     users = read_recommendations(str(root), DAY)["user_id"].to_pylist()[:10]
     assert (read_recommendations(str(copy), DAY, user_ids=users).sort_by("user_id").to_pylist()
             == read_recommendations(str(root), DAY, user_ids=users).sort_by("user_id").to_pylist())
@@ -111,13 +107,22 @@ def test_iter_streams_the_whole_date(day: tuple[Path, dict, bool]) -> None:
         next(iter_recommendations(str(root), "2024-05-09"))
 
 
-def test_iter_stops_clearly_when_the_date_is_replaced(tmp_path: Path) -> None:
+def test_iter_reads_one_snapshot_and_stops_clearly_when_its_files_are_vacuumed(tmp_path: Path) -> None:
+    """A re-run while a date is streamed: the stream goes on with the files it started on (the replaced run stays
+    until a vacuum). A vacuum that deletes them mid-stream: a clear DataError, never rows of two runs."""
+    from pipeline.serving.restore import VacuumJob
+
     m = publish_day(tmp_path, string_users=False)
+    whole = read_recommendations(str(tmp_path), DAY)
     it = iter_recommendations(str(tmp_path), DAY, batch_size=2)
     first = next(it)
-    assert first.num_rows == 2
-    again = publish_day(tmp_path, string_users=False)  # a re-run commits and deletes the run being read
+    again = publish_day(tmp_path, string_users=False)  # a re-run commits: the date's files are the new run's
     assert again["run"] != m["run"]
+    assert pa.Table.from_batches([first, *it]).to_pylist() == whole.to_pylist()  # the old snapshot, whole
+    it = iter_recommendations(str(tmp_path), DAY, batch_size=2)
+    next(it)
+    publish_day(tmp_path, string_users=False)
+    assert VacuumJob(out=str(tmp_path), retain_hours=0).run().files > 0  # the run being read is deleted
     with pytest.raises(DataError, match="replaced by a re-run while being read"):
         list(it)
 

@@ -1,6 +1,6 @@
 """The Spark inference engine on a real standalone cluster (tests/spark_cluster.py): `recsys infer --engine spark`
 with RECSYS_SPARK_MASTER=spark://... publishes the same lists as the local engine (scores within float tolerance),
-the parts written by the executors into the run folder and committed by the driver (`_SUCCESS` last, readers
+the parts written by the executors into the run folder and committed by the driver (one Delta commit, readers
 unchanged). An unreachable master is one line and publishes nothing."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import pytest
 from infer_support import events_table, run_infer, tiny_bundle, write_events
 
 from pipeline.errors import DataError
-from pipeline.io.publish import SUCCESS
 from pipeline.serving.job import InferJob, publish_recommendations
 from pipeline.serving.recs import read_recommendations
 
@@ -50,7 +49,7 @@ def test_cluster_engine_publishes_the_local_engines_lists(spark_cluster, tmp_pat
         np.testing.assert_allclose(r["scores"], lb[u]["scores"], rtol=1e-5, atol=1e-6)
     part = tmp_path / "cluster" / "recommendations" / f"dt={DAY}"
     runs = [p.name for p in part.iterdir() if p.name.startswith("run-")]
-    assert len(runs) == 1 and (part / SUCCESS).exists()
+    assert len(runs) == 1 and (part.parent / "_delta_log").is_dir()
     files = sorted(p.name for p in (part / runs[0]).glob("part-*.parquet"))
     assert len(files) >= 2  # one per task (user range), written by the executors
     # the executors of both workers ran tasks of this application
@@ -69,4 +68,5 @@ def test_unreachable_master_publishes_nothing(tmp_path: Path, monkeypatch: pytes
         publish_recommendations(job, tiny_bundle(), "1")
     assert "\n" not in str(e.value)
     part = tmp_path / "out" / "recommendations" / f"dt={DAY}"
-    assert not part.exists() or not any(p.name == SUCCESS or p.name.startswith("run-") for p in part.iterdir())
+    assert not part.exists() or not any(p.name.startswith("run-") for p in part.iterdir())
+    assert not (part.parent / "_delta_log").exists()
