@@ -116,8 +116,8 @@ class Screen:
             from tqdm import tqdm
 
             bar = tqdm(total=step.tasks, desc=f"  {step.title}", file=self.out, leave=False, dynamic_ncols=True,
-                       bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} tasks {elapsed} {postfix}" if step.tasks
-                       else "{desc} {elapsed} {postfix}")
+                       bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} tasks {elapsed}{postfix}" if step.tasks
+                       else "{desc} {elapsed}{postfix}")  # tqdm puts ", " before a postfix
         elif step.live:
             self.say(f"  … {step.title} (running; log: {self.log.name})")
         t0 = time.perf_counter()
@@ -260,6 +260,7 @@ class Summary:
     sample_user: str | None
     sample_items: tuple[str, ...]
     tracking: str
+    gate_report: str | None = None  # the report file, when the run's artifacts are on this disk
 
 
 def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000) -> list[str]:
@@ -269,7 +270,8 @@ def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000
     lines = ["", f"Done in {duration(total_s)}. Everything is under {s.home}", f"  model            {champion}"]
     if s.run_id:
         url = f"http://127.0.0.1:{mlflow_port}/#/experiments/{s.experiment_id}/runs/{s.run_id}"
-        lines.append(f"  gate report      artifacts gate/enabled/ of the version's MLflow run, in `make ui`: {url}")
+        lines.append(f"  gate report      {s.gate_report or 'artifacts gate/enabled/ of the version run'}")
+        lines.append(f"                   in `make ui`: {url}")
     lines.append(f"  recommendations  {s.recs_uri} ({s.users:,} users for {s.date})")
     if s.sample_user is not None:
         shown = ", ".join(s.sample_items[:10]) + (", …" if len(s.sample_items) > 10 else "")
@@ -290,10 +292,11 @@ def collect_summary(settings: Settings, date: str) -> Summary:
     version = registry.alias_version(settings.model_name, "champion", tracking)
     tags = registry.version_tags(settings.model_name, str(version), tracking) if version else {}
     run_id = tags.get("run_id")
-    ndcg, experiment = None, None
+    ndcg, experiment, report = None, None, None
     if run_id:
         run = registry.client(tracking).get_run(run_id)
         ndcg, experiment = run.data.metrics.get("test.ndcg_at_100"), run.info.experiment_id
+        report = _gate_report(run.info.artifact_uri)
     recs = read_recommendations(settings.recs_uri, date)
     sample: Any = None
     items: tuple[str, ...] = ()
@@ -304,7 +307,21 @@ def collect_summary(settings: Settings, date: str) -> Summary:
     return Summary(home=settings.home, model_name=settings.model_name, version=version,
                    verdict=tags.get("gate.verdict", "?"), ndcg=ndcg, run_id=run_id, experiment_id=experiment,
                    recs_uri=settings.recs_uri, date=date, users=recs.num_rows,
-                   sample_user=None if sample is None else str(sample), sample_items=items, tracking=tracking)
+                   sample_user=None if sample is None else str(sample), sample_items=items, tracking=tracking,
+                   gate_report=report)
+
+
+def _gate_report(artifact_uri: str | None) -> str | None:
+    """The gate's report in a run's local artifacts (the HTML one when there is one), or None."""
+    if not artifact_uri or not artifact_uri.startswith(("file:", "/")):
+        return None
+    from urllib.parse import unquote, urlparse
+
+    folder = Path(unquote(urlparse(artifact_uri).path)) / "gate" / "enabled"
+    for name in ("gate_report.html", "gate_report.md"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return None
 
 
 # -- the story ----------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from pipeline.orchestration.dev.story import (
 
 SUMMARY = Summary(home=Path("/h"), model_name="recsys-multivae-pia", version="3", verdict="passed", ndcg=0.31234,
                   run_id="0123456789abcdef0123", experiment_id="1", recs_uri="/h/lake", date="2026-01-28", users=3099,
-                  sample_user="17", sample_items=tuple(str(i) for i in range(100, 120)), tracking="sqlite:////h/mlflow.db")
+                  sample_user="17", sample_items=tuple(str(i) for i in range(100, 120)), tracking="sqlite:////h/mlflow.db",
+                  gate_report="/h/artifacts/1/r/artifacts/gate/enabled/gate_report.html")
 
 
 def _child(body: str) -> list[str]:
@@ -67,7 +68,8 @@ def test_a_run_fits_one_screen_and_the_noise_goes_to_the_log(tmp_path: Path) -> 
     assert any(line.startswith("  ✓ in-process step") and line.endswith("42 things") for line in lines)
     assert any(line.startswith("  ✓ weekly DAG") and line.endswith("3 tasks") for line in lines)
     assert "recsys-multivae-pia version 3 is champion (gate passed, test NDCG@100 0.3123)" in text
-    assert "http://127.0.0.1:5000/#/experiments/1/runs/0123456789abcdef0123" in text
+    assert "gate report      /h/artifacts/1/r/artifacts/gate/enabled/gate_report.html" in text
+    assert "in `make ui`: http://127.0.0.1:5000/#/experiments/1/runs/0123456789abcdef0123" in text
     assert "/h/lake (3,099 users for 2026-01-28)" in text
     assert "user 17's top 10: 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, …" in text
     assert "recsys recs --date 2026-01-28 --user 17 --out /h/lake" in text
@@ -193,5 +195,7 @@ def test_make_run_end_to_end_fits_one_screen(tmp_path: Path) -> None:
     assert any("weekly DAG" in line and line.endswith("4 tasks") for line in lines)
     assert any("daily DAG for 2026-01-17" in line and line.endswith("2 tasks") for line in lines)
     assert "version 1 is champion (gate passed" in p.stdout and "'s top 10: " in p.stdout
+    report = next(line for line in lines if line.startswith("  gate report")).split()[-1]
+    assert Path(report).is_file() and "/gate/enabled/gate_report." in report
     log = home / "logs" / "make-run.log"
     assert f"full log         {log}" in p.stdout and "[DAG TEST] end task task_id=infer" in log.read_text()
