@@ -59,6 +59,8 @@ def register(sub: Any) -> None:
     e.add_argument("--ab-grid", type=_floats, default=(0.0, 0.03, 0.1, 0.2, 0.5, 1.0, 3.0, 10.0, 100.0),
                    help="cold-start: αβ values tried for the whole-catalogue ranking")
     e.add_argument("--first-order", action="store_true", help="cold-start: no pairwise (Hadamard) block terms")
+    e.add_argument("--feature-cache", type=Path, default=None,
+                   help="cold-start: folder caching the items' feature blocks by content hash")
     e.add_argument("--resume", action="store_true",
                    help="continue a stopped run in --out: the fits in its checkpoint.json are reused, the rest run "
                         "(same options; --seeds and --models may grow)")
@@ -97,7 +99,7 @@ def cmd_cold_start(args: argparse.Namespace) -> int:
         dataset=args.dataset, data_dir=args.data_dir, out=args.out, seeds=args.seeds, first_seed=args.first_seed,
         cold_fraction=args.cold_fraction, min_rating=args.min_rating, min_item_users=args.min_item_users,
         blocks=args.blocks, delta_grid=args.delta_grid, l2_grid=args.l2_grid, ab_grid=args.ab_grid,
-        second_order=not args.first_order,
+        second_order=not args.first_order, feature_cache=args.feature_cache,
     )
     r = job.run()
     print(Path(r.results_md).read_text(encoding="utf-8"))

@@ -287,8 +287,19 @@ class ColdStart:
                 log.info("S(%s, δ=%g): μ=%s", bs, delta, np.round(mu, 4))
             return s_cache[key]
 
-        def c_of(s_w: np.ndarray, l2: float) -> np.ndarray:
-            return s_w - np.float32(l2) * (k_inv(l2) @ s_w)
+        xk_cache: dict[tuple[str, float], np.ndarray] = {}
+
+        def xk(rows: sp.csr_matrix, tag: str, l2: float) -> np.ndarray:
+            """x K [U, Iw] for a fixed set of users (tag), once per λ1."""
+            if (tag, l2) not in xk_cache:
+                xk_cache[(tag, l2)] = np.asarray(rows @ k_inv(l2), dtype=np.float32)
+            return xk_cache[(tag, l2)]
+
+        def marec_eval(s_w: np.ndarray, l2: float, val: bool) -> dict[str, float]:
+            """x C = x S_wc − λ1 (x K) S_wc on the cold-val or cold-test columns (never the [Iw, Ic] product K S_wc)."""
+            rows, pos, tgt, tag = (xv, pos_v, tv, "v") if val else (xt, pos_t, tt, "t")
+            s_cols = np.ascontiguousarray(s_w[:, pos])
+            return metrics(np.asarray(rows @ s_cols) - np.float32(l2) * (xk(rows, tag, l2) @ s_cols), tgt)
 
         if tune:
             rows = []
@@ -297,7 +308,7 @@ class ColdStart:
                     s_w = s_wc(bs, delta)
                     rows.append({"model": "marec-eq5", "blocks": bs, "delta": delta, **cold_eval(s_w, True)})
                     for l2 in cfg.l2_grid:
-                        rows.append({"model": "marec", "blocks": bs, "delta": delta, "l2": l2, **cold_eval(c_of(s_w, l2), True)})
+                        rows.append({"model": "marec", "blocks": bs, "delta": delta, "l2": l2, **marec_eval(s_w, l2, True)})
                         print(f"  tune marec {bs} δ={delta:g} λ1={l2:g}: val {SELECT}={rows[-1][SELECT]:.4f}", flush=True)
             tuning.append({"seed": seed, "model": "marec", "rows": rows})
             for name in ("marec", "marec-eq5"):
@@ -310,7 +321,7 @@ class ColdStart:
         for name in [n for n in chosen if n.startswith("marec")]:  # marec, marec-eq5 and their text ablations
             c = chosen[name]
             s_w = s_wc(c["blocks"], c["delta"])
-            results[name] = cold_eval(s_w if "eq5" in name else c_of(s_w, c["l2"]), False)
+            results[name] = cold_eval(s_w, False) if "eq5" in name else marec_eval(s_w, c["l2"], False)
 
         # whole catalogue: EASE (cold scores 0) vs MARec (cold columns αβ·C); λ1 and αβ chosen on the val ranking
         cm = chosen["marec"]
@@ -323,10 +334,11 @@ class ColdStart:
 
         def full_scores(users: np.ndarray, l2: float, ab: float, val: bool) -> np.ndarray:
             if (val, l2) not in parts:  # warm scores (EASE) and cold scores per unit αβ, once per λ1
-                k = k_inv(l2)
-                b = -k / np.diag(k)[None, :]
-                np.fill_diagonal(b, 0.0)
-                parts[(val, l2)] = (np.asarray(xw[users] @ b), np.asarray(xw[users] @ c_of(s_w, l2)))
+                rows = xw[users]
+                xk_u = xk(rows, "all-v" if val else "all-t", l2)
+                # x B with B = −K diag(1/diag K), diag 0: −(xK)/diag K + x (the diagonal's −1 removed)
+                warm_part = -xk_u / np.diag(k_inv(l2))[None, :] + rows.toarray()
+                parts[(val, l2)] = (warm_part, np.asarray(rows @ s_w) - np.float32(l2) * (xk_u @ s_w))
             warm_s, cold_s = parts[(val, l2)]
             out = np.zeros((len(users), x.shape[1]), dtype=np.float32)
             out[:, wi] = warm_s
