@@ -24,7 +24,7 @@ from pipeline.io.publish import MANIFEST, PartitionWriter
 from pipeline.io.redact import redact_uri
 from pipeline.io.spark import SparkConfig
 from pipeline.job import Job, JobResult
-from pipeline.serving import checks, layout
+from pipeline.serving import checks, layout, monitoring
 from pipeline.serving.local_engine import run_local
 from pipeline.serving.model_loading import load_model, resolve_device
 from pipeline.serving.options import DEFAULT_MODEL, InferOptions
@@ -72,6 +72,7 @@ class InferJob(InferOptions, Job):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["local", "spark"] = "local"
     spark: SparkConfig | None = None  # the Spark engine's session (None: RECSYS_SPARK_* via SparkConfig.from_env)
+    monitor: monitoring.MonitorConfig = monitoring.MonitorConfig()  # daily output monitoring (configs/monitor.yaml)
 
     @property
     def partition_uri(self) -> str:
@@ -121,7 +122,14 @@ def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str
              "history_days": job.history_days, "max_unknown_item_share": job.max_unknown_item_share,
              "max_fallback_share": job.max_fallback_share, **stats,
              "seconds": round(time.perf_counter() - t0, 3)}
+    try:  # daily output monitoring (pipeline.serving.monitoring): into the manifest; a blocking rule refuses the run
+        monitored = monitoring.check_output(job, bundle, str(model_version), writer)
+        extra["monitoring"] = monitored.section
+    except BaseException:
+        writer.abort()
+        raise
     m = writer.commit(extra)
+    monitoring.record(monitored, m)  # the daily MLflow run, best effort (never raises)
     name = registry.parse_model_uri(job.model)[0] if job.model.startswith("models:/") else bundle.name
     return InferResult(partition_uri=writer.partition.uri, run=m["run"], version=m["version"], date=job.date, model_name=name,
                        model_version=str(model_version), users=m["rows"],
