@@ -115,7 +115,7 @@ class Screen:
         if self.tty and step.live:
             from tqdm import tqdm
 
-            bar = tqdm(total=step.tasks, desc=f"  {step.title}", file=self.out, leave=False, dynamic_ncols=True,
+            bar = tqdm(total=step.tasks, desc=f"  {step.title}", file=self.out, leave=False, ncols=_width(self.out),
                        bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} tasks {elapsed}{postfix}" if step.tasks
                        else "{desc} {elapsed}{postfix}")  # tqdm puts ", " before a postfix
         elif step.live:
@@ -144,6 +144,15 @@ class Screen:
         took = duration(time.perf_counter() - t0)
         self.say(f"  {self._mark(True)} {step.title:<52} {took:>10}  {detail}".rstrip())
         return detail
+
+
+def _width(stream: IO[str]) -> int:
+    """The terminal's width (a pseudo-terminal may say 0, and tqdm then draws nothing: 100 columns instead)."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        columns = 0
+    return max(columns - 1, 40) if columns > 0 else 100
 
 
 @contextlib.contextmanager
