@@ -7,10 +7,11 @@
 
 A re-publish or a restore only marks the date's previous files removed in the Delta log; they stay on disk, so any
 earlier version of a date can be restored until a vacuum deletes them. The vacuum deletes files that were removed
-more than `retain_hours` ago and staged files that no commit names (crashed or refused runs) older than that,
-then the run folders left with only their `_manifest.json`. Keep the retention longer than the longest run (a run
-still staging its parts would lose them) and as long as you want to be able to restore (default 168 h, the
-Delta default `delta.deletedFileRetentionDuration`).
+more than `retain_hours` ago (Delta's vacuum), then the run folders left with only their `_manifest.json`, and
+the folders of runs that no commit names (crashed or refused runs) whose files are all older than the retention.
+Keep the retention longer than the longest run (a run still staging its parts would lose them) and as long as you
+want to be able to restore (default 168 h, Delta's default `delta.deletedFileRetentionDuration`). Not Delta's
+"full" vacuum: it deletes every file the log does not name, the runs' `_manifest.json` included.
 
 A date's history knows this project's commits (their metadata names the date, `pipeline.io.delta_table.FACTS`);
 commits made by other writers are not attributed to a date.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -161,16 +163,17 @@ class RestoreJob(Job):
         now = delta_table.live_files_of(delta_table.live_files(table), self.date)
         if set(now) == set(files):
             raise DataError(f"{self.date} already holds the files of version {target}", "nothing to restore")
-        folders = sorted({p.rpartition("/")[0] for p, _ in files})
-        manifests = {folder: _manifest(root, folder, self.date, target) for folder in folders}
-        data = []
         for path, size in files:
-            folder, _, name = path.rpartition("/")
             loc = root.join(path)
             info = loc.fs.get_file_info(loc.path)
             if info.type != pafs.FileType.File or info.size != size:
                 raise DataError(f"{loc.uri}, a file of {self.date} in version {target}, is gone (vacuumed?) or changed",
                                 "restore a newer version, or re-run inference for the date")
+        folders = sorted({p.rpartition("/")[0] for p, _ in files})
+        manifests = {folder: _manifest(root, folder, self.date, target) for folder in folders}  # the readers need them
+        data = []
+        for path, size in files:
+            folder, _, name = path.rpartition("/")
             entry = next((f for f in manifests[folder]["files"] if isinstance(f, dict) and f.get("path") == name), {})
             data.append(delta_table.DataFile(path, size, int(entry.get("rows", 0)), entry.get("user_min"),
                                              entry.get("user_max")))
@@ -206,28 +209,47 @@ class VacuumJob(Job):
 
     def run(self) -> VacuumResult:
         root, table = _table(self.out)
-        hours = int(self.retain_hours)
-        # below the table's configured retention delta-rs asks for an explicit override: the operator gave one
-        deleted = table.vacuum(retention_hours=hours, dry_run=self.dry_run,
-                               enforce_retention_duration=self.retain_hours >= DEFAULT_RETAIN_HOURS, full=True)
-        folders = 0 if self.dry_run else _remove_emptied_runs(root)
-        return VacuumResult(table_uri=root.uri, retain_hours=self.retain_hours, dry_run=self.dry_run, files=len(deleted),
-                            run_folders=folders)
+        # Delta's own vacuum, not "full": it deletes the files commits removed before the retention. (A full vacuum
+        # would also delete every file the log does not name: the runs' _manifest.json included.)
+        deleted = table.vacuum(retention_hours=int(self.retain_hours), dry_run=self.dry_run,
+                               enforce_retention_duration=self.retain_hours >= DEFAULT_RETAIN_HOURS)
+        # a file removed twice (published, restored, replaced again) is listed twice, once by its absolute path
+        prefixes = tuple(f"{p.rstrip('/')}/" for p in (root.uri, root.path, delta_table.table_uri(root), f"file://{root.path}"))
+        gone = {next((d[len(p):] for p in prefixes if d.startswith(p)), d) for d in deleted}
+        files, folders = _remove_unreferenced_runs(root, table, self.retain_hours, self.dry_run, gone)
+        return VacuumResult(table_uri=root.uri, retain_hours=self.retain_hours, dry_run=self.dry_run,
+                            files=len(gone) + files, run_folders=folders)
 
 
-def _remove_emptied_runs(root: lake.Location) -> int:
-    """Remove run folders holding no data file any more (only their manifest, after a vacuum)."""
-    removed = 0
+def _remove_unreferenced_runs(root: lake.Location, table: Any, retain_hours: float, dry_run: bool,
+                              vacuumed: set[str]) -> tuple[int, int]:
+    """Remove run folders no commit needs: those whose parts the vacuum deleted (only the manifest is left), and
+    those of runs that never committed (crashed, refused, or a store failure) whose files are all older than the
+    retention (a younger one may be a run still staging). Returns (part files deleted, folders removed)."""
+    referenced: set[str] = set()
+    for commit in table.history():
+        facts = delta_table.commit_facts(commit)
+        if facts is not None:
+            referenced.update(str(facts.get("run", "")).split(","))
+    live = {p.rpartition("/")[0] for p in delta_table.live_files(table)["path"].to_pylist()}
+    cutoff = time.time() - retain_hours * 3600
+    files = folders = 0
     for part in root.list():
         if not part.startswith(f"{delta_table.PARTITION}="):
             continue
         for run in root.join(part).list():
             folder = root.join(part, run)
-            if not run.startswith(RUN_PREFIX):
+            if not run.startswith(RUN_PREFIX) or f"{part}/{run}" in live:
                 continue
-            names = folder.list()
-            if MANIFEST in names and not any(n.startswith("part-") for n in names):
+            parts = [n for n in folder.list() if n.startswith("part-") and f"{part}/{run}/{n}" not in vacuumed]
+            if run in referenced and parts:
+                continue  # a replaced run, still restorable
+            if run not in referenced:
+                infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
+                if any(i.mtime is not None and i.mtime.timestamp() > cutoff for i in infos):
+                    continue  # maybe a run still staging
+            files += 0 if run in referenced else len(parts)
+            folders += 1
+            if not dry_run:
                 folder.delete()
-                removed += 1
-    return removed
-
+    return files, folders
