@@ -68,6 +68,9 @@ def register(sub: Any) -> None:
     v.add_argument("--retain-hours", type=float, default=168.0,
                    help="keep files replaced less than this long ago (restore needs them) and staged files of runs "
                         "younger than this (default 168: a week)")
+    v.add_argument("--drop-before", default=None,
+                   help="YYYY-MM-DD: first remove the dates before this one from the table (one commit; their files "
+                        "go with a later vacuum past the retention): the table's date retention")
     v.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     v.set_defaults(func=cmd_vacuum)
 
@@ -131,10 +134,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_vacuum(args: argparse.Namespace) -> int:
+    from pipeline.io.dates import parse_date
     from pipeline.serving.restore import VacuumJob
 
-    r = VacuumJob(out=args.out, retain_hours=args.retain_hours, dry_run=args.dry_run).run()
+    drop = None if args.drop_before is None else parse_date(args.drop_before)
+    r = VacuumJob(out=args.out, retain_hours=args.retain_hours, dry_run=args.dry_run, drop_before=drop).run()
     verb = "would delete" if r.dry_run else "deleted"
+    if r.dropped_dates:
+        print(f"{'would drop' if r.dry_run else 'dropped'} {len(r.dropped_dates)} dates: "
+              f"{r.dropped_dates[0]} .. {r.dropped_dates[-1]}")
     print(f"{verb} {r.files} files older than {r.retain_hours:g} h from {r.table_uri}"
           + ("" if r.dry_run else f" ({r.run_folders} emptied run folders removed)"))
     return 0

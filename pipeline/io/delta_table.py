@@ -249,3 +249,34 @@ def live_files_of(files: pa.Table, date: dt.date) -> list[tuple[str, int]]:
     """(path, size) of `date`'s rows in a `live_files` table, by path."""
     day = files.filter(pc.equal(files["date"], pa.scalar(date, pa.date32())))
     return sorted(zip(day["path"].to_pylist(), day["size"].to_pylist(), strict=True))
+
+
+def drop_dates_before(root: Location, before: dt.date, facts: dict[str, Any]) -> tuple[int | None, list[dt.date]]:
+    """Remove every date older than `before` from the table in one commit (its files stay for a vacuum, so a dropped
+    date can be restored within the retention): the table's own retention, where an object-store expiry rule
+    would delete the log. Returns (the version committed, the dates dropped); (None, []) when there was none."""
+    from deltalake import CommitProperties
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.transaction import AddAction, RemoveAction
+
+    table = open_table(root)
+    if table is None:
+        return None, []
+    files = live_files(table)
+    old = files.filter(pc.less(files["date"], pa.scalar(before, pa.date32())))
+    if old.num_rows == 0:
+        return None, []
+    dates = sorted(set(old["date"].to_pylist()))
+    now = int(time.time() * 1000)
+    actions: list[AddAction | RemoveAction] = [
+        RemoveAction(p, True, now, s, {PARTITION: d.isoformat()})
+        for p, s, d in zip(old["path"].to_pylist(), old["size"].to_pylist(), old["date"].to_pylist(), strict=True)]
+    body = json.loads(json.dumps({**facts, "operation": "drop", "dates": [d.isoformat() for d in dates]}, default=str))
+    try:
+        table.create_write_transaction(actions, mode="append", schema=pa.schema(table.schema().to_arrow()),
+                                       partition_by=[PARTITION],
+                                       commit_properties=CommitProperties(custom_metadata={FACTS: body}))
+    except CommitFailedError as e:
+        raise CommitRefused(f"dropping the dates before {before} from the Delta table at {root.uri} lost to a concurrent "
+                            f"commit ({_first_line(e)}); nothing was dropped", "run it again") from e
+    return max(table.version(), 0), dates

@@ -3,7 +3,9 @@
     HistoryJob(out, date).run()           the table versions that changed the date: when, which run, which model
     RestoreJob(out, date[, version]).run() the date's files as of `version` committed again (a new version; other
                                            dates untouched); default: the version before the date's latest change
-    VacuumJob(out, retain_hours).run()    delete the files no version newer than the retention needs
+    VacuumJob(out, retain_hours[, drop_before]).run()   drop the dates before `drop_before` (one commit; the
+                                           table's own date retention), then delete the files no version newer
+                                           than the retention needs
 
 A re-publish or a restore only marks the date's previous files removed in the Delta log; they stay on disk, so any
 earlier version of a date can be restored until a vacuum deletes them. The vacuum deletes files that were removed
@@ -82,6 +84,7 @@ class VacuumResult(JobResult):
     dry_run: bool
     files: int  # data files deleted (or, dry run: that would be)
     run_folders: int  # run folders removed with them (emptied but for their manifest)
+    dropped_dates: list[dt.date] = Field(default_factory=list)  # dates removed from the table first (drop_before)
 
 
 def _table(out: str, version: int | None = None) -> tuple[lake.Location, Any]:
@@ -97,7 +100,8 @@ def _date_commits(table: Any, date: dt.date) -> list[tuple[dict[str, Any], dict[
     out = []
     for commit in table.history():
         facts = delta_table.commit_facts(commit)
-        if facts is not None and facts.get(delta_table.PARTITION) == date.isoformat():
+        if facts is not None and (facts.get(delta_table.PARTITION) == date.isoformat()
+                                  or date.isoformat() in (facts.get("dates") or [])):  # a drop of old dates
             out.append((commit, facts))
     return sorted(out, key=lambda cf: int(cf[0]["version"]), reverse=True)
 
@@ -206,9 +210,18 @@ class VacuumJob(Job):
     out: str
     retain_hours: float = Field(DEFAULT_RETAIN_HOURS, ge=0)
     dry_run: bool = False
+    drop_before: dt.date | None = None  # first drop the dates before this one (a commit; restorable within retention)
 
     def run(self) -> VacuumResult:
         root, table = _table(self.out)
+        dropped: list[dt.date] = []
+        if self.drop_before is not None:
+            if self.dry_run:
+                files = delta_table.live_files(table)
+                dropped = sorted({d for d in files["date"].to_pylist() if d < self.drop_before})
+            else:
+                _, dropped = delta_table.drop_dates_before(root, self.drop_before, {"run": ""})
+                table.update_incremental()
         # Delta's own vacuum, not "full": it deletes the files commits removed before the retention. (A full vacuum
         # would also delete every file the log does not name: the runs' _manifest.json included.)
         deleted = table.vacuum(retention_hours=int(self.retain_hours), dry_run=self.dry_run,
@@ -218,7 +231,7 @@ class VacuumJob(Job):
         gone = {next((d[len(p):] for p in prefixes if d.startswith(p)), d) for d in deleted}
         files, folders = _remove_unreferenced_runs(root, table, self.retain_hours, self.dry_run, gone)
         return VacuumResult(table_uri=root.uri, retain_hours=self.retain_hours, dry_run=self.dry_run,
-                            files=len(gone) + files, run_folders=folders)
+                            files=len(gone) + files, run_folders=folders, dropped_dates=dropped)
 
 
 def _remove_unreferenced_runs(root: lake.Location, table: Any, retain_hours: float, dry_run: bool,

@@ -135,3 +135,20 @@ def test_cli_history_restore_vacuum(lake_root: Path, capsys: pytest.CaptureFixtu
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and "Fix:" in err
     assert version(lake_root) == 3 and rows(lake_root, D) == [(1, "a"), (2, "a")]
+
+
+def test_old_dates_are_dropped_through_the_table_and_restorable_within_the_retention(lake_root: Path) -> None:
+    """The table's own date retention (an object-store expiry rule would delete the log): one commit drops every
+    date before the cut; the files stay for a vacuum, so a dropped date can still be restored."""
+    assert VacuumJob(out=str(lake_root), drop_before=E, dry_run=True).run().dropped_dates == [D]
+    assert version(lake_root) == 2  # a dry run commits nothing
+    r = VacuumJob(out=str(lake_root), drop_before=E).run()
+    assert r.dropped_dates == [D] and r.files == 0 and version(lake_root) == 3  # one commit, nothing deleted yet
+    with pytest.raises(DataError, match="no committed recommendations for 2024-05-01"):
+        read_recommendations(str(lake_root), D)
+    assert rows(lake_root, E) == [(5, "e")]
+    assert [(c.version, c.operation) for c in HistoryJob(out=str(lake_root), date=D).run().commits][:1] == [(3, "drop")]
+    assert RestoreJob(out=str(lake_root), date=D).run().restored_version == 2  # undo the drop
+    assert rows(lake_root, D) == [(3, "b")]
+    assert VacuumJob(out=str(lake_root), drop_before=D).run().dropped_dates == []  # nothing older: no commit
+    assert version(lake_root) == 4
