@@ -96,5 +96,8 @@ def test_recommender_scores_cold_items_from_metadata() -> None:
     hist = DeviceCSR.from_scipy(x[:5], "cpu").batch(torch.arange(5))
     scores = rec.score(hist)
     assert scores.shape == (5, 12) and scores[:, [3, 7, 10]].abs().sum() > 0
+    items, _ = rec.recommend(x[:5], k=3)  # the shared Recommender path: seen items filtered
+    seen = x[:5].toarray() > 0
+    assert items.shape == (5, 3) and not any(seen[u, items[u]].any() for u in range(5))
     with pytest.raises(ValueError, match="needs similarities"):
         MARec().fit(x)
