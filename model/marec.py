@@ -90,10 +90,17 @@ def fit_mu(x: sp.csr_matrix, regs: list[np.ndarray], config: MARecConfig) -> np.
     y = np.concatenate([np.ones(len(pos[0])), np.zeros(len(zeros))])
     w0 = config.w0 * (n_zero_total / max(len(zeros), 1))  # each sampled zero stands for this many
     w = np.sqrt(np.concatenate([np.ones(len(pos[0])), np.full(len(zeros), w0)]))
-    a = np.empty((len(y), len(regs)), dtype=np.float64)
-    for k, g in enumerate(regs):
-        xg = xs @ g  # [users, I] dense
-        a[:, k] = np.asarray(xg)[rows, cols]
+    a = np.zeros((len(y), len(regs)), dtype=np.float64)
+    # (X R)_uj = Σ_{i ∈ X_u} R_ij, gathered only for the sampled cells (a dense X R per regressor costs |X| · I)
+    order = np.argsort(rows, kind="stable")
+    bounds = np.searchsorted(rows[order], np.arange(xs.shape[0] + 1))
+    for u in range(xs.shape[0]):
+        cells = order[bounds[u] : bounds[u + 1]]
+        hist = xs.indices[xs.indptr[u] : xs.indptr[u + 1]]
+        if len(cells) == 0 or len(hist) == 0:
+            continue
+        for k, g in enumerate(regs):
+            a[cells, k] = g[np.ix_(hist, cols[cells])].sum(axis=0)
     mu, _ = nnls(a * w[:, None], y * w)
     return mu
 
