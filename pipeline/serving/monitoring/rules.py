@@ -67,5 +67,6 @@ def blocked_error(findings: list[Finding], date: str, model_version: str) -> Dat
     return DataError(f"output monitoring blocked the publish of {date} (model version {model_version}): "
                      + "; ".join(f.describe() for f in blocks),
                      "nothing was committed (the date's previous output, if any, is still served); investigate the "
-                     f"model and its input, or re-run with the rule relaxed ({names} in the monitor config, "
-                     "e.g. --monitor-config with action: warn)")
+                     f"model and its input (runbook: Monitoring the daily output), or re-run with the rule relaxed "
+                     f"({names} in the monitor config, InferJob.monitor: a copy of configs/monitor.yaml with "
+                     "action: warn or a wider bound)")
