@@ -97,6 +97,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     o = GateJob(model_name=args.model, version=args.version, mode=args.mode, gates=load_gate_config(args.config),
                 ledger_uri=args.ledger, tracking_uri=args.tracking_uri).run()
     print(o.report)
+    print(f"HTML report: {o.html_report or 'not uploaded (see the warnings)'}")
     action = "promoted to champion" if o.promoted else \
         ("not promoted (dry-run)" if args.mode == "dry-run" else "stays challenger")
     print(f"gate {'passed' if o.passed else 'failed'}: {o.model_name} version {o.version} {action}")
