@@ -116,9 +116,13 @@ def check_output(job: PublishContext, bundle: ModelBundle, model_version: str, w
     prev_metrics: dict[str, Any] | None = None
     prev_day = previous.previous_date(job.out, job.date)
     metrics |= {"overlap": None, "jaccard": None, "new_item_share": None, "exposure_shift": None}
+    found = None if prev_day is None else previous.published_manifest(job.out, prev_day)
     if prev_day is not None:
         prev_section["date"] = prev_day.isoformat()
-        found = previous.published_manifest(job.out, prev_day)
+    if found is not None and found[1].get("top_n") not in (None, job.top_n):
+        # lists of another length: coverage@N, concentration and overlap are not comparable (a change of --top-n)
+        prev_section["note"] = f"published with top_n {found[1]['top_n']}, not {job.top_n}: not compared"
+    elif prev_day is not None:
         if found is not None:
             run, manifest = found
             prev_section["model_version"] = str(manifest.get("model_version", ""))

@@ -113,3 +113,14 @@ def test_monitoring_off_records_only_that(events: str, bundle: ModelBundle, tmp_
     m = run_infer(job(events, tmp_path, DAY2, monitor=MonitorConfig(enabled=False)), bundle, "1")
     assert m["monitoring"] == {"enabled": False}
     assert not (run_dir(tmp_path, m) / "_monitoring.html").exists()
+
+
+def test_a_change_of_top_n_is_not_compared_with_the_previous_date(events: str, bundle: ModelBundle,
+                                                                  tmp_path: Path) -> None:
+    run_infer(job(events, tmp_path, DAY1), bundle, "1")
+    touchy = MonitorConfig(rules={"coverage": {"max_drop": {"value": 0.01, "action": "block"}}})
+    mon = run_infer(job(events, tmp_path, DAY2, top_n=1, monitor=touchy), bundle, "1")["monitoring"]
+    assert mon["verdict"] == "ok" and "published with top_n 5, not 1" in mon["previous"]["note"]
+    assert "drift" not in mon["previous"] and mon["metrics"]["overlap"] is None
+    with pytest.raises(DataError, match="coverage dropped by"):  # at the previous date's top_n the rule applies
+        publish_recommendations(job(events, tmp_path, DAY2, top_n=5, monitor=touchy), bundle, "1")
