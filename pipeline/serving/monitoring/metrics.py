@@ -200,7 +200,11 @@ class OutputAccumulator:
         total = int(lengths.sum())
         self.slots += total
         codes = map_items(flat_values(items), self.vocab, self._lut).astype(np.int64)
-        ranks = (np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
+        full = len(lengths) > 0 and lengths.min() == lengths.max()  # the usual case: every list of the same length
+        if full:
+            ranks = np.tile(np.arange(int(lengths[0]), dtype=np.int32), n)
+        else:
+            ranks = (np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
         known = codes >= 0
         if not known.all():
             self.unknown_slots += int((~known).sum())
@@ -208,7 +212,7 @@ class OutputAccumulator:
         self.exposure += np.bincount(codes, minlength=len(self.vocab))
         np.minimum.at(self.first_rank, codes, ranks)
         scores = flat_values(batch.column("scores")).to_numpy(zero_copy_only=False)
-        slot_fb = np.repeat(fb, lengths)
+        slot_fb = np.repeat(fb, int(lengths[0])) if full else np.repeat(fb, lengths)
         for key, sel in (("model", ~slot_fb), ("fallback", slot_fb)):
             s = scores[sel]
             if len(s):

@@ -122,6 +122,13 @@ def test_accumulator_counts_exposure_ranks_fallbacks_and_scores_by_hand() -> Non
     assert m["cold_item_share"] is None  # no engine writes the cold column yet
 
 
+def test_lists_of_different_lengths_rank_from_each_list_start() -> None:
+    acc = OutputAccumulator(pa.array([1, 2, 3, 4], pa.int64()))
+    acc.add(published([7, 8, 9], [[1, 2, 3], [2], []], [[3.0, 2.0, 1.0], [4.0], []], [False, False, True]))
+    assert acc.first_rank.tolist() == [0, 0, 2, NO_RANK] and acc.exposure.tolist() == [1, 2, 1, 0]
+    assert (acc.slots, acc.fallback_users) == (4, 1) and acc.moments("fallback") is None
+
+
 def test_cold_column_hook_gives_the_cold_slot_share() -> None:
     acc = OutputAccumulator(pa.array([1, 2, 3], pa.int64()))
     t = published([7, 8], [[1, 2], [3, 1]], [[1.0, 0.5], [1.0, 0.5]], [False, False])
