@@ -76,6 +76,7 @@ def test_marec_beats_random_on_cold_items_and_results_are_written(toy: Path, tmp
     assert cold["marec"]["ndcg@10"]["std"] is not None and len(res["per_seed"]) == 2
     # EASE in the whole catalogue never shows a cold item: its cold-target hits are exactly 0
     assert res["catalogue"]["ease"]["cold"]["recall@25"]["mean"] == 0.0
+    assert set(res["catalogue"]) == {"ease", "marec", "marec (warm guard)"}
     assert res["gain"]["ndcg@25"]["best_baseline"] in ("random (= ease)", "popularity-among-cold", "meta-knn")
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(c["marec"]["l2"] in (10.0, 100.0) for c in on_disk["chosen"]) and len(on_disk["chosen"]) == 2
