@@ -199,12 +199,6 @@ class PartitionWriter:
             self.files.append(dict(entry))
             self.rows += int(entry["rows"])
 
-    def staged_paths(self) -> list[str]:
-        """The run's part files, as paths under the table root (what the commit adds), in part order."""
-        with self._lock:
-            names = sorted(f["path"] for f in self.files)
-        return [f"{self.partition_name}/{self.run_name}/{n}" for n in names]
-
     @property
     def partition_name(self) -> str:
         return f"{delta_table.PARTITION}={self.date.isoformat()}"
@@ -214,7 +208,8 @@ class PartitionWriter:
             return self._schema
         if not files:
             return pa.schema([])
-        with self.run_dir.join(files[0]["path"]).fs.open_input_file(self.run_dir.join(files[0]["path"]).path) as f:
+        first = self.run_dir.join(files[0]["path"])
+        with first.fs.open_input_file(first.path) as f:
             return pq.read_schema(f)  # parts written elsewhere (Spark executors): one footer read
 
     def commit(self, extra: dict[str, Any]) -> dict[str, Any]:
