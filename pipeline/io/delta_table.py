@@ -102,11 +102,24 @@ def open_table(root: Location, version: int | None = None) -> DeltaTable | None:
     except (OSError, Exception) as e:  # delta-rs raises its own DeltaError (an Exception) for store failures
         if isinstance(e, DataError):
             raise
+        _explain_store_failure(root)
         raise DataError(f"cannot read the Delta table at {root.uri}: {_first_line(e)}",
                         "check access to the lake (and AWS_ENDPOINT_URL), then retry") from e
     if version is not None:
         load_version(table, root, version)
     return table
+
+
+def _explain_store_failure(root: Location) -> None:
+    """After delta-rs failed to open `root`: raise the lake's own one-line error where it has one (a file where
+    the table's folder should be; an unreachable S3 endpoint, which the lake also remembers to fail fast).
+    Only on the failure path, so a healthy read pays no extra request."""
+    if isinstance(root.fs, pafs.LocalFileSystem):
+        if os.path.isfile(root.path):
+            raise DataError(f"path {root.path} has a file where a folder is expected",
+                            "pass the lake's root folder (the job's --out), not a file")
+        return
+    root.join("_delta_log").exists()  # raises the lake's DataError for an unreachable endpoint
 
 
 def load_version(table: DeltaTable, root: Location, version: int) -> None:

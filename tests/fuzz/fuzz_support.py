@@ -51,6 +51,17 @@ def fingerprint(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def assert_only_date_changed(before: dict[str, str], after: dict[str, str], day: str) -> None:
+    """A publish of `day` changed nothing outside `dt=day/` except by appending commits to the Delta log (whose
+    existing entries stay byte-identical): other dates untouched."""
+    prefix, log = f"recommendations/dt={day}/", "recommendations/_delta_log/"
+    assert {k: v for k, v in after.items() if not k.startswith((prefix, log))} == \
+        {k: v for k, v in before.items() if not k.startswith((prefix, log))}, "another date changed"
+    old_log = {k: v for k, v in before.items() if k.startswith(log)}
+    assert {k: after.get(k) for k in old_log} == old_log, "a Delta log entry was rewritten"
+    assert len([k for k in after if k.startswith(log)]) > len(old_log), "a publish without a commit"
+
+
 def assert_valid_partition(lake: Path | str, day: str, top_n: int) -> list:
     """The committed recommendations of `day` read back whole: one row per user, each list non-empty, at most
     top_n distinct items, finite scores in descending order. Returns the table."""

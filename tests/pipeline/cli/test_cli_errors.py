@@ -47,7 +47,7 @@ def test_a_flag_error_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_gate_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "gate.yaml"
     cfg.write_text("no_such_gate: 1\nchampion_tolerance: lots\n")
-    assert main(["gate", "--version", "1", "--config", str(cfg), "--ledger", str(tmp_path / "ledger.jsonl"),
+    assert main(["gate", "--model-version", "1", "--config", str(cfg), "--ledger", str(tmp_path / "ledger.jsonl"),
                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
     lines = _err_lines(capsys, "gate")
     assert len(lines) == 2
