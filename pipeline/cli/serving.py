@@ -39,6 +39,10 @@ def register(sub: Any) -> None:
     p.add_argument("--max-fallback-share", type=float, default=0.5,
                    help="refuse to publish when more of the active users have no item the model knows "
                         "(default 0.5; 1 never refuses)")
+    p.add_argument("--monitor-config", default=None,
+                   help="YAML of the daily output monitoring rules (default: configs/monitor.yaml's built-in defaults)")
+    p.add_argument("--retention-days", type=int, default=None,
+                   help="after publishing, drop dates older than DATE minus this many days and vacuum (default: keep all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.set_defaults(func=cmd_infer)
 
@@ -58,7 +62,7 @@ def register(sub: Any) -> None:
     rs = sub.add_parser("restore", help="publish a date's recommendations as of an earlier table version again")
     rs.add_argument("--out", required=True, help="lake root given to `recsys infer --out`")
     rs.add_argument("--date", required=True, help="YYYY-MM-DD")
-    rs.add_argument("--version", type=int, default=None,
+    rs.add_argument("--table-version", dest="version", type=int, default=None,
                     help="table version whose files of the date to restore (default: the version before the date's "
                          "latest change; see `recsys history`)")
     rs.set_defaults(func=cmd_restore)
@@ -78,13 +82,15 @@ def register(sub: Any) -> None:
 def cmd_infer(args: argparse.Namespace) -> int:
     from pipeline.io.dates import parse_date
     from pipeline.serving.job import InferJob
+    from pipeline.serving.monitoring import load_monitor_config
 
     job = InferJob(date=parse_date(args.date), events=args.events, out=args.out, model=args.model,
                    tracking_uri=args.tracking_uri, top_n=args.top_n, device=args.device, precision=args.precision,
                    engine=args.engine, memory_budget_mb=args.memory_budget_mb, history_days=args.history_days,
                    min_weight=args.min_weight, shard_events=args.shard_events, parallel_shards=args.parallel_shards,
                    max_unknown_item_share=args.max_unknown_item_share, max_fallback_share=args.max_fallback_share,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, monitor=load_monitor_config(args.monitor_config),
+                   retention_days=args.retention_days)
     r = job.run()
     print(f"published {r.users} users ({r.fallback_users} fallback) for {r.date.isoformat()} with model version "
           f"{r.model_version}: {r.files} files, {r.unknown_item_events} events with unknown items skipped")

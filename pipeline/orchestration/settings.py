@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     model_name: str = Field(DEFAULT_REGISTERED_NAME, description="the MLflow registered model the DAGs train and serve")
     window_days: int = Field(365, ge=1, description="days of events in the weekly matrix build's window")
     top_n: int = Field(100, ge=1, description="items per user in the daily recommendations")
+    recs_retention_days: int | None = Field(30, ge=1, description="dates kept in the recommendations table; each "
+                                            "publish drops older ones and vacuums (None: keep all)")
+    monitor_config: str | None = Field(None, description="MonitorConfig YAML of the daily output rules (None: "
+                                       "configs/monitor.yaml's defaults)")
     device: str = Field("auto", description="training and scoring device: auto (CUDA when present), cpu or cuda")
     train_config: str | None = Field(None, description="TrainJob YAML for the weekly training (None: TrainJob's defaults)")
     gate_mode: str = Field("enabled", description="enabled (a failing gate fails the run) or dry-run (record only)")

@@ -23,6 +23,7 @@ from pipeline.job import Job, JobResult
 from pipeline.orchestration import remote
 from pipeline.orchestration.settings import Settings  # the one settings class (re-exported for the DAG tasks)
 from pipeline.serving.job import InferJob, InferResult
+from pipeline.serving.monitoring import load_monitor_config
 from pipeline.training.gate import GateJob, GateResult
 from pipeline.training.gates import load_gate_config
 from pipeline.training.train_job import TrainJob, TrainResult, load_config
@@ -112,7 +113,8 @@ def infer_job(s: Settings, date: dt.date | str) -> InferJob:
     return InferJob(date=parse_date(date), events=s.events_uri, out=s.recs_uri, model=f"models:/{s.model_name}@champion",
                     top_n=s.top_n, device=s.device, tracking_uri=s.tracking_uri,
                     engine="local" if s.profile == "embedded" else "spark",
-                    spark=None if s.profile == "embedded" else s.spark())
+                    spark=None if s.profile == "embedded" else s.spark(),
+                    monitor=load_monitor_config(s.monitor_config), retention_days=s.recs_retention_days)
 
 
 def infer(s: Settings, date: dt.date | str) -> InferResult:

@@ -19,6 +19,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import Field
+
 from pipeline.io import lake, registry
 from pipeline.io.publish import MANIFEST, PartitionWriter
 from pipeline.io.redact import redact_uri
@@ -73,6 +75,10 @@ class InferJob(InferOptions, Job):
     engine: Literal["local", "spark"] = "local"
     spark: SparkConfig | None = None  # the Spark engine's session (None: RECSYS_SPARK_* via SparkConfig.from_env)
     monitor: monitoring.MonitorConfig = monitoring.MonitorConfig()  # daily output monitoring (configs/monitor.yaml)
+    # after the commit, drop dates older than date - retention_days (one commit, restorable for a week) and vacuum
+    # what no version of the last week needs; None keeps every date. Replaces an S3 expiry rule, which would delete
+    # the Delta log and live files under readers.
+    retention_days: int | None = Field(None, ge=1)
 
     @property
     def partition_uri(self) -> str:
@@ -130,8 +136,23 @@ def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str
         raise
     m = writer.commit(extra)
     monitoring.record(monitored, m)  # the daily MLflow run, best effort (never raises)
+    if job.retention_days is not None:
+        _apply_retention(job)
     name = registry.parse_model_uri(job.model)[0] if job.model.startswith("models:/") else bundle.name
     return InferResult(partition_uri=writer.partition.uri, run=m["run"], version=m["version"], date=job.date, model_name=name,
                        model_version=str(model_version), users=m["rows"],
                        fallback_users=m["fallback_users"], events=m["events"], unknown_item_events=m["unknown_item_events"],
                        files=len(m["files"]), precision=precision, seconds=m["seconds"])
+
+
+def _apply_retention(job: InferJob) -> None:
+    """Best effort: the date is already committed, so a failed clean-up is a warning (tomorrow's run retries)."""
+    from pipeline.serving.restore import VacuumJob
+
+    cutoff = job.date - dt.timedelta(days=job.retention_days or 0)
+    try:
+        r = VacuumJob(out=job.out, drop_before=cutoff).run()
+    except Exception as e:  # never fail a committed publish over housekeeping
+        log.warning("retention: dropping dates before %s failed (the publish stands; retried next run): %s", cutoff, e)
+        return
+    log.info("retention: dropped %d date(s) before %s; vacuum deleted %d file(s)", len(r.dropped_dates), cutoff, r.files)

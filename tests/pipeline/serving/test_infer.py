@@ -467,3 +467,27 @@ def test_spill_closes_the_files_it_opened_when_one_fails(tmp_path: Path, monkeyp
     with pytest.raises(OSError, match="Too many open files"):
         spill.Spill(tmp_path, 10, pa.int64())
     assert len(opened) == 3 and len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_retention_drops_older_dates_after_the_publish(tmp_path: Path, bundle: ModelBundle,
+                                                       events: tuple[pa.Table, str]) -> None:
+    """retention_days: the publish of DAY drops dates before DAY - retention (one more commit; the table's history
+    keeps them restorable); dates inside the window and DAY itself stay. Replaces the S3 expiry rule."""
+    from pipeline.serving.recs import committed_dates
+    from pipeline.serving.restore import HistoryJob, RestoreJob
+
+    _, uri = events
+    old, kept = DAY - dt.timedelta(days=2), DAY - dt.timedelta(days=1)  # the events span DAY - 2 .. DAY
+    for day in (old, kept):
+        run_infer(cfg(uri, tmp_path, date=day), bundle, "7")
+    assert committed_dates(str(tmp_path)) == [kept, old]
+    run_infer(cfg(uri, tmp_path, retention_days=1), bundle, "7")  # keeps DAY - 1 and later
+    assert committed_dates(str(tmp_path)) == [DAY, kept]
+    assert HistoryJob(out=str(tmp_path), date=old).run().commits[0].operation == "drop"
+    RestoreJob(out=str(tmp_path), date=old).run()  # a dropped date comes back within the vacuum's retention
+    assert committed_dates(str(tmp_path)) == [DAY, kept, old]
+
+
+def test_retention_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="retention_days"):
+        cfg("unused", tmp_path, retention_days=0)
