@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _model_args(p: argparse.ArgumentParser, version: bool) -> None:
     p.add_argument("--model", default=DEFAULT_REGISTERED_NAME, help="registered model name")
     if version:
-        p.add_argument("--version", required=True, help="registered model version")
+        p.add_argument("--model-version", dest="version", required=True, help="registered model version (a number)")
     p.add_argument("--ledger", default=None,
                    help="promotion ledger URI (default: RECSYS_LEDGER, else RECSYS_HOME/promotion-ledger.jsonl)")
     p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)

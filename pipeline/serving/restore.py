@@ -152,7 +152,7 @@ class RestoreJob(Job):
             commits = _date_commits(table, self.date)
             if not commits:
                 raise DataError(f"no commit of {self.date} in the recommendations table at {root.uri}",
-                                "check --date (`recsys history --date`), or pass --version")
+                                "check --date (`recsys history --date`), or pass --table-version")
             target = int(commits[0][0]["version"]) - 1
             if target < 0:
                 raise DataError(f"{self.date} was published in the table's first version: there is no earlier version",

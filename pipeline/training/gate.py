@@ -145,7 +145,7 @@ def _version_tags(name: str, version: str, tracking: str | None) -> dict[str, st
         if failure is not None:
             raise failure from None
         raise DataError(f"no version {version} of registered model {name!r}; nothing was moved",
-                        "check --model/--version") from None
+                        "check --model/--model-version") from None
     if "snapshot_uri" not in tags:
         raise DataError(f"{name} version {version} has no snapshot_uri tag", "gate versions registered by `recsys train`")
     return tags

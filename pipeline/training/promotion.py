@@ -68,7 +68,7 @@ class PromoteJob(Job):
         repair(name, ledger, tracking)
         if not registry.version_exists(name, version, tracking):
             raise DataError(f"no version {version} of registered model {name!r}; nothing was moved",
-                            "check --model/--version")
+                            "check --model/--model-version")
         now = aliases(name, tracking)
         old = now.get(CHAMPION)
         if old == version:
@@ -109,7 +109,7 @@ class RollbackJob(Job):
         bad, target = now.get(CHAMPION), now.get(PREVIOUS)
         if target is None:
             raise DataError(f"{name} has no 'previous' version to roll back to; nothing was moved",
-                            "promote a version by hand instead (`recsys promote --version N --reason ...`)")
+                            "promote a version by hand instead (`recsys promote --model-version N --reason ...`)")
         new_previous, deleted = _predecessor(name, target, {v for v in (bad, target) if v}, ledger, tracking)
         warning = None
         if deleted:

@@ -95,3 +95,9 @@ def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[s
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"recsys {importlib.metadata.version('recsys-pia')}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_version_means_the_program_version_only(command: str) -> None:
+    """`--version` is `recsys --version`; a model version is --model-version, a table version --table-version."""
+    assert "--version" not in COMMANDS[command]._option_string_actions, f"recsys {command} redefines --version"

@@ -139,7 +139,7 @@ def test_a_failing_step_never_shows_credentials(tmp_path: Path, monkeypatch: pyt
     assert text.startswith("ConnectionError: API request to https://mlflow.example.com/") and e.value.__cause__ is None
 
     def plain(self: GateJob) -> GateResult:
-        raise DataError("no version 3 of registered model 'm'", "check --model/--version")
+        raise DataError("no version 3 of registered model 'm'", "check --model/--model-version")
 
     monkeypatch.setattr(GateJob, "run", plain)
     with pytest.raises(DataError, match="no version 3"):  # nothing secret: the original error, traceback and all

@@ -129,7 +129,7 @@ def test_cli_history_restore_vacuum(lake_root: Path, capsys: pytest.CaptureFixtu
     assert "would delete 1 files older than 0 h" in capsys.readouterr().out
     for argv, message in ((["restore", "--out", out, "--date", "2024-02-30"], "not a calendar date"),
                           (["restore", "--out", out, "--date", "yesterday"], "invalid date"),
-                          (["restore", "--out", out, "--date", D.isoformat(), "--version", "42"], "has no version 42"),
+                          (["restore", "--out", out, "--date", D.isoformat(), "--table-version", "42"], "has no version 42"),
                           (["history", "--out", out, "--date", "2999-01-01"], "is in the future")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

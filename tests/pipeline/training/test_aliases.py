@@ -56,8 +56,8 @@ EASY_YAML = "floors: {ndcg@100: 0.05}\npopularity_margin: -0.5\nease_margin: 0.9
 def _argv(command: str, tmp_path: Path, version: str) -> list[str]:
     gates = tmp_path / "easy.yaml"
     gates.write_text(EASY_YAML)
-    return {"gate": ["gate", "--version", version, "--config", str(gates)],
-            "promote": ["promote", "--version", version, "--reason", "test"],
+    return {"gate": ["gate", "--model-version", version, "--config", str(gates)],
+            "promote": ["promote", "--model-version", version, "--reason", "test"],
             "rollback": ["rollback", "--reason", "test"]}[command] + ["--model", NAME]
 
 
@@ -130,6 +130,6 @@ def test_unreadable_intent_is_one_line(trained: dict[str, str], capsys) -> None:
     promote(trained["good"], "start")
     registry.client().set_registered_model_tag(NAME, TXN_TAG, "{not json")
     before = aliases()
-    assert main(["promote", "--model", NAME, "--version", trained["bad"], "--reason", "x"]) == 2
+    assert main(["promote", "--model", NAME, "--model-version", trained["bad"], "--reason", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"tag {TXN_TAG}) is unreadable" in err[0] and aliases() == before

@@ -52,7 +52,7 @@ def test_candidate_failing_a_gate_stays_challenger(trained: dict[str, str], easy
 
 def test_dry_run_moves_nothing(trained: dict[str, str], easy_gates: GateConfig) -> None:
     before = aliases()
-    assert main(["gate", "--model", NAME, "--version", trained["good"], "--mode", "dry-run"]) == 0  # default gates
+    assert main(["gate", "--model", NAME, "--model-version", trained["good"], "--mode", "dry-run"]) == 0  # default gates
     o = gate(trained["good"], mode="dry-run", gates=easy_gates)
     assert o.passed and not o.promoted and aliases() == before and events() == []
     assert o.model_name == NAME and o.version == trained["good"] and o.champion is None
@@ -65,8 +65,8 @@ def test_dry_run_moves_nothing(trained: dict[str, str], easy_gates: GateConfig) 
 def test_gate_cli_exit_code_on_rejection(trained: dict[str, str], tmp_path: Path) -> None:
     f = tmp_path / "g.yaml"
     f.write_text("coverage_floor: 1.0\n")
-    assert main(["gate", "--model", NAME, "--version", trained["good"], "--config", str(f)]) == 1
-    assert main(["gate", "--model", NAME, "--version", "99"]) == 2  # unknown version: one-line error
+    assert main(["gate", "--model", NAME, "--model-version", trained["good"], "--config", str(f)]) == 1
+    assert main(["gate", "--model", NAME, "--model-version", "99"]) == 2  # unknown version: one-line error
     assert "champion" not in aliases()
 
 
@@ -185,7 +185,7 @@ def test_bad_gate_config_is_one_line(trained: dict[str, str], tmp_path: Path, ca
     f.write_text(text.replace("{marker}", str(marker)))
     before = state()
     capsys.readouterr()
-    assert main(["gate", "--model", NAME, "--version", trained["good"], "--config", str(f)]) == 2
+    assert main(["gate", "--model", NAME, "--model-version", trained["good"], "--config", str(f)]) == 2
     line = _one_error_line(capsys)
     assert re.search(expect.replace("{f}", re.escape(str(f))), line) and "Fix:" in line, line
     assert state() == before and not marker.exists()
@@ -210,9 +210,9 @@ def test_a_version_that_does_not_exist_is_one_line(trained: dict[str, str], caps
     before = state()
     capsys.readouterr()
     argv = ["--reason", "x"] if command == "promote" else []
-    assert main([command, "--model", NAME, "--version", "99", *argv]) == 2
+    assert main([command, "--model", NAME, "--model-version", "99", *argv]) == 2
     line = _one_error_line(capsys)
-    assert "no version 99 of registered model 'recsys-test'" in line and "Fix: check --model/--version" in line
+    assert "no version 99 of registered model 'recsys-test'" in line and "Fix: check --model/--model-version" in line
     assert state() == before
 
 

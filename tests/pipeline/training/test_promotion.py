@@ -39,7 +39,7 @@ def test_train_gate_promote_rollback_cycle(trained: dict[str, str], easy_gates: 
     assert aliases() == {"champion": good, "challenger": bad}
     assert c.get_model_version(NAME, bad).tags["gate.verdict"] == "failed"
     # manual override through the CLI, then roll back
-    assert main(["promote", "--model", NAME, "--version", bad, "--reason", "incident 42: force"]) == 0
+    assert main(["promote", "--model", NAME, "--model-version", bad, "--reason", "incident 42: force"]) == 0
     assert aliases() == {"champion": bad, "previous": good, "challenger": bad}
     assert main(["rollback", "--model", NAME, "--reason", "bad recs"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == \
@@ -84,7 +84,7 @@ def test_version_strings_are_canonical(trained: dict[str, str], easy_gates: Gate
     before = state()
     with pytest.raises(DataError, match=f"version {bad} is already the champion"):
         promote(f"0{bad}", "the same version, spelled differently")
-    assert main(["promote", "--model", NAME, "--version", f"00{bad}", "--reason", "again"]) == 2
+    assert main(["promote", "--model", NAME, "--model-version", f"00{bad}", "--reason", "again"]) == 2
     assert state() == before  # `previous` (good) not lost
     o = gate(f"0{good}", gates=easy_gates)  # good beats bad: promoted under its canonical number
     assert o.version == good and o.promoted
@@ -101,7 +101,7 @@ def test_bad_version_strings_are_refused(trained: dict[str, str], easy_gates: Ga
         promote(version, "x")
     with pytest.raises(DataError, match="is not a positive integer"):
         gate(version, gates=easy_gates)
-    assert main(["gate", "--model", NAME, "--version", version]) == 2
+    assert main(["gate", "--model", NAME, "--model-version", version]) == 2
     assert state() == before
 
 

@@ -27,8 +27,8 @@ def test_down_server_with_credentials_is_one_quick_line_without_them(home, synth
     uri = closed_port_uri("alice:s3cret@", "?token=t0k")
     argv = {"train": ["train", "--snapshot", synth_snapshot, "--device", "cpu", "--epochs", "1",
                       "--registered-name", NAME],
-            "gate": ["gate", "--model", NAME, "--version", "1"],
-            "promote": ["promote", "--model", NAME, "--version", "1", "--reason", "x"],
+            "gate": ["gate", "--model", NAME, "--model-version", "1"],
+            "promote": ["promote", "--model", NAME, "--model-version", "1", "--reason", "x"],
             "rollback": ["rollback", "--model", NAME]}[command]
     caplog.set_level(logging.DEBUG)  # urllib3's retry lines name the request path (and its query)
     t0 = time.perf_counter()

@@ -67,8 +67,8 @@ def test_credentials_in_the_tracking_uri_are_never_printed_or_logged(mlflow_serv
     gates = tmp_path / "easy.yaml"
     gates.write_text("floors: {ndcg@100: 0.0}\npopularity_margin: -1.0\nease_margin: 1.0\ncoverage_floor: 0.0\n")
     caplog.set_level(logging.DEBUG)
-    for argv in (["gate", "--version", version, "--config", str(gates)], ["promote", "--version", version, "--reason", "x"],
-                 ["rollback"]):
+    for argv in (["gate", "--model-version", version, "--config", str(gates)],
+                 ["promote", "--model-version", version, "--reason", "x"], ["rollback"]):
         main(["-v", *argv, "--model", NAME, "--tracking-uri", uri])  # the outcome does not matter here, the output does
     out = capsys.readouterr()
     assert "promoted to champion" in out.out or "stays challenger" in out.out
