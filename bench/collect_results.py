@@ -125,7 +125,19 @@ TITLES = {
 }
 
 
+KEEP_MARKER = "<!-- hand-written sections below: bench/collect_results.py keeps everything after this line -->"
+
+
+def kept_sections(doc: Path) -> str:
+    """The hand-written tail of an existing doc (bf16 overlap, latent geometry, cold start): from KEEP_MARKER on."""
+    if not doc.exists():
+        return ""
+    _, marker, tail = doc.read_text().partition(KEEP_MARKER)
+    return marker + tail if marker else ""
+
+
 def main(out: Path, doc: Path) -> None:
+    kept = kept_sections(doc)
     parts = [HEADER]
     subs = [p for p in out.iterdir() if (p / "results.md").exists()]
     for sub in sorted(subs, key=lambda p: (ORDER.index(p.name) if p.name in ORDER else len(ORDER), p.name)):
@@ -136,6 +148,8 @@ def main(out: Path, doc: Path) -> None:
         res = json.loads((sub / "results.json").read_text()) if (sub / "results.json").exists() else {}
         note = f"config: {json.dumps(res['config'])}" if res else "no results.json (see the log)"
         parts.append(f"<sub>{note}</sub>\n")
+    if kept:
+        parts.append(kept.rstrip("\n") + "\n")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(parts))
     print(f"wrote {doc}")

@@ -24,11 +24,14 @@ def _count_or_fraction(text: str) -> int | float:
 
 
 def register(sub: Any) -> None:
-    i = sub.add_parser("ingest", help="convert MovieLens / Netflix / MSD / interaction Parquet into events")
-    i.add_argument("--format", required=True, choices=["movielens", "netflix", "msd", "interactions"],
-                   help="the source's layout")
+    i = sub.add_parser("ingest", help="convert MovieLens / Netflix / MSD / interaction Parquet into events, or an "
+                                      "items file into the day's catalogue metadata")
+    i.add_argument("--format", required=True, choices=["movielens", "netflix", "msd", "interactions", "items"],
+                   help="the source's layout (items: Parquet, or CSV with |-separated tags; pipeline/data/items.py)")
     i.add_argument("--src", type=Path, required=True, help="the source file or folder")
-    i.add_argument("--out", required=True, help="events URI (local folder or s3://bucket/prefix)")
+    i.add_argument("--out", required=True, help="events URI (local folder or s3://bucket/prefix); for items, the "
+                                                "lake root: writes OUT/items/dt=DATE/")
+    i.add_argument("--date", type=_date, default=None, help="items only: the day this catalogue version is for")
     i.add_argument("--no-partition", action="store_true", help="one folder even when the data has timestamps")
     i.set_defaults(func=cmd_ingest)
 
@@ -65,9 +68,27 @@ def register(sub: Any) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from pipeline.data.ingest import IngestJob
 
+    if args.format == "items":
+        return _ingest_items(args)
+    if args.date is not None:
+        from pipeline.errors import DataError
+
+        raise DataError("--date applies to --format items only", "drop --date (events carry their own dates)")
+
     r = IngestJob(format=args.format, src=args.src, out=args.out, partition=not args.no_partition).run()
     layout = "dt=YYYY-MM-DD partitions" if r.partitioned else "one folder, no dt= partitions (no timestamps)"
     print(f"ingested {r.rows:,} events into {r.uri} ({layout})")
+    return 0
+
+
+def _ingest_items(args: argparse.Namespace) -> int:
+    from pipeline.data.items import ItemsIngestJob
+    from pipeline.errors import DataError
+
+    if args.date is None:
+        raise DataError("--format items needs --date", "pass --date YYYY-MM-DD, the day this catalogue version is for")
+    r = ItemsIngestJob(src=args.src, lake=args.out, date=args.date).run()
+    print(f"ingested {r.rows:,} items ({r.items_with_tags:,} with tags) into {r.uri}")
     return 0
 
 

@@ -90,3 +90,21 @@ def test_shared_items_files_follow_the_contract(shared_data: Path) -> None:
         if path.exists():
             t = read_items(path)
             assert t.num_rows > 1000 and t.column("tags").type == pa.list_(pa.string())
+
+
+def test_cli_ingest_items_and_its_date_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli.main import main
+
+    src = tmp_path / "src.parquet"
+    pq.write_table(_items(), src)
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "items", "--src", str(src), "--out", str(lake), "--date", DAY.isoformat()]) == 0
+    assert "ingested 3 items (2 with tags)" in capsys.readouterr().out
+    assert read_items(lake / "items" / f"dt={DAY}" / "items.parquet").num_rows == 3
+    # items without --date, events with --date: one clear line each, nothing written
+    assert main(["ingest", "--format", "items", "--src", str(src), "--out", str(tmp_path / "l2")]) == 2
+    assert "--format items needs --date. Fix: pass --date" in capsys.readouterr().err
+    assert main(["ingest", "--format", "interactions", "--src", str(src), "--out", str(tmp_path / "ev"),
+                 "--date", DAY.isoformat()]) == 2
+    assert "--date applies to --format items only" in capsys.readouterr().err
+    assert not (tmp_path / "l2").exists() and not (tmp_path / "ev").exists()
