@@ -35,8 +35,9 @@ class OutputCheckError(DataError):
 
 
 def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.ndarray, vocab: pa.Array,
-               top_n: int, model_version: str) -> None:
-    """Check a shard's output against its histories before it may be published (raises OutputCheckError)."""
+               top_n: int, model_version: str, available: np.ndarray | None = None) -> None:
+    """Check a shard's output against its histories before it may be published (raises OutputCheckError).
+    `available` (pipeline.serving.availability's mask): no list holds another item, and N counts only those."""
     n, n_items = len(users), len(vocab)
     if table.schema.names != list(OUTPUT_SCHEMA_FIELDS):
         raise OutputCheckError(f"columns {table.schema.names}, expected {list(OUTPUT_SCHEMA_FIELDS)}")
@@ -59,7 +60,12 @@ def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.nd
     items = table.column("item_ids").combine_chunks()
     scores = table.column("scores").combine_chunks()
     lengths = pc.list_value_length(items).fill_null(-1).to_numpy()
-    expected = np.minimum(top_n, n_items - seen)
+    if available is None:
+        expected = np.minimum(top_n, n_items - seen)
+    else:  # the user's seen items that are available, by history row
+        seen_rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        seen_avail = np.bincount(seen_rows, weights=available[cols], minlength=len(indptr) - 1).astype(np.int64)
+        expected = np.minimum(top_n, int(available.sum()) - seen_avail[hrow])
     if not np.array_equal(lengths, expected):
         bad = int(np.flatnonzero(lengths != expected)[0])
         raise OutputCheckError(f"user {out_users[bad].as_py()} has {lengths[bad]} items, expected {expected[bad]} "
@@ -69,6 +75,8 @@ def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.nd
     c = map_items(items.flatten(), vocab, dense_lookup(vocab))
     if (c < 0).any():
         raise OutputCheckError("recommended items outside the model's vocabulary")
+    if available is not None and not available[c].all():
+        raise OutputCheckError("a recommended item is not in the date's availability list")
     _check_lists_against_histories(hrow, lengths, c, indptr, cols, n_items)
     s = scores.flatten().to_numpy(zero_copy_only=False)
     if not np.isfinite(s).all():

@@ -54,6 +54,10 @@ class InferResult(JobResult):
     unknown_item_events: int  # events whose item the model does not know (skipped)
     files: int  # part files
     precision: str  # of the scoring matmuls, as used
+    # with an availability list (pipeline.serving.availability; 0 without): users whose model items were backfilled
+    # from popular available ones, and users left with fewer than N items (too few available unseen items)
+    availability_backfilled_users: int = 0
+    availability_short_users: int = 0
     seconds: float
 
     def manifest(self) -> dict[str, Any]:
@@ -142,7 +146,9 @@ def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str
     return InferResult(partition_uri=writer.partition.uri, run=m["run"], version=m["version"], date=job.date, model_name=name,
                        model_version=str(model_version), users=m["rows"],
                        fallback_users=m["fallback_users"], events=m["events"], unknown_item_events=m["unknown_item_events"],
-                       files=len(m["files"]), precision=precision, seconds=m["seconds"])
+                       files=len(m["files"]), precision=precision, seconds=m["seconds"],
+                       availability_backfilled_users=m.get("availability_backfilled_users", 0),
+                       availability_short_users=m.get("availability_short_users", 0))
 
 
 def _apply_retention(job: InferJob) -> None:

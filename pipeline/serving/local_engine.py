@@ -26,6 +26,7 @@ import scipy.sparse as sp
 
 from pipeline.io.publish import PartitionWriter, hook
 from pipeline.serving import checks
+from pipeline.serving.availability import load_availability
 from pipeline.serving.events import open_events
 from pipeline.serving.histories import shard_histories
 from pipeline.serving.options import InferOptions
@@ -109,7 +110,7 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         with clock("table"):
             table = checks.finalize_part(to_table(users, top, scores, fb, vocab, model_version))
         with clock("check"):
-            checks.check_part(table, users, indptr, cols, vocab, opts.top_n, model_version)
+            checks.check_part(table, users, indptr, cols, vocab, opts.top_n, model_version, mask)
         with clock("write"):
             writer.write_part(table, part=s, shard=s, **checks.user_range(users))
         nonlocal fallback_users
@@ -117,7 +118,13 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
             fallback_users += int(fb.sum())
 
     scratch = contextlib.ExitStack()  # the spill folder, removed on the way out
+    mask: np.ndarray | None = None
+    avail_counts: dict[str, int] = {}
     try:
+        if opts.availability is not None:  # a bad list fails here, before the events are read
+            availability = load_availability(opts.availability, opts.date, vocab)
+            mask = availability.mask
+            stats |= availability.stats()
         tmp = scratch.enter_context(spill_dir())
         with clock("spill"):
             spill, counts = spill_events(dataset, opts, vocab, tmp)
@@ -146,7 +153,8 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
                                                  shape=(len(indptr) - 1, bundle.n_items))[known]
                             choice = guard_bf16(choice, bundle, hist, opts.top_n, bs)
                     with clock("score"):
-                        top, scores, fb = score_histories(bundle, indptr, cols, opts.top_n, bs, bar, choice.chosen)
+                        top, scores, fb = score_histories(bundle, indptr, cols, opts.top_n, bs, bar, choice.chosen,
+                                                          mask, avail_counts)
                     with clock("wait_publish"):
                         while len(parts) >= depth:
                             parts.popleft().result()  # at most `depth` parts in flight; an error surfaces here
@@ -166,6 +174,6 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         raise
     finally:
         scratch.close()
-    return stats | {"precision": choice.chosen, "precision_reason": choice.reason,
+    return stats | avail_counts | {"precision": choice.chosen, "precision_reason": choice.reason,
                     "active_users": writer.rows, "fallback_users": fallback_users,
                     "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}

@@ -43,6 +43,9 @@ class InferOptions(BaseModel):
         "scored; default: one per 4 CPU cores, at most 8. It matters where scoring is fast (a GPU) and host work "
         "is the bottleneck; there host memory grows with it (up to P shards' results, tables and checks at once)"))
     progress: bool = True
+    availability: str | None = Field(None, description=(
+        "Parquet file or folder (local or s3://, e.g. <lake>/availability/dt=DATE/) with an item_id column listing "
+        "the items that may be recommended on the date (pipeline.serving.availability); None: every item"))
     # The model's vocabulary is its training items and every training user had one, so its own baseline of both
     # shares is 0: these are absolute ceilings (pipeline.serving.checks.check_shares).
     max_unknown_item_share: float = Field(0.5, ge=0.0, le=1.0, description=(

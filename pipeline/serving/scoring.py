@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from pipeline.serving.availability import candidates, popular_available, restrict
 from pipeline.serving.precision import decoder_parts, recommend_bf16
 
 if TYPE_CHECKING:
@@ -61,12 +62,17 @@ def precision_in_effect(precision: str, device: str) -> str:
 
 def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, top_n: int, batch_size: int,
                     on_batch: Callable[[int], None] | None = None,
-                    precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    precision: str = "fp32", available: np.ndarray | None = None,
+                    counts: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-N columns and scores for users given as CSR rows over the model's columns, seen items removed.
 
     Returns ([U, k] int64 columns, [U, k] float32 scores, [U] bool fallback). Users with no known item get
     the popularity fallback. Seen items come back as -inf (only when fewer than k unseen items exist);
     `to_table` drops them.
+
+    `available` ([n_items] bool, pipeline.serving.availability): only those columns are recommended, the model's
+    first, then popular available unseen ones where fewer than N remain (-inf pads what stays empty); the
+    numbers of backfilled and short users are added to `counts`. None: every column (unchanged output).
     """
     import scipy.sparse as sp
     import torch
@@ -76,7 +82,13 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
     top = np.empty((n, k), np.int64)
     scores = np.empty((n, k), np.float32)
     fallback = np.diff(indptr) == 0
-    fb_items, fb_scores = bundle.fallback(k)
+    if available is None:
+        fb_items, fb_scores = bundle.fallback(k)
+    else:  # only available popular items; -inf pads a list the available catalog cannot fill
+        pop, pop_scores = popular_available(bundle, available)
+        fb_items = np.zeros(k, np.int64)
+        fb_scores = np.full(k, -np.inf, np.float32)
+        fb_items[:len(pop[:k])], fb_scores[:len(pop[:k])] = pop[:k], pop_scores[:k]
     top[fallback], scores[fallback] = fb_items, fb_scores
     if on_batch is not None and fallback.any():
         on_batch(int(fallback.sum()))
@@ -86,12 +98,24 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
         csr.has_canonical_format = True  # shard_histories gives sorted, unique columns per row
         sub = csr[known] if len(known) < n else csr
         device = str(bundle.recommender.device)
+        kk = k if available is None else candidates(k, n_items, available)
         if precision == "bf16" and torch.device(device).type == "cpu" and decoder_parts(bundle.recommender):
-            t, s = recommend_bf16(bundle.recommender, sub, k, batch_size=batch_size, on_batch=on_batch)
+            t, s = recommend_bf16(bundle.recommender, sub, kk, batch_size=batch_size, on_batch=on_batch)
         else:
             with scoring_precision(precision, device):
-                t, s = bundle.recommend(sub, k, batch_size=batch_size, on_batch=on_batch)
+                t, s = bundle.recommend(sub, kk, batch_size=batch_size, on_batch=on_batch)
+        if available is not None:
+            sub = sp.csr_matrix(sub)
+            t, s, backfilled, short = restrict(t, s, k, available, pop, np.asarray(sub.indptr, np.int64),
+                                               np.asarray(sub.indices, np.int64), top_n)
+            if counts is not None:
+                counts["availability_backfilled_users"] = counts.get("availability_backfilled_users", 0) + backfilled
+                counts["availability_short_users"] = counts.get("availability_short_users", 0) + short
         top[known], scores[known] = t, s
+    if available is not None and counts is not None:
+        counts.setdefault("availability_backfilled_users", 0)
+        short_fb = int(fallback.sum()) if (fb_scores == -np.inf).any() else 0  # fewer available items than N
+        counts["availability_short_users"] = counts.get("availability_short_users", 0) + short_fb
     return top, scores, fallback
 
 

@@ -37,6 +37,7 @@ from pipeline.io.ids import MAX_STRING_ID
 from pipeline.io.publish import PartitionWriter, hook, write_part_file
 from pipeline.io.spark import SparkConfig, apply_env, executor_env, spark_session
 from pipeline.serving import checks
+from pipeline.serving.availability import load_availability
 from pipeline.serving.events import bad_user_id, open_events
 from pipeline.serving.options import InferOptions
 from pipeline.serving.scoring import score_histories, to_table
@@ -150,7 +151,8 @@ def histories(spark: SparkSession, opts: InferOptions, vocab: pa.Array) -> tuple
     return joined, hist
 
 
-_WRITTEN = "error string, path string, rows long, bytes long, sha256 string, fallback long, index string"
+_WRITTEN = ("error string, path string, rows long, bytes long, sha256 string, fallback long, index string, "
+            "backfilled long, short long")
 
 
 def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, writer: PartitionWriter,
@@ -165,6 +167,8 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     spark = get_spark(spark_config)
     vocab = vocabulary(bundle)
     bs = batch_size_for(bundle.n_items, opts.top_n, opts.memory_budget_mb, max_batch=opts.max_batch)
+    availability = None if opts.availability is None else load_availability(opts.availability, opts.date, vocab)
+    mask = None if availability is None else availability.mask  # shipped in the closure: n_items bytes
     joined, hist = histories(spark, opts, vocab)
     user = F.col("user_id")
     # the id rule of pipeline.io.ids, as the local engine applies it (events.check_user_ids); Java regex, code points
@@ -188,12 +192,13 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     run_uri = writer.run_dir.uri
     env = executor_env(spark.sparkContext.master or "")
 
-    def score(rb: pa.RecordBatch, b: ModelBundle, voc: pa.Array) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    def score(rb: pa.RecordBatch, b: ModelBundle, voc: pa.Array,
+              counts: dict[str, int]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
         cols = rb.column(1)
         flat = cols.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
         offs = cols.offsets.to_numpy()
         indptr = (offs - offs[0]).astype(np.int64)
-        top, sc, fb = score_histories(b, indptr, flat, top_n, bs, precision=precision)
+        top, sc, fb = score_histories(b, indptr, flat, top_n, bs, precision=precision, available=mask, counts=counts)
         return to_table(rb.column(0), top, sc, fb, voc, model_version), indptr, flat
 
     def score_and_write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -202,9 +207,10 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         b = worker_bundle(shipped.value, digest)
         voc = vocabulary(b)
         tables, indptrs, flats = [], [], []
+        counts: dict[str, int] = {}
         for rb in batches:
             if rb.num_rows:
-                t, indptr, flat = score(rb, b, voc)
+                t, indptr, flat = score(rb, b, voc, counts)
                 tables.append(t)
                 indptrs.append(indptr)
                 flats.append(flat)
@@ -217,9 +223,10 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         users = t.column("user_id").combine_chunks()
         t = checks.finalize_part(t)
         row: dict[str, Any] = {"error": None, "path": None, "rows": 0, "bytes": 0, "sha256": None, "fallback": 0,
-                               "index": None}
+                               "index": None, "backfilled": counts.get("availability_backfilled_users", 0),
+                               "short": counts.get("availability_short_users", 0)}
         try:
-            checks.check_part(t, users, indptr, cols, voc, top_n, model_version)
+            checks.check_part(t, users, indptr, cols, voc, top_n, model_version, mask)
         except DataError as e:  # the driver raises it (no retries of a deterministic failure)
             row["error"] = json.dumps([type(e).__name__, e.problem, e.fix])
             yield pa.RecordBatch.from_pylist([row], schema=_written_schema())
@@ -237,7 +244,7 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         written = (hist.repartitionByRange(n_parts, "user_id").sortWithinPartitions("user_id")
                    .mapInArrow(score_and_write, _WRITTEN).toArrow())
         hook("spilled")
-        rows = fallback = 0
+        rows = fallback = backfilled = short = 0
         for r in sorted(written.to_pylist(), key=lambda r: r["path"] or ""):
             if r["error"] is not None:
                 kind, problem, fix = json.loads(r["error"])
@@ -248,6 +255,8 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
                                 **json.loads(r["index"])})
             rows += r["rows"]
             fallback += r["fallback"]
+            backfilled += r["backfilled"]
+            short += r["short"]
         if rows != counts["users"]:
             raise checks.OutputCheckError(f"{rows} rows for {counts['users']} active users (one row per active user)")
     except BaseException:
@@ -255,11 +264,15 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         raise
     finally:
         shipped.unpersist()
-    return {"batch_size": bs, "events": int(counts["events"]), "unknown_item_events": int(counts["unknown"] or 0),
-            "unknown_items": int(counts["unknown_items"]), "shards": n_parts, "active_users": rows,
-            "fallback_users": fallback}
+    stats = {"batch_size": bs, "events": int(counts["events"]), "unknown_item_events": int(counts["unknown"] or 0),
+             "unknown_items": int(counts["unknown_items"]), "shards": n_parts, "active_users": rows,
+             "fallback_users": fallback}
+    if availability is not None:
+        stats |= availability.stats() | {"availability_backfilled_users": backfilled, "availability_short_users": short}
+    return stats
 
 
 def _written_schema() -> pa.Schema:
     return pa.schema([("error", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()),
-                      ("sha256", pa.string()), ("fallback", pa.int64()), ("index", pa.string())])
+                      ("sha256", pa.string()), ("fallback", pa.int64()), ("index", pa.string()),
+                      ("backfilled", pa.int64()), ("short", pa.int64())])
