@@ -211,3 +211,20 @@ def test_cli_passes_availability(tmp_path: Path, bundle: ModelBundle, events, ca
     assert main([*args, "--availability", str(tmp_path / "nowhere")]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("recsys infer: error: no availability list at ") and ". Fix: " in line
+
+
+def test_the_output_check_refuses_an_unavailable_item(tmp_path: Path, bundle: ModelBundle, events,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: a part holding an unavailable item is refused even if scoring let it through."""
+    from pipeline.serving import checks
+
+    def corrupt(table: pa.Table) -> pa.Table:  # every listed item becomes column 39, which is not available
+        items = table.column("item_ids").combine_chunks()
+        bad = pa.ListArray.from_arrays(items.offsets, pa.array(np.full(len(items.values), 1039, np.int64)))
+        return table.set_column(table.schema.get_field_index("item_ids"), "item_ids", bad)
+
+    _, uri = events
+    monkeypatch.setattr(checks, "finalize_part", corrupt)
+    listed = write_list(tmp_path / "a.parquet", list(range(1000, 1020)))
+    with pytest.raises(checks.OutputCheckError, match="not in the date's availability list"):
+        publish_recommendations(job(uri, tmp_path / "out", availability=listed), bundle, "8")
