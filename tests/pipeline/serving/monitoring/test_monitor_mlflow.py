@@ -53,7 +53,8 @@ def test_daily_runs_metrics_report_and_the_gate_reference_on_a_server(mlflow_ser
 
     daily = c.get_experiment_by_name("recsys-daily")
     assert daily is not None
-    runs = c.search_runs([daily.experiment_id])
+    # the server is the session's: other tests' publishes log daily runs too, so find this publish's own
+    runs = c.search_runs([daily.experiment_id], filter_string=f"tags.run = '{m['run']}'")
     assert len(runs) == 1
     run = runs[0]
     tags = run.data.tags
@@ -74,7 +75,8 @@ def test_daily_runs_metrics_report_and_the_gate_reference_on_a_server(mlflow_ser
     with pytest.raises(DataError, match=r"coverage_vs_gate = .* is below the minimum 100"):
         publish_recommendations(job(events, tmp_path / "out", model=model, tracking_uri=mlflow_server, monitor=strict),
                                 bundle, str(mv.version))
-    blocked = [r for r in c.search_runs([daily.experiment_id]) if r.data.tags.get("status") == "blocked"]
+    blocked = [r for r in c.search_runs([daily.experiment_id], filter_string=f"tags.model_uri = '{model}'")
+               if r.data.tags.get("status") == "blocked"]
     assert len(blocked) == 1 and blocked[0].data.metrics["findings.block"] == 1.0
 
 
