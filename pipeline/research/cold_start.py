@@ -58,7 +58,8 @@ from pipeline.data.items import TEXT_COLUMNS, read_items
 from pipeline.errors import DataError
 from pipeline.io.lake import resolve
 from pipeline.io.publish import write_single_object
-from pipeline.job import Job, JobResult
+from pipeline.job import Job
+from pipeline.research.experiment import ExperimentResult
 from pipeline.training.evaluation import machine_name
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,8 @@ METRICS = ("recall@10", "recall@25", "ndcg@10", "ndcg@25", "ndcg@100")  # recall
 SELECT = "ndcg@25"
 WARM_GUARD = 0.01  # "marec (warm guard)": at most 1% below EASE's warm validation NDCG@25 in the whole catalogue
 CATALOGUE_MODELS = ("ease", "marec", "marec (warm guard)")
-class ColdStartResult(JobResult):
-    results: dict[str, Any]
-    results_json: str
-    results_md: str
+class ColdStartResult(ExperimentResult):
+    """The cold-start results table and where it was written (the same fields as the warm experiment's)."""
 
 
 class ColdStartJob(Job):
