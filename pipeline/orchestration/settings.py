@@ -89,6 +89,9 @@ class Settings(BaseSettings):
                                             "publish drops older ones and vacuums (None: keep all)")
     monitor_config: str | None = Field(None, description="MonitorConfig YAML of the daily output rules (None: "
                                        "configs/monitor.yaml's defaults)")
+    availability_uri: str | None = Field(None, description="the daily job's availability list: a URI with {date} "
+                                         "for the run's date, e.g. s3://lake/availability/dt={date}/ (None: every "
+                                         "item available); a missing list fails the run")
     device: str = Field("auto", description="training and scoring device: auto (CUDA when present), cpu or cuda")
     train_config: str | None = Field(None, description="TrainJob YAML for the weekly training (None: TrainJob's defaults)")
     gate_mode: str = Field("enabled", description="enabled (a failing gate fails the run) or dry-run (record only)")
@@ -119,6 +122,19 @@ class Settings(BaseSettings):
         if isinstance(v, dict):
             return {str(k): str(x) for k, x in v.items()}
         return v
+
+    @field_validator("availability_uri")
+    @classmethod
+    def _one_date_placeholder(cls, v: str | None) -> str | None:
+        # the only field filled per run: a stray {name} would fail on every daily run, so refuse it when read
+        rest = None if v is None else v.replace("{date}", "")
+        if v is not None and rest is not None and (v.count("{date}") != 1 or "{" in rest or "}" in rest):
+            raise ValueError(f"RECSYS_AVAILABILITY_URI must contain {{date}} exactly once and no other braces (got {v!r})")
+        return v
+
+    def availability_for(self, date: Any) -> str | None:
+        """The availability list of `date` (YYYY-MM-DD), or None when the deployment sets none."""
+        return None if self.availability_uri is None else self.availability_uri.replace("{date}", str(date))
 
     @model_validator(mode="after")
     def _defaults_under_home(self) -> Settings:

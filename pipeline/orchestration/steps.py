@@ -109,8 +109,11 @@ def champion_version(s: Settings) -> str | None:
 
 
 def infer_job(s: Settings, date: dt.date | str) -> InferJob:
-    """Daily: every active user's top-N from the champion for `date`; the Spark engine outside the embedded profile."""
-    return InferJob(date=parse_date(date), events=s.events_uri, out=s.recs_uri, model=f"models:/{s.model_name}@champion",
+    """Daily: every active user's top-N from the champion for `date`; the Spark engine outside the embedded profile;
+    only the titles on the date's availability list when the deployment sets one (RECSYS_AVAILABILITY_URI)."""
+    day = parse_date(date)
+    return InferJob(date=day, availability=s.availability_for(day),
+                    events=s.events_uri, out=s.recs_uri, model=f"models:/{s.model_name}@champion",
                     top_n=s.top_n, device=s.device, tracking_uri=s.tracking_uri,
                     engine="local" if s.profile == "embedded" else "spark",
                     spark=None if s.profile == "embedded" else s.spark(),

@@ -47,6 +47,9 @@ def test_every_setting_comes_from_its_variable(monkeypatch, tmp_path: Path) -> N
     ("RECSYS_TOP_N", "lots", "RECSYS_TOP_N is not valid"),
     ("RECSYS_TRAIN_PROCESSES", "0", "RECSYS_TRAIN_PROCESSES is not valid: Input should be greater than or equal to 1"),
     ("RECSYS_SPARK_CONF", "{spark.x=1", "RECSYS_SPARK_CONF is not valid"),
+    ("RECSYS_AVAILABILITY_URI", "s3://lake/availability/latest/", "must contain {date} exactly once"),
+    ("RECSYS_AVAILABILITY_URI", "s3://lake/{date}/{dt}/", "must contain {date} exactly once"),
+    ("RECSYS_AVAILABILITY_URI", "s3://lake/{date}/{date}/", "must contain {date} exactly once"),
 ])
 def test_a_bad_value_names_its_variable_and_the_fix(monkeypatch, var: str, value: str, message: str) -> None:
     monkeypatch.setenv(var, value)

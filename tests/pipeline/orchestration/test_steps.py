@@ -183,3 +183,10 @@ def test_stage_writes_the_job_under_the_staging_area_by_dag_run_and_task(tmp_pat
     uri = steps.stage(s, steps.infer_job(s, "2026-01-17"), "daily_inference", "manual__2026-01-17T00:00:00+00:00", "infer")
     assert uri == f"{tmp_path}/lake/_jobs/daily_inference/manual__2026-01-17T00_00_00_00_00/infer/envelope.json"
     assert remote.JobEnvelope.model_validate_json(Path(uri).read_text()).build() == steps.infer_job(s, "2026-01-17")
+
+
+def test_the_daily_step_restricts_to_the_dates_availability_list_when_one_is_set(tmp_path: Path) -> None:
+    assert steps.infer_job(settings(tmp_path), "2026-01-17").availability is None  # unset: every item
+    s = settings(tmp_path, availability_uri="s3://lake/availability/dt={date}/")
+    assert steps.infer_job(s, "2026-01-17").availability == "s3://lake/availability/dt=2026-01-17/"
+    assert steps.infer_job(s, "2026-01-18").availability == "s3://lake/availability/dt=2026-01-18/"
