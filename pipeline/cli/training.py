@@ -12,7 +12,7 @@ TRACKING_HELP = "MLflow tracking and registry URI (default: MLFLOW_TRACKING_URI,
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `train`, `gate`, `promote`, `rollback` and `diagnose` to the `recsys` sub-commands."""
+    """Add `train`, `train-candidates`, `gate`, `promote`, `rollback` and `diagnose` to the `recsys` sub-commands."""
     t = sub.add_parser("train", help="train on a snapshot, log to MLflow, register a `challenger` version")
     t.add_argument("--snapshot", required=True, help="snapshot URI (local path or s3://)")
     t.add_argument("--config", type=Path, default=None, help="YAML file of TrainJob keys (CLI flags win)")
@@ -32,6 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"MLflow registered model name (default: the config's, else {DEFAULT_REGISTERED_NAME})")
     t.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("train-candidates", help="train several candidates on one snapshot, gate them on the same "
+                       "users, promote the best that passes (champion/challenger)")
+    c.add_argument("--config", type=Path, required=True, help="YAML file of CandidatesJob keys (configs/candidates.yaml)")
+    c.add_argument("--snapshot", default=None, help="snapshot URI (default: the config's)")
+    c.add_argument("--mode", default=None, choices=["enabled", "dry-run"], help="gate mode (default: the config's, else enabled)")
+    c.add_argument("--gate-config", type=Path, default=None, help="YAML file of GateConfig keys (over the config's gates)")
+    c.add_argument("--registered-name", default=None, help="MLflow registered model name (default: the config's)")
+    c.add_argument("--ledger", default=None, help="promotion ledger URI (default: RECSYS_LEDGER, else under RECSYS_HOME)")
+    c.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    c.set_defaults(func=cmd_train_candidates)
 
     g = sub.add_parser("gate", help="offline metric gates; promote the version to `champion` when it passes")
     _model_args(g, version=True)
@@ -87,6 +98,21 @@ def cmd_train(args: argparse.Namespace) -> int:
           f" (run {result.run_id})")
     print(f"registered {result.model_name} version {result.version}")  # for humans: programs use TrainResult
     return 0
+
+
+def cmd_train_candidates(args: argparse.Namespace) -> int:
+    """Run a CandidatesJob; one line per candidate; exit 1 when no candidate passed its gates."""
+    from pipeline.training.candidates import load_candidates
+
+    r = load_candidates(args.config, {"snapshot": args.snapshot, "mode": args.mode, "gates_file": args.gate_config,
+                                      "registered_name": args.registered_name, "ledger_uri": args.ledger,
+                                      "tracking_uri": args.tracking_uri}).run()
+    for o in r.candidates:
+        failed = [v.gate for v in o.verdicts if v.status == "fail"]
+        print(f"v{o.version} {o.model}: {r.primary}={o.primary:.4f} " + ("PROMOTED" if o.promoted else
+              f"passed, held ({o.held})" if o.passed else f"failed ({', '.join(failed)})"))
+    print(f"group {r.group}: champion {r.champion or 'none'}")
+    return 0 if any(o.passed for o in r.candidates) else 1  # enabled: the best passing one was promoted
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
