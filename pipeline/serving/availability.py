@@ -60,18 +60,24 @@ class Availability:
                 "availability_duplicate_ids": self.duplicates, "availability_null_ids": self.nulls}
 
 
+def check_not_after(uri: str, date: dt.date, what: str, fix: str, example: str) -> None:
+    """A per-date list under a dt=D folder must not be dated after the job's date (nor carry an invalid date)."""
+    dated = _DT.findall(uri.rstrip("/"))
+    if not dated:
+        return
+    try:
+        day = dt.date.fromisoformat(dated[-1])
+    except ValueError as e:
+        raise DataError(f"{what} {uri} has an invalid date {dated[-1]!r}", fix) from e
+    if day > date:
+        raise DataError(f"{what} {uri} is dated {day}, after the job's date {date}",
+                        f"pass the list of {date} (or an earlier one), e.g. {example}")
+
+
 def load_availability(uri: str, date: dt.date, vocab: pa.Array) -> Availability:
     """The list at `uri` as a mask over `vocab`'s columns; DataError (one line: problem, fix) for a bad list."""
     fix_list = "pass --availability a Parquet file or folder with an item_id column of the date's available items"
-    dated = _DT.findall(uri.rstrip("/"))
-    if dated:
-        try:
-            day = dt.date.fromisoformat(dated[-1])
-        except ValueError as e:
-            raise DataError(f"availability list {uri} has an invalid date {dated[-1]!r}", fix_list) from e
-        if day > date:
-            raise DataError(f"availability list {uri} is dated {day}, after the job's date {date}",
-                            f"pass the list of {date} (or an earlier one), e.g. <lake>/availability/dt={date}/")
+    check_not_after(uri, date, "availability list", fix_list, f"<lake>/availability/dt={date}/")
     loc = lake.resolve(uri)
     if not loc.exists():
         raise DataError(f"no availability list at {loc.uri}", fix_list)
@@ -113,12 +119,27 @@ def popular_available(bundle: ModelBundle, mask: np.ndarray) -> tuple[np.ndarray
 
 
 def restrict(top: np.ndarray, scores: np.ndarray, k: int, mask: np.ndarray, pop: np.ndarray,
-             indptr: np.ndarray, cols: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+             indptr: np.ndarray, cols: np.ndarray, top_n: int,
+             blocked: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Scored rows [m, k'] (seen items at -inf) → [m, k] with unavailable items removed and short lists backfilled
     from `pop` (available columns, most popular first) minus the user's seen items; -inf pads what stays empty.
+    `blocked` (CSR parts over the same rows, pipeline.serving.exclusions): per-user columns removed the same way
+    and never backfilled.
 
     Returns (top, scores, backfilled users, short users: fewer than N items in the end)."""
-    s = np.where(mask[top], scores, -np.inf).astype(np.float32)
+    keep = mask[top]
+    if blocked is not None:
+        n_items = np.int64(len(mask))
+        b_rows = np.repeat(np.arange(len(top), dtype=np.int64), np.diff(blocked[0]))
+        b_keys = b_rows * n_items + blocked[1]
+        keep &= ~np.isin(np.arange(len(top), dtype=np.int64)[:, None] * n_items + top, b_keys)
+        seen_keys = np.repeat(np.arange(len(top), dtype=np.int64), np.diff(indptr)) * n_items + cols
+        union = np.union1d(seen_keys, b_keys)  # seen or blocked: neither may be backfilled
+        u_rows = union // n_items
+        indptr = np.zeros(len(top) + 1, np.int64)
+        np.cumsum(np.bincount(u_rows, minlength=len(top)), out=indptr[1:])
+        cols = union - u_rows * n_items
+    s = np.where(keep, scores, -np.inf).astype(np.float32)
     order = np.argsort(s == -np.inf, axis=1, kind="stable")[:, :k]  # valid entries first, in their order
     top, s = np.take_along_axis(top, order, 1), np.take_along_axis(s, order, 1)
     have = (s > -np.inf).sum(axis=1)
