@@ -36,17 +36,20 @@ from pipeline.job import Job
 from pipeline.training.aliases import aliases, move_aliases, repair
 from pipeline.training.diagnose import run_metrics
 from pipeline.training.gate_report import log_gate_run, report_markdown
-from pipeline.training.gates import GateCheck, GateConfig, GateResult, check, passed
+from pipeline.training.gates import CandidateRow, GateCheck, GateConfig, GateResult, ablation_of, check, passed
 from pipeline.training.ledger import Ledger, utc_now
 from pipeline.training.rescore import rescore, seen_in_top
 
-__all__ = ["GateJob", "GateResult"]
+__all__ = ["Assessment", "GateJob", "GateResult"]
 
 log = logging.getLogger(__name__)
 
 
 class GateJob(Job):
-    """Gate one registered version (see module doc). `gates`: the thresholds (load_gate_config reads a YAML file)."""
+    """Gate one registered version (see module doc). `gates`: the thresholds (load_gate_config reads a YAML file).
+    `hold` and `candidates` are set by CandidatesJob (pipeline.training.candidates) when a group is gated together:
+    `hold` keeps a passing version from promotion (the reason is recorded: a better candidate passed), `candidates`
+    are the group's rows for the report."""
 
     model_name: str
     version: str
@@ -54,37 +57,52 @@ class GateJob(Job):
     gates: GateConfig = GateConfig()
     ledger_uri: str | None = None
     tracking_uri: str | None = None
+    hold: str | None = None
+    candidates: tuple[CandidateRow, ...] = ()
 
     def run(self) -> GateResult:
         """Score, check, record and (enabled, passed) promote; raises DataError for a version it cannot gate."""
         with registry.tracking_errors(self.tracking_uri):
             return self._run()
 
-    def _run(self) -> GateResult:
+    def assess(self) -> Assessment:
+        """Steps 2 and 3 and the verdicts, with no effect (CandidatesJob compares a group with it before gating)."""
+        with registry.tracking_errors(self.tracking_uri):
+            return self._assess()
+
+    def _assess(self) -> Assessment:
         name, tracking, cfg = self.model_name, self.tracking_uri, self.gates
         version = registry.canonical_version(self.version)
-        ledger = Ledger(self.ledger_uri)
-        if self.mode == "enabled":
-            ledger.check()
-            repair(name, ledger, tracking)
         tags = _version_tags(name, version, tracking)
         snap, warning = _trained_snapshot(name, version, tags)
         read = aliases(name, tracking)  # the verdict is relative to these; the move refuses if they change
         scores = _score(name, version, read.get(CHAMPION), snap, cfg, tracking)
         baselines = _baselines(tags, cfg.metrics, cfg.top_n)
         latent = run_metrics(tags.get("run_id"), tracking) if cfg.latent_floors else None  # the latent gate (off by default)
+        ablation = ablation_of(tags.get("model", ""), _with_twin(tags, tracking), snap.test.n_users)
         verdicts = check(cfg, scores.candidate, scores.champion, baselines, scores.nan_rows, scores.seen,
-                         champion_note=scores.note, diagnostics=latent)
-        ok = passed(verdicts)
+                         champion_note=scores.note, diagnostics=latent, ablation=ablation)
         champ_v = scores.champion_version
         table = {f"candidate v{version}": scores.candidate} | \
             ({f"champion v{champ_v}": scores.champion} if scores.champion is not None else {}) | \
+            ({f"no-PIA twin {ablation.twin}": ablation.twin_metrics} if ablation.twin_metrics else {}) | \
             {f"baseline {k}": v for k, v in baselines.items()}
+        return Assessment(version, tags.get("model", ""), tags, read, scores, verdicts, passed(verdicts), table, warning)
+
+    def _run(self) -> GateResult:
+        name, tracking, cfg = self.model_name, self.tracking_uri, self.gates
+        ledger = Ledger(self.ledger_uri)
+        if self.mode == "enabled":
+            ledger.check()
+            repair(name, ledger, tracking)
+        a = self._assess()
+        version, read, scores, verdicts, ok, table = a.version, a.aliases, a.scores, a.verdicts, a.passed, a.table
+        champ_v = scores.champion_version
 
         promoted = False
         if self.mode == "enabled":
-            entry = _ledger_entry(name, version, ok, verdicts, champ_v, table)
-            if ok:
+            entry = _ledger_entry(name, version, ok, verdicts, champ_v, table, self.hold)
+            if ok and self.hold is None:
                 move_aliases(name, {PREVIOUS: champ_v if champ_v is not None else read.get(PREVIOUS), CHAMPION: version},
                              tracking, expect={CHAMPION: read.get(CHAMPION), PREVIOUS: read.get(PREVIOUS)},
                              record=lambda: ledger.append(entry))
@@ -93,11 +111,13 @@ class GateJob(Job):
                 ledger.append(entry)
         self._record(version, verdicts, ok, promoted, champ_v)
 
+        rows = [r.model_copy(update={"promoted": promoted}) if r.version == version else r for r in self.candidates]
         result = GateResult(model_name=name, version=version, passed=ok, promoted=promoted, champion=champ_v,
-                            verdicts=verdicts, metrics=table, warnings=[warning] if warning else [])
+                            verdicts=verdicts, metrics=table, warnings=[a.warning] if a.warning else [],
+                            candidates=rows, held=self.hold if ok else None)
         result = result.model_copy(update={"report": report_markdown(result, cfg, self.mode)})
-        if tags.get("run_id"):
-            up = log_gate_run(result, cfg, self.mode, tags["run_id"], scores.candidate, scores.champion, tracking)
+        if a.tags.get("run_id"):
+            up = log_gate_run(result, cfg, self.mode, a.tags["run_id"], scores.candidate, scores.champion, tracking)
             result = result.model_copy(update={"warnings": [*result.warnings, *up.warnings], "html_report": up.html_uri})
         return result
 
@@ -108,6 +128,8 @@ class GateJob(Job):
         failed = [r.gate for r in verdicts if r.status == "fail"]
         vtags = {"gate.verdict": "passed" if ok else "failed", "gate.mode": self.mode, "gate.time": utc_now(),
                  "gate.failed": ",".join(failed) or "-", "gate.champion_version": champ_v or "none"}
+        if ok and self.hold is not None:
+            vtags["gate.held"] = self.hold[:500]
         vtags |= {f"gate.{r.gate.replace('@', '_at_')}": r.status for r in verdicts}
         for k, tag in vtags.items():
             c.set_model_version_tag(name, version, k, tag)
@@ -116,13 +138,32 @@ class GateJob(Job):
 
 
 def _ledger_entry(name: str, version: str, ok: bool, verdicts: list[GateCheck], champ_v: str | None,
-                  table: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The gate's ledger line: `promotion` or `rejection`, with the metric table and the failed gates."""
+                  table: dict[str, dict[str, float]], hold: str | None = None) -> dict[str, Any]:
+    """The gate's ledger line: `promotion` or `rejection` (also for a passing version held back, with why), with
+    the metric table and the failed gates."""
     failed = [r.gate for r in verdicts if r.status == "fail"]
-    return {"event": "promotion" if ok else "rejection", "model": name, "version": version,
-            "champion_before": champ_v, "champion_after": version if ok else champ_v,
+    promote = ok and hold is None
+    reason = ("all gates passed" if promote else f"all gates passed; not promoted: {hold}" if ok else
+              "failed: " + ", ".join(failed))
+    return {"event": "promotion" if promote else "rejection", "model": name, "version": version,
+            "champion_before": champ_v, "champion_after": version if promote else champ_v,
             "metrics": {k: {m: round(x, 6) for m, x in v.items() if np.isfinite(x)} for k, v in table.items()},
-            "reason": "all gates passed" if ok else "failed: " + ", ".join(failed)}
+            "reason": reason}
+
+
+def _with_twin(tags: dict[str, str], tracking: str | None) -> dict[str, str]:
+    """The version's tags, with its twin's `compare.*.test.*` metrics read from the training run when the version
+    predates twin tags (a PIA model trained with a twin logged them to its run)."""
+    if not tags.get("model", "").endswith("-pia") or any(k.startswith("compare.") for k in tags) or not tags.get("run_id"):
+        return tags
+    try:
+        metrics = registry.client(tracking).get_run(tags["run_id"]).data.metrics
+    except Exception as e:  # the ablation is then skipped, with this reason
+        log.warning("gate: the training run %s could not be read for the twin's metrics (%s)", tags["run_id"],
+                    registry.secret_free(str(e)))
+        return tags
+    return tags | {k: str(v) for k, v in metrics.items()
+                   if k.startswith("compare.") and ".test." in k and ".test.group." not in k}
 
 
 @dataclass(frozen=True)
@@ -133,6 +174,21 @@ class _Scores:
     champion_version: str | None  # None: no champion, or the candidate is the champion
     champion: dict[str, float] | None
     note: str  # the champion gates' detail when they are skipped
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """A version's verdicts before anything is recorded (GateJob.assess): what CandidatesJob compares."""
+
+    version: str
+    model: str  # the family (`model` tag), e.g. multivae-pia, ease
+    tags: dict[str, str]
+    aliases: dict[str, str]
+    scores: _Scores
+    verdicts: list[GateCheck]
+    passed: bool
+    table: dict[str, dict[str, float]]
+    warning: str | None
 
 
 def _version_tags(name: str, version: str, tracking: str | None) -> dict[str, str]:

@@ -48,6 +48,8 @@ def report_html(result: GateResult, cfg: GateConfig, mode: str, facts: RunFacts 
     champ = f"version {result.champion}" if result.champion else "none (first model, or the candidate itself)"
     r.paragraph(f"Mode: {mode}. Champion at gate time: {champ}. Warnings: {len(result.warnings)}.")
     _gates(r, result, cfg, facts)
+    _ablation(r, result, cfg)
+    _candidates(r, result, cfg)
     _side_by_side(r, result, cfg, facts)
     _curves(r, facts)
     _latent(r, result, facts)
@@ -59,14 +61,18 @@ def verdict_text(result: GateResult, mode: str) -> tuple[str, bool]:
     """The banner: the decision and why, and whether it is good news."""
     failed = [v.gate for v in result.verdicts if v.status == "fail"]
     skipped = sum(v.status == "skipped" for v in result.verdicts)
+    warned = [v.gate for v in result.verdicts if v.status == "warn"]
     who = f"{result.model_name} version {result.version}"
-    why_ok = f"all {len(result.verdicts) - skipped} applicable gates passed" + (f", {skipped} skipped" if skipped else "")
+    why_ok = f"all {len(result.verdicts) - skipped - len(warned)} applicable gates passed" + \
+        (f", {skipped} skipped" if skipped else "") + (f", warning: {', '.join(warned)}" if warned else "")
     why_bad = "failed: " + ", ".join(failed)
     if mode == "dry-run":
         return (f"PASSED (dry-run): {who} would be promoted; nothing was moved ({why_ok})" if result.passed else
                 f"FAILED (dry-run): {who} would be rejected; nothing was moved ({why_bad})"), result.passed
     if result.promoted:
         return f"PROMOTED: {who} is now champion ({why_ok})", True
+    if result.passed and result.held:
+        return f"PASSED but not promoted: {who} ({why_ok}); {result.held}", True
     if result.passed:
         return f"PASSED but not promoted: {who} ({why_ok})", True
     return f"REJECTED: {who} stays challenger ({why_bad})", False
@@ -121,6 +127,16 @@ def gate_rows(result: GateResult, cfg: GateConfig, facts: RunFacts) -> list[list
             value, threshold, against = cand.get(cov), cfg.coverage_floor, f"{cov} floor"
         elif g.startswith("sanity."):
             value, threshold, against = _leading_number(v.detail), 0, "must be zero"
+        elif g == "ablation.pia":
+            value = cand.get(p)
+            twin = next(((k.removeprefix("no-PIA twin "), v) for k, v in result.metrics.items()
+                         if k.startswith("no-PIA twin ")), facts.twin)
+            if twin is not None and p in twin[1] and v.status != "skipped":
+                other = twin[1][p]
+                threshold = other * (1 - cfg.ablation_tolerance)
+                against = f"no-PIA twin {twin[0]} {p} (tolerance {cfg.ablation_tolerance:g})"
+            else:
+                against = "no-PIA twin"
         elif g.startswith("latent."):
             name = g.removeprefix("latent.")
             value, threshold, against = latent.get(name), cfg.latent_floors.get(name), "latent floor (collapse)"
@@ -128,8 +144,9 @@ def gate_rows(result: GateResult, cfg: GateConfig, facts: RunFacts) -> list[list
     return rows
 
 
-def _mark(v: GateCheck) -> bool | None:
-    return {"pass": True, "fail": False}.get(v.status)
+def _mark(v: GateCheck) -> bool | str | None:
+    marks: dict[str, bool | str] = {"pass": True, "fail": False, "warn": "warn"}
+    return marks.get(v.status)
 
 
 def _gates(r: HtmlReport, result: GateResult, cfg: GateConfig, facts: RunFacts) -> None:
@@ -138,6 +155,40 @@ def _gates(r: HtmlReport, result: GateResult, cfg: GateConfig, facts: RunFacts) 
             gate_rows(result, cfg, facts), marks=[_mark(v) for v in result.verdicts])
     r.paragraph(f"Metrics on the candidate's snapshot test users; the champion is re-scored on the same users. "
                 f"Primary metric: {cfg.primary}; coverage and sanity over top-{cfg.top_n} lists.", note=True)
+
+
+def _ablation(r: HtmlReport, result: GateResult, cfg: GateConfig) -> None:
+    r.heading("Ablation: PIA against its no-PIA twin")
+    v = next((v for v in result.verdicts if v.gate == "ablation.pia"), None)
+    if v is None:
+        r.paragraph("No ablation verdict (gated by an older gate).", note=True)
+        return
+    r.table(["gate", "status", "detail"], [[v.gate, v.status, v.detail]], marks=[_mark(v)])
+    r.paragraph(f"A PIA model must reach its no-PIA twin's {cfg.primary} within a relative tolerance of "
+                f"{cfg.ablation_tolerance:g}; " + ("a shortfall fails the gate (ablation_blocks: true)." if
+                                                   cfg.ablation_blocks else "a shortfall warns (ablation_blocks: false)."),
+                note=True)
+
+
+def candidate_table(result: GateResult, cfg: GateConfig) -> tuple[list[str], list[list[Any]], list[bool | None]]:
+    """Every candidate of the group side by side: header, rows (candidate, family, primary metric, each gate's status,
+    promoted) and the row marks (the promoted one ticked)."""
+    gates = list(dict.fromkeys(g for row in result.candidates for g in row.verdicts))
+    header = ["candidate", "family", cfg.primary, *gates, "passed", "promoted"]
+    rows = [[f"v{c.version}" + (" (this report)" if c.version == result.version else ""), c.model, c.primary,
+             *(c.verdicts.get(g, "-") for g in gates), "yes" if c.passed else "no",
+             "yes" if c.promoted else ("no: " + c.note if c.note else "no")] for c in result.candidates]
+    return header, rows, [True if c.promoted else None for c in result.candidates]
+
+
+def _candidates(r: HtmlReport, result: GateResult, cfg: GateConfig) -> None:
+    if not result.candidates:
+        return
+    r.heading("Candidates")
+    header, rows, marks = candidate_table(result, cfg)
+    r.table(header, rows, marks=marks)
+    r.paragraph(f"Trained on the same snapshot and gated on the same test users; the best {cfg.primary} among the "
+                "candidates that pass every gate is promoted, the others stay registered.", note=True)
 
 
 def metric_table(result: GateResult, cfg: GateConfig, facts: RunFacts) -> tuple[list[str], list[list[Any]]]:

@@ -34,7 +34,8 @@ def report_markdown(result: GateResult, cfg: GateConfig, mode: str) -> str:
     # only when it applies; as in gates.check, no popularity baseline means trained with `baselines: false`
     no_baselines = "baseline popularity" not in cols
     lines = [f"# Gate report: {o.model_name} version {o.version}", "",
-             f"- mode: {mode}; verdict: **{'passed' if o.passed else 'failed'}**; promoted: {o.promoted}",
+             f"- mode: {mode}; verdict: **{'passed' if o.passed else 'failed'}**; promoted: {o.promoted}"
+             + (f" ({o.held})" if o.held else ""),
              f"- champion at gate time: {o.champion or 'none (first model: champion gates skipped)'}",
              *(["- missing baselines (trained with baselines: false) "
                 + ("are skipped (allow_missing_baselines: true)" if cfg.allow_missing_baselines else
@@ -42,6 +43,12 @@ def report_markdown(result: GateResult, cfg: GateConfig, mode: str) -> str:
              *(f"- warning: {w}" for w in o.warnings), "",
              "| gate | status | detail |", "|---|---|---|"]
     lines += [f"| {r.gate} | {r.status} | {r.detail} |" for r in o.verdicts]
+    if o.candidates:
+        from pipeline.training.gate_html import candidate_table
+
+        header, rows, _ = candidate_table(o, cfg)
+        lines += ["", "## Candidates", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in row) + " |" for row in rows]
     lines += ["", "| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for m in metric_names:
         lines.append(f"| {m} | " + " | ".join(f"{o.metrics[c][m]:.4f}" if m in o.metrics[c] else "-" for c in cols) + " |")

@@ -17,6 +17,14 @@ Gates, each recorded as pass / fail / skipped with a one-line detail:
                        `allow_missing_baselines: true` turns them into `skipped`. The detail says which applied.
 - coverage             coverage@top_n >= coverage_floor
 - sanity.nan / sanity.seen   no non-finite score; no fold-in (already seen) item in any top-N list
+- ablation.pia         a PIA model's primary metric >= its no-PIA twin's * (1 - ablation_tolerance), both on the
+                       snapshot's test users (the twin was scored by training on the same users: its
+                       `compare.<twin>.test.*` version tags). WARNS BY DEFAULT (status `warn`, which does not
+                       block; `ablation_blocks: true` makes it `fail`): the twin is not registered, so blocking
+                       would keep last week's champion rather than ship the better twin, and the champion gates
+                       already stop a model worse than what serves. The detail says "PIA hurt this week" with
+                       the two numbers. Skipped for a model without PIA, or when no twin was trained
+                       (compare_base: false).
 - latent.<name>        OFF BY DEFAULT (empty `latent_floors`): a floor on the version's latent diagnostics, read
                        from its training run's `diag.*` metrics (pipeline.training.diagnose): `active_units`
                        (count), `active_share` (of the latent units) or `kl_mean` (nats per user), e.g.
@@ -36,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline.errors import DataError
 from pipeline.job import JobResult
 
-Status = Literal["pass", "fail", "skipped"]
+Status = Literal["pass", "fail", "skipped", "warn"]  # only `fail` blocks; `warn` is a failed check marked warn-only
 # What the gate measures (pipeline.training.rescore, model.evaluate's default cut-offs; training records the same
 # as baseline tags): a metric outside this list has no value to compare.
 KNOWN_METRICS = ("recall@20", "recall@50", "ndcg@100")
@@ -59,6 +67,12 @@ class GateConfig(BaseModel):
     top_n: int = Field(20, ge=1, description="N of the coverage and sanity checks")
     sanity_users: int = Field(5000, ge=1, description="test users whose top-N lists are checked for seen items")
     allow_missing_baselines: bool = Field(False, description="no baselines recorded (baselines: false): skip, not fail")
+    ablation_tolerance: float = Field(0.02, ge=0.0, lt=1.0,
+                                      description="relative: a PIA model's primary >= its no-PIA twin's * (1 - "
+                                                  "tolerance); 0.02 as champion_tolerance (the noise accepted "
+                                                  "for 'not worse')")
+    ablation_blocks: bool = Field(False, description="a PIA model worse than its twin fails the gate (true) or only "
+                                                     "warns (false, default: see the module doc)")
     latent_floors: dict[str, float] = Field(default_factory=dict,
                                             description="floors on the diagnostics (active_units, active_share, "
                                                         "kl_mean); empty: the latent gate is off")
@@ -153,6 +167,21 @@ class GateCheck(BaseModel):
     detail: str
 
 
+class CandidateRow(BaseModel):
+    """One candidate of a champion/challenger group (pipeline.training.candidates), as the gate report lists it:
+    its version, family, primary metric on the gate's users, each gate's status, and whether it was promoted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: str
+    model: str
+    primary: float
+    verdicts: dict[str, Status]
+    passed: bool
+    promoted: bool
+    note: str = ""
+
+
 class GateResult(JobResult):
     """What GateJob returns (and the gate's XCom): the verdicts, the metrics compared, the report.
 
@@ -171,6 +200,51 @@ class GateResult(JobResult):
     report: str = ""
     warnings: list[str] = Field(default_factory=list)
     html_report: str | None = None  # where gate_report.html was logged (None: not uploaded; see warnings)
+    candidates: list[CandidateRow] = Field(default_factory=list)  # the group gated together (empty: gated alone)
+    held: str | None = None  # why a passing version was not promoted (another candidate of its group was better)
+
+
+class Ablation(BaseModel):
+    """What the ablation gate compares: the candidate's family and its no-PIA twin's metrics on the gate's users
+    (None: not applicable or not trained, `note` says which)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    twin: str | None = None
+    twin_metrics: dict[str, float] | None = None
+    users: int = 0  # the test users both were scored on
+    note: str = ""
+
+
+def ablation_of(model: str, tags: dict[str, str], users: int) -> Ablation:
+    """The Ablation of a version from its tags (`model`, `compare.<twin>.test.<metric_key>`, as TrainJob writes them)."""
+    if not model.endswith("-pia"):
+        return Ablation(model=model, note=f"{model or 'the model'} has no PIA: no twin to compare")
+    twin = model.removesuffix("-pia")
+    prefix = f"compare.{twin}.test."
+    vals = {k.removeprefix(prefix).replace("_at_", "@"): float(v) for k, v in tags.items() if k.startswith(prefix)}
+    if not vals:
+        return Ablation(model=model, twin=twin, note=f"no no-PIA twin ({twin}) was trained with this version "
+                        "(compare_base: false, or registered before twins were tagged)")
+    return Ablation(model=model, twin=twin, twin_metrics=vals, users=users)
+
+
+def ablation_check(cfg: GateConfig, candidate: dict[str, float], ab: Ablation) -> GateCheck:
+    """The ablation gate (see the module doc)."""
+    p = cfg.primary
+    if ab.twin_metrics is None or p not in ab.twin_metrics:
+        return _verdict("ablation.pia", "skipped", ab.note or f"the twin has no {p}")
+    value, twin = candidate.get(p, float("nan")), ab.twin_metrics[p]
+    bound = twin * (1 - cfg.ablation_tolerance)
+    where = f"on the snapshot's {ab.users} test users (twin scored by training on the same users)"
+    if value == value and value >= bound:
+        return _verdict("ablation.pia", "pass", f"{value:.4f} >= {bound:.4f} ({ab.model} {p} vs no-PIA twin {ab.twin} "
+                        f"{twin:.4f}, tolerance {cfg.ablation_tolerance:g}, {where})")
+    return _verdict("ablation.pia", "fail" if cfg.ablation_blocks else "warn",
+                    f"PIA hurt this week: {ab.model} {p} {value:.4f} < no-PIA twin {ab.twin} {twin:.4f} * "
+                    f"(1 - {cfg.ablation_tolerance:g}) = {bound:.4f}, {where}"
+                    + ("" if cfg.ablation_blocks else "; warn-only (ablation_blocks: false)"))
 
 
 def _verdict(gate: str, status: Status, detail: str) -> GateCheck:
@@ -184,9 +258,11 @@ def _cmp(gate: str, value: float, bound: float, what: str) -> GateCheck:
 
 def check(cfg: GateConfig, candidate: dict[str, float], champion: dict[str, float] | None,
           baselines: dict[str, dict[str, float]], nan_rows: int, seen_hits: int,
-          champion_note: str = "no champion: skipped", diagnostics: dict[str, float] | None = None) -> list[GateCheck]:
+          champion_note: str = "no champion: skipped", diagnostics: dict[str, float] | None = None,
+          ablation: Ablation | None = None) -> list[GateCheck]:
     """All gates. `candidate`/`champion`/`baselines[name]` map metric names (e.g. 'ndcg@100') to values;
-    `diagnostics`: the version's latent diagnostics (`diag.*` without the prefix), read when latent floors are set."""
+    `diagnostics`: the version's latent diagnostics (`diag.*` without the prefix), read when latent floors are set;
+    `ablation`: the no-PIA twin's metrics (None: no ablation verdict at all)."""
     out = [_cmp(f"floor.{m}", candidate.get(m, float("nan")), v, "absolute floor") for m, v in cfg.floors.items()]
     for m in cfg.metrics:
         if champion is None:
@@ -213,6 +289,8 @@ def check(cfg: GateConfig, candidate: dict[str, float], champion: dict[str, floa
     out.append(_verdict("sanity.nan", "pass" if nan_rows == 0 else "fail", f"{nan_rows} users with non-finite scores"))
     out.append(_verdict("sanity.seen", "pass" if seen_hits == 0 else "fail",
                         f"{seen_hits} already-seen items in top-{cfg.top_n} lists"))
+    if ablation is not None:
+        out.append(ablation_check(cfg, candidate, ablation))
     return out + latent_checks(cfg, diagnostics or {})
 
 

@@ -163,3 +163,36 @@ def test_a_failed_html_upload_is_a_warning_and_no_uri(trained: dict[str, str], e
     o = gate(trained["good"], gates=easy_gates)
     assert o.passed and o.promoted and o.html_report is None
     assert any("HTML report on run" in w and "OSError: no space left" in w for w in o.warnings)
+
+
+def test_report_shows_the_ablation_and_every_candidate_side_by_side() -> None:
+    from pipeline.training.gate_report import report_markdown
+    from pipeline.training.gates import Ablation, CandidateRow
+
+    ab = Ablation(model="multivae-pia", twin="multivae", twin_metrics={"ndcg@100": 0.40}, users=60)
+    verdicts = check(CFG, CAND, CHAMP, BASE, 0, 0, diagnostics={"active_units": 6.0}, ablation=ab)
+    assert passed(verdicts)  # the ablation warns by default
+    rows_in = [CandidateRow(version="3", model="multivae-pia", primary=0.35, verdicts={v.gate: v.status for v in verdicts},
+                            passed=True, promoted=False, note="candidate v4 (recvae-pia) passed with a better ndcg@100"),
+               CandidateRow(version="4", model="recvae-pia", primary=0.37, verdicts={"floor.ndcg@100": "pass"},
+                            passed=True, promoted=True),
+               CandidateRow(version="5", model="ease", primary=0.41, verdicts={"floor.ndcg@100": "pass",
+                                                                               "latent.active_units": "fail"},
+                            passed=False, promoted=False, note="failed latent.active_units")]
+    table = {"candidate v3": CAND, "champion v2": CHAMP, "no-PIA twin multivae": {"ndcg@100": 0.40}}
+    res = GateResult(model_name=NAME, version="3", passed=True, promoted=False, champion="2", verdicts=verdicts,
+                     metrics=table, candidates=rows_in, held="candidate v4 (recvae-pia) passed with a better ndcg@100")
+    doc = report_html(res, CFG, "enabled", FACTS)
+    abl = section(doc, "Ablation: PIA against its no-PIA twin")
+    assert "PIA hurt this week" in unescape(abl) and "0.3500" in unescape(abl) and "0.4000" in unescape(abl)
+    got = rows(section(doc, "Candidates"))
+    assert got["candidate"][1][:3] == ["candidate", "family", "ndcg@100"] and got["candidate"][1][-2:] == ["passed", "promoted"]
+    assert got["v4"][0] == "pass" and got["v4"][1][1] == "recvae-pia" and got["v4"][1][-1] == "yes"
+    assert got["v3 (this report)"][1][-1].startswith("no: candidate v4") and "warn" in got["v3 (this report)"][1]
+    ease_row = got["v5"][1]
+    assert ease_row[1] == "ease" and ease_row[-2] == "no" and "fail" in ease_row
+    gates_table = rows(section(doc, "Gates"))
+    assert gates_table["ablation.pia"][0] == "warn" and gates_table["ablation.pia"][1][4] == "0.4000"  # its value: the twin's
+    assert banner(doc)[1].startswith("PASSED but not promoted") and "candidate v4" in banner(doc)[1]
+    md = report_markdown(res, CFG, "enabled")
+    assert "## Candidates" in md and "| v5 | ease | 0.4100 |" in md and "| ablation.pia | warn | PIA hurt" in md

@@ -66,3 +66,52 @@ def test_no_baselines_fail_closed_unless_allowed() -> None:
     # popularity but no EASE: training skipped EASE for the catalog size, not a missing-baselines config
     res = check(GateConfig(), CAND, None, {"popularity": BASE["popularity"]}, 0, 0)
     assert passed(res) and "max_ease_items" in next(r.detail for r in res if r.gate == "baseline.ease")
+
+
+# -- the ablation gate: a PIA model against its no-PIA twin -------------------------------------------------------
+
+TWIN_TAGS = {"model": "multivae-pia", "compare.multivae.test.ndcg_at_100": "0.36",
+             "compare.multivae.test.recall_at_20": "0.31", "test.ndcg_at_100": "0.35"}
+
+
+def test_ablation_reads_the_twin_from_version_tags() -> None:
+    from pipeline.training.gates import ablation_of
+
+    ab = ablation_of("multivae-pia", TWIN_TAGS, users=60)
+    assert ab.twin == "multivae" and ab.twin_metrics == {"ndcg@100": 0.36, "recall@20": 0.31} and ab.users == 60
+    assert ablation_of("ease", TWIN_TAGS, 60).twin_metrics is None  # no PIA: nothing to compare
+    assert "compare_base: false" in ablation_of("recvae-pia", TWIN_TAGS, 60).note  # PIA, but no recvae twin tagged
+
+
+@pytest.mark.parametrize(("twin_ndcg", "tol", "blocks", "want"), [
+    (0.35, 0.02, False, "pass"),     # equal
+    (0.357, 0.02, False, "pass"),    # 0.35 >= 0.357 * 0.98 = 0.34986
+    (0.36, 0.02, False, "warn"),     # 0.35 < 0.3528: PIA hurt, warn-only by default
+    (0.36, 0.02, True, "fail"),      # ... and blocking when configured
+    (0.36, 0.05, True, "pass"),      # within a wider tolerance
+])
+def test_ablation_pass_warn_fail(twin_ndcg: float, tol: float, blocks: bool, want: str) -> None:
+    from pipeline.training.gates import Ablation
+
+    ab = Ablation(model="multivae-pia", twin="multivae", twin_metrics={"ndcg@100": twin_ndcg}, users=60)
+    cfg = GateConfig(ablation_tolerance=tol, ablation_blocks=blocks)
+    res = check(cfg, CAND, None, BASE, 0, 0, ablation=ab)
+    v = next(r for r in res if r.gate == "ablation.pia")
+    assert v.status == want and passed(res) == (want != "fail")
+    assert "60 test users" in v.detail
+    if want != "pass":  # the detail names both numbers and says PIA hurt
+        assert v.detail.startswith("PIA hurt this week") and "0.3500" in v.detail and f"{twin_ndcg:.4f}" in v.detail
+
+
+def test_ablation_can_fail_alone_and_is_skipped_without_a_twin() -> None:
+    from pipeline.training.gates import Ablation
+
+    bad = Ablation(model="multivae-pia", twin="multivae", twin_metrics={"ndcg@100": 0.5}, users=60)
+    res = check(GateConfig(ablation_blocks=True), CAND, None, BASE, 0, 0, ablation=bad)
+    assert [r.gate for r in res if r.status == "fail"] == ["ablation.pia"]
+    none = Ablation(model="multivae-pia", twin="multivae", note="no no-PIA twin (multivae) was trained")
+    res = check(GateConfig(ablation_blocks=True), CAND, None, BASE, 0, 0, ablation=none)
+    assert status(res, "ablation.pia") == "skipped" and passed(res)
+    assert "ablation.pia" not in {r.gate for r in check(GateConfig(), CAND, None, BASE, 0, 0)}  # not asked: no verdict
+    with pytest.raises(ValueError):
+        GateConfig(ablation_tolerance=-0.1)
