@@ -27,11 +27,13 @@ from pipeline.io.redact import redact_uri
 from pipeline.io.spark import SparkConfig
 from pipeline.job import Job, JobResult
 from pipeline.serving import checks, layout, monitoring
+from pipeline.serving.cold_items import prepare_cold_items
 from pipeline.serving.local_engine import run_local
 from pipeline.serving.model_loading import load_model, resolve_device
 from pipeline.serving.options import DEFAULT_MODEL, InferOptions
 from pipeline.serving.scoring import precision_in_effect
 from pipeline.serving.spark_engine import run_spark
+from pipeline.serving.vocab import vocabulary
 
 if TYPE_CHECKING:
     from pipeline.io.bundle import ModelBundle
@@ -58,6 +60,11 @@ class InferResult(JobResult):
     # from popular available ones, and users left with fewer than N items (too few available unseen items)
     availability_backfilled_users: int = 0
     availability_short_users: int = 0
+    # new items of the day's items file scored by the model's cold head (pipeline.serving.cold_items; the
+    # manifest's cold_items_reason says why none were): scored, distinct ones shown, users with one
+    cold_items_scored: int = 0
+    cold_items_shown: int = 0
+    cold_users: int = 0
     seconds: float
 
     def manifest(self) -> dict[str, Any]:
@@ -112,11 +119,14 @@ def publish_recommendations(job: InferJob, bundle: ModelBundle, model_version: s
 
 def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str, t0: float) -> InferResult:
     _ = job.first_day
+    # the day's new items, before anything is staged: a bad items file fails here (nothing published)
+    cold, cold_info = prepare_cold_items(job, job.out, bundle, vocabulary(bundle))
     writer = PartitionWriter(layout.partition(job.out, job.date))
     if job.engine == "spark":
-        stats = run_spark(job, bundle, model_version, writer, spark_config=job.spark)
+        stats = run_spark(job, bundle, model_version, writer, spark_config=job.spark, cold=cold)
     else:
-        stats = run_local(job, bundle, model_version, writer)
+        stats = run_local(job, bundle, model_version, writer, cold=cold)
+    stats = cold_info | {"cold_items_shown": 0, "cold_users": 0} | stats
     try:  # before the commit: a refused run leaves the date's previous partition published
         checks.check_shares(job, stats["events"], stats["unknown_item_events"], stats["active_users"],
                             stats["fallback_users"])
@@ -148,7 +158,9 @@ def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str
                        fallback_users=m["fallback_users"], events=m["events"], unknown_item_events=m["unknown_item_events"],
                        files=len(m["files"]), precision=precision, seconds=m["seconds"],
                        availability_backfilled_users=m.get("availability_backfilled_users", 0),
-                       availability_short_users=m.get("availability_short_users", 0))
+                       availability_short_users=m.get("availability_short_users", 0),
+                       cold_items_scored=m.get("cold_items_scored", 0), cold_items_shown=m.get("cold_items_shown", 0),
+                       cold_users=m.get("cold_users", 0))
 
 
 def _apply_retention(job: InferJob) -> None:

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from pipeline.io.publish import PartitionWriter, hook
 from pipeline.serving import checks
 from pipeline.serving.availability import load_availability
+from pipeline.serving.cold_items import ColdItems, cold_stats, extend_mask, extend_vocab
 from pipeline.serving.events import open_events
 from pipeline.serving.histories import shard_histories
 from pipeline.serving.options import InferOptions
@@ -82,15 +83,18 @@ class Progress:
         self.bar.close()
 
 
-def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, writer: PartitionWriter) -> dict[str, Any]:
+def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, writer: PartitionWriter,
+              cold: ColdItems | None = None) -> dict[str, Any]:
     """Score and write every active user's part through `writer` (not committed); returns the manifest's stats.
 
     Spill, then a pipeline over shards: while shard s is scored here, worker threads build the histories of
     the next P shards and turn up to P scored shards into tables, check and write them. P = opts.parallel_shards
     (1 on small machines: three shards in memory at most, whatever the number of users). On any error the
-    run's folder is removed (`writer.abort()`) and nothing is written after it."""
+    run's folder is removed (`writer.abort()`) and nothing is written after it. `cold`: the day's new items
+    (pipeline.serving.cold_items), merged into the lists; the published vocabulary is the model's plus them."""
     dataset = open_events(opts.events)
     vocab = vocabulary(bundle)
+    out_vocab = extend_vocab(vocab, cold)  # what the published lists may name
     bs = batch_size_for(bundle.n_items, opts.top_n, opts.memory_budget_mb, max_batch=opts.max_batch)
     depth = opts.parallel_shards or default_parallel_shards()
     stats: dict[str, Any] = {"batch_size": bs, "parallel_shards": depth}
@@ -108,9 +112,9 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     def publish(s: int, users: pa.Array, indptr: np.ndarray, cols: np.ndarray, top: np.ndarray, scores: np.ndarray,
                 fb: np.ndarray) -> None:
         with clock("table"):
-            table = checks.finalize_part(to_table(users, top, scores, fb, vocab, model_version))
+            table = checks.finalize_part(to_table(users, top, scores, fb, out_vocab, model_version))
         with clock("check"):
-            checks.check_part(table, users, indptr, cols, vocab, opts.top_n, model_version, mask)
+            checks.check_part(table, users, indptr, cols, out_vocab, opts.top_n, model_version, extend_mask(mask, cold))
         with clock("write"):
             writer.write_part(table, part=s, shard=s, **checks.user_range(users))
         nonlocal fallback_users
@@ -154,7 +158,7 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
                             choice = guard_bf16(choice, bundle, hist, opts.top_n, bs)
                     with clock("score"):
                         top, scores, fb = score_histories(bundle, indptr, cols, opts.top_n, bs, bar, choice.chosen,
-                                                          mask, avail_counts)
+                                                          mask, avail_counts, cold)
                     with clock("wait_publish"):
                         while len(parts) >= depth:
                             parts.popleft().result()  # at most `depth` parts in flight; an error surfaces here
@@ -174,6 +178,8 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         raise
     finally:
         scratch.close()
+    if cold is not None:
+        avail_counts |= cold_stats(cold, avail_counts.pop("cold_users", 0))
     return stats | avail_counts | {"precision": choice.chosen, "precision_reason": choice.reason,
                     "active_users": writer.rows, "fallback_users": fallback_users,
                     "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}

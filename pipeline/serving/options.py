@@ -46,6 +46,12 @@ class InferOptions(BaseModel):
     availability: str | None = Field(None, description=(
         "Parquet file or folder (local or s3://, e.g. <lake>/availability/dt=DATE/) with an item_id column listing "
         "the items that may be recommended on the date (pipeline.serving.availability); None: every item"))
+    items: str | None = Field(None, description=(
+        "the day's items file or folder (Parquet or CSV, local or s3://; the items contract, pipeline.io.items): "
+        "its items the model does not know are scored from their metadata by the bundle's cold head "
+        "(pipeline.serving.cold_items). None: <out>/items/dt=DATE when present. Missing: a warning, warm items only"))
+    cold_slots: int = Field(2, ge=0, le=100, description=(
+        "at most this many new (cold) items per list, each only for a user with a positive cold score; 0: off"))
     # The model's vocabulary is its training items and every training user had one, so its own baseline of both
     # shares is 0: these are absolute ceilings (pipeline.serving.checks.check_shares).
     max_unknown_item_share: float = Field(0.5, ge=0.0, le=1.0, description=(

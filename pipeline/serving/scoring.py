@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.serving.availability import candidates, popular_available, restrict
+from pipeline.serving.cold_items import ColdItems, merge_cold
 from pipeline.serving.precision import decoder_parts, recommend_bf16
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ def precision_in_effect(precision: str, device: str) -> str:
 def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, top_n: int, batch_size: int,
                     on_batch: Callable[[int], None] | None = None,
                     precision: str = "fp32", available: np.ndarray | None = None,
-                    counts: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    counts: dict[str, int] | None = None,
+                    cold: ColdItems | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-N columns and scores for users given as CSR rows over the model's columns, seen items removed.
 
     Returns ([U, k] int64 columns, [U, k] float32 scores, [U] bool fallback). Users with no known item get
@@ -73,14 +75,19 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
     `available` ([n_items] bool, pipeline.serving.availability): only those columns are recommended, the model's
     first, then popular available unseen ones where fewer than N remain (-inf pads what stays empty); the
     numbers of backfilled and short users are added to `counts`. None: every column (unchanged output).
+
+    `cold` (pipeline.serving.cold_items): the day's new items, columns n_items + j, merged into the lists after
+    the availability restriction (they are all available) by that module's rule; `counts["cold_users"]` gets the
+    users with a new item. Lists are then min(top_n, n_items + new items) wide (-inf padded).
     """
     import scipy.sparse as sp
     import torch
 
     n, n_items = len(indptr) - 1, bundle.n_items
     k = min(top_n, n_items)
-    top = np.empty((n, k), np.int64)
-    scores = np.empty((n, k), np.float32)
+    kw = k if cold is None else min(top_n, n_items + cold.n)  # list width with the new items
+    top = np.zeros((n, kw), np.int64)
+    scores = np.full((n, kw), -np.inf, np.float32)
     fallback = np.diff(indptr) == 0
     if available is None:
         fb_items, fb_scores = bundle.fallback(k)
@@ -89,7 +96,10 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
         fb_items = np.zeros(k, np.int64)
         fb_scores = np.full(k, -np.inf, np.float32)
         fb_items[:len(pop[:k])], fb_scores[:len(pop[:k])] = pop[:k], pop_scores[:k]
-    top[fallback], scores[fallback] = fb_items, fb_scores
+    top[fallback, :k], scores[fallback, :k] = fb_items, fb_scores
+    cold_users = 0
+    if cold is not None and fallback.any() and (scores[fallback] == -np.inf).any():  # short lists only
+        top[fallback], scores[fallback], cold_users = merge_cold(top[fallback], scores[fallback], None, cold, n_items)
     if on_batch is not None and fallback.any():
         on_batch(int(fallback.sum()))
     known = np.flatnonzero(~fallback)
@@ -111,7 +121,15 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
             if counts is not None:
                 counts["availability_backfilled_users"] = counts.get("availability_backfilled_users", 0) + backfilled
                 counts["availability_short_users"] = counts.get("availability_short_users", 0) + short
+        if cold is not None:
+            pad = kw - t.shape[1]
+            t = np.pad(t, ((0, 0), (0, pad)))
+            s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+            t, s, with_cold = merge_cold(t, s, sp.csr_matrix(sub, dtype=np.float32), cold, n_items)
+            cold_users += with_cold
         top[known], scores[known] = t, s
+    if cold is not None and counts is not None:
+        counts["cold_users"] = counts.get("cold_users", 0) + cold_users
     if available is not None and counts is not None:
         counts.setdefault("availability_backfilled_users", 0)
         short_fb = int(fallback.sum()) if (fb_scores == -np.inf).any() else 0  # fewer available items than N

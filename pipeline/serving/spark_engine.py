@@ -38,6 +38,7 @@ from pipeline.io.publish import PartitionWriter, hook, write_part_file
 from pipeline.io.spark import SparkConfig, apply_env, executor_env, spark_session
 from pipeline.serving import checks
 from pipeline.serving.availability import load_availability
+from pipeline.serving.cold_items import ColdItems, cold_stats, extend_mask, extend_vocab
 from pipeline.serving.events import bad_user_id, open_events
 from pipeline.serving.options import InferOptions
 from pipeline.serving.scoring import score_histories, to_table
@@ -152,14 +153,16 @@ def histories(spark: SparkSession, opts: InferOptions, vocab: pa.Array) -> tuple
 
 
 _WRITTEN = ("error string, path string, rows long, bytes long, sha256 string, fallback long, index string, "
-            "backfilled long, short long")
+            "backfilled long, short long, cold_users long, cold_shown string")
 
 
 def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, writer: PartitionWriter,
-              spark_config: SparkConfig | None = None) -> dict[str, Any]:
+              spark_config: SparkConfig | None = None, cold: ColdItems | None = None) -> dict[str, Any]:
     """Score every active user on Spark; the executors write the checked parts into `writer`'s run folder (not
     committed); returns the manifest's stats. Parts cover disjoint user ranges, sorted within. On any error the
-    run's folder is removed (`writer.abort()`)."""
+    run's folder is removed (`writer.abort()`). `cold` (pipeline.serving.cold_items): the day's new items, shipped
+    in the closure ([n_items, new] float32) and merged by each task as the local engine does; each task returns
+    the new items it showed and the driver counts the distinct ones."""
     from pyspark import TaskContext
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -169,6 +172,7 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     bs = batch_size_for(bundle.n_items, opts.top_n, opts.memory_budget_mb, max_batch=opts.max_batch)
     availability = None if opts.availability is None else load_availability(opts.availability, opts.date, vocab)
     mask = None if availability is None else availability.mask  # shipped in the closure: n_items bytes
+    out_mask = extend_mask(mask, cold)
     joined, hist = histories(spark, opts, vocab)
     user = F.col("user_id")
     # the id rule of pipeline.io.ids, as the local engine applies it (events.check_user_ids); Java regex, code points
@@ -198,14 +202,15 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         flat = cols.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
         offs = cols.offsets.to_numpy()
         indptr = (offs - offs[0]).astype(np.int64)
-        top, sc, fb = score_histories(b, indptr, flat, top_n, bs, precision=precision, available=mask, counts=counts)
+        top, sc, fb = score_histories(b, indptr, flat, top_n, bs, precision=precision, available=mask, counts=counts,
+                                      cold=cold)
         return to_table(rb.column(0), top, sc, fb, voc, model_version), indptr, flat
 
     def score_and_write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         """One task: its users' lists, checked, as one part file in the run folder; yields the part's entry."""
         apply_env(env)
         b = worker_bundle(shipped.value, digest)
-        voc = vocabulary(b)
+        voc = extend_vocab(vocabulary(b), cold)
         tables, indptrs, flats = [], [], []
         counts: dict[str, int] = {}
         for rb in batches:
@@ -224,9 +229,11 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         t = checks.finalize_part(t)
         row: dict[str, Any] = {"error": None, "path": None, "rows": 0, "bytes": 0, "sha256": None, "fallback": 0,
                                "index": None, "backfilled": counts.get("availability_backfilled_users", 0),
-                               "short": counts.get("availability_short_users", 0)}
+                               "short": counts.get("availability_short_users", 0),
+                               "cold_users": counts.get("cold_users", 0),
+                               "cold_shown": json.dumps([] if cold is None else np.flatnonzero(cold.shown).tolist())}
         try:
-            checks.check_part(t, users, indptr, cols, voc, top_n, model_version, mask)
+            checks.check_part(t, users, indptr, cols, voc, top_n, model_version, out_mask)
         except DataError as e:  # the driver raises it (no retries of a deterministic failure)
             row["error"] = json.dumps([type(e).__name__, e.problem, e.fix])
             yield pa.RecordBatch.from_pylist([row], schema=_written_schema())
@@ -244,7 +251,8 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         written = (hist.repartitionByRange(n_parts, "user_id").sortWithinPartitions("user_id")
                    .mapInArrow(score_and_write, _WRITTEN).toArrow())
         hook("spilled")
-        rows = fallback = backfilled = short = 0
+        rows = fallback = backfilled = short = cold_users = 0
+        shown: set[int] = set()
         for r in sorted(written.to_pylist(), key=lambda r: r["path"] or ""):
             if r["error"] is not None:
                 kind, problem, fix = json.loads(r["error"])
@@ -257,6 +265,8 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
             fallback += r["fallback"]
             backfilled += r["backfilled"]
             short += r["short"]
+            cold_users += r["cold_users"] or 0
+            shown.update(json.loads(r["cold_shown"] or "[]"))
         if rows != counts["users"]:
             raise checks.OutputCheckError(f"{rows} rows for {counts['users']} active users (one row per active user)")
     except BaseException:
@@ -269,10 +279,14 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
              "fallback_users": fallback}
     if availability is not None:
         stats |= availability.stats() | {"availability_backfilled_users": backfilled, "availability_short_users": short}
+    if cold is not None:
+        cold.shown[sorted(shown)] = True
+        stats |= cold_stats(cold, cold_users)
     return stats
 
 
 def _written_schema() -> pa.Schema:
     return pa.schema([("error", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()),
                       ("sha256", pa.string()), ("fallback", pa.int64()), ("index", pa.string()),
-                      ("backfilled", pa.int64()), ("short", pa.int64())])
+                      ("backfilled", pa.int64()), ("short", pa.int64()), ("cold_users", pa.int64()),
+                      ("cold_shown", pa.string())])

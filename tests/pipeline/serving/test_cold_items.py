@@ -1,0 +1,252 @@
+"""New titles at serving (pipeline.serving.cold_items, issue 29): a bundle with a cold head (model.cold_head, saved
+by pipeline.io.cold_head) scores the day's new items from their metadata; they reach the lists of the users who
+clicked similar items (EASE + MARec head: by score; autoencoder + metadata head: the last slots), never when
+unavailable; a missing items file is a warning and warm-only output; a bad one a DataError with nothing published;
+a bundle without a head serves as before."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+from infer_support import N_ITEMS, events_table, item_ids, run_infer, tiny_bundle, write_events
+
+from model.cold_head import ColdHeadConfig, build_cold_head, default_blocks
+from model.ease import EASEConfig
+from model.recommenders import make_recommender
+from pipeline.data.item_features import default_blocks as data_default_blocks
+from pipeline.errors import DataError
+from pipeline.io.bundle import ModelBundle
+from pipeline.io.items import items_uri
+from pipeline.serving.job import InferJob, publish_recommendations
+from pipeline.serving.recs import read_recommendations
+
+DAY = dt.date(2024, 5, 3)
+TOP_N = 8
+GENRES = ("drama", "comedy", "action", "horror")
+NEW, NEW_OTHER = 5000, 5001  # a new "drama" title, and a new title with a genre nobody has
+
+
+def genre(c: int) -> str:
+    return GENRES[c % len(GENRES)]
+
+
+def warm_metadata() -> dict[str, list]:
+    return {"tags": [[genre(c), "film"] for c in range(N_ITEMS)]}
+
+
+def train_matrix() -> sp.csr_matrix:
+    rng = np.random.default_rng(0)
+    return sp.csr_matrix((rng.random((150, N_ITEMS)) < 0.2).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def ease_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    """EASE + MARec cold head, saved and loaded back (what serving gets from the registry)."""
+    x = train_matrix()
+    rec = make_recommender("ease", ease=EASEConfig(l2=5.0)).fit(x)
+    head = build_cold_head(rec, x, warm_metadata(), ColdHeadConfig(delta=1.0, ab=50.0, mu=(1.0,)))
+    b = ModelBundle(rec, item_ids(), np.asarray(x.sum(0)).ravel().astype(np.float32), "ease", {}, "snap", head)
+    return ModelBundle.load(b.save(tmp_path_factory.mktemp("bundle") / "b"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def vae_bundle() -> ModelBundle:
+    b = tiny_bundle()
+    b.cold_head = build_cold_head(b.recommender, train_matrix(), warm_metadata(), ColdHeadConfig(delta=1.0))
+    return b
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, str]:
+    table = events_table(n_users=60)
+    return table, write_events(table, str(tmp_path_factory.mktemp("events")))
+
+
+def write_items(out: Path, rows: list[tuple[int, list[str] | None]], day: dt.date = DAY) -> str:
+    """The day's items under the lake as `recsys ingest --format items` puts them (<out>/items/dt=D/items.parquet)."""
+    folder = Path(items_uri(str(out), day))
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"item_id": pa.array([r[0] for r in rows], pa.int64()),
+                             "title": pa.array([f"t{r[0]}" for r in rows]),
+                             "tags": pa.array([r[1] for r in rows], pa.list_(pa.string()))}), folder / "items.parquet")
+    return str(folder)
+
+
+def todays_items() -> list[tuple[int, list[str] | None]]:
+    warm = [(1000 + c, [genre(c), "film"]) for c in range(N_ITEMS)]
+    return [*warm, (NEW, ["drama", "film"]), (NEW_OTHER, ["musical"])]
+
+
+def job(events_uri: str, out: Path, **kw: object) -> InferJob:
+    base: dict[str, object] = {"date": DAY, "events": events_uri, "out": str(out), "device": "cpu", "progress": False,
+                               "shard_events": 100, "top_n": TOP_N, "precision": "fp32"}
+    return InferJob(**(base | kw))
+
+
+def histories(table: pa.Table) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for u, it in zip(table["user_id"].to_pylist(), table["item_id"].to_pylist(), strict=True):
+        out.setdefault(u, [])
+        if 1000 <= it < 1000 + N_ITEMS and it - 1000 not in out[u]:
+            out[u].append(it - 1000)
+    return out
+
+
+def published(out: Path) -> dict[int, dict]:
+    return {r["user_id"]: r for r in read_recommendations(str(out), DAY).to_pylist()}
+
+
+def test_default_blocks_agree_with_the_data_layer() -> None:
+    for cols in (["tags"], ["tags", "genres", "year", "plot", "members"], ["type", "description", "actors"]):
+        assert default_blocks(cols) == data_default_blocks(cols)
+
+
+def test_a_new_title_reaches_similar_users_by_marec_score(tmp_path: Path, ease_bundle: ModelBundle, events) -> None:
+    table, uri = events
+    write_items(tmp_path, todays_items())
+    m = run_infer(job(uri, tmp_path, cold_slots=2), ease_bundle, "1")
+    assert (m["cold_items_new"], m["cold_items_scored"], m["cold_head"], m["cold_items_reason"]) == (2, 2, "marec", None)
+    out = published(tmp_path)
+    head = ease_bundle.cold_head
+    assert head is not None
+    c = head.cold_columns(head.encode({"tags": [["drama", "film"]]}, 1), ease_bundle.recommender.weights)[:, 0]  # type: ignore[attr-defined]
+    expect = set()
+    for u, cols in histories(table).items():
+        if not cols:
+            continue
+        x = sp.csr_matrix((np.ones(len(cols), np.float32), (np.zeros(len(cols), int), cols)), shape=(1, N_ITEMS))
+        _, warm = ease_bundle.recommend(x, TOP_N)
+        cold = float((x @ c)[0])
+        if cold > 0 and cold > warm[0, -1]:  # MARec ranks it inside the top N
+            expect.add(u)
+            row = out[u]
+            pos = row["item_ids"].index(NEW)
+            assert row["scores"][pos] == pytest.approx(cold, rel=1e-4)
+    got = {u for u, r in out.items() if NEW in r["item_ids"]}
+    assert got == expect and len(got) >= 5  # exactly the users MARec's own ranking puts it in front of
+    assert all(NEW_OTHER not in r["item_ids"] for r in out.values())  # no similar click: never shown
+    assert m["cold_items_shown"] == 1 and m["cold_users"] == len(got)
+    r = publish_recommendations(job(uri, tmp_path, cold_slots=2), ease_bundle, "1")
+    assert (r.cold_items_scored, r.cold_items_shown, r.cold_users) == (2, 1, len(got))
+
+
+def test_autoencoder_gets_new_titles_in_the_last_slots(tmp_path: Path, vae_bundle: ModelBundle, events) -> None:
+    table, uri = events
+    write_items(tmp_path, todays_items())
+    m = run_infer(job(uri, tmp_path, cold_slots=1), vae_bundle, "1")
+    assert m["cold_head"] == "eq5"
+    out = published(tmp_path)
+    drama_clickers = {u for u, cols in histories(table).items() if any(genre(c) == "drama" for c in cols)}
+    for u, row in out.items():
+        if u in drama_clickers:  # a positive metadata score: the last slot, below the model's items
+            assert row["item_ids"][-1] == NEW and NEW not in row["item_ids"][:-1]
+            assert row["scores"][-1] < row["scores"][-2]
+        else:
+            assert NEW not in row["item_ids"]
+    assert m["cold_users"] == len(drama_clickers) > 0 and m["cold_items_shown"] == 1
+    # the model's own items keep their order: the list without its last slot is the warm list's head
+    warm = tmp_path / "warm"
+    run_infer(job(uri, warm, cold_slots=0), vae_bundle, "1")
+    w = published(warm)
+    for u in drama_clickers:
+        assert out[u]["item_ids"][:-1] == w[u]["item_ids"][:TOP_N - 1]
+
+
+def test_an_unavailable_new_title_is_never_shown(tmp_path: Path, ease_bundle: ModelBundle, events) -> None:
+    _, uri = events
+    write_items(tmp_path, todays_items())
+    listed = tmp_path / "avail.parquet"
+    pq.write_table(pa.table({"item_id": pa.array([*range(1000, 1000 + N_ITEMS), NEW_OTHER], pa.int64())}), listed)
+    m = run_infer(job(uri, tmp_path, availability=str(listed)), ease_bundle, "1")
+    assert (m["cold_items_new"], m["cold_items_unavailable"], m["cold_items_scored"], m["cold_items_shown"]) == (2, 1, 1, 0)
+    assert all(NEW not in r["item_ids"] for r in published(tmp_path).values())
+
+
+def test_a_missing_items_file_warns_and_serves_warm_items(tmp_path: Path, ease_bundle: ModelBundle, events,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    _, uri = events
+    with caplog.at_level(logging.WARNING, logger="pipeline.serving.cold_items"):
+        m = run_infer(job(uri, tmp_path / "a"), ease_bundle, "1")
+    assert any("no items file" in r.getMessage() for r in caplog.records)
+    assert (m["cold_items_scored"], m["cold_items_shown"], m["cold_users"]) == (0, 0, 0)
+    assert "no items file at" in m["cold_items_reason"]
+    run_infer(job(uri, tmp_path / "b", cold_slots=0), ease_bundle, "1")
+    assert published(tmp_path / "a") == published(tmp_path / "b")
+
+
+@pytest.mark.parametrize("case", ["duplicate", "no_metadata", "not_utf8"])
+def test_a_bad_items_file_publishes_nothing(tmp_path: Path, ease_bundle: ModelBundle, events, case: str) -> None:
+    _, uri = events
+    first = publish_recommendations(job(uri, tmp_path), ease_bundle, "1")  # no items yet: warm lists
+    before = read_recommendations(str(tmp_path), DAY)
+    folder = Path(items_uri(str(tmp_path), DAY))
+    folder.mkdir(parents=True)
+    if case == "duplicate":
+        write_items(tmp_path, [*todays_items(), (NEW, ["drama"])])
+    elif case == "no_metadata":
+        write_items(tmp_path, [(NEW, None), (NEW_OTHER, [])])
+    else:
+        pq.write_table(pa.table({"item_id": pa.array([NEW], pa.int64()), "tags": pa.array([["drama"]]),
+                                 "title": pa.array([b"caf\xe9"], pa.binary())}), folder / "items.parquet")
+    with pytest.raises(DataError) as e:
+        publish_recommendations(job(uri, tmp_path), ease_bundle, "2")
+    assert {"duplicate": "appears 2 times", "no_metadata": "no item has tags", "not_utf8": "not valid UTF-8"}[case] \
+        in e.value.problem and "\n" not in str(e.value)
+    assert read_recommendations(str(tmp_path), DAY).equals(before)
+    shutil.rmtree(folder)
+    assert publish_recommendations(job(uri, tmp_path), ease_bundle, "1").version == first.version + 1  # nothing between
+
+
+def test_a_bundle_without_a_cold_head_serves_as_before(tmp_path: Path, ease_bundle: ModelBundle, events) -> None:
+    _, uri = events
+    plain = ModelBundle(ease_bundle.recommender, ease_bundle.item_ids, ease_bundle.popularity, "ease", {}, "snap")
+    loaded = ModelBundle.load(plain.save(tmp_path / "plain"), "cpu")
+    assert loaded.cold_head is None
+    write_items(tmp_path / "a", todays_items())
+    m = run_infer(job(uri, tmp_path / "a"), loaded, "1")
+    assert m["cold_items_reason"] == "model has no cold head" and m["cold_items_scored"] == 0
+    run_infer(job(uri, tmp_path / "b"), loaded, "1")  # no items file at all
+    assert published(tmp_path / "a") == published(tmp_path / "b")
+
+
+def test_only_known_items_in_the_file_is_a_no_op(tmp_path: Path, ease_bundle: ModelBundle, events) -> None:
+    _, uri = events
+    write_items(tmp_path, todays_items()[:N_ITEMS])
+    m = run_infer(job(uri, tmp_path), ease_bundle, "1")
+    assert m["cold_items_new"] == 0 and m["cold_items_reason"].startswith("no new items")
+
+
+def test_the_cold_head_round_trips_and_is_checksummed(tmp_path: Path, ease_bundle: ModelBundle) -> None:
+    d = ease_bundle.save(tmp_path / "b")
+    again = ModelBundle.load(d)
+    a, b = ease_bundle.cold_head, again.cold_head
+    assert a is not None and b is not None
+    tags = {"tags": [["drama"], ["comedy", "film"]]}
+    w = ease_bundle.recommender.weights  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(a.cold_columns(a.encode(tags, 2), w), b.cold_columns(b.encode(tags, 2), w))
+    data = bytearray((d / "cold_head.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "cold_head.pt").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="checksum"):
+        ModelBundle.load(d)
+
+
+@pytest.mark.slow
+def test_spark_engine_merges_like_the_local_engine(tmp_path: Path, ease_bundle: ModelBundle, events, spark) -> None:
+    _, uri = events
+    for sub in ("local", "spark"):
+        write_items(tmp_path / sub, todays_items())
+    a = run_infer(job(uri, tmp_path / "local"), ease_bundle, "1")
+    b = run_infer(job(uri, tmp_path / "spark", engine="spark"), ease_bundle, "1")
+    for key in ("cold_items_scored", "cold_items_shown", "cold_users"):
+        assert a[key] == b[key], key
+    la, lb = published(tmp_path / "local"), published(tmp_path / "spark")
+    assert {u: r["item_ids"] for u, r in la.items()} == {u: r["item_ids"] for u, r in lb.items()}
