@@ -8,7 +8,8 @@ is that folder. This module does not import MLflow (inference workers load bundl
     bundle/items.parquet    column → external item id, and the training popularity of each column
     bundle/bundle.json      format version, name, config (credentials stripped from URIs), snapshot id, the
                             recommender's description (model name from model.recommenders.MODEL_NAMES, its
-                            architecture config) and the sha256 + size of the two files above
+                            architecture config) and the sha256 + size of the two files above (and of the
+                            optional cold head's, pipeline.io.cold_head: new items scored from their metadata)
 
 Loading never unpickles arbitrary objects: a bundle is a description that is validated, weights that are only
 tensors (torch's weights-only unpickler), and a recommender rebuilt from both through model.recommenders (a
@@ -35,7 +36,10 @@ import torch
 from pydantic import ValidationError
 
 from model.base import Recommender
+from model.cold_head import ColdHead
 from pipeline.errors import DataError
+from pipeline.io.cold_head import FILES as COLD_HEAD_FILES
+from pipeline.io.cold_head import dump_cold_head, load_cold_head
 from pipeline.io.redact import redact_values
 
 FORMAT_VERSION = 2
@@ -51,6 +55,7 @@ class ModelBundle:
     name: str = "multivae-pia"
     config: dict[str, Any] = field(default_factory=dict)
     snapshot_id: str = ""
+    cold_head: ColdHead | None = None  # optional (model.cold_head): scores items that appeared after training
 
     def __post_init__(self) -> None:
         if len(self.item_ids) != len(self.popularity) or len(self.item_ids) != getattr(self.recommender, "n_items", -1):
@@ -92,9 +97,13 @@ class ModelBundle:
         items = buf.getvalue()
         (d / WEIGHTS).write_bytes(weights)
         (d / ITEMS).write_bytes(items)
+        files = {WEIGHTS: _file_entry(weights), ITEMS: _file_entry(items)}
+        if self.cold_head is not None:
+            for name, data in dump_cold_head(self.cold_head).items():
+                (d / name).write_bytes(data)
+                files[name] = _file_entry(data)
         meta = {"format_version": FORMAT_VERSION, "name": self.name, "config": redact_values(self.config),
-                "snapshot_id": self.snapshot_id, "n_items": self.n_items, "recommender": spec,
-                "files": {WEIGHTS: _file_entry(weights), ITEMS: _file_entry(items)}}
+                "snapshot_id": self.snapshot_id, "n_items": self.n_items, "recommender": spec, "files": files}
         (d / META).write_text(json.dumps(meta, indent=2, default=str))  # written last: it vouches for the others
         return d
 
@@ -111,7 +120,10 @@ class ModelBundle:
         rec = _rebuild(meta["recommender"], state, n_items, d / WEIGHTS)
         if device is not None:
             rec.to(device)
-        return cls(rec, item_ids, popularity, meta["name"], meta["config"], meta["snapshot_id"])
+        head = None
+        if all(name in meta["files"] for name in COLD_HEAD_FILES):  # optional: older bundles have none
+            head = load_cold_head(d, n_items, lambda name: _read_checked(d, name, meta))
+        return cls(rec, item_ids, popularity, meta["name"], meta["config"], meta["snapshot_id"], head)
 
 
 # -- what is saved: a description and tensors -----------------------------------------------------------------
