@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train on a snapshot, log to MLflow, register a `challenger` version")
     t.add_argument("--snapshot", required=True, help="snapshot URI (local path or s3://)")
     t.add_argument("--config", type=Path, default=None, help="YAML file of TrainJob keys (CLI flags win)")
+    t.add_argument("--search", type=Path, default=None, metavar="CONFIG.yaml",
+                   help="YAML file of SearchConfig keys: search hyperparameters on validation users first "
+                        "(see configs/search.yaml; default: the config's `search:`, else no search)")
     # the TrainJob field is `model`; the flag is --architecture because --model names a registered model or a URI
     t.add_argument("--architecture", dest="model", default=None, metavar="ARCH",
                    help="what to train: multivae-pia, multivae, multidae, recvae-pia, recvae "
@@ -86,12 +89,14 @@ def _model_args(p: argparse.ArgumentParser, version: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Build a TrainJob (YAML file, CLI flags over it) and run it."""
+    from pipeline.training.search import load_search_config
     from pipeline.training.train_job import load_config
 
+    search = load_search_config(args.search) if args.search is not None else None
     job = load_config(args.config, {
         "snapshot": args.snapshot, "model": args.model, "epochs": args.epochs, "device": args.device,
         "bf16": args.bf16, "cuda_graph": args.cuda_graph, "compare_base": args.compare_base,
-        "registered_name": args.registered_name, "tracking_uri": args.tracking_uri})
+        "registered_name": args.registered_name, "tracking_uri": args.tracking_uri, "search": search})
     result = job.run()
     m = result.metrics
     print(f"test ndcg@100={m.get('test.ndcg_at_100', float('nan')):.4f} recall@20={m.get('test.recall_at_20', float('nan')):.4f}"
