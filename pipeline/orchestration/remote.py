@@ -10,7 +10,10 @@ the envelope's URI.
 
 Retries are safe: running an envelope first removes an earlier try's outcome, and the jobs themselves publish
 atomically (a snapshot, a model version, a partition appear whole or not at all). Credentials never go into an
-envelope: the remote side gets them from its own environment (role, MLFLOW_TRACKING_USERNAME/PASSWORD).
+envelope: the remote side gets them from its own environment. AWS access is the job's role. MLflow credentials are
+MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN; on AWS the engine passes only a reference,
+RECSYS_MLFLOW_SECRET_ARN (the SageMaker job's Environment, the EMR Serverless driver's environment), and the entry
+point reads that secret with the job's role before the job runs (`load_mlflow_credentials`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +52,11 @@ ENTRY_POINT = Path(__file__).resolve()  # spark-submit's application file
 # SageMaker shows this file's text as the training job's FailureReason (and so does the Airflow task that awaits it)
 SAGEMAKER_FAILURE_FILE = "/opt/ml/output/failure"
 _KEY = re.compile(r"[^A-Za-z0-9._=-]+")
+# the engine's reference to the MLflow credentials (a Secrets Manager ARN), set only for the jobs that use MLflow
+MLFLOW_SECRET_ENV = "RECSYS_MLFLOW_SECRET_ARN"
+_CREDENTIAL_FORMS = ({"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+                     {"token": "MLFLOW_TRACKING_TOKEN"})
+_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 class RemoteJobFailed(RuntimeError):
@@ -122,7 +131,98 @@ def _one_line(e: BaseException) -> str:
         text = f"invalid job config: {where}: {first.get('msg', e)}"
     else:
         text = str(e) or type(e).__name__
-    return redact_text(" ".join(text.split()))
+    text = redact_text(" ".join(text.split()))
+    for var in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):  # should a library quote one back, mask it
+        value = os.environ.get(var, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _secret_error(arn: str, e: Exception) -> DataError:
+    """A failed read of the MLflow secret as one line: the cause and the fix (never the secret's text)."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    setting = "RECSYS_AWS_MLFLOW_SECRET_ARN"
+    if isinstance(e, NoCredentialsError):
+        return DataError(f"no AWS credentials to read the MLflow secret {arn} with",
+                         "run the job under its job role (infra/iam.yaml TrainingRole / InferenceRole)")
+    if not isinstance(e, ClientError):  # no answer at all: network, endpoint
+        return DataError(f"Secrets Manager could not be reached to read the MLflow secret {arn} ({type(e).__name__})",
+                         "give the job's network a route to Secrets Manager (a VPC endpoint or NAT), then clear the task")
+    code = str(e.response.get("Error", {}).get("Code", "Error"))
+    if code == "ResourceNotFoundException":
+        return DataError(f"the MLflow secret {arn} does not exist (or is scheduled for deletion)",
+                         f"create it (docs/runbook.md, 'Running on AWS') or set {setting} to its complete ARN")
+    if code == "AccessDeniedException":
+        return DataError(f"the job's role may not read the MLflow secret {arn} (AccessDeniedException)",
+                         "deploy infra/iam.yaml with MlflowSecretArn set to that ARN (it grants the training and "
+                         "inference roles secretsmanager:GetSecretValue on it)")
+    if code == "DecryptionFailure":
+        return DataError(f"the MLflow secret {arn} cannot be decrypted with the job's role (DecryptionFailure)",
+                         "encrypt it with the aws/secretsmanager key, or grant the job roles kms:Decrypt on its key")
+    return DataError(f"reading the MLflow secret {arn} failed: {code}",
+                     f"correct the secret or {setting} as the error code says, then clear the task")
+
+
+@contextlib.contextmanager
+def _quiet_botocore() -> Iterator[None]:
+    """botocore logs response bodies at DEBUG, the secret's value included: not while the secret is read."""
+    logger = logging.getLogger("botocore")
+    level = logger.level
+    logger.setLevel(max(level, logging.INFO))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_mlflow_credentials(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """When RECSYS_MLFLOW_SECRET_ARN is set: read that Secrets Manager secret (with this process's AWS credentials:
+    the job's role; region from the ARN; AWS_ENDPOINT_URL is honoured) and set MLFLOW_TRACKING_USERNAME/PASSWORD
+    (JSON {"username", "password"}) or MLFLOW_TRACKING_TOKEN ({"token"}) in `environ` (os.environ), clearing the
+    other form's. Returns which form was set ("basic", "token"), or None when no secret is named. Any failure is one
+    DataError naming the cause and the fix; neither the values nor the secret's text ever appear in it or in a log."""
+    env = os.environ if environ is None else environ
+    arn = env.get(MLFLOW_SECRET_ENV, "").strip()
+    if not arn:
+        return None
+    parts = arn.split(":")
+    if len(parts) < 7 or parts[2] != "secretsmanager" or parts[5] != "secret":
+        raise DataError(f"{MLFLOW_SECRET_ENV} is not a Secrets Manager secret ARN",
+                        "set RECSYS_AWS_MLFLOW_SECRET_ARN to the secret's complete ARN (the operators pass it on)")
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client("secretsmanager", region_name=parts[3],
+                          config=Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 3, "mode": "standard"}))
+    try:
+        with _quiet_botocore():
+            text = client.get_secret_value(SecretId=arn).get("SecretString")
+    except (ClientError, BotoCoreError) as e:
+        raise _secret_error(arn, e) from None
+    fix = ('store it as a JSON string {"username": "...", "password": "..."} or {"token": "..."} '
+           "(aws secretsmanager put-secret-value --secret-string file://mlflow.json)")
+    if text is None:
+        raise DataError(f"the MLflow secret {arn} holds binary data, not a JSON string", fix)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise DataError(f"the MLflow secret {arn} is not JSON", fix) from None  # the parser's message may quote it
+    form = next((f for f in _CREDENTIAL_FORMS if isinstance(value, dict) and set(value) == set(f)), None)
+    if form is None:
+        raise DataError(f"the MLflow secret {arn} has neither exactly the keys username and password nor exactly token",
+                        fix)
+    if not all(isinstance(value[k], str) and value[k] and "\n" not in value[k] for k in form):
+        raise DataError(f"the MLflow secret {arn} has an empty, multi-line or non-string value", fix)
+    for var in _CREDENTIAL_VARS:
+        env.pop(var, None)
+    for key, var in form.items():
+        env[var] = value[key]
+    kind = "token" if "token" in form else "basic"
+    log.info("MLflow credentials (%s) read from %s", kind, arn)
+    return kind
 
 
 def execute(envelope_uri: str) -> Outcome:
@@ -135,6 +235,7 @@ def execute(envelope_uri: str) -> Outcome:
         envelope = JobEnvelope.model_validate_json(resolve(envelope_uri).read_bytes())
         kind = envelope.kind
         job = envelope.build()
+        load_mlflow_credentials()  # the engine names the secret only for the jobs that use MLflow
         result = job.run()
         outcome = Outcome(kind=kind, ok=True, result=result.to_xcom())
     except BaseException as e:

@@ -59,6 +59,9 @@ OTHER_VARIABLES: dict[str, tuple[str, str]] = {
                                       "(pipeline/orchestration/alerts.py)"),
     "RECSYS_WORKER_THREADS": ("1", "torch threads per Spark inference task, read on the executors "
                                    "(pipeline/serving/spark_engine.py)"),
+    "RECSYS_MLFLOW_SECRET_ARN": ("none", "set by the aws profile's operators on the training job and the inference "
+                                         "driver from RECSYS_AWS_MLFLOW_SECRET_ARN: the secret the remote entry point "
+                                         "reads the MLflow credentials from (pipeline/orchestration/remote.py)"),
     "RECSYS_SPARSE_MM": ("auto", "benchmarks only: force the sparse x dense product's implementation (model/sparse.py)"),
     "RECSYS_HOOK_POINT": ("none", "test hook: the named publish step announces itself and sleeps (pipeline/io/publish.py)"),
     "RECSYS_HOOK_FILE": ("none", "test hook: where that announcement is written"),
