@@ -25,6 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse .* not supported 
 
 ACCOUNT = "123456789012"  # moto's account
 PARAMS = {"Project": "recsys", "Environment": "dev"}
+MLFLOW_SECRET = f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:recsys/staging/mlflow-AbC123"
 
 
 def _template(name: str) -> dict[str, Any]:
@@ -91,9 +92,12 @@ def deployed(moto_endpoint_module: str) -> dict[str, Any]:
     kw = {"endpoint_url": moto_endpoint_module, "region_name": "us-east-1"}
     cf, s3, iam = boto3.client("cloudformation", **kw), boto3.client("s3", **kw), boto3.client("iam", **kw)
     storage = _deploy(cf, "recsys-dev-storage", "storage.yaml", PARAMS)
-    iam_out = _deploy(cf, "recsys-dev-iam", "iam.yaml", {
-        **PARAMS, "DataLakeBucket": storage["DataLakeBucketName"], "ArtifactsBucket": storage["ArtifactsBucketName"],
-        "RecommendationsBucket": storage["RecommendationsBucketName"], "AirflowBucket": storage["AirflowBucketName"]})
+    buckets = {"DataLakeBucket": storage["DataLakeBucketName"], "ArtifactsBucket": storage["ArtifactsBucketName"],
+               "RecommendationsBucket": storage["RecommendationsBucketName"], "AirflowBucket": storage["AirflowBucketName"]}
+    iam_out = _deploy(cf, "recsys-dev-iam", "iam.yaml", {**PARAMS, **buckets})  # MlflowSecretArn left empty
+    # a second environment whose MLflow server needs credentials: its roles are recsys-staging-*
+    _deploy(cf, "recsys-staging-iam", "iam.yaml", {**PARAMS, **buckets, "Environment": "staging",
+                                                   "MlflowSecretArn": MLFLOW_SECRET})
     return {"s3": s3, "iam": iam, "cf": cf, "storage": storage, "iam_out": iam_out}
 
 
@@ -168,7 +172,10 @@ def _doc(doc: Any) -> dict[str, Any]:
 def _statements(iam: Any, role: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for pname in iam.list_role_policies(RoleName=role)["PolicyNames"]:
-        out.extend(_doc(iam.get_role_policy(RoleName=role, PolicyName=pname)["PolicyDocument"])["Statement"])
+        # moto keeps a statement that resolved to AWS::NoValue (an !If whose condition is false) as null, where
+        # CloudFormation drops it from the list: drop it here too
+        out.extend(st for st in _doc(iam.get_role_policy(RoleName=role, PolicyName=pname)["PolicyDocument"])["Statement"]
+                   if st is not None)
     return out
 
 
@@ -235,3 +242,13 @@ def test_no_wildcard_grants(deployed: dict[str, Any]) -> None:
             assert all(a != "*" and not a.endswith(":*") for a in actions), (suffix, st)
             if st.get("Resource") == "*":
                 assert set(actions) <= resource_star_ok, (suffix, st)
+
+
+def test_only_the_jobs_that_use_mlflow_read_its_secret_and_only_when_it_is_set(deployed: dict[str, Any]) -> None:
+    """MlflowSecretArn set: training and inference may read exactly that secret; empty (dev): no role reads any."""
+    iam, other = deployed["iam"], MLFLOW_SECRET.replace("recsys/staging/mlflow-AbC123", "prod/db-XyZ789")
+    for suffix in ROLES:
+        staging = _statements(iam, f"recsys-staging-{suffix}")
+        assert _allowed(staging, "secretsmanager:GetSecretValue", MLFLOW_SECRET) is (suffix in ("training", "inference"))
+        assert not _allowed(staging, "secretsmanager:GetSecretValue", other), suffix
+        assert not any("secretsmanager" in str(st["Action"]) for st in _statements(iam, f"recsys-dev-{suffix}")), suffix

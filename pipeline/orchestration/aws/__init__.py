@@ -14,6 +14,7 @@ from pipeline.orchestration.aws.iam import (
     AREAS,
     JOB_DATA,
     JOB_ROLE,
+    MLFLOW_SECRET_NEED,
     SERVICE_NEEDS,
     TASK_DATA,
     Need,
@@ -24,11 +25,13 @@ from pipeline.orchestration.aws.iam import (
 )
 from pipeline.orchestration.aws.naming import client_token, remote_job_name
 from pipeline.orchestration.aws.operators import (
+    MLFLOW_KINDS,
     TRAINING_ENTRY,
     RemoteEmrServerlessJobOperator,
     RemoteSageMakerTrainingOperator,
     SparkKind,
     emr_serverless_job,
+    mlflow_secret_passed,
     training_job,
 )
 from pipeline.orchestration.aws.polling import (
@@ -45,6 +48,8 @@ __all__ = [
     "ENV_PREFIX",
     "JOB_DATA",
     "JOB_ROLE",
+    "MLFLOW_KINDS",
+    "MLFLOW_SECRET_NEED",
     "SERVICE_NEEDS",
     "TASK_DATA",
     "TRAINING_ENTRY",
@@ -62,6 +67,7 @@ __all__ = [
     "client_token",
     "data_needs",
     "emr_serverless_job",
+    "mlflow_secret_passed",
     "remote_job_name",
     "required_actions",
     "role_arn",

@@ -5,6 +5,8 @@ exactly these, nothing more: the test checks both directions.
 
 Resources are written as in infra/iam.yaml's !Sub strings (same ${...} names), so the test resolves both alike.
 `s3:ListBucket` is a bucket ARN plus `#<prefix>`: the policy's s3:prefix condition. A leading `!` is NotResource.
+The MLflow credentials' secret (`${MlflowSecretArn}`) is needed by a job role only when its operator hands the job
+that secret (AwsProfile.mlflow_secret_arn set), as infra/iam.yaml grants it only when its MlflowSecretArn is set.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-from pipeline.orchestration.aws.operators import RemoteEmrServerlessJobOperator, RemoteSageMakerTrainingOperator, SparkKind
+from pipeline.orchestration.aws.operators import (
+    RemoteEmrServerlessJobOperator,
+    RemoteSageMakerTrainingOperator,
+    SparkKind,
+    mlflow_secret_passed,
+)
 
 Role = Literal["airflow", "spark-build", "inference", "training"]
 Need = tuple[str, str]  # (action, resource)
@@ -57,6 +64,8 @@ _EMR_APPS = f"{_ARN}:emr-serverless:${{AWS::Region}}:${{AWS::AccountId}}:/applic
 _TRAINING_JOBS = f"{_ARN}:sagemaker:${{AWS::Region}}:${{AWS::AccountId}}:training-job/${{Project}}-*"
 _TRAIN_REPO = f"{_ARN}:ecr:${{AWS::Region}}:${{AWS::AccountId}}:repository/${{Project}}-train"
 _SAGEMAKER_LOGS = f"{_LOGS}/aws/sagemaker/TrainingJobs:*"
+# remote.load_mlflow_credentials reads the secret the operator names, with the job's role
+MLFLOW_SECRET_NEED: Need = ("secretsmanager:GetSecretValue", "${MlflowSecretArn}")
 
 
 def role_arn(role: Role) -> str:
@@ -139,9 +148,13 @@ def required_actions(tasks: Iterator[Any] | list[Any]) -> dict[Role, set[Need]]:
         if isinstance(t, RemoteEmrServerlessJobOperator):
             need["airflow"] |= _emr_operator_needs(t.kind)
             need[JOB_ROLE[t.kind]] |= data_needs(JOB_DATA[t.kind])
+            if mlflow_secret_passed(t):
+                need[JOB_ROLE[t.kind]].add(MLFLOW_SECRET_NEED)
         elif isinstance(t, RemoteSageMakerTrainingOperator):
             need["airflow"] |= _sagemaker_operator_needs()
             need["training"] |= data_needs(JOB_DATA["train"])
+            if mlflow_secret_passed(t):
+                need["training"].add(MLFLOW_SECRET_NEED)
         elif t.task_id in TASK_DATA:
             need["airflow"] |= data_needs(TASK_DATA[t.task_id])
         else:

@@ -8,7 +8,11 @@ and a collect task reads the typed result back (`remote.collect`). The operators
 - name each remote job per try (naming.py), so a resumed try attaches to its job instead of starting a second one;
 - check the role and the training image before anything is started (a missing one is one line naming the fix);
 - fail with the remote job's own one-line message (its outcome next to the envelope) instead of the provider's
-  generic "job failed".
+  generic "job failed";
+- hand the jobs that use MLflow (training, inference; not the matrix build) the ARN of the MLflow credentials'
+  secret (`AwsProfile.mlflow_secret_arn`) as RECSYS_MLFLOW_SECRET_ARN: a reference, never the value. remote.py reads
+  the secret with the job's role. Inference needs it on the Spark driver only: the driver loads the model from the
+  registry and broadcasts its bytes; executors never contact MLflow (pipeline/serving/spark_engine.py).
 
 Training goes to a **SageMaker training job**, not AWS Batch (see `training_job`). What these operators do on AWS
 is declared in iam.py.
@@ -32,7 +36,7 @@ from pipeline.io.lake import resolve
 from pipeline.orchestration.aws.naming import client_token, remote_job_name, try_key
 from pipeline.orchestration.aws.polling import DeferThreaded
 from pipeline.orchestration.aws.profile import ECR_IMAGE, AwsProfile
-from pipeline.orchestration.remote import ENVELOPE, OUTCOME, RemoteJobFailed, collect
+from pipeline.orchestration.remote import ENVELOPE, MLFLOW_SECRET_ENV, OUTCOME, RemoteJobFailed, collect
 
 # -- errors: one line, the cause and the fix --------------------------------------------------------------------
 
@@ -119,6 +123,10 @@ def _preflight_image(aws_conn_id: str | None, region: str, image_uri: str) -> No
 # -- EMR Serverless: the Spark jobs --------------------------------------------------------------------------
 
 SparkKind = Literal["build_matrix", "infer"]
+# the jobs that talk to the MLflow server (and so get the credentials' secret); the matrix build does not
+MLFLOW_KINDS = frozenset({"train", "infer"})
+# an EMR Serverless spark-defaults property that sets an environment variable of the driver only
+_DRIVER_ENV = "spark.emr-serverless.driverEnv."
 
 
 class RemoteEmrServerlessJobOperator(DeferThreaded, EmrServerlessStartJobOperator):
@@ -190,14 +198,18 @@ def emr_serverless_job(task_id: str, envelope_uri: Any, profile: AwsProfile, kin
     submit: dict[str, Any] = {"entryPoint": profile.emr_entry_point, "entryPointArguments": [envelope_uri]}
     if profile.spark_submit_parameters:
         submit["sparkSubmitParameters"] = profile.spark_submit_parameters
-    overrides = ({"monitoringConfiguration": {"s3MonitoringConfiguration": {"logUri": profile.emr_log_uri + "/"}}}
-                 if profile.emr_log_uri else None)
+    overrides: dict[str, Any] = {}
+    if profile.emr_log_uri:
+        overrides["monitoringConfiguration"] = {"s3MonitoringConfiguration": {"logUri": profile.emr_log_uri + "/"}}
+    if profile.mlflow_secret_arn and kind in MLFLOW_KINDS:  # the driver loads the model; executors get its bytes
+        overrides["applicationConfiguration"] = [{"classification": "spark-defaults", "properties": {
+            _DRIVER_ENV + MLFLOW_SECRET_ENV: profile.mlflow_secret_arn}}]
     poll = profile.poll_seconds
     minutes = _service_limit_s(profile.emr_timeout_minutes * 60, poll, kwargs) // 60
     return RemoteEmrServerlessJobOperator(
         task_id=task_id, envelope_uri=envelope_uri, kind=kind, project=profile.project, preflight=profile.preflight,
         application_id=profile.emr_application_id, execution_role_arn=role,
-        job_driver={"sparkSubmit": submit}, configuration_overrides=overrides,
+        job_driver={"sparkSubmit": submit}, configuration_overrides=overrides or None,
         # tags: the Airflow role may only act on job runs tagged with the project (infra/iam.yaml SparkJobs)
         config={"tags": {"project": profile.project}, "executionTimeoutMinutes": minutes},
         wait_for_completion=True, deferrable=True, waiter_delay=poll,
@@ -298,6 +310,8 @@ def training_job(task_id: str, envelope_uri: Any, profile: AwsProfile, **kwargs:
         "Environment": {"PYTHONUNBUFFERED": "1"},
         "Tags": [{"Key": "project", "Value": profile.project}],
     }
+    if profile.mlflow_secret_arn:  # the ARN only: remote.py reads the secret with the training role
+        config["Environment"][MLFLOW_SECRET_ENV] = profile.mlflow_secret_arn
     if profile.training_spot:
         config["EnableManagedSpotTraining"] = True
         stopping["MaxWaitTimeInSeconds"] = limit
@@ -308,3 +322,14 @@ def training_job(task_id: str, envelope_uri: Any, profile: AwsProfile, **kwargs:
         print_log=profile.print_log, check_interval=poll,
         max_attempts=math.ceil(limit / poll) + 5,
         aws_conn_id=profile.aws_conn_id, region_name=profile.region, **kwargs)
+
+
+def mlflow_secret_passed(task: Any) -> str | None:
+    """The MLflow secret's ARN that a remote operator hands its job (None: none), read from the request itself."""
+    if isinstance(task, RemoteSageMakerTrainingOperator):
+        return (task.config.get("Environment") or {}).get(MLFLOW_SECRET_ENV)
+    if isinstance(task, RemoteEmrServerlessJobOperator):
+        for c in (task.configuration_overrides or {}).get("applicationConfiguration", []):
+            if c.get("classification") == "spark-defaults" and _DRIVER_ENV + MLFLOW_SECRET_ENV in c.get("properties", {}):
+                return str(c["properties"][_DRIVER_ENV + MLFLOW_SECRET_ENV])
+    return None

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.errors import DataError
 
@@ -18,6 +18,9 @@ _S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s?#]*)?$")
 ECR_IMAGE = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?/"
                        r"(?P<repo>[a-z0-9][a-z0-9._/-]{1,254})(:(?P<tag>[\w][\w.-]{0,127})|@(?P<digest>sha256:[0-9a-f]{64}))$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
+# a Secrets Manager secret's complete ARN (the name and the 6 characters Secrets Manager appends): IAM grants exactly it
+SECRET_ARN = re.compile(r"^arn:aws[a-z-]*:secretsmanager:(?P<region>[a-z0-9-]+):\d{12}:secret:"
+                        r"[A-Za-z0-9/_+=.@-]{1,512}-[A-Za-z0-9]{6}$")
 # SageMaker GPU training instance families (the image is a CUDA build; a CPU instance would train on the CPU)
 _GPU_INSTANCE = re.compile(r"^ml\.(g4dn|g5|g6|g6e|gr6|p3|p3dn|p4d|p4de|p5|p5e|p5en)\.[0-9a-z]+$")
 
@@ -53,6 +56,11 @@ class AwsProfile(BaseModel):
     training_max_runtime_s: int = Field(6 * 3600, ge=60, le=28 * 24 * 3600, description="SageMaker stops the job after this")
     training_spot: bool = Field(False, description="managed spot instances (cheaper; may wait up to the max runtime again)")
     training_output_uri: str = Field(description="s3:// prefix for SageMaker's own output (s3://<ArtifactsBucket>/sagemaker-output)")
+    # MLflow credentials of the remote jobs that use MLflow (train, infer): a reference to them, never their value
+    mlflow_secret_arn: str | None = Field(
+        None, description="Secrets Manager secret (complete ARN, in the profile's region) holding the tracking server's "
+                          "credentials as JSON {username, password} or {token}; the training and inference jobs read it "
+                          "with their role (None: the server needs no credentials, or the job role is enough)")
     # waiting and logs
     poll_seconds: int = Field(60, ge=1, le=3600, description="how often the triggers poll a job's state")
     print_log: bool = Field(True, description="tail the training job's CloudWatch log into the task log")
@@ -84,6 +92,21 @@ class AwsProfile(BaseModel):
     def _entry(cls, v: str) -> str:
         if not (v.endswith(".py") and (_S3_URI.match(v) or re.match(r"^local:///[^\s?#]+$", v))):
             raise ValueError(f"{v!r} is not remote.py's location (s3://bucket/key.py, or local:///path.py in the image)")
+        return v
+
+    @field_validator("mlflow_secret_arn")
+    @classmethod
+    def _secret(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        m = SECRET_ARN.match(v)
+        if not m:
+            raise ValueError(f"{v!r} is not a Secrets Manager secret's complete ARN "
+                             "(arn:aws:secretsmanager:<region>:<account>:secret:<name>-<6 characters>, as describe-secret shows)")
+        region = info.data.get("region")
+        if region and m["region"] != region:
+            raise ValueError(f"the MLflow secret is in {m['region']}, the profile in {region}: "
+                             "the jobs read it in their own region (replicate the secret there)")
         return v
 
     @field_validator("spark_submit_parameters")
@@ -135,7 +158,7 @@ class AwsProfile(BaseModel):
         for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
-                values[name] = None if (name in ("aws_conn_id", "emr_log_uri") and raw == "") else raw
+                values[name] = None if (name in ("aws_conn_id", "emr_log_uri", "mlflow_secret_arn") and raw == "") else raw
         try:
             return cls.model_validate(values)
         except ValidationError as e:

@@ -32,6 +32,7 @@ REGION = "us-east-1"
 IMAGE_REPO = "recsys-train"
 IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/{IMAGE_REPO}:abc1234"
 POLL = 1  # seconds between the triggers' polls
+SECRET = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:recsys/test/mlflow-AbC123"  # the MLflow credentials' secret
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +239,14 @@ def test_profile_from_env_validates_each_setting(aws: dict[str, Any]) -> None:
         AwsProfile.from_env(env)
     with pytest.raises(DataError, match="SageMaker pulls from the job's own region"):
         AwsProfile.from_env(_env(aws, TRAINING_IMAGE_URI=IMAGE.replace(REGION, "eu-west-1")))
+    # the MLflow secret: a complete Secrets Manager ARN in the profile's region, or unset / empty
+    assert p.mlflow_secret_arn is None and _profile(aws, MLFLOW_SECRET_ARN="").mlflow_secret_arn is None
+    assert _profile(aws, MLFLOW_SECRET_ARN=SECRET).mlflow_secret_arn == SECRET
+    for value in (SECRET.rsplit("-", 1)[0], SECRET.replace("secretsmanager", "ssm"), "recsys/prod/mlflow"):
+        with pytest.raises(DataError, match=r"RECSYS_AWS_MLFLOW_SECRET_ARN is not valid: .* complete ARN"):
+            AwsProfile.from_env(_env(aws, MLFLOW_SECRET_ARN=value))
+    with pytest.raises(DataError, match="RECSYS_AWS_MLFLOW_SECRET_ARN is not valid: the MLflow secret is in eu-west-1"):
+        AwsProfile.from_env(_env(aws, MLFLOW_SECRET_ARN=SECRET.replace(REGION, "eu-west-1")))
 
 
 def test_job_names_unique_per_try_and_stable_within_one() -> None:
@@ -448,3 +457,37 @@ def test_the_service_stops_a_job_before_the_task_times_out(aws: dict[str, Any]) 
     sm = training_job("train_run", "u", spot, execution_timeout=dt.timedelta(hours=6)).config
     assert sm["EnableManagedSpotTraining"] and sm["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600,
                                                                           "MaxWaitTimeInSeconds": 7200}
+
+
+# -- MLflow credentials: the secret's ARN goes to the jobs that use MLflow, never its value --------------------------
+
+def test_the_jobs_that_use_mlflow_get_the_secret_arn_and_the_build_never(aws: dict[str, Any]) -> None:
+    """Training: the SageMaker job's Environment; inference: the EMR Serverless driver's environment (spark-defaults
+    spark.emr-serverless.driverEnv.*: only the driver talks to MLflow, the executors get the model's bytes); the
+    matrix build: nothing. Without the setting nobody gets anything. The EMR job runs are started on moto, which
+    stores what each was given (its job runs succeed at once: nothing runs in them)."""
+    from moto.emrserverless.models import emrserverless_backends
+
+    from pipeline.orchestration.aws import emr_serverless_job, mlflow_secret_passed, training_job
+    from pipeline.orchestration.remote import MLFLOW_SECRET_ENV
+
+    uri = _stage_any(aws, "mlflow-secret")
+    driver_env = f"spark.emr-serverless.driverEnv.{MLFLOW_SECRET_ENV}"
+    with_secret, without = _profile(aws, MLFLOW_SECRET_ARN=SECRET), _profile(aws)
+    stored = {}
+    for kind in ("build_matrix", "infer"):
+        op = emr_serverless_job(f"{kind}_run", uri, with_secret)
+        job_id = run_like_airflow(op, _context(f"{kind}_run", try_number=5))
+        (run,) = [r for r in emrserverless_backends[ACCOUNT][REGION].job_runs[aws["app"]] if r.id == job_id]
+        stored[kind] = run.configuration_overrides
+        assert stored[kind]["monitoringConfiguration"]["s3MonitoringConfiguration"]["logUri"].endswith("/emr-logs/")
+        assert mlflow_secret_passed(op) == (SECRET if kind == "infer" else None)
+        plain = emr_serverless_job(f"{kind}_run", uri, without)
+        assert "applicationConfiguration" not in plain.configuration_overrides and mlflow_secret_passed(plain) is None
+    assert "applicationConfiguration" not in stored["build_matrix"]
+    assert stored["infer"]["applicationConfiguration"] == [{"classification": "spark-defaults",
+                                                            "properties": {driver_env: SECRET}}]
+    sm = training_job("train_run", uri, with_secret)
+    assert sm.config["Environment"] == {"PYTHONUNBUFFERED": "1", MLFLOW_SECRET_ENV: SECRET} and mlflow_secret_passed(sm) == SECRET
+    plain_sm = training_job("train_run", uri, without)
+    assert plain_sm.config["Environment"] == {"PYTHONUNBUFFERED": "1"} and mlflow_secret_passed(plain_sm) is None
