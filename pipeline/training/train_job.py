@@ -49,6 +49,37 @@ from pipeline.training.evaluation import activity_groups, machine_name, metric_k
 log = logging.getLogger(__name__)
 
 AUTOENCODERS = ("multivae", "multivae-pia", "multidae", "recvae", "recvae-pia")
+# Closed-form families the job can train as its main model (one solve, l2 chosen on validation users, no twin):
+# EASE, and EDLAE once model.recommenders knows it.
+CLOSED_FORM_MAIN = ("ease", "edlae")
+# Default dense budget: a quarter of this machine's memory (the solve holds one I x I buffer on the CPU, two on a
+# GPU; serving holds the float32 I x I weights), capped at 32 GiB so a big host does not silently accept a
+# catalog its inference workers cannot load.
+_DENSE_CAP = 32 * 2**30
+
+
+def trainable() -> tuple[str, ...]:
+    """The names TrainJob trains: the autoencoders, and the closed-form families model.recommenders registers."""
+    from model.recommenders import MODEL_NAMES
+
+    return AUTOENCODERS + tuple(n for n in CLOSED_FORM_MAIN if n in MODEL_NAMES)
+
+
+def default_dense_bytes() -> int:
+    """max_dense_bytes' default (see _DENSE_CAP)."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+    return int(min(_DENSE_CAP, total // 4))
+
+
+def dense_bytes(n_items: int, dtype: str = "float32", device: str = "cpu") -> int:
+    """Peak dense memory of a closed-form solve over `n_items` (model.ease: one I x I buffer in place on the CPU,
+    two on a GPU)."""
+    return n_items * n_items * (8 if dtype == "float64" else 4) * (2 if device.startswith("cuda") else 1)
 
 
 class TrainResult(JobResult):
@@ -66,7 +97,8 @@ class TrainJob(Job):
     the same keys (nested for vae/pia/ease): see `load_config`."""
 
     snapshot: str = Field(description="snapshot URI (local path or s3://)")
-    model: str = "multivae-pia"
+    model: str = Field("multivae-pia", description="an autoencoder (AUTOENCODERS) or a closed-form family "
+                                                    "(ease; edlae when model.recommenders has it)")
     epochs: int = Field(50, ge=1)
     patience: int | None = Field(10, ge=1, description="early stop after this many epochs without a better val NDCG@100")
     batch_size: int = Field(500, ge=1)
@@ -83,6 +115,15 @@ class TrainJob(Job):
     baselines: bool = Field(True, description="train popularity and EASE on the same split for the gate")
     ease: EASEConfig = EASEConfig()
     max_ease_items: int = Field(20_000, ge=1, description="skip the EASE baseline (I x I dense) above this catalog")
+    l2_grid: tuple[float, ...] = Field((100.0, 250.0, 500.0, 1000.0), min_length=1,
+                                       description="closed-form main model: the l2 values tried, the best on "
+                                                   "validation users NDCG@100 kept (as the experiment harness)")
+    max_dense_bytes: int = Field(default_factory=default_dense_bytes, ge=1,
+                                 description="closed-form main model: refuse (DataError, before any training) a "
+                                             "catalog whose dense I x I solve exceeds this many bytes; default a "
+                                             "quarter of this machine's memory, at most 32 GiB")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags on the run and the registered "
+                                                                   "version (e.g. candidates.group)")
     top_n: int = Field(20, ge=1, description="top-N for catalog coverage and popularity bias")
     registered_name: str = DEFAULT_REGISTERED_NAME
     experiment: str = registry.DEFAULT_EXPERIMENT
@@ -94,9 +135,21 @@ class TrainJob(Job):
     @field_validator("model")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in AUTOENCODERS:
-            raise ValueError(f"unknown model {v!r}: train one of {', '.join(AUTOENCODERS)}")
+        if v not in trainable():
+            raise ValueError(f"unknown model {v!r}: train one of {', '.join(trainable())}")
         return v
+
+    @field_validator("l2_grid")
+    @classmethod
+    def _positive_l2(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not x > 0 for x in v):
+            raise ValueError(f"l2_grid values must be > 0, got {v}")
+        return tuple(dict.fromkeys(v))  # a value tried once
+
+    @property
+    def closed_form(self) -> bool:
+        """The main model is solved in closed form (no epochs, no twin, l2 tuned on validation users)."""
+        return self.model in CLOSED_FORM_MAIN
 
     @property
     def base_model(self) -> str | None:
@@ -106,6 +159,19 @@ class TrainJob(Job):
     def run(self) -> TrainResult:
         """Train, log and register (see module doc)."""
         return train(self) if self.distributed is None else train_distributed(self)
+
+    def check_budget(self, n_items: int, device: str = "cpu") -> None:
+        """A closed-form main model over `n_items` must fit max_dense_bytes: a DataError before anything trains."""
+        if not self.closed_form:
+            return
+        need = dense_bytes(n_items, self.ease.dtype, device)
+        if need > self.max_dense_bytes:
+            raise DataError(f"{self.model} over {n_items} items needs {need / 2**30:.2f} GiB of dense I x I memory "
+                            f"({self.ease.dtype}{', two buffers on the GPU' if device.startswith('cuda') else ''}), "
+                            f"over max_dense_bytes={self.max_dense_bytes} ({self.max_dense_bytes / 2**30:.2f} GiB); "
+                            "nothing was trained or registered",
+                            "raise max_dense_bytes if the training and serving machines have the memory, or train "
+                            "an autoencoder (e.g. model: multivae-pia) for this catalog")
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainJob:
@@ -253,6 +319,9 @@ def train_distributed(job: TrainJob, on_epoch: EpochHook | None = None) -> Train
     if cfg is None:
         raise ValueError("train_distributed needs a job with `distributed` set")
     check(cfg)
+    if job.closed_form:
+        raise DataError(f"{job.model} is solved in closed form: there is nothing to train data-parallel",
+                        "unset distributed for this model")
     if job.cuda_graph:
         raise DataError("cuda_graph cannot be used in data-parallel training", "set cuda_graph: false")
     if cfg.use_gpu and job.device == "cpu":
@@ -293,13 +362,14 @@ def _train(job: TrainJob, on_epoch: EpochHook | None) -> TrainResult:
     with mlflow.start_run(experiment_id=s.experiment_id, run_name=f"{job.model}-{s.snap.snapshot_id}") as active:
         run_id = active.info.run_id
         public_cfg = _log_inputs(s)
-        trained, metrics = _fit_candidate(s, on_epoch)
+        trained, metrics = _fit_closed_form(s) if job.closed_form else _fit_candidate(s, on_epoch)
         if job.baselines:
-            metrics |= _fit_baselines(s)
+            metrics |= _fit_baselines(s, trained)
         with tempfile.TemporaryDirectory() as tmp:
-            _log_figures(s, trained, Path(tmp))
+            if not job.closed_form:
+                _log_figures(s, trained, Path(tmp))
             model_uri = _log_model(s, trained[job.model], public_cfg, Path(tmp))
-        if job.diagnose:  # latent geometry of the candidate and its twin (pipeline.training.diagnose)
+        if job.diagnose and not job.closed_form:  # latent geometry of the candidate and its twin (pipeline.training.diagnose)
             from pipeline.training.diagnose import log_training_diagnostics
 
             log_training_diagnostics(trained, job.model, s.snap, job.seed)
@@ -324,6 +394,7 @@ def _set_up(job: TrainJob, tracking: bool = True) -> _Setup:
     snap = load_snapshot(job.snapshot)
     if snap.test.n_users == 0 or snap.valid.n_users == 0:
         raise DataError(f"snapshot {job.snapshot} has no validation or test users", "rebuild it with held-out users")
+    job.check_budget(snap.n_items, device)  # before any run is opened: over budget, nothing is logged or registered
     train_cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, device=device,
                             bf16=job.bf16, patience=job.patience, progress=job.progress)
     if not tracking:
@@ -344,6 +415,7 @@ def _log_inputs(s: _Setup) -> dict[str, Any]:
     job, snap = s.job, s.snap
     mlflow.set_tags({"snapshot_id": snap.snapshot_id, "snapshot_uri": job.snapshot, "git_commit": s.commit,
                      "model": job.model, "device": s.device, "machine": machine_name(s.device)})
+    mlflow.set_tags({k: v for k, v in job.tags.items() if k not in ("model", "snapshot_id", "snapshot_uri")})
     public_cfg: dict[str, Any] = redact_values(job.model_dump(mode="json"))  # tracking_uri may carry user:password
     mlflow.log_params(flatten(public_cfg))
     mlflow.log_params(world_params())  # world_size and ddp_backend, in a data-parallel run only
@@ -375,12 +447,46 @@ def _fit_candidate(s: _Setup, on_epoch: EpochHook | None) -> tuple[dict[str, Any
         if not prefix:
             metrics.update({f"test.{k}": v for k, v in summary.items()})
             metrics["best_epoch"] = float(rec.best_epoch)
+        else:  # the twin's test metrics also become version tags: the gate's ablation check reads them
+            metrics.update({f"{prefix}test.{k}": v for k, v in summary.items() if not k.startswith("group.")})
     return trained, metrics
 
 
-def _fit_baselines(s: _Setup) -> dict[str, float]:
+def _fit_closed_form(s: _Setup) -> tuple[dict[str, Any], dict[str, float]]:
+    """A closed-form main model (EASE, EDLAE): one solve per l2 of `l2_grid` on the training users, the best
+    validation NDCG@100 kept (validation users only, as pipeline.research.experiment's search), its test users
+    scored once. Logs `tune.val_ndcg_at_100` per value (step = its index), param `chosen.l2`; no twin, no epochs."""
+    import mlflow
+
+    from model.evaluate import evaluate
+    from model.recommenders import make_recommender
+
+    job, snap = s.job, s.snap
+    best: tuple[float, Any, float] | None = None
+    for i, l2 in enumerate(job.l2_grid):
+        rec = make_recommender(job.model, train=s.train_cfg, ease=job.ease.model_copy(update={"l2": l2}))
+        rec.fit(snap.train, snap.valid)
+        val = evaluate(rec.score, snap.valid.fold_in, snap.valid.targets, device=rec.device).mean()
+        mlflow.log_metrics({"tune.l2": l2, "tune.val_ndcg_at_100": val["ndcg@100"],
+                            "tune.val_recall_at_20": val["recall@20"]}, step=i)
+        print(f"{job.model} l2={l2:g}: val ndcg@100={val['ndcg@100']:.4f}", flush=True)
+        if best is None or val["ndcg@100"] > best[0]:
+            best = (val["ndcg@100"], rec, l2)
+        del rec  # one dense I x I at a time (the best is kept in `best`)
+    assert best is not None
+    val_best, rec, l2 = best
+    mlflow.log_params({"chosen.l2": l2})
+    summary = summary_metrics(summarize(job.model, job.seed, rec, s.test_eval(rec), s.counts), job.top_n)
+    mlflow.log_metrics({f"test.{k}": v for k, v in summary.items() if np.isfinite(v)})
+    mlflow.log_metrics({"best_epoch": 0.0, "fit_seconds": rec.fit_seconds, "val_ndcg_at_100": val_best})
+    metrics = {f"test.{k}": v for k, v in summary.items()} | {"best_epoch": 0.0, "chosen.l2": float(l2)}
+    return {job.model: rec}, metrics
+
+
+def _fit_baselines(s: _Setup, trained: dict[str, Any] | None = None) -> dict[str, float]:
     """The gate's baselines on the same split: popularity, and EASE unless the catalog exceeds max_ease_items
-    (then tagged `baseline.ease: skipped ...`); returns their `baseline.<name>.*` test metrics."""
+    (then tagged `baseline.ease: skipped ...`); returns their `baseline.<name>.*` test metrics. A main model that
+    is EASE itself (in `trained`) is its own EASE baseline (not solved twice)."""
     import mlflow
 
     job, snap = s.job, s.snap
@@ -389,7 +495,7 @@ def _fit_baselines(s: _Setup) -> dict[str, float]:
         if name == "ease" and snap.n_items > job.max_ease_items:
             mlflow.set_tag("baseline.ease", f"skipped: {snap.n_items} items > max_ease_items={job.max_ease_items}")
             continue
-        rec = s.build(name).fit(snap.train, snap.valid)
+        rec = (trained or {}).get(name) or s.build(name).fit(snap.train, snap.valid)
         summary = summary_metrics(summarize(name, job.seed, rec, s.test_eval(rec), s.counts), job.top_n)
         base = {f"baseline.{name}.{k}": v for k, v in summary.items() if not k.startswith("group.")}
         mlflow.log_metrics({k: v for k, v in base.items() if np.isfinite(v)})
@@ -425,7 +531,9 @@ def _log_model(s: _Setup, main: Any, public_cfg: dict[str, Any], d: Path) -> str
     job, snap = s.job, s.snap
     main.to("cpu")
     bundle = ModelBundle(main, snap.item_ids, snap.item_popularity(), job.model,
-                         public_cfg | {"best_epoch": main.best_epoch}, snap.snapshot_id)
+                         public_cfg | {"best_epoch": getattr(main, "best_epoch", 0)} |
+                         ({"l2": getattr(getattr(main, "config", None), "l2", None)} if job.closed_form else {}),
+                         snap.snapshot_id)
     bundle_dir = bundle.save(d / "bundle")
     signature, example = _signature(bundle_dir, bundle, snap)
     info = mlflow.pyfunc.log_model(name="model", python_model=BundleModel(), artifacts={"bundle": str(bundle_dir)},
@@ -440,5 +548,7 @@ def _register(s: _Setup, run_id: str, model_uri: str, metrics: dict[str, float])
     tags = {"snapshot_id": snap.snapshot_id, "snapshot_uri": job.snapshot, "git_commit": s.commit, "run_id": run_id,
             "model": job.model, "device": s.device, "gate.verdict": "pending",
             "snapshot_digest": s.digest}  # the gate checks the snapshot it reloads against this
-    tags.update({k: f"{v:.6g}" for k, v in metrics.items() if k.startswith(("test.", "baseline.")) and "group." not in k})
+    tags = job.tags | tags  # the lineage tags win over extra ones
+    tags.update({k: f"{v:.6g}" for k, v in metrics.items()
+                 if k.startswith(("test.", "baseline.", "compare.", "chosen.")) and "group." not in k})
     return registry.register(model_uri, job.registered_name, tags, job.tracking_uri)

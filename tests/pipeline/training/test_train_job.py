@@ -57,7 +57,7 @@ def test_yaml_config_merges_under_cli_flags(tmp_path: Path) -> None:
     assert job.epochs == 3 and job.vae.hidden_dims == (16,) and not job.compare_base and job.device == "auto"
     assert job.registered_name == DEFAULT_REGISTERED_NAME == "recsys-multivae-pia"
     with pytest.raises(ValueError, match="unknown model"):
-        load_config(None, {"snapshot": "s", "model": "ease"})
+        load_config(None, {"snapshot": "s", "model": "popularity"})  # a baseline, not a model the job trains
     with pytest.raises(ValueError, match="extra"):
         load_config(None, {"snapshot": "s", "no_such_key": 1})
     with pytest.raises(ValueError, match="frozen"):
