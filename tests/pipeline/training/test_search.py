@@ -209,3 +209,21 @@ def test_sample_config_fits_the_weekly_job_and_the_cli_passes_it_on(home: Path, 
     bad.write_text("space: {lr: {type: float, low: 0.1}}\n")  # no high
     assert main(["train", "--snapshot", synth_snapshot, "--search", str(bad)]) == 2
     assert "search config" in capsys.readouterr().err
+
+
+def test_list_choices_are_searched_as_values(synth_snapshot: str) -> None:
+    """vae.hidden_dims choices are lists: Optuna sees their JSON text, the job gets the list back (no training)."""
+    import optuna
+
+    from pipeline.training.search import Choices, _start_params, _suggest, check_search, with_job_overrides
+
+    space = {"vae.hidden_dims": {"type": "categorical", "choices": [[16], [32], [16, 8]]}}
+    job = tiny(synth_snapshot, search=search(space=space))
+    check_search(job)
+    r = job.search.space["vae.hidden_dims"]
+    assert isinstance(r, Choices)
+    assert _start_params(job, job.search.space) == {"vae.hidden_dims": "[32]"}  # the job's (32,) is a choice
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    drawn = {tuple(_suggest(study.ask(), "vae.hidden_dims", r)) for _ in range(20)}
+    assert drawn == {(16,), (32,), (16, 8)}
+    assert with_job_overrides(job, {"vae.hidden_dims": [16, 8]}).vae.hidden_dims == (16, 8)
