@@ -45,6 +45,7 @@ from pipeline.job import Job, JobResult
 from pipeline.training import DEFAULT_REGISTERED_NAME
 from pipeline.training.distributed import DistributedConfig, check, launch, world_params
 from pipeline.training.evaluation import activity_groups, machine_name, metric_key, summarize, summary_metrics
+from pipeline.training.search import SearchConfig, check_search, search_models, tuned_setup
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ class TrainJob(Job):
     progress: bool = False
     distributed: DistributedConfig | None = Field(None, description="data-parallel training with TorchDistributor "
                                                                     "(None: in this process)")
+    search: SearchConfig | None = Field(None, description="hyperparameter search of the model (and its twin) on "
+                                                          "validation users before training (pipeline.training.search)")
 
     @field_validator("model")
     @classmethod
@@ -288,10 +291,13 @@ class _Setup:
     counts: np.ndarray  # interactions per test user (activity groups)
     train_cfg: Any  # model.train.TrainConfig
 
-    def build(self, name: str) -> Any:
-        """An unfitted recommender `name` with the job's settings (PIA only for *-pia models)."""
+    def build(self, name: str, overrides: dict[str, Any] | None = None) -> Any:
+        """An unfitted recommender `name` with the job's settings (PIA only for *-pia models); `overrides` (dotted
+        TrainJob keys: a search's winner or trial) replace some of them."""
         from model.recommenders import make_recommender
 
+        if overrides:
+            return tuned_setup(self, overrides).build(name)
         job, multi = self.job, name.startswith("multi")
         return make_recommender(name, train=self.train_cfg.model_copy(update={"cuda_graph": job.cuda_graph and multi}),
                                 pia=job.pia if name.endswith("-pia") else None, ease=job.ease,
@@ -309,6 +315,7 @@ def train(job: TrainJob, on_epoch: EpochHook | None = None) -> TrainResult:
     """The whole job (TrainJob.run). `on_epoch` is an extra per-epoch hook of the candidate's fit, not a job
     setting (tests use it to interrupt a run). MLflow errors are one redacted DataError (registry.tracking_errors)."""
     with registry.tracking_errors(job.tracking_uri):
+        check_search(job)  # a bad search is refused before the snapshot is read or anything trains
         return _train(job, on_epoch)
 
 
@@ -319,6 +326,7 @@ def train_distributed(job: TrainJob, on_epoch: EpochHook | None = None) -> Train
     if cfg is None:
         raise ValueError("train_distributed needs a job with `distributed` set")
     check(cfg)
+    check_search(job)  # refuses any search: it runs in one process
     if job.closed_form:
         raise DataError(f"{job.model} is solved in closed form: there is nothing to train data-parallel",
                         "unset distributed for this model")
@@ -434,11 +442,13 @@ def _fit_candidate(s: _Setup, on_epoch: EpochHook | None) -> tuple[dict[str, Any
 
     job = s.job
     names = _fit_order(job)
+    # the search (validation users only, nested runs) picks each model's overrides; the winner is refit below
+    winners = search_models(s, names) if job.search is not None else {}
     trained: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     for name in names:
         prefix = "" if name == job.model else f"compare.{name}."
-        rec = s.build(name)
+        rec = s.build(name, winners.get(name))
         rec.fit(s.snap.train, s.snap.valid, on_epoch=_epoch_logger(prefix, job.vae, on_epoch if not prefix else None))
         trained[name] = rec
         summary = summary_metrics(summarize(name, job.seed, rec, s.test_eval(rec), s.counts), job.top_n)
