@@ -5,7 +5,9 @@ Protocol (strong generalization, ../shared/ARCHITECTURE.md): train on the snapsh
 the epoch on its validation users (the trainer keeps the best validation NDCG@100 weights), score its test
 users once. The same job trains the gate's baselines (popularity, and EASE when the catalog is small
 enough) on the same split and stores their test metrics as version tags, so the gate compares like with
-like without retraining them.
+like without retraining them. With `search` set (pipeline/training/search.py), a hyperparameter search on the
+validation users picks the model's and its twin's settings first (each trial a nested MLflow run), and the winners
+are refit through the same steps.
 
 Order of effects: everything is logged to one MLflow run first; the registered-model version (alias
 `challenger`) is created at the very end, so a failed or killed run registers nothing and never touches
