@@ -174,12 +174,15 @@ def _check_budgets(snapshot: str, jobs: list[TrainJob]) -> None:
 
 def load_candidates(path: str | Path | None, overrides: dict[str, Any] | None = None) -> CandidatesJob:
     """A CandidatesJob from a YAML file of its keys (`gates` nested, or a gate config file passed in overrides as
-    `gates_file`), with `overrides` (CLI flags; None means not given) over it."""
+    `gates_file`), with `overrides` (CLI flags, the scheduler's settings; None means not given) over it; an override
+    `common` (e.g. the settings' device) is merged into the file's `common`."""
     from pipeline.training.gates import load_gate_config
 
     data: dict[str, Any] = read_yaml_mapping(Path(path), "candidates config", "CandidatesJob") if path else {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     gates_file = given.pop("gates_file", None)
+    if "common" in given:
+        data["common"] = {**(data.get("common") or {}), **given.pop("common")}
     if gates_file is not None:
         data["gates"] = load_gate_config(gates_file)
     if not isinstance(data.get("candidates", []), list | tuple):

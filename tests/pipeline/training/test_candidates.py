@@ -84,6 +84,8 @@ def test_candidates_validation_and_sample_config() -> None:
     assert [j.model for j in jobs] == ["multivae-pia", "recvae-pia", "ease"]
     assert all(j.snapshot == "s" and j.epochs == 30 and j.tags[GROUP_TAG] == "g" for j in jobs)
     assert job.mode == "enabled" and jobs[2].l2_grid == (100.0, 250.0, 500.0, 1000.0)
+    job = load_candidates(REPO / "configs" / "candidates.yaml", {"snapshot": "s", "common": {"device": "cpu"}})
+    assert all(j.device == "cpu" and j.epochs == 30 for j in job.train_jobs("g"))  # merged into the file's common
 
 
 def test_cli_train_candidates_dry_run(home: Path, synth_snapshot: str, tmp_path: Path,
