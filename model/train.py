@@ -120,11 +120,24 @@ class Trainer:
                                                       fused=True, capturable=config.cuda_graph)
         self.epoch = 0  # epochs completed
         self.step = 0  # updates of the main (or encoder) group: drives beta and lambda_A schedules
+        # the run's planned updates (of the same groups as `step`; global batches, so equal on every rank): the
+        # "progress" beta schedule anneals over a share of them; a resumed run keeps its checkpoint's plan
+        self.planned_updates = config.epochs * self._updates_per_epoch()
+        self._set_plan(self.planned_updates)
         self.history: list[dict[str, Any]] = []
         self.best_value = -float("inf")
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.evals_since_best = 0
+
+    def _updates_per_epoch(self) -> int:
+        n_batches = -(-self.train_x.n_rows // self.config.batch_size)
+        return n_batches * sum(p.passes for p in self.ae.phases() if p.group in ("all", "encoder"))
+
+    def _set_plan(self, planned: int) -> None:
+        self.planned_updates = planned
+        if hasattr(self.model, "planned_updates"):  # a Multi-VAE/DAE (its beta schedule reads it)
+            setattr(self.model, "planned_updates", planned)  # noqa: B010  (nn.Module's typed __setattr__)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -132,7 +145,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "anchors": None if self.anchors is None else self.anchors.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "epoch": self.epoch, "step": self.step, "history": copy.deepcopy(self.history),
+            "epoch": self.epoch, "step": self.step, "planned_updates": self.planned_updates,
+            "history": copy.deepcopy(self.history),
             "best_value": self.best_value, "best_epoch": self.best_epoch, "best_state": self.best_state,
             "evals_since_best": self.evals_since_best,
             "rng": torch.get_rng_state(), "perm_rng": self.perm_gen.get_state(),
@@ -148,6 +162,7 @@ class Trainer:
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         self.epoch, self.step = state["epoch"], state["step"]
+        self._set_plan(int(state.get("planned_updates") or self.planned_updates))  # older checkpoints: this run's plan
         self.history = copy.deepcopy(state["history"])
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.best_state = state["best_state"]

@@ -2,7 +2,7 @@
 
 Multi-VAE: x -> L2 normalize -> dropout(0.5) -> I -> 600 (tanh) -> 2 x 200 (mu, logvar)
            z ~ N(mu, sigma^2) in training, z = mu at inference -> 200 -> 600 (tanh) -> I logits
-           loss = multinomial NLL + beta * KL, beta annealed linearly to beta_max over anneal_steps updates.
+           loss = multinomial NLL + beta * KL, beta by the config's schedule (`beta_at`).
 Multi-DAE: same without the variance head: I -> 200 -> I by default, loss = multinomial NLL (+ L2).
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from model.layers import ItemInput, gaussian_kl, item_output, linear, multinomial_nll
@@ -31,7 +31,42 @@ class VAEConfig(BaseModel):
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     variational: bool = True
     beta_max: float = Field(0.2, ge=0.0)
-    anneal_steps: int = Field(200_000, ge=0)
+    beta_schedule: Literal["progress", "constant", "liang"] = Field(
+        "progress", description="progress: beta_max reached at anneal_fraction of the planned updates (any data size); "
+                                "constant: beta_max from step 0; liang: step / anneal_steps, capped (sized for ML-20M)")
+    anneal_fraction: float = Field(0.2, gt=0.0, le=1.0, description="progress: the share of the planned updates "
+                                                                     "over which beta rises linearly to beta_max")
+    anneal_steps: int = Field(200_000, ge=0, description="liang: beta = step / anneal_steps (0: beta_max at once)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _liang_when_only_anneal_steps(cls, data: Any) -> Any:
+        """A config that names anneal_steps but no schedule (all configs written before beta_schedule existed, e.g.
+        an older bundle's) keeps the meaning it had then: Liang et al.'s step / anneal_steps."""
+        if isinstance(data, dict) and "anneal_steps" in data and "beta_schedule" not in data:
+            return {**data, "beta_schedule": "liang"}
+        return data
+
+
+def beta_at(config: VAEConfig, step: int, planned_updates: int | None = None) -> float:
+    """The KL weight at update `step` (0-based) of a run of `planned_updates` updates.
+
+    "progress" rises linearly from 0 to beta_max at anneal_fraction x planned_updates and stays there, so it
+    anneals the same share of any run (Liang et al.'s 200k-update ramp never ends on ml-1m's ~10 updates/epoch).
+    Without a plan (a model not trained by model.train.Trainer) "progress" cannot place the step: beta_max."""
+    if not config.variational:
+        return 0.0
+    if config.beta_schedule == "constant":
+        return config.beta_max
+    if config.beta_schedule == "liang":
+        if config.anneal_steps == 0:
+            return config.beta_max
+        # Liang et al.'s code: beta = step / total_anneal_steps, capped (0.2 is reached at 40k of the 200k updates)
+        return min(config.beta_max, step / config.anneal_steps)
+    if planned_updates is None:
+        return config.beta_max
+    ramp = config.anneal_fraction * planned_updates
+    return config.beta_max if ramp <= 0 or step >= ramp else config.beta_max * step / ramp
 
 
 def dae_config(**overrides: object) -> VAEConfig:
@@ -77,6 +112,8 @@ class MultiVAE(nn.Module):
         self.config = config = config or VAEConfig()
         self.n_items = n_items
         self.latent_dim = config.latent_dim
+        # updates the whole run plans (epochs x updates per epoch): set by model.train.Trainer, drives "progress"
+        self.planned_updates: int | None = None
         dims = [*config.hidden_dims, config.latent_dim]
         self.item_in = ItemInput(n_items, dims[0] * (2 if len(dims) == 1 and config.variational else 1))
         enc: list[nn.Module] = []
@@ -117,13 +154,11 @@ class MultiVAE(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"all": list(self.parameters())}
 
-    def beta(self, step: int) -> float:
-        if not self.config.variational:
-            return 0.0
-        if self.config.anneal_steps == 0:
-            return self.config.beta_max
-        # Liang et al.'s code: beta = step / total_anneal_steps, capped (0.2 is reached at 40k of the 200k updates)
-        return min(self.config.beta_max, step / self.config.anneal_steps)
+    def beta(self, step: int, planned_updates: int | None = None) -> float:
+        """beta_at for this model's config; the plan is `planned_updates` if given, else the one the trainer set.
+        (Also called unbound on any object with a `config`, e.g. SimpleNamespace(config=vae).)"""
+        plan = planned_updates if planned_updates is not None else getattr(self, "planned_updates", None)
+        return beta_at(self.config, step, plan)
 
     def loss(self, x: SparseBatch, *, step: int, phase: Phase) -> LossOut:
         mu, logvar = self.encode(x, phase.dropout)

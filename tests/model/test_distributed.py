@@ -78,7 +78,9 @@ def resume_case(ckpt: Path) -> dict[str, Any]:
 
     def trainer(seed: int) -> Trainer:
         torch.manual_seed(seed)
-        return Trainer(MultiVAE(N_ITEMS, VAEConfig(hidden_dims=(32,), latent_dim=8)), split.train, cfg, PIA, split.valid)
+        # beta rises over the whole run ("progress" over all planned updates): the checkpoint is taken mid-ramp
+        vae = VAEConfig(hidden_dims=(32,), latent_dim=8, beta_schedule="progress", anneal_fraction=1.0)
+        return Trainer(MultiVAE(N_ITEMS, vae), split.train, cfg, PIA, split.valid)
 
     def save(state: dict[str, Any]) -> None:
         if state["epoch"] == 2:
@@ -95,7 +97,7 @@ def resume_case(ckpt: Path) -> dict[str, Any]:
         assert t.anchors is not None
         out[name] = {"model": t.model.state_dict(), "anchors": t.anchors.weight.detach().clone(),
                      "history": [{k: v for k, v in r.items() if k != "train_seconds"} for r in t.history],
-                     "best_epoch": t.best_epoch}
+                     "best_epoch": t.best_epoch, "planned": (t.planned_updates, t.model.planned_updates)}
     return out
 
 
@@ -190,6 +192,14 @@ def test_resume_under_ddp_reproduces_the_uninterrupted_run(ranks: list[dict[str,
         assert torch.equal(full["anchors"], resumed["anchors"])
         for k in full["model"]:
             assert torch.equal(full["model"][k], resumed["model"][k]), k
+    # the beta ramp is planned in global batches (every rank the same plan) and survives the resume mid-ramp
+    batches = -(-400 // 64)  # 400 training users, global batches of 64
+    for r in ranks:
+        assert r["full"]["planned"] == r["resumed"]["planned"] == (4 * batches, 4 * batches)
+        betas = [h["beta"] for h in r["full"]["history"]]
+        assert 0 < betas[1] < betas[2] < betas[3] < 0.2
+        want = [sum(0.2 * s / (4 * batches) for s in range(e * batches, (e + 1) * batches)) / batches for e in range(4)]
+        assert betas == pytest.approx(want)  # each epoch's mean beta: the single-process schedule
     for k in ranks[0]["full"]["model"]:  # identical weights on both ranks
         assert torch.equal(ranks[0]["full"]["model"][k], ranks[1]["full"]["model"][k]), k
     assert ranks[0]["full"]["history"] == ranks[1]["full"]["history"]  # the same record (and stop) everywhere

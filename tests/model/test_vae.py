@@ -133,7 +133,7 @@ def test_gaussian_kl_closed_form() -> None:
 
 
 def test_beta_annealing() -> None:
-    model = MultiVAE(10, VAEConfig(hidden_dims=(), latent_dim=2, beta_max=0.2, anneal_steps=1000))
+    model = MultiVAE(10, VAEConfig(hidden_dims=(), latent_dim=2, beta_max=0.2, beta_schedule="liang", anneal_steps=1000))
     assert model.beta(0) == 0.0
     assert model.beta(100) == pytest.approx(0.1)
     assert model.beta(150) == pytest.approx(0.15)
