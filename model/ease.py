@@ -1,5 +1,12 @@
 """EASE (Steck, 2019): B = I - P diag(1/diag(P)), P = (X^T X + lambda I)^-1, diag(B) = 0.
 
+EDLAE (Steck, 2020, "Autoencoders that don't overfit towards the Identity"): the closed form of a linear
+autoencoder trained with dropout p on its input ("emphasized denoising"): the dropout becomes a diagonal penalty
+Lambda = lambda I + p/(1-p) diag(X^T X), P = (X^T X + Lambda)^-1. Full rank (the paper's EDLAE): B = I - P Lambda,
+whose diagonal is not forced to 0 (the dropout, not a constraint, keeps B away from the identity); with the
+constraint diag(B) = 0 it is EASE's solution under that penalty, B = I - P diag(1/diag(P)). p = 0 with the
+constraint is EASE.
+
 Memory: one dense I x I matrix. On the CPU the Gram matrix is inverted in place (LAPACK potrf + potri on
 the same buffer), so peak memory is one I x I matrix plus the sparse Gram. On a GPU the Gram matrix is
 accumulated there from dense user blocks (exact: float32/float64 accumulation, no TF32), then a Cholesky
@@ -24,6 +31,15 @@ class EASEConfig(BaseModel):
 
     l2: float = Field(500.0, gt=0.0, description="lambda on the Gram diagonal")
     dtype: Literal["float32", "float64"] = "float32"
+
+
+class EDLAEConfig(EASEConfig):
+    """EASE's settings plus the dropout emphasis (a subclass, so code that sets l2 on an EASEConfig sets it here)."""
+
+    dropout: float = Field(0.25, ge=0.0, lt=1.0, description="p: input dropout; penalty p/(1-p) x each item's Gram "
+                                                                "diagonal (its count, for binary data)")
+    zero_diagonal: bool = Field(False, description="True: EASE's constraint diag(B) = 0 under the EDLAE penalty; "
+                                                   "False: the full-rank EDLAE, B = I - P Lambda")
 
 
 def gram_dense(x: sp.csr_matrix, dtype: np.dtype, row_block: int = 4096) -> np.ndarray:
@@ -91,21 +107,37 @@ def gram_cuda(x: sp.csr_matrix, dtype: torch.dtype, device: torch.device, user_b
 
 
 def ease_weights(x: sp.csr_matrix, config: EASEConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The item-item weight matrix B [I, I] on `device`."""
+    """The item-item weight matrix B [I, I] on `device` (EASE, or EDLAE for an EDLAEConfig)."""
+    if isinstance(config, EDLAEConfig):
+        return closed_form_weights(x, config.l2, config.dropout, config.zero_diagonal, config.dtype, device)
+    return closed_form_weights(x, config.l2, 0.0, True, config.dtype, device)
+
+
+def closed_form_weights(x: sp.csr_matrix, l2: float, dropout: float, zero_diagonal: bool,
+                        dtype: Literal["float32", "float64"], device: torch.device | str = "cpu") -> torch.Tensor:
+    """B [I, I] for the penalty Lambda = l2 + dropout/(1-dropout) x diag(X^T X) (see the module doc)."""
     device = torch.device(device)
-    np_dtype = np.dtype(config.dtype)
+    emphasis = dropout / (1.0 - dropout)
     if device.type == "cuda":
-        gt = gram_cuda(sp.csr_matrix(x), getattr(torch, config.dtype), device)
-        gt.diagonal().add_(config.l2)
+        gt = gram_cuda(sp.csr_matrix(x), getattr(torch, dtype), device)
+        lam = torch.diagonal(gt) * emphasis + l2  # a new tensor: Lambda's diagonal
+        gt.diagonal().add_(lam)
         chol = torch.linalg.cholesky(gt)
         del gt
         p = torch.cholesky_inverse(chol)
         del chol
     else:
-        g = gram_dense(sp.csr_matrix(x), np_dtype)
-        g[np.diag_indices_from(g)] += config.l2
+        g = gram_dense(sp.csr_matrix(x), np.dtype(dtype))
+        diag = np.diag_indices_from(g)
+        lam_np = g[diag] * np.asarray(emphasis, g.dtype) + np.asarray(l2, g.dtype)
+        g[diag] += lam_np
         p = torch.from_numpy(_spd_inverse_inplace(g))
-    d = torch.diagonal(p).clone()
-    p.div_(-d[None, :])  # B_ij = -P_ij / P_jj
-    p.fill_diagonal_(0.0)
+        lam = torch.from_numpy(lam_np)
+    if zero_diagonal:
+        d = torch.diagonal(p).clone()
+        p.div_(-d[None, :])  # B_ij = -P_ij / P_jj
+        p.fill_diagonal_(0.0)
+    else:
+        p.mul_(-lam[None, :])  # B = I - P Lambda: B_ij = -P_ij Lambda_jj, plus 1 on the diagonal
+        p.diagonal().add_(1.0)
     return p

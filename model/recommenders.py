@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from model.base import Recommender
-from model.ease import EASEConfig, ease_weights
+from model.ease import EASEConfig, EDLAEConfig, ease_weights
 from model.layers import buffer_fits
 from model.pia import PIAConfig
 from model.popularity import item_popularity
@@ -69,6 +69,16 @@ class EASE(Recommender):
         # x_u @ B as a weighted sum of B's rows for the user's items (embedding_bag has no `out`: unused here)
         return nn.functional.embedding_bag(history.cols, w, history.offsets, mode="sum",
                                            per_sample_weights=history.vals.to(w.dtype)).float()
+
+
+class EDLAE(EASE):
+    """EASE's scoring with EDLAE's weights (model.ease: the dropout-emphasis penalty, full rank by default)."""
+
+    name = "edlae"
+
+    def __init__(self, config: EDLAEConfig | None = None, device: str = "auto"):
+        super().__init__(config or EDLAEConfig(), device)
+        self.config: EDLAEConfig
 
 
 class Autoencoder(Recommender):
@@ -136,8 +146,8 @@ ARCHS: dict[str, tuple[Callable[[int, Any], nn.Module], Callable[[], BaseModel]]
     "recvae": (RecVAE, RecVAEConfig),
 }
 
-MODEL_NAMES = ("popularity", "ease", "multidae", "multivae", "multivae-pia", "recvae", "recvae-pia")
-CLOSED_FORM = ("popularity", "ease")  # fit in one solve: no epochs, no early stopping
+MODEL_NAMES = ("popularity", "ease", "edlae", "multidae", "multivae", "multivae-pia", "recvae", "recvae-pia")
+CLOSED_FORM = ("popularity", "ease", "edlae")  # fit in one solve: no epochs, no early stopping
 RECVAE_EPOCHS = 50  # RecVAE's reference budget (Shenbin et al. 2020)
 
 
@@ -152,11 +162,17 @@ def epoch_budget(name: str, epochs: int, recvae_epochs: int | None = None) -> in
 
 def make_recommender(name: str, *, train: TrainConfig | None = None, pia: PIAConfig | None = None,
                      ease: EASEConfig | None = None, model_config: BaseModel | None = None) -> Recommender:
-    """A fresh recommender by name; `-pia` names need a PIAConfig with weight > 0."""
+    """A fresh recommender by name; `-pia` names need a PIAConfig with weight > 0. `ease` configures EASE, and
+    EDLAE too: an EDLAEConfig as is, a plain EASEConfig as EDLAE's defaults with its l2 and dtype."""
     if name == "popularity":
         return Popularity()
     if name == "ease":
+        if isinstance(ease, EDLAEConfig):
+            raise ValueError("an EDLAEConfig configures 'edlae', not 'ease' (EASE would ignore its dropout)")
         return EASE(ease, device=(train or TrainConfig()).device)
+    if name == "edlae":
+        edlae = ease if isinstance(ease, EDLAEConfig) or ease is None else EDLAEConfig(l2=ease.l2, dtype=ease.dtype)
+        return EDLAE(edlae, device=(train or TrainConfig()).device)
     arch = name.removesuffix("-pia")
     if arch not in ARCHS:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")

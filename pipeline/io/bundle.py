@@ -148,8 +148,8 @@ def _describe(rec: Recommender) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         return spec, rec.inference_state()
     if isinstance(rec, Popularity):
         return spec, {"counts": rec.counts.detach().cpu()}
-    if isinstance(rec, EASE):
-        return spec | {"ease": rec.config.model_dump(mode="json")}, {"weights": rec.weights.detach().cpu()}
+    if isinstance(rec, EASE):  # and EDLAE, its subclass: the config under the model's name ("ease" / "edlae")
+        return spec | {name: rec.config.model_dump(mode="json")}, {"weights": rec.weights.detach().cpu()}
     raise ValueError(f"cannot save a {type(rec).__name__} in a model bundle")
 
 
@@ -258,7 +258,7 @@ def _load_items(path: Path, data: bytes, n_items: int) -> tuple[np.ndarray, np.n
 
 def _rebuild(spec: dict[str, Any], state: dict[str, torch.Tensor], n_items: int, path: Path) -> Recommender:
     """The recommender named by `spec` (checked against MODEL_NAMES) with the weights in `state`."""
-    from model.ease import EASEConfig
+    from model.ease import EASEConfig, EDLAEConfig
     from model.pia import PIAConfig
     from model.recommenders import ARCHS, Autoencoder, make_recommender
     from model.train import TrainConfig
@@ -276,9 +276,10 @@ def _rebuild(spec: dict[str, Any], state: dict[str, torch.Tensor], n_items: int,
             want({"counts"}, {"counts": (n_items,)})
             rec = make_recommender(name)
             rec.counts = state["counts"].float()  # type: ignore[attr-defined]
-        elif name == "ease":
+        elif name in ("ease", "edlae"):
             want({"weights"}, {"weights": (n_items, n_items)})
-            rec = make_recommender(name, train=TrainConfig(device="cpu"), ease=EASEConfig.model_validate(spec.get("ease")))
+            config = (EASEConfig if name == "ease" else EDLAEConfig).model_validate(spec.get(name))
+            rec = make_recommender(name, train=TrainConfig(device="cpu"), ease=config)
             rec.weights = state["weights"].float()  # type: ignore[attr-defined]
         else:
             arch = name.removesuffix("-pia")

@@ -2,8 +2,8 @@
 
 Per seed: one user split (seed s), models trained on the training users, the epoch and every
 hyperparameter chosen on validation users only, test users scored once. Hyperparameter grids (EASE's
-l2, PIA's lambda_A) are searched on the validation users of the first seed's split; the chosen values are
-then used for every seed (the first seed reuses the model trained during the search).
+l2, EDLAE's (l2, dropout) pairs, PIA's lambda_A) are searched on the validation users of the first seed's split;
+the chosen values are then used for every seed (the first seed reuses the model trained during the search).
 
 Every finished fit is recorded in OUT/checkpoint.json, each grid value of a search too; `resume=True` (`--resume`)
 reuses those fits and runs only the rest, so a run stopped by a timeout or a restart loses at most the fit it was in.
@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from model.base import Recommender
-from model.ease import EASEConfig
+from model.ease import EASEConfig, EDLAEConfig
 from model.evaluate import evaluate
 from model.pia import PIAConfig
 from model.popularity import item_popularity
@@ -37,7 +37,7 @@ from pipeline.errors import DataError
 from pipeline.io.lake import resolve
 from pipeline.io.publish import write_single_object
 from pipeline.job import Job, JobResult
-from pipeline.research.report import write_report
+from pipeline.research.report import hp_label, write_report
 from pipeline.training.evaluation import ACTIVITY_GROUPS, METRICS, machine_name, summarize
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ SYNTHETIC = "synthetic"
 CHECKPOINT = "checkpoint.json"
 # options a resumed run may change: where it writes, bars, and how many seeds/models it runs (fits are keyed by both)
 RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models"})
+# a searched value: a float (EASE's l2, PIA's lambda_A) or EDLAE's (l2, dropout) pair (a list once read from JSON)
+HP = float | tuple[float, ...] | list[float]
+DEFAULT_EDLAE_GRID = ((50.0, 0.1), (50.0, 0.25), (200.0, 0.1), (200.0, 0.25), (500.0, 0.1), (500.0, 0.25))
 
 
 class ExperimentResult(JobResult):
@@ -78,7 +81,8 @@ class ExperimentJob(Job):
     pia_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
     pia_estimator: str = "closed_form"
     ease_grid: tuple[float, ...] = (100.0, 250.0, 500.0, 1000.0)
-    max_ease_items: int = Field(50_000, ge=1, description="skip EASE (I x I dense) above this catalog size")
+    edlae_grid: tuple[tuple[float, float], ...] = Field(DEFAULT_EDLAE_GRID, description="EDLAE's (l2, dropout) pairs")
+    max_ease_items: int = Field(50_000, ge=1, description="skip EASE/EDLAE (I x I dense) above this catalog size")
     synthetic_users: int = 3000
     synthetic_items: int = 1000
     progress: bool = True
@@ -97,6 +101,13 @@ class ExperimentJob(Job):
     def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         if not v or any(x <= 0 for x in v):
             raise ValueError("pia_grid needs at least one lambda_A > 0")
+        return v
+
+    @field_validator("edlae_grid")
+    @classmethod
+    def _edlae_pairs(cls, v: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        if not v or any(not (l2 > 0 and 0 <= p < 1) for l2, p in v):
+            raise ValueError("edlae_grid needs at least one (l2, dropout) pair with l2 > 0 and 0 <= dropout < 1")
         return v
 
     def run(self) -> ExperimentResult:
@@ -133,16 +144,23 @@ class Experiment:
                            bf16=self.cfg.bf16, cuda_graph=self.cfg.cuda_graph and name.startswith("multi"),
                            patience=self.cfg.patience, progress=self.cfg.progress)
 
-    def build(self, name: str, seed: int, hp: float | None) -> Recommender:
-        """A fresh model; `hp` is the searched value (EASE l2 or PIA lambda_A)."""
-        pia = PIAConfig(weight=hp, estimator=self.cfg.pia_estimator) if name.endswith("-pia") and hp else None
-        ease = EASEConfig(l2=hp) if name == "ease" and hp else None
+    def build(self, name: str, seed: int, hp: HP | None) -> Recommender:
+        """A fresh model; `hp` is the searched value (EASE l2, EDLAE (l2, dropout) or PIA lambda_A)."""
+        ease: EASEConfig | None = None
+        if name == "edlae" and isinstance(hp, tuple | list):
+            ease = EDLAEConfig(l2=hp[0], dropout=hp[1])
+        elif name == "ease" and isinstance(hp, float | int) and hp:
+            ease = EASEConfig(l2=hp)
+        pia = PIAConfig(weight=hp, estimator=self.cfg.pia_estimator) if name.endswith("-pia") and \
+            isinstance(hp, float | int) and hp else None
         return make_recommender(name, train=self.train_config(name, seed), pia=pia, ease=ease)
 
-    def grid(self, name: str) -> tuple[float, ...]:
+    def grid(self, name: str) -> tuple[HP, ...]:
         """The values searched for a model on validation users (empty: nothing to search)."""
         if name == "ease":
             return self.cfg.ease_grid
+        if name == "edlae":
+            return self.cfg.edlae_grid
         if name.endswith("-pia"):
             return self.cfg.pia_grid
         return ()
@@ -152,7 +170,7 @@ class Experiment:
         cfg = self.cfg
         t_start = time.perf_counter()
         data = load_experiment_data(cfg)
-        models = [m for m in cfg.models if not (m == "ease" and data.n_items > cfg.max_ease_items)]
+        models = [m for m in cfg.models if not (m in ("ease", "edlae") and data.n_items > cfg.max_ease_items)]
         skipped = [m for m in cfg.models if m not in models]
         counts = np.diff(data.matrix.indptr)
         seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
@@ -161,12 +179,12 @@ class Experiment:
         if ckpt is None and (cfg.out / CHECKPOINT).exists():
             log.warning("%s holds the fits of an earlier run: starting over (--resume continues it)", cfg.out / CHECKPOINT)
         earlier = ckpt or {"per_seed": {}, "tuning": {}, "chosen": {}, "wall_seconds": 0.0}
-        searching: dict[str, list[dict[str, float]]] = dict(earlier.get("searching", {}))  # unfinished searches
+        searching: dict[str, list[dict[str, Any]]] = dict(earlier.get("searching", {}))  # unfinished searches
         restored = {(m, r["seed"]): r for m, rows in earlier["per_seed"].items() for r in rows}
         earlier_wall = earlier["wall_seconds"]
         per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
-        tuning: dict[str, list[dict[str, float]]] = {}
-        chosen: dict[str, float | None] = {}
+        tuning: dict[str, list[dict[str, Any]]] = {}
+        chosen: dict[str, HP | None] = {}
         resumed: list[str] = []
 
         def save_checkpoint() -> None:
@@ -221,12 +239,12 @@ class Experiment:
                     split = self.split(data, seed)
                     pop = item_popularity(split.train)
                 if si == 0 and self.grid(name):
-                    def searched(rows: list[dict[str, float]], name: str = name) -> None:
+                    def searched(rows: list[dict[str, Any]], name: str = name) -> None:
                         searching[name] = rows
                         save_checkpoint()
 
                     prior = searching.get(name, [])
-                    resumed.extend(f"{name} value {r['value']:g} (search, seed {seed})" for r in prior)
+                    resumed.extend(f"{name} value {hp_label(r['value'])} (search, seed {seed})" for r in prior)
                     rec, chosen[name], tuning[name] = self.tune(name, seed, split, prior, searched)
                 else:
                     rec = self.build(name, seed, chosen.get(name))
@@ -243,8 +261,10 @@ class Experiment:
         return results
 
     def fingerprint(self, data: Interactions) -> dict[str, Any]:
-        """What a checkpoint's fits depend on: every option but RESUMABLE, the device, and the data's shape."""
-        return {"config": json.loads(self.cfg.model_dump_json(exclude=set(RESUMABLE))), "device": self.device,
+        """What a checkpoint's fits depend on: every option but RESUMABLE, the device, and the data's shape.
+        (edlae_grid only when not the default: checkpoints written before it existed still resume.)"""
+        exclude = set(RESUMABLE) | ({"edlae_grid"} if self.cfg.edlae_grid == DEFAULT_EDLAE_GRID else set())
+        return {"config": json.loads(self.cfg.model_dump_json(exclude=exclude)), "device": self.device,
                 "data": {"users": data.n_users, "items": data.n_items, "nnz": int(data.matrix.nnz)}}
 
     def split(self, data: Interactions, seed: int) -> Split:
@@ -256,27 +276,28 @@ class Experiment:
             raise DataError(f"the data set is too small for the held-out split: {e}",
                             "use a larger data set, or smaller --n-valid/--n-test") from e
 
-    def tune(self, name: str, seed: int, split: Split, done: list[dict[str, float]] | None = None,
-             on_value: Callable[[list[dict[str, float]]], None] | None = None,
-             ) -> tuple[Recommender, float, list[dict[str, float]]]:
+    def tune(self, name: str, seed: int, split: Split, done: list[dict[str, Any]] | None = None,
+             on_value: Callable[[list[dict[str, Any]]], None] | None = None,
+             ) -> tuple[Recommender, HP, list[dict[str, Any]]]:
         """Grid search on validation users; returns the best model (fit), its value, the table. `done`: rows of
         values an earlier, stopped run finished (not fit again); `on_value(table)` after each new value."""
-        restored = {r["value"]: r for r in done or []}
-        best: tuple[float, Recommender | None, float] | None = None
-        table: list[dict[str, float]] = []
+        restored = {_hp_key(r["value"]): r for r in done or []}
+        best: tuple[float, Recommender | None, HP] | None = None
+        table: list[dict[str, Any]] = []
         for hp in self.grid(name):
             rec: Recommender | None = None
-            if hp in restored:
-                row = restored[hp]
-                print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={row['val_ndcg@100']:.4f} (restored)",
-                      flush=True)
+            if _hp_key(hp) in restored:
+                row = restored[_hp_key(hp)] | {"value": hp}  # the grid's spelling (a pair is a list in JSON)
+                print(f"[{self.cfg.dataset}] tune {name} {hp_label(hp)}: val ndcg@100={row['val_ndcg@100']:.4f} "
+                      "(restored)", flush=True)
             else:
                 rec = self.build(name, seed, hp)
                 rec.fit(split.train, split.valid)
                 val = evaluate(rec.score, split.valid.fold_in, split.valid.targets, device=rec.device).mean()
                 row = {"value": hp, "val_ndcg@100": val["ndcg@100"], "val_recall@20": val["recall@20"],
                        "best_epoch": float(getattr(rec, "best_epoch", 0))}
-                print(f"[{self.cfg.dataset}] tune {name} {hp:g}: val ndcg@100={row['val_ndcg@100']:.4f}", flush=True)
+                print(f"[{self.cfg.dataset}] tune {name} {hp_label(hp)}: val ndcg@100={row['val_ndcg@100']:.4f}",
+                      flush=True)
             table.append(row)
             if rec is not None and on_value is not None:
                 on_value(list(table))
@@ -285,8 +306,8 @@ class Experiment:
         assert best is not None
         _, rec, hp = best
         if rec is None:  # the winner was fit by the stopped run: fit it again, same seed, for the test scoring
-            print(f"[{self.cfg.dataset}] tune {name}: refitting the chosen {hp:g} (its fit was in the stopped run)",
-                  flush=True)
+            print(f"[{self.cfg.dataset}] tune {name}: refitting the chosen {hp_label(hp)} (its fit was in the stopped "
+                  "run)", flush=True)
             rec = self.build(name, seed, hp)
             rec.fit(split.train, split.valid)
         return rec, hp, table
@@ -365,6 +386,11 @@ def _differences(then: Any, now: Any, key: str = "") -> list[str]:
 def _write(path: Path, text: str) -> None:
     """Readers (and a resumed run) see the old file or the new one, never a torn one."""
     write_single_object(resolve(path), text.encode())
+
+
+def _hp_key(v: HP) -> float | tuple[float, ...]:
+    """A searched value as a dict key (JSON gives a pair back as a list)."""
+    return tuple(v) if isinstance(v, tuple | list) else v
 
 
 def _count(v: float) -> int | float:

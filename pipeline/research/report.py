@@ -74,9 +74,16 @@ def render(results: dict[str, Any]) -> str:
         for name, rows in results["tuning"].items():
             for r in rows:
                 mark = " **(chosen)**" if r["value"] == results["chosen"].get(name) else ""
-                lines.append(f"| {name} | {r['value']:g}{mark} | {r['val_ndcg@100']:.4f} | "
+                lines.append(f"| {name} | {hp_label(r['value'])}{mark} | {r['val_ndcg@100']:.4f} | "
                              f"{r['val_recall@20']:.4f} | {int(r['best_epoch'])} |")
     return "\n".join(lines) + "\n"
+
+
+def hp_label(value: Any) -> str:
+    """A searched value as text: a number (l2, lambda_A), or EDLAE's (l2, dropout) pair."""
+    if isinstance(value, tuple | list):
+        return f"l2={value[0]:g}, p={value[1]:g}"
+    return f"{value:g}"
 
 
 def write_report(results: dict[str, Any], path: Path) -> None:

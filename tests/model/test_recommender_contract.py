@@ -191,6 +191,7 @@ def test_registry() -> None:
     assert set(MODEL_NAMES) == {
         "popularity",
         "ease",
+        "edlae",
         "multidae",
         "multivae",
         "multivae-pia",
