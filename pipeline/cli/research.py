@@ -16,11 +16,22 @@ def _floats(value: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value.split(",") if v.strip())
 
 
+def _pairs(value: str) -> tuple[tuple[float, float], ...]:
+    """'l2:p,l2:p' -> ((l2, p), ...): EDLAE's grid."""
+    out = []
+    for v in (v.strip() for v in value.split(",") if v.strip()):
+        l2, sep, p = v.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{v!r} is not l2:dropout (e.g. 100:0.5)")
+        out.append((float(l2), float(p)))
+    return tuple(out)
+
+
 def register(sub: Any) -> None:
     e = sub.add_parser("experiment", help="strong-generalization evaluation of several models over seeds")
     e.add_argument("--dataset", required=True, help="a name under the data folder, a Parquet path, or 'synthetic'")
     e.add_argument("--models", type=_models, default=("popularity", "ease", "multivae", "multivae-pia"),
-                   help="comma-separated: popularity, ease, multidae, multivae, multivae-pia, recvae, recvae-pia")
+                   help="comma-separated: popularity, ease, edlae, multidae, multivae, multivae-pia, recvae, recvae-pia")
     e.add_argument("--seeds", type=int, default=5, help="seeds to run; each is its own user split and initialization")
     e.add_argument("--first-seed", type=int, default=0, help="seed of the first run (to add seeds to a finished run)")
     e.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
@@ -41,6 +52,8 @@ def register(sub: Any) -> None:
                    help="λ_A values tried for the PIA models, chosen on validation users")
     e.add_argument("--ease-grid", type=_floats, default=(100.0, 250.0, 500.0, 1000.0),
                    help="EASE l2 values tried, chosen on validation users")
+    e.add_argument("--edlae-grid", type=_pairs, default=None,
+                   help="EDLAE (l2, dropout) pairs tried as l2:p,l2:p (default: ExperimentJob's), chosen on validation users")
     e.add_argument("--max-ease-items", type=int, default=50_000, help="skip EASE (I x I dense) above this catalog size")
     e.add_argument("--synthetic-users", type=int, default=3000, help="size of the 'synthetic' data set")
     e.add_argument("--synthetic-items", type=int, default=1000, help="catalog of the 'synthetic' data set")
@@ -83,6 +96,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         min_rating=args.min_rating,
         n_valid=args.n_valid, n_test=args.n_test,
         pia_grid=args.pia_grid, ease_grid=args.ease_grid, max_ease_items=args.max_ease_items,
+        **({"edlae_grid": args.edlae_grid} if args.edlae_grid is not None else {}),
         synthetic_users=args.synthetic_users, synthetic_items=args.synthetic_items, progress=not args.no_progress,
         resume=args.resume,
     )

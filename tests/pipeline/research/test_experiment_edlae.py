@@ -86,3 +86,16 @@ def test_edlae_is_skipped_above_the_catalog_limit(tmp_path: Path) -> None:
 def test_a_bad_grid_is_refused(tmp_path: Path, grid: tuple) -> None:
     with pytest.raises(pydantic.ValidationError):
         small(tmp_path, edlae_grid=grid)
+
+
+def test_the_cli_takes_the_grid_as_l2_colon_p_pairs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli.main import main
+
+    args = ["experiment", "--dataset", "synthetic", "--models", "edlae", "--seeds", "1", "--no-progress",
+            "--synthetic-users", "400", "--synthetic-items", "150", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "ok"), "--edlae-grid", "200:0,10:0.5"]) == 0
+    res = json.loads((tmp_path / "ok" / "results.json").read_text())
+    assert [r["value"] for r in res["tuning"]["edlae"]] == [[200.0, 0.0], [10.0, 0.5]]
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "bad"), "--edlae-grid", "200"])
+    assert "not l2:dropout" in capsys.readouterr().err and not (tmp_path / "bad").exists()
