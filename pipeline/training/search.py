@@ -331,7 +331,12 @@ def search_one(s: Any, name: str, space: dict[str, Any], budget: float, prefix: 
         optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.startup_trials, n_warmup_steps=cfg.pruner.warmup_epochs)
         if cfg.pruner.median else optuna.pruners.NopPruner())
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.random_trials)
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name=f"{prefix}{name}")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed below instead
+    try:
+        study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name=prefix + name)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     if cfg.start_from_job:
         start = _start_params(s.job, space)
         if start:
@@ -382,8 +387,7 @@ def search_one(s: Any, name: str, space: dict[str, Any], budget: float, prefix: 
             raise optuna.TrialPruned()
         return best  # NaN: Optuna marks the trial failed
 
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed above
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study.optimize(objective, n_trials=cfg.trials, timeout=budget, gc_after_trial=True)
     finally:
