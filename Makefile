@@ -11,7 +11,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 export PYTHONHASHSEED := 0
 export RECSYS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv run ui test lint typecheck fmt bench-train bench-train-ddp bench-ease bench-build bench-infer bench-recs experiment results backfill clean
+.PHONY: venv run ui test lint typecheck fmt bench-train bench-train-ddp bench-ease bench-build bench-infer bench-cold bench-recs experiment results backfill clean
 
 venv: $(STAMP)
 
@@ -75,6 +75,9 @@ bench-build: venv
 
 bench-infer: venv
 	$(PY) -m bench.infer $(ARGS)
+
+bench-cold: venv
+	$(PY) -m bench.cold_items $(ARGS)
 
 bench-recs: venv
 	$(PY) -m bench.recs_lookup $(ARGS)

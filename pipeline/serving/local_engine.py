@@ -180,6 +180,7 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         scratch.close()
     if cold is not None:
         avail_counts |= cold_stats(cold, avail_counts.pop("cold_users", 0))
+        stats["cold_merge_seconds"] = round(avail_counts.pop("cold_merge_us", 0) / 1e6, 3)  # inside score_seconds
     return stats | avail_counts | {"precision": choice.chosen, "precision_reason": choice.reason,
                     "active_users": writer.rows, "fallback_users": fallback_users,
                     "score_seconds": round(clock.seconds.get("score", 0.0), 3), "phase_seconds": clock.rounded()}

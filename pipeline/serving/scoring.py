@@ -7,6 +7,7 @@ device its bundle is on.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -97,9 +98,10 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
         fb_scores = np.full(k, -np.inf, np.float32)
         fb_items[:len(pop[:k])], fb_scores[:len(pop[:k])] = pop[:k], pop_scores[:k]
     top[fallback, :k], scores[fallback, :k] = fb_items, fb_scores
-    cold_users = 0
+    cold_users, t_cold = 0, time.perf_counter()
     if cold is not None and fallback.any() and (scores[fallback] == -np.inf).any():  # short lists only
         top[fallback], scores[fallback], cold_users = merge_cold(top[fallback], scores[fallback], None, cold, n_items)
+    cold_s = time.perf_counter() - t_cold
     if on_batch is not None and fallback.any():
         on_batch(int(fallback.sum()))
     known = np.flatnonzero(~fallback)
@@ -122,14 +124,17 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
                 counts["availability_backfilled_users"] = counts.get("availability_backfilled_users", 0) + backfilled
                 counts["availability_short_users"] = counts.get("availability_short_users", 0) + short
         if cold is not None:
+            t_cold = time.perf_counter()
             pad = kw - t.shape[1]
             t = np.pad(t, ((0, 0), (0, pad)))
             s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
             t, s, with_cold = merge_cold(t, s, sp.csr_matrix(sub, dtype=np.float32), cold, n_items)
             cold_users += with_cold
+            cold_s += time.perf_counter() - t_cold
         top[known], scores[known] = t, s
     if cold is not None and counts is not None:
         counts["cold_users"] = counts.get("cold_users", 0) + cold_users
+        counts["cold_merge_us"] = counts.get("cold_merge_us", 0) + int(cold_s * 1e6)  # the cold items' share of scoring
     if available is not None and counts is not None:
         counts.setdefault("availability_backfilled_users", 0)
         short_fb = int(fallback.sum()) if (fb_scores == -np.inf).any() else 0  # fewer available items than N

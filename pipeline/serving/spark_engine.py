@@ -230,7 +230,7 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         row: dict[str, Any] = {"error": None, "path": None, "rows": 0, "bytes": 0, "sha256": None, "fallback": 0,
                                "index": None, "backfilled": counts.get("availability_backfilled_users", 0),
                                "short": counts.get("availability_short_users", 0),
-                               "cold_users": counts.get("cold_users", 0),
+                               "cold_users": counts.get("cold_users", 0),  # (cold_merge_us: local engine only)
                                "cold_shown": json.dumps([] if cold is None else np.flatnonzero(cold.shown).tolist())}
         try:
             checks.check_part(t, users, indptr, cols, voc, top_n, model_version, out_mask)

@@ -250,3 +250,23 @@ def test_spark_engine_merges_like_the_local_engine(tmp_path: Path, ease_bundle: 
         assert a[key] == b[key], key
     la, lb = published(tmp_path / "local"), published(tmp_path / "spark")
     assert {u: r["item_ids"] for u, r in la.items()} == {u: r["item_ids"] for u, r in lb.items()}
+
+
+def test_the_linear_merge_equals_a_stable_sort_of_both_lists() -> None:
+    from pipeline.serving.cold_items import _merge_sorted
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        r, k, c = 5, int(rng.integers(1, 12)), int(rng.integers(1, 4))
+        s = rng.integers(-3, 6, (r, k)).astype(np.float32)
+        s[rng.random((r, k)) < 0.1] = -np.inf  # padding
+        s = -np.sort(-s, axis=1)
+        cs = rng.integers(-3, 6, (r, c)).astype(np.float32)
+        cs[rng.random((r, c)) < 0.3] = -np.inf  # no positive cold score
+        cs = -np.sort(-cs, axis=1)
+        t, ct = rng.integers(0, 100, (r, k)), np.tile(1000 + np.arange(c), (r, 1))
+        got_t, got_s = _merge_sorted(t, s, ct, cs)
+        o = np.argsort(-np.concatenate([s, cs], 1), axis=1, kind="stable")[:, :k]  # ties: the model's item first
+        want_s = np.take_along_axis(np.concatenate([s, cs], 1), o, 1)
+        want_t = np.take_along_axis(np.concatenate([t, ct], 1), o, 1)
+        assert np.array_equal(got_s, want_s) and np.array_equal(got_t[want_s > -np.inf], want_t[want_s > -np.inf])
