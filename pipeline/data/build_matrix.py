@@ -32,6 +32,10 @@
 7. The volume gates (against the previous manifest), then the tables are written under a new run folder and
    published by snapshot.publish (manifest last; the run it replaced is kept for readers still on it, older
    runs are removed; a failure before the manifest removes the new run).
+8. Optional (`items`: the items contract as of the date, e.g. ``<out>/items/dt=AS_OF``): an ``item_metadata``
+   table joins the metadata to the snapshot's columns and flags the cold items (no training click this week:
+   titles newer than the window, or earlier columns without clicks now); validated before anything is written
+   (a bad items file publishes nothing). Counts ``items_with_metadata`` and ``cold_items`` in the manifest.
 
 The users and items tables (one row per user or item) are written by the driver. The (user_idx, item_idx)
 tables, which grow with the events, are written by the executors (`_write_blocks`): rows go to blocks of
@@ -66,6 +70,7 @@ from model.split import heldout_count as split_count
 from pipeline.data import dq
 from pipeline.data.dq import DQConfig
 from pipeline.errors import DataError
+from pipeline.io.items import read_items
 from pipeline.io.lake import Location, resolve
 from pipeline.io.publish import hook
 from pipeline.io.snapshot import (
@@ -151,6 +156,9 @@ class BuildMatrixJob(Job):
     shuffle_partitions: int = Field(8, ge=1)
     driver_memory: str = "6g"  # only used when this job starts the Spark session
     dq: DQConfig = DQConfig()
+    # the items contract (pipeline.io.items) as of the snapshot date, e.g. <out>/items/dt=AS_OF: joined into the
+    # snapshot's optional item_metadata table (which items are cold: metadata, no training clicks); None: no table
+    items: str | None = None
 
     @model_validator(mode="after")
     def _one_master(self) -> BuildMatrixJob:
@@ -597,6 +605,8 @@ def _assemble(cfg: BuildMatrixJob, spark: SparkSession, pos: DataFrame, per_user
                            "user_id": _id_arrow(all_users), "role": pa.array(user_role.astype(str))}),
         "items": pa.table({"item_idx": pa.array(np.arange(len(all_items), dtype=np.int64)), "item_id": _id_arrow(all_items)}),
     }
+    if cfg.items is not None:  # validated before anything is written: a bad items file publishes nothing
+        small["item_metadata"] = item_metadata_table(read_items(cfg.items), all_items, train_item_ids)
     # blocks of consecutive user_idx holding about part_rows positives each: a function of the data only
     n_blocks = max(1, -(-int(users["n"].sum()) // cfg.part_rows))
     users_per_block = max(1, -(-len(all_users) // n_blocks))
@@ -621,6 +631,10 @@ def _assemble(cfg: BuildMatrixJob, spark: SparkSession, pos: DataFrame, per_user
                   "heldout_interactions": n_heldout, "events_read": rows_read, "events_in_window": stats.events,
                   "pairs": n_pairs, "new_users": len(all_users) - (len(prev_users) if prev_users is not None else 0),
                   "new_items": len(all_items) - (len(prev_items) if prev_items is not None else 0)}
+        if "item_metadata" in small:
+            meta = small["item_metadata"]
+            counts |= {"items_with_metadata": meta.num_rows,
+                       "cold_items": int(pc.sum(meta.column("cold")).as_py() or 0)}
         manifest = {
             "snapshot_id": f"as_of={cfg.as_of.isoformat()}", "as_of": cfg.as_of.isoformat(),
             "window": {"start": cfg.window_start.isoformat(), "end": cfg.as_of.isoformat(), "days": cfg.window_days,
@@ -638,6 +652,23 @@ def _assemble(cfg: BuildMatrixJob, spark: SparkSession, pos: DataFrame, per_user
         raise
     logger.info("published %s: %s", root.uri, counts)
     return root.uri
+
+
+def item_metadata_table(items: pa.Table, all_items: np.ndarray, train_item_ids: np.ndarray) -> pa.Table:
+    """The snapshot's item_metadata: one row per item of the (validated) items table, with its snapshot column
+    (item_idx, null for an item outside the matrix) and `cold` (no training click in this snapshot: a new title, or
+    a column kept from an earlier week without clicks now), then the contract's columns."""
+    ids = items.column("item_id").combine_chunks()
+    want = pa.int64() if np.issubdtype(all_items.dtype, np.integer) else pa.string()
+    if ids.type != want and not (pa.types.is_integer(ids.type) and want == pa.int64()):
+        raise DataError(f"the items file has item ids of type {ids.type}, the events {want}",
+                        "use the events' item ids in the items file (same catalog, same id type)")
+    ids = ids.cast(want)
+    idx = pd.Index(all_items).get_indexer(ids.to_numpy(zero_copy_only=False))
+    warm = pd.Index(train_item_ids).get_indexer(ids.to_numpy(zero_copy_only=False)) >= 0
+    cols = {"item_id": ids, "item_idx": pa.array(np.where(idx >= 0, idx, 0), pa.int64(), mask=idx < 0),
+            "cold": pa.array(~warm)}
+    return pa.table(cols | {c: items.column(c) for c in items.column_names if c != "item_id"})
 
 
 _SCHEMAS = {"train": pa.schema([("user_idx", pa.int64()), ("item_idx", pa.int64())]),

@@ -7,6 +7,9 @@ Layout under one snapshot folder (URI: a local path or s3://), published by writ
     <snapshot>/run-<id>/items/*.parquet      item_idx int64, item_id (int64 or string)   (column of the matrix)
     <snapshot>/run-<id>/train/*.parquet      user_idx int64, item_idx int64               (training users' items)
     <snapshot>/run-<id>/heldout/*.parquet    user_idx int64, item_idx int64, role: valid|test, part: fold_in|target
+    <snapshot>/run-<id>/item_metadata/*.parquet   optional (BuildMatrixJob.items): item_id, item_idx (null outside
+                                             the matrix), cold (no training click this snapshot), the items contract's
+                                             columns (pipeline.io.items) as of the snapshot date
 
 user_idx and item_idx are stable across weekly snapshots: a user seen before but without events in this window
 stays as role `inactive` (in no matrix), an item keeps its column even without training interactions this week.
@@ -59,6 +62,7 @@ class Snapshot:
     user_ids: np.ndarray  # external id of each user_idx
     item_ids: np.ndarray  # external id of each item_idx (column)
     manifest: dict[str, Any] = field(default_factory=dict)
+    item_metadata: pa.Table | None = None  # the optional item_metadata table (None: built without items)
 
     @property
     def n_items(self) -> int:
@@ -223,7 +227,8 @@ def write_snapshot(uri: str, user_ids: np.ndarray, item_ids: np.ndarray, split: 
 
 REBUILD = "rebuild the snapshot with `recsys build-matrix` (same --as-of and --out)"
 COLUMNS = {"users": ("user_idx", "user_id", "role"), "items": ("item_idx", "item_id"), "train": ("user_idx", "item_idx"),
-           "heldout": ("user_idx", "item_idx", "role", "part")}
+           "heldout": ("user_idx", "item_idx", "role", "part"), "item_metadata": ("item_id", "item_idx", "cold")}
+OPTIONAL_TABLES = ("item_metadata",)  # older snapshots have none: loaded as None
 
 
 def read_table(root: Location, manifest: dict[str, Any], name: str, verify: bool) -> pa.Table:
@@ -324,6 +329,8 @@ def load_snapshot(uri: str, verify: bool = True) -> Snapshot:
         train=train, valid=held("valid"), test=held("test"), train_users=train_users,
         user_ids=users["user_id"].to_numpy(zero_copy_only=False), item_ids=items["item_id"].to_numpy(zero_copy_only=False),
         manifest=manifest,
+        item_metadata=read_table(root, manifest, "item_metadata", verify)
+        if any(r.split("/")[1] == "item_metadata" for r in manifest["files"]) else None,
     )
 
 
