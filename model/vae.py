@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 
 
 class VAEConfig(BaseModel):
+    """The architecture and the KL weight's schedule.
+
+    Default schedule: "progress", beta_max 0.2 reached at 20% of the planned updates. On ml-1m-implicit-ge4 (seed 0,
+    validation NDCG@100, 200 epochs, patience 20) Liang's schedule, sized for ML-20M, ends near beta 0.003 (0.3895);
+    progress at 0.2 or 0.5 and constant beta 0.2 all reach 0.398-0.399 (issue 28). 0.2 rather than 0.5: a short
+    warm-up, then most of the run, and so the early-stopped epoch, at beta_max, the value a search tunes."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     hidden_dims: tuple[int, ...] = (600,)
