@@ -196,23 +196,21 @@ def merge_cold(top: np.ndarray, scores: np.ndarray, history: sp.csr_matrix | Non
 
 def _merge_sorted(t: np.ndarray, s: np.ndarray, ct: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two descending lists per row ([r, k] model, [r, c] cold; -inf = none) merged, the first k kept; a tie goes
-    to the model's item. c comparisons per slot instead of a sort: c is 1-3 and k 100."""
+    to the model's item. c comparisons per slot instead of a sort (c is 1-3, k 100): model item i lands at
+    i + (cold items ahead of it), cold item j at (model items ahead of it) + j, a permutation of 0..k+c-1."""
     r, k = t.shape
     c = ct.shape[1]
-    pos = np.stack([(s >= cs[:, [j]]).sum(1) for j in range(c)], 1)  # model items ahead of cold item j
-    shift = np.zeros((r, k + 1), np.int64)
-    np.add.at(shift, (np.repeat(np.arange(r), c), pos.ravel()), 1)
-    shift = np.cumsum(shift, axis=1)[:, :k]  # cold items ahead of model item i
-    out_t, out_s = np.zeros_like(t), np.full_like(s, -np.inf)
-    rows = np.broadcast_to(np.arange(r)[:, None], (r, k))
-    dest = np.arange(k)[None, :] + shift
-    keep = dest < k
-    out_t[rows[keep], dest[keep]], out_s[rows[keep], dest[keep]] = t[keep], s[keep]
+    ar = np.arange(k)
+    pos = np.stack([(s >= cs[:, [j]]).sum(1) for j in range(c)], 1)  # [r, c] model items ahead of cold item j
+    dest = ar[None, :] + sum((ar[None, :] >= pos[:, [j]]).astype(np.int64) for j in range(c))
     cdest = pos + np.arange(c)[None, :]
-    ckeep = (cdest < k) & (cs > -np.inf)
-    crows = np.broadcast_to(np.arange(r)[:, None], (r, c))
-    out_t[crows[ckeep], cdest[ckeep]], out_s[crows[ckeep], cdest[ckeep]] = ct[ckeep], cs[ckeep]
-    return out_t, out_s
+    out_t = np.empty((r, k + c), t.dtype)
+    out_s = np.empty((r, k + c), s.dtype)
+    np.put_along_axis(out_t, dest, t, 1)
+    np.put_along_axis(out_s, dest, s, 1)
+    np.put_along_axis(out_t, cdest, ct.astype(t.dtype), 1)
+    np.put_along_axis(out_s, cdest, cs, 1)
+    return out_t[:, :k], out_s[:, :k]
 
 
 def _fill_short(top: np.ndarray, scores: np.ndarray, cold: ColdItems, n_items: int, sc: np.ndarray | None) -> None:
