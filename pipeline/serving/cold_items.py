@@ -200,10 +200,12 @@ def _merge_sorted(t: np.ndarray, s: np.ndarray, ct: np.ndarray, cs: np.ndarray) 
     i + (cold items ahead of it), cold item j at (model items ahead of it) + j, a permutation of 0..k+c-1."""
     r, k = t.shape
     c = ct.shape[1]
-    ar = np.arange(k)
-    pos = np.stack([(s >= cs[:, [j]]).sum(1) for j in range(c)], 1)  # [r, c] model items ahead of cold item j
-    dest = ar[None, :] + sum((ar[None, :] >= pos[:, [j]]).astype(np.int64) for j in range(c))
-    cdest = pos + np.arange(c)[None, :]
+    ar = np.arange(k, dtype=np.int32)
+    pos = np.stack([(s >= cs[:, [j]]).sum(1, dtype=np.int32) for j in range(c)], 1)  # model items ahead of cold j
+    dest = np.broadcast_to(ar, (r, k)).copy()
+    for j in range(c):
+        dest += ar[None, :] >= pos[:, [j]]  # in place: no [r, k] int64 temporaries (memory-bound on big shards)
+    cdest = pos + np.arange(c, dtype=np.int32)[None, :]
     out_t = np.empty((r, k + c), t.dtype)
     out_s = np.empty((r, k + c), s.dtype)
     np.put_along_axis(out_t, dest, t, 1)
