@@ -70,7 +70,7 @@ from model.split import heldout_count as split_count
 from pipeline.data import dq
 from pipeline.data.dq import DQConfig
 from pipeline.errors import DataError
-from pipeline.io.items import read_items
+from pipeline.io.items import read_items_uri
 from pipeline.io.lake import Location, resolve
 from pipeline.io.publish import hook
 from pipeline.io.snapshot import (
@@ -606,7 +606,7 @@ def _assemble(cfg: BuildMatrixJob, spark: SparkSession, pos: DataFrame, per_user
         "items": pa.table({"item_idx": pa.array(np.arange(len(all_items), dtype=np.int64)), "item_id": _id_arrow(all_items)}),
     }
     if cfg.items is not None:  # validated before anything is written: a bad items file publishes nothing
-        small["item_metadata"] = item_metadata_table(read_items(cfg.items), all_items, train_item_ids)
+        small["item_metadata"] = item_metadata_table(read_items_uri(cfg.items), all_items, train_item_ids)
     # blocks of consecutive user_idx holding about part_rows positives each: a function of the data only
     n_blocks = max(1, -(-int(users["n"].sum()) // cfg.part_rows))
     users_per_block = max(1, -(-len(all_users) // n_blocks))

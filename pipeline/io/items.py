@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
@@ -149,6 +150,18 @@ def read_items(path: str | Path, fmt: ItemsFormat | None = None) -> pa.Table:
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{p}: not a readable Parquet items file ({str(e)[:160]})", "re-export it as Parquet") from e
     return validate_items(table, str(p))
+
+
+def read_items_uri(uri: str) -> pa.Table:
+    """An items file or folder (Parquet/CSV locally, Parquet on s3://), validated by the contract."""
+    loc = resolve(uri)
+    if loc.uri == loc.path:  # local: read_items handles CSV and folders
+        return read_items(loc.path)
+    try:
+        table = ds.dataset(loc.path, filesystem=loc.fs, format="parquet").to_table()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{loc.uri}: not a readable Parquet items file ({str(e)[:160]})", "re-export it as Parquet") from e
+    return validate_items(table, loc.uri)
 
 
 def items_uri(lake: str, date: dt.date) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.data.build_matrix import BuildMatrixJob, BuildResult
 from pipeline.io.dates import parse_date
+from pipeline.io.items import items_uri
 from pipeline.io.lake import resolve
 from pipeline.io.redact import redact_text
 from pipeline.job import Job, JobResult
@@ -56,9 +57,13 @@ def _no_credentials() -> Iterator[None]:
 
 
 def build_matrix_job(s: Settings, as_of: dt.date | str) -> BuildMatrixJob:
-    """Weekly: the build of the window ending at `as_of`, on the settings' Spark master."""
-    return BuildMatrixJob(events=s.events_uri, as_of=parse_date(as_of), window_days=s.window_days, out=s.lake_uri,
-                          spark=s.spark())
+    """Weekly: the build of the window ending at `as_of`, on the settings' Spark master; the catalogue's items of
+    that date (`recsys ingest --format items`: <lake>/items/dt=AS_OF) are joined in when published, so training
+    fits the bundle's cold head (pipeline.training.cold_head_fit)."""
+    day = parse_date(as_of)
+    items = items_uri(s.lake_uri, day)
+    return BuildMatrixJob(events=s.events_uri, as_of=day, window_days=s.window_days, out=s.lake_uri,
+                          spark=s.spark(), items=items if resolve(items).exists() else None)
 
 
 def build_matrix(s: Settings, as_of: dt.date | str) -> BuildResult:

@@ -38,12 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import scipy.sparse as sp
 
 from pipeline.errors import DataError
 from pipeline.io import lake
-from pipeline.io.items import items_uri, read_items, validate_items
+from pipeline.io.items import items_uri, read_items_uri
 from pipeline.serving.availability import load_availability
 from pipeline.serving.options import InferOptions
 from pipeline.serving.vocab import dense_lookup, map_items
@@ -83,18 +82,6 @@ def extend_mask(mask: np.ndarray | None, cold: ColdItems | None) -> np.ndarray |
     return mask if mask is None or cold is None else np.concatenate([mask, np.ones(cold.n, bool)])
 
 
-def _read_day(uri: str) -> pa.Table:
-    """The items file (Parquet/CSV, local or s3://), validated by the contract (pipeline.io.items)."""
-    loc = lake.resolve(uri)
-    if loc.uri == loc.path:  # local: read_items handles CSV and folders
-        return read_items(loc.path)
-    try:
-        table = ds.dataset(loc.path, filesystem=loc.fs, format="parquet").to_table()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{loc.uri}: not a readable Parquet items file ({str(e)[:160]})", "re-export it as Parquet") from e
-    return validate_items(table, loc.uri)
-
-
 def prepare_cold_items(opts: InferOptions, out: str | None, bundle: ModelBundle,
                        vocab: pa.Array) -> tuple[ColdItems | None, dict[str, Any]]:
     """The day's new items scored by the bundle's cold head, or None with the reason (see the module doc).
@@ -121,7 +108,7 @@ def prepare_cold_items(opts: InferOptions, out: str | None, bundle: ModelBundle,
     if head.n_items != bundle.n_items:
         raise DataError(f"the model's cold head covers {head.n_items} items, the model {bundle.n_items}",
                         "retrain the model (`recsys train`): its bundle is inconsistent")
-    table = _read_day(uri)
+    table = read_items_uri(uri)
     ids = table.column("item_id").combine_chunks()
     if ids.type != vocab.type and not (pa.types.is_integer(ids.type) and pa.types.is_integer(vocab.type)):
         raise DataError(f"items file {stats['cold_items_uri']} has item ids of type {ids.type}, the model's are "

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator
 
+from model.cold_head import ColdHeadConfig
 from model.ease import EASEConfig
 from model.pia import PIAConfig
 from model.vae import VAEConfig
@@ -134,6 +135,10 @@ class TrainJob(Job):
     progress: bool = False
     distributed: DistributedConfig | None = Field(None, description="data-parallel training with TorchDistributor "
                                                                     "(None: in this process)")
+    cold_head: ColdHeadConfig | None = Field(ColdHeadConfig(), description=(
+        "the bundle's cold head, fitted from the snapshot's item metadata (pipeline.training.cold_head_fit), so the "
+        "daily job scores titles that appear after training; None: none. Skipped (a warning, the reason on the "
+        "run) when the snapshot has no item_metadata or no usable column"))
     search: SearchConfig | None = Field(None, description="hyperparameter search of the model (and its twin) on "
                                                           "validation users before training (pipeline.training.search)")
 
@@ -539,13 +544,16 @@ def _log_model(s: _Setup, main: Any, public_cfg: dict[str, Any], d: Path) -> str
 
     from pipeline.io.bundle import ModelBundle
     from pipeline.io.pyfunc import BundleModel
+    from pipeline.training.cold_head_fit import fit_cold_head
 
     job, snap = s.job, s.snap
     main.to("cpu")
+    head, head_info = fit_cold_head(main, snap, job.cold_head, job.max_dense_bytes)
+    mlflow.set_tags(head_info)
     bundle = ModelBundle(main, snap.item_ids, snap.item_popularity(), job.model,
                          public_cfg | {"best_epoch": getattr(main, "best_epoch", 0)} |
                          ({"l2": getattr(getattr(main, "config", None), "l2", None)} if job.closed_form else {}),
-                         snap.snapshot_id)
+                         snap.snapshot_id, cold_head=head)
     bundle_dir = bundle.save(d / "bundle")
     signature, example = _signature(bundle_dir, bundle, snap)
     info = mlflow.pyfunc.log_model(name="model", python_model=BundleModel(), artifacts={"bundle": str(bundle_dir)},

@@ -190,3 +190,15 @@ def test_the_daily_step_restricts_to_the_dates_availability_list_when_one_is_set
     s = settings(tmp_path, availability_uri="s3://lake/availability/dt={date}/")
     assert steps.infer_job(s, "2026-01-17").availability == "s3://lake/availability/dt=2026-01-17/"
     assert steps.infer_job(s, "2026-01-18").availability == "s3://lake/availability/dt=2026-01-18/"
+
+
+def test_the_weekly_build_joins_the_dates_items_when_published(tmp_path: Path) -> None:
+    """<lake>/items/dt=AS_OF (recsys ingest --format items) goes into the snapshot, so training fits a cold head;
+    a date without one builds as before."""
+    s = settings(tmp_path, lake_uri=str(tmp_path / "lake"))
+    assert steps.build_matrix_job(s, "2026-01-17").items is None
+    day = tmp_path / "lake" / "items" / "dt=2026-01-17"
+    day.mkdir(parents=True)
+    (day / "part-0.parquet").write_bytes(b"")
+    assert steps.build_matrix_job(s, "2026-01-17").items == str(day)
+    assert steps.build_matrix_job(s, "2026-01-18").items is None  # another date's catalogue is not used
