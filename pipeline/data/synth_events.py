@@ -83,6 +83,29 @@ class SynthEventsResult(JobResult):
     files: int
 
 
+NEW_TITLE_BASE = 10_000_000  # ids of synth_catalog's new titles: beyond every id the events use
+
+
+def item_clusters(cfg: SynthEventsJob) -> np.ndarray:
+    """Each item's taste cluster, the same draws as write_events (the events' item i is in cluster [i])."""
+    rng = np.random.default_rng(cfg.seed)
+    _zipf_weights(cfg.items, cfg.popularity_exponent, rng)
+    return rng.permutation(np.arange(cfg.items) % min(cfg.n_clusters, cfg.items)).astype(np.int64)
+
+
+def synth_catalog(cfg: SynthEventsJob, new_titles: int = 0) -> pa.Table:
+    """The items contract (pipeline.io.items) for the events' catalogue: a title and a genre tag per item, the genre
+    being its taste cluster (so metadata predicts clicks, as real genres do), plus `new_titles` titles without any
+    event (ids from NEW_TITLE_BASE), spread over the genres: what a day's catalogue adds."""
+    clusters = item_clusters(cfg)
+    new = np.arange(new_titles) % min(cfg.n_clusters, cfg.items)
+    ids = np.concatenate([np.arange(cfg.items), NEW_TITLE_BASE + np.arange(new_titles)]).astype(np.int64)
+    genres = np.concatenate([clusters, new])
+    titles = [f"Title {i}" for i in range(cfg.items)] + [f"New title {j}" for j in range(new_titles)]
+    return pa.table({"item_id": pa.array(ids), "title": pa.array(titles),
+                     "tags": pa.array([[f"genre-{g}"] for g in genres.tolist()], pa.list_(pa.string()))})
+
+
 def _arrival(n: int, share: float, days: int, rng: np.random.Generator) -> np.ndarray:
     late = rng.random(n) >= share
     return np.where(late, rng.integers(0, days, size=n), 0).astype(np.int64)

@@ -177,6 +177,14 @@ def _open_committed(out_uri: str, date: str | dt.date) -> tuple[dt.date, lake.Lo
     return day, root, root, merged
 
 
+def date_manifest(out_uri: str, date: str | dt.date = "latest") -> dict[str, Any]:
+    """The published date's run manifest (model version, counts, checks, monitoring); for a date assembled from
+    several runs, the first run's, with every run in `run`."""
+    day, root, _, merged = _open_committed(out_uri, date)
+    first = merged["run"].split(",")[0]
+    return _read_manifest(root, first, day) | {"run": merged["run"]}
+
+
 def _read_manifest(root: lake.Location, folder: str, day: dt.date) -> dict[str, Any]:
     loc = root.join(folder, MANIFEST)
     fix = f"re-run inference for {day} (`recsys infer --date {day}`), or restore an earlier version (`recsys restore`)"

@@ -270,6 +270,7 @@ class Summary:
     sample_items: tuple[str, ...]
     tracking: str
     gate_report: str | None = None  # the report file, when the run's artifacts are on this disk
+    cold: tuple[int, int, int] | None = None  # new titles in the day's items: scored, shown, users shown one
 
 
 def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000) -> list[str]:
@@ -286,6 +287,9 @@ def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000
         shown = ", ".join(s.sample_items[:10]) + (", …" if len(s.sample_items) > 10 else "")
         lines.append(f"  user {s.sample_user}'s top 10: {shown}")
         lines.append(f"  one user         recsys recs --date {s.date} --user {s.sample_user} --out {s.recs_uri}")
+    if s.cold is not None:
+        lines.append(f"  new titles       {s.cold[1]} of {s.cold[0]} added today shown (no retraining), to "
+                     f"{s.cold[2]:,} users")
     lines.append(f"  MLflow store     {redact_uri(s.tracking)}")
     lines.append("  browse           make ui   (MLflow and Airflow UIs on 127.0.0.1, with the login)")
     lines.append(f"  full log         {log}")
@@ -295,7 +299,7 @@ def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000
 def collect_summary(settings: Settings, date: str) -> Summary:
     """The champion, its gate verdict and NDCG, and one user's list, through the public APIs (registry, recs)."""
     from pipeline.io import registry
-    from pipeline.serving.recs import read_recommendations
+    from pipeline.serving.recs import date_manifest, read_recommendations
 
     tracking = settings.tracking_uri
     version = registry.alias_version(settings.model_name, "champion", tracking)
@@ -309,15 +313,18 @@ def collect_summary(settings: Settings, date: str) -> Summary:
     recs = read_recommendations(settings.recs_uri, date)
     sample: Any = None
     items: tuple[str, ...] = ()
+    cold = None
     if recs.num_rows:
         sample = recs.column("user_id")[0].as_py()
         one = read_recommendations(settings.recs_uri, date, user_ids=[sample])  # the lookup a service would make
         items = tuple(str(i) for i in one.column("item_ids")[0].as_py()) if one.num_rows else ()
+        m = date_manifest(settings.recs_uri, date)
+        cold = (int(m.get("cold_items_scored") or 0), int(m.get("cold_items_shown") or 0), int(m.get("cold_users") or 0))
     return Summary(home=settings.home, model_name=settings.model_name, version=version,
                    verdict=tags.get("gate.verdict", "?"), ndcg=ndcg, run_id=run_id, experiment_id=experiment,
                    recs_uri=settings.recs_uri, date=date, users=recs.num_rows,
                    sample_user=None if sample is None else str(sample), sample_items=items, tracking=tracking,
-                   gate_report=report)
+                   gate_report=report, cold=cold if cold and cold[0] else None)
 
 
 def _gate_report(artifact_uri: str | None) -> str | None:
@@ -358,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=800, help="synthetic catalog size")
     p.add_argument("--days", type=int, default=28, help="days of synthetic events (= the training window)")
     p.add_argument("--start", default="2026-01-01", help="first day of the synthetic events")
+    p.add_argument("--new-titles", type=int, default=5, help="titles in the day's catalogue without any click")
     p.add_argument("--date", default=None, help="the daily run's date (default: the last day of events)")
     p.add_argument("--train-config", type=Path, default=REPO / "configs" / "embedded-train.yaml",
                    help="TrainJob YAML (RECSYS_TRAIN_CONFIG)")
@@ -391,6 +399,21 @@ def main(argv: list[str] | None = None) -> int:
                             seed=0).run()
         return f"{ev.events:,} events"
 
+    def catalogue(_: Progress) -> str:
+        import pyarrow.parquet as pq
+
+        from pipeline.data.items import ItemsIngestJob
+        from pipeline.data.synth_events import SynthEventsJob, synth_catalog
+
+        cfg = SynthEventsJob(users=args.users, items=args.items, days=args.days, start=start, out=settings.events_uri,
+                             seed=0)
+        src = home / "catalogue" / "items.parquet"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(synth_catalog(cfg, args.new_titles), src)
+        for day in sorted({last_day, parse_date(date)}):  # the weekly build's as-of and the daily run's date
+            ItemsIngestJob(src=src, lake=settings.lake_uri, date=day).run()
+        return f"{args.items:,} titles with a genre, {args.new_titles} new today"
+
     def migrate(progress: Progress) -> str:
         from pipeline.orchestration.dev.local_airflow import airflow_env
 
@@ -402,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     weekly_logical = (last_day + dt.timedelta(days=1)).isoformat()
     steps = [
         Step(f"synthetic events: {args.users:,} users × {args.items:,} items × {args.days} days", synth),
+        Step("catalogue: the items file of the day (recsys ingest --format items)", catalogue),
         Step("Airflow metadata DB (SQLite in RECSYS_HOME/airflow)", migrate),
         Step("weekly DAG: build matrix → train → gate → promote",
              lambda pr: run_logged([airflow, "dags", "test", "weekly_train", weekly_logical], env, log, pr), tasks=4,

@@ -120,3 +120,26 @@ def test_s3_refuses_foreign_prefix_and_bucket_root_and_reruns(s3_bucket: str):
     SynthEventsJob(users=100, items=40, days=3, out=uri).run()
     SynthEventsJob(users=100, items=40, days=2, out=uri).run()
     assert resolve(uri).list() == [EVENTS_MARKER, "dt=2024-01-01", "dt=2024-01-02"]
+
+
+def test_the_catalogue_genres_are_the_events_taste_clusters(tmp_path: Path):
+    """synth_catalog's genre is the item's taste cluster as write_events drew it: most of a user's clicks fall in
+    one genre (cluster_share 0.8), which a wrong replay of the draws would not give; new titles have no events."""
+    cfg = SynthEventsJob(users=600, items=200, days=5, out=str(tmp_path / "ev"), seed=5)
+    cfg.run()
+    cat = synth_events.synth_catalog(cfg, new_titles=7)
+    assert cat.num_rows == 207 and cat.column("item_id").to_pylist()[:3] == [0, 1, 2]
+    new_ids = cat.column("item_id").to_numpy()[200:]
+    assert (new_ids >= synth_events.NEW_TITLE_BASE).all()
+    genre = np.array([int(t[0].split("-")[1]) for t in cat.column("tags").to_pylist()[:200]])
+    t = ds.dataset(tmp_path / "ev", format="parquet", partitioning="hive").to_table()
+    users, items = t["user_id"].to_numpy(), t["item_id"].to_numpy()
+    real = (users < 600) & (items < 200)
+    assert not np.isin(items, new_ids).any()
+    share = [np.bincount(genre[items[real & (users == u)]]).max() / max(1, (real & (users == u)).sum())
+             for u in range(0, 600, 10) if (real & (users == u)).any()]
+    assert np.mean(share) > 0.45, np.mean(share)
+    wrong = np.roll(genre, 1)  # a catalogue off by one item: genres no longer match the clicks
+    share_wrong = [np.bincount(wrong[items[real & (users == u)]]).max() / max(1, (real & (users == u)).sum())
+                   for u in range(0, 600, 10) if (real & (users == u)).any()]
+    assert np.mean(share_wrong) < np.mean(share) - 0.15, (np.mean(share_wrong), np.mean(share))

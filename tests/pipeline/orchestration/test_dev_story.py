@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,7 +34,7 @@ from pipeline.orchestration.dev.story import (
 SUMMARY = Summary(home=Path("/h"), model_name="recsys-multivae-pia", version="3", verdict="passed", ndcg=0.31234,
                   run_id="0123456789abcdef0123", experiment_id="1", recs_uri="/h/lake", date="2026-01-28", users=3099,
                   sample_user="17", sample_items=tuple(str(i) for i in range(100, 120)), tracking="sqlite:////h/mlflow.db",
-                  gate_report="/h/artifacts/1/r/artifacts/gate/enabled/gate_report.html")
+                  gate_report="/h/artifacts/1/r/artifacts/gate/enabled/gate_report.html", cold=(5, 3, 1234))
 
 
 def _child(body: str) -> list[str]:
@@ -73,6 +74,7 @@ def test_a_run_fits_one_screen_and_the_noise_goes_to_the_log(tmp_path: Path) -> 
     assert "/h/lake (3,099 users for 2026-01-28)" in text
     assert "user 17's top 10: 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, …" in text
     assert "recsys recs --date 2026-01-28 --user 17 --out /h/lake" in text
+    assert "new titles       3 of 5 added today shown (no retraining), to 1,234 users" in text
     assert "make ui" in text and str(log) in text
 
 
@@ -163,6 +165,7 @@ def test_summary_without_a_champion_or_recommendations() -> None:
     text = "\n".join(summary_lines(s, Path("/h/logs/make-run.log"), 61))
     assert "Done in 1 min 01 s" in text and "no champion for m (gate ?)" in text
     assert "gate report" not in text and "top 10" not in text and "/h/logs/make-run.log" in text
+    assert "new titles" not in text
 
 
 def test_durations_read_like_a_person_would_say_them() -> None:
@@ -191,7 +194,9 @@ def test_make_run_end_to_end_fits_one_screen(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert p.stderr == "" and len(lines) <= MAX_LINES, p.stdout
     assert "\x1b" not in p.stdout and "[DAG TEST]" not in p.stdout
-    assert sum(line.startswith("  ✓") for line in lines) == 5
+    assert sum(line.startswith("  ✓") for line in lines) == 6
+    shown = re.search(r"new titles +(\d+) of 5 added today shown \(no retraining\), to ([\d,]+) users", p.stdout)
+    assert shown and int(shown[1]) >= 1 and int(shown[2].replace(",", "")) >= 1, p.stdout  # the cold head at work
     assert any("weekly DAG" in line and line.endswith("4 tasks") for line in lines)
     assert any("daily DAG for 2026-01-17" in line and line.endswith("2 tasks") for line in lines)
     assert "version 1 is champion (gate passed" in p.stdout and "'s top 10: " in p.stdout
