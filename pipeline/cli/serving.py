@@ -47,6 +47,10 @@ def register(sub: Any) -> None:
                    help="Parquet file or folder (local or s3://, e.g. <lake>/availability/dt=DATE/) whose item_id column "
                         "lists the items that may be recommended on --date; short lists are backfilled from popular "
                         "available items (default: every item)")
+    p.add_argument("--exclusions", default=None, metavar="URI",
+                   help="Parquet file or folder (local or s3://, e.g. <lake>/exclusions/dt=DATE/) with user_id and "
+                        "item_id columns: titles each user must not be shown on --date; their lists are refilled "
+                        "from the model's next items, then popular ones (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.set_defaults(func=cmd_infer)
 
@@ -94,12 +98,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
                    min_weight=args.min_weight, shard_events=args.shard_events, parallel_shards=args.parallel_shards,
                    max_unknown_item_share=args.max_unknown_item_share, max_fallback_share=args.max_fallback_share,
                    progress=not args.no_progress, monitor=load_monitor_config(args.monitor_config),
-                   retention_days=args.retention_days, availability=args.availability)
+                   retention_days=args.retention_days, availability=args.availability, exclusions=args.exclusions)
     r = job.run()
     print(f"published {r.users} users ({r.fallback_users} fallback) for {r.date.isoformat()} with model version "
           f"{r.model_version}: {r.files} files, {r.unknown_item_events} events with unknown items skipped"
           + (f"; availability: {r.availability_backfilled_users} users backfilled, {r.availability_short_users} with "
-             f"fewer than --top-n items" if args.availability else ""))
+             f"fewer than --top-n items" if args.availability else "")
+          + (f"; exclusions: {r.exclusions} pairs ({r.exclusions_unknown_items} rows with unknown items ignored), "
+             f"{r.exclusions_users} users with one" if args.exclusions else ""))
     return 0
 
 

@@ -35,9 +35,12 @@ class OutputCheckError(DataError):
 
 
 def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.ndarray, vocab: pa.Array,
-               top_n: int, model_version: str, available: np.ndarray | None = None) -> None:
+               top_n: int, model_version: str, available: np.ndarray | None = None,
+               blocked: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Check a shard's output against its histories before it may be published (raises OutputCheckError).
-    `available` (pipeline.serving.availability's mask): no list holds another item, and N counts only those."""
+    `available` (pipeline.serving.availability's mask): no list holds another item, and N counts only those.
+    `blocked` (CSR parts over the history rows, pipeline.serving.exclusions): no list holds a user's excluded
+    item, and N counts only the others."""
     n, n_items = len(users), len(vocab)
     if table.schema.names != list(OUTPUT_SCHEMA_FIELDS):
         raise OutputCheckError(f"columns {table.schema.names}, expected {list(OUTPUT_SCHEMA_FIELDS)}")
@@ -60,12 +63,19 @@ def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.nd
     items = table.column("item_ids").combine_chunks()
     scores = table.column("scores").combine_chunks()
     lengths = pc.list_value_length(items).fill_null(-1).to_numpy()
-    if available is None:
+    blocked_keys = None
+    if available is None and blocked is None:
         expected = np.minimum(top_n, n_items - seen)
-    else:  # the user's seen items that are available, by history row
-        seen_rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-        seen_avail = np.bincount(seen_rows, weights=available[cols], minlength=len(indptr) - 1).astype(np.int64)
-        expected = np.minimum(top_n, int(available.sum()) - seen_avail[hrow])
+    else:  # the user's seen (or excluded: counted once) items that are available, by history row
+        allowed = available if available is not None else np.ones(n_items, bool)
+        taken_rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        taken_cols = np.asarray(cols, np.int64)
+        if blocked is not None:
+            blocked_keys = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(blocked[0])) * n_items + blocked[1]
+            keys = np.union1d(taken_rows.astype(np.int64) * n_items + taken_cols, blocked_keys)
+            taken_rows, taken_cols = keys // n_items, keys % n_items
+        seen_avail = np.bincount(taken_rows, weights=allowed[taken_cols], minlength=len(indptr) - 1).astype(np.int64)
+        expected = np.minimum(top_n, int(allowed.sum()) - seen_avail[hrow])
     if not np.array_equal(lengths, expected):
         bad = int(np.flatnonzero(lengths != expected)[0])
         raise OutputCheckError(f"user {out_users[bad].as_py()} has {lengths[bad]} items, expected {expected[bad]} "
@@ -77,6 +87,8 @@ def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.nd
         raise OutputCheckError("recommended items outside the model's vocabulary")
     if available is not None and not available[c].all():
         raise OutputCheckError("a recommended item is not in the date's availability list")
+    if blocked_keys is not None and np.isin(np.repeat(hrow, lengths) * n_items + c, blocked_keys).any():
+        raise OutputCheckError("a recommended item is on that user's exclusion list")
     _check_lists_against_histories(hrow, lengths, c, indptr, cols, n_items)
     s = scores.flatten().to_numpy(zero_copy_only=False)
     if not np.isfinite(s).all():

@@ -64,6 +64,13 @@ class Exclusions:
         np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
         return indptr, cols[order]
 
+    def as_table(self, user_type: pa.DataType) -> pa.Table:
+        """(user_id as `user_type`, col int32) for the pairs whose user id converts to it, as `for_users` matches
+        them (the Spark engine joins this to its users instead of looking each shard up here)."""
+        users = self.users if self.users.type == user_type else _cast(self.users, user_type)
+        table = pa.table({"user_id": users, "col": pa.array(self.cols, pa.int32())})
+        return table.filter(pc.is_valid(table["user_id"]))
+
 
 def _cast(ids: pa.Array, to: pa.DataType) -> pa.Array:
     try:

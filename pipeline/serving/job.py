@@ -60,6 +60,14 @@ class InferResult(JobResult):
     # from popular available ones, and users left with fewer than N items (too few available unseen items)
     availability_backfilled_users: int = 0
     availability_short_users: int = 0
+    # with an exclusion list (pipeline.serving.exclusions; 0 without): the (user, known item) pairs in it, its
+    # rows whose item the model does not know (ignored), active users with an exclusion, and those users
+    # backfilled / left with fewer than N items (with an availability list too, those two are in its counts)
+    exclusions: int = 0
+    exclusions_unknown_items: int = 0
+    exclusions_users: int = 0
+    exclusions_backfilled_users: int = 0
+    exclusions_short_users: int = 0
     # new items of the day's items file scored by the model's cold head (pipeline.serving.cold_items; the
     # manifest's cold_items_reason says why none were): scored, distinct ones shown, users with one
     cold_items_scored: int = 0
@@ -159,6 +167,8 @@ def _publish(job: InferJob, bundle: ModelBundle, model_version: str, device: str
                        files=len(m["files"]), precision=precision, seconds=m["seconds"],
                        availability_backfilled_users=m.get("availability_backfilled_users", 0),
                        availability_short_users=m.get("availability_short_users", 0),
+                       **{k: m.get(k, 0) for k in ("exclusions", "exclusions_unknown_items", "exclusions_users",
+                                                   "exclusions_backfilled_users", "exclusions_short_users")},
                        cold_items_scored=m.get("cold_items_scored", 0), cold_items_shown=m.get("cold_items_shown", 0),
                        cold_users=m.get("cold_users", 0))
 

@@ -29,6 +29,7 @@ from pipeline.serving import checks
 from pipeline.serving.availability import load_availability
 from pipeline.serving.cold_items import ColdItems, cold_stats, extend_mask, extend_vocab
 from pipeline.serving.events import open_events
+from pipeline.serving.exclusions import Exclusions, load_exclusions
 from pipeline.serving.histories import shard_histories
 from pipeline.serving.options import InferOptions
 from pipeline.serving.precision import choose_precision, guard_bf16
@@ -40,6 +41,8 @@ from pipeline.serving.vocab import vocabulary
 
 if TYPE_CHECKING:
     from pipeline.io.bundle import ModelBundle
+
+Blocked = tuple[np.ndarray, np.ndarray] | None  # a shard's excluded columns as CSR parts (pipeline.serving.exclusions)
 
 
 class PhaseClock:
@@ -103,18 +106,22 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     clock = PhaseClock()
     choice = choose_precision(opts.precision, str(bundle.recommender.device), bundle)  # checked on shard 1 (guard)
 
-    def load(s: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    def load(s: int) -> tuple[pa.Array, np.ndarray, np.ndarray, Blocked]:
         with clock("histories"):
-            h = shard_histories(spill.shard(s))
+            users, indptr, cols = shard_histories(spill.shard(s))
             spill.path(s).unlink()  # release disk as we go
-            return h
+        if exclusions is None:
+            return users, indptr, cols, None
+        with clock("exclusions"):  # this shard's users' excluded columns (CSR over its rows)
+            return users, indptr, cols, exclusions.for_users(users)
 
     def publish(s: int, users: pa.Array, indptr: np.ndarray, cols: np.ndarray, top: np.ndarray, scores: np.ndarray,
-                fb: np.ndarray) -> None:
+                fb: np.ndarray, blocked: Blocked) -> None:
         with clock("table"):
             table = checks.finalize_part(to_table(users, top, scores, fb, out_vocab, model_version))
         with clock("check"):
-            checks.check_part(table, users, indptr, cols, out_vocab, opts.top_n, model_version, extend_mask(mask, cold))
+            checks.check_part(table, users, indptr, cols, out_vocab, opts.top_n, model_version, extend_mask(mask, cold),
+                              blocked)
         with clock("write"):
             writer.write_part(table, part=s, shard=s, **checks.user_range(users))
         nonlocal fallback_users
@@ -123,12 +130,19 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
 
     scratch = contextlib.ExitStack()  # the spill folder, removed on the way out
     mask: np.ndarray | None = None
+    exclusions: Exclusions | None = None
     avail_counts: dict[str, int] = {}
     try:
         if opts.availability is not None:  # a bad list fails here, before the events are read
             availability = load_availability(opts.availability, opts.date, vocab)
             mask = availability.mask
             stats |= availability.stats()
+        if opts.exclusions is not None:  # likewise; held once, each shard takes its users' rows (load)
+            exclusions = load_exclusions(opts.exclusions, opts.date, vocab)
+            stats |= exclusions.stats()
+            avail_counts["exclusions_users"] = 0
+            if mask is None:  # with availability, its counts include the exclusions' backfills
+                avail_counts |= {"exclusions_backfilled_users": 0, "exclusions_short_users": 0}
         tmp = scratch.enter_context(spill_dir())
         with clock("spill"):
             spill, counts = spill_events(dataset, opts, vocab, tmp)
@@ -139,13 +153,13 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         bar = Progress(opts.progress)
         # Leaving this block waits for the workers, so nothing is written after an abort below.
         with ThreadPoolExecutor(max_workers=2 * depth, thread_name_prefix="infer") as pool:
-            loads: deque[Future[tuple[pa.Array, np.ndarray, np.ndarray]]] = deque(
+            loads: deque[Future[tuple[pa.Array, np.ndarray, np.ndarray, Blocked]]] = deque(
                 pool.submit(load, s) for s in range(min(depth, spill.n)))
             parts: deque[Future[None]] = deque()
             try:
                 for s in range(spill.n):
                     with clock("wait_histories"):
-                        users, indptr, cols = loads.popleft().result()
+                        users, indptr, cols, blocked = loads.popleft().result()
                     if s + depth < spill.n:
                         loads.append(pool.submit(load, s + depth))
                     if len(users) == 0:
@@ -158,12 +172,12 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
                             choice = guard_bf16(choice, bundle, hist, opts.top_n, bs)
                     with clock("score"):
                         top, scores, fb = score_histories(bundle, indptr, cols, opts.top_n, bs, bar, choice.chosen,
-                                                          mask, avail_counts, cold)
+                                                          mask, avail_counts, cold, blocked)
                     with clock("wait_publish"):
                         while len(parts) >= depth:
                             parts.popleft().result()  # at most `depth` parts in flight; an error surfaces here
-                    parts.append(pool.submit(publish, s, users, indptr, cols, top, scores, fb))
-                    del users, indptr, cols, top, scores, fb
+                    parts.append(pool.submit(publish, s, users, indptr, cols, top, scores, fb, blocked))
+                    del users, indptr, cols, top, scores, fb, blocked
                 with clock("wait_publish"):
                     while parts:
                         parts.popleft().result()

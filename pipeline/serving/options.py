@@ -46,6 +46,9 @@ class InferOptions(BaseModel):
     availability: str | None = Field(None, description=(
         "Parquet file or folder (local or s3://, e.g. <lake>/availability/dt=DATE/) with an item_id column listing "
         "the items that may be recommended on the date (pipeline.serving.availability); None: every item"))
+    exclusions: str | None = Field(None, description=(
+        "Parquet file or folder (local or s3://, e.g. <lake>/exclusions/dt=DATE/) with user_id and item_id columns, "
+        "one row per title that user must not be shown on the date (pipeline.serving.exclusions); None: no exclusions"))
     items: str | None = Field(None, description=(
         "the day's items file or folder (Parquet or CSV, local or s3://; the items contract, pipeline.io.items): "
         "its items the model does not know are scored from their metadata by the bundle's cold head "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from pipeline.serving import availability
 from pipeline.serving.availability import candidates, popular_available, restrict
 from pipeline.serving.cold_items import ColdItems, merge_cold
 from pipeline.serving.precision import decoder_parts, recommend_bf16
@@ -66,7 +67,8 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
                     on_batch: Callable[[int], None] | None = None,
                     precision: str = "fp32", available: np.ndarray | None = None,
                     counts: dict[str, int] | None = None,
-                    cold: ColdItems | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    cold: ColdItems | None = None,
+                    blocked: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-N columns and scores for users given as CSR rows over the model's columns, seen items removed.
 
     Returns ([U, k] int64 columns, [U, k] float32 scores, [U] bool fallback). Users with no known item get
@@ -76,6 +78,14 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
     `available` ([n_items] bool, pipeline.serving.availability): only those columns are recommended, the model's
     first, then popular available unseen ones where fewer than N remain (-inf pads what stays empty); the
     numbers of backfilled and short users are added to `counts`. None: every column (unchanged output).
+
+    `blocked` (CSR parts over the same rows, pipeline.serving.exclusions.Exclusions.for_users): each user's
+    excluded columns, removed from the model's items and never backfilled nor in the user's fallback list. The
+    model ranks the largest row's exclusion count more candidates (at most OVERFETCH * k), so a user whose
+    excluded items sit in the top k still gets model items before popular ones. Backfilled and short users go
+    to counts["exclusions_backfilled_users"/"exclusions_short_users"] (short: users with an exclusion left with
+    fewer than N items), or to the availability ones when `available` is given too (one restriction, one
+    count); counts["exclusions_users"]: rows with an exclusion.
 
     `cold` (pipeline.serving.cold_items): the day's new items, columns n_items + j, merged into the lists after
     the availability restriction (they are all available) by that module's rule; `counts["cold_users"]` gets the
@@ -90,14 +100,31 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
     top = np.zeros((n, kw), np.int64)
     scores = np.full((n, kw), -np.inf, np.float32)
     fallback = np.diff(indptr) == 0
-    if available is None:
+    if blocked is not None and counts is not None:
+        counts["exclusions_users"] = counts.get("exclusions_users", 0) + int((np.diff(blocked[0]) > 0).sum())
+    if blocked is not None and len(blocked[1]) == 0:
+        blocked = None  # nobody in these rows excluded anything: exactly the output without a list
+    restricting = available is not None or blocked is not None
+    mask = available if available is not None else np.ones(n_items, bool)
+    prefix = "availability" if available is not None else "exclusions"
+    if not restricting:
         fb_items, fb_scores = bundle.fallback(k)
     else:  # only available popular items; -inf pads a list the available catalog cannot fill
-        pop, pop_scores = popular_available(bundle, available)
+        pop, pop_scores = popular_available(bundle, mask)
         fb_items = np.zeros(k, np.int64)
         fb_scores = np.full(k, -np.inf, np.float32)
         fb_items[:len(pop[:k])], fb_scores[:len(pop[:k])] = pop[:k], pop_scores[:k]
     top[fallback, :k], scores[fallback, :k] = fb_items, fb_scores
+    short_fb = 0
+    if restricting and fallback.any():
+        fb_rows = np.flatnonzero(fallback)
+        fb_blocked = None if blocked is None else take_rows(blocked, fb_rows)
+        if fb_blocked is not None and len(fb_blocked[1]):  # their popular list without their excluded items
+            top[fb_rows, :k], scores[fb_rows, :k] = popular_unblocked(pop, pop_scores, k, fb_blocked, n_items)
+        short_rows = (scores[fb_rows, :k] == -np.inf).any(axis=1)  # fewer allowed items than N
+        if available is None:  # exclusions alone: only their users can be short because of them
+            short_rows &= (np.diff(fb_blocked[0]) > 0) if fb_blocked is not None else np.zeros(len(fb_rows), bool)
+        short_fb = int(short_rows.sum())
     cold_users, t_cold = 0, time.perf_counter()
     if cold is not None and fallback.any() and (scores[fallback] == -np.inf).any():  # short lists only
         top[fallback], scores[fallback], cold_users = merge_cold(top[fallback], scores[fallback], None, cold, n_items)
@@ -110,19 +137,27 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
         csr.has_canonical_format = True  # shard_histories gives sorted, unique columns per row
         sub = csr[known] if len(known) < n else csr
         device = str(bundle.recommender.device)
-        kk = k if available is None else candidates(k, n_items, available)
+        sub_blocked = None if blocked is None else take_rows(blocked, known)
+        if sub_blocked is not None and len(sub_blocked[1]) == 0:
+            sub_blocked = None
+        restrict_known = available is not None or sub_blocked is not None
+        kk = k if not restrict_known else candidates(k, n_items, mask)
+        if sub_blocked is not None:  # room for the shard's longest exclusion list, capped: [users, kk] per shard
+            kk = min(n_items, kk + min(int(np.diff(sub_blocked[0]).max()), availability.OVERFETCH * k))
         if precision == "bf16" and torch.device(device).type == "cpu" and decoder_parts(bundle.recommender):
             t, s = recommend_bf16(bundle.recommender, sub, kk, batch_size=batch_size, on_batch=on_batch)
         else:
             with scoring_precision(precision, device):
                 t, s = bundle.recommend(sub, kk, batch_size=batch_size, on_batch=on_batch)
-        if available is not None:
+        if restrict_known:
             sub = sp.csr_matrix(sub)
-            t, s, backfilled, short = restrict(t, s, k, available, pop, np.asarray(sub.indptr, np.int64),
-                                               np.asarray(sub.indices, np.int64), top_n)
+            t, s, backfilled, short = restrict(t, s, k, mask, pop, np.asarray(sub.indptr, np.int64),
+                                               np.asarray(sub.indices, np.int64), top_n, blocked=sub_blocked)
+            if available is None and sub_blocked is not None:  # as for the fallback rows: users with exclusions
+                short = int(((s > -np.inf).sum(axis=1) < min(top_n, k))[np.diff(sub_blocked[0]) > 0].sum())
             if counts is not None:
-                counts["availability_backfilled_users"] = counts.get("availability_backfilled_users", 0) + backfilled
-                counts["availability_short_users"] = counts.get("availability_short_users", 0) + short
+                counts[f"{prefix}_backfilled_users"] = counts.get(f"{prefix}_backfilled_users", 0) + backfilled
+                counts[f"{prefix}_short_users"] = counts.get(f"{prefix}_short_users", 0) + short
         if cold is not None:
             t_cold = time.perf_counter()
             pad = kw - t.shape[1]
@@ -135,11 +170,42 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
     if cold is not None and counts is not None:
         counts["cold_users"] = counts.get("cold_users", 0) + cold_users
         counts["cold_merge_us"] = counts.get("cold_merge_us", 0) + int(cold_s * 1e6)  # the cold items' share of scoring
-    if available is not None and counts is not None:
-        counts.setdefault("availability_backfilled_users", 0)
-        short_fb = int(fallback.sum()) if (fb_scores == -np.inf).any() else 0  # fewer available items than N
-        counts["availability_short_users"] = counts.get("availability_short_users", 0) + short_fb
+    if restricting and counts is not None:
+        counts.setdefault(f"{prefix}_backfilled_users", 0)
+        counts[f"{prefix}_short_users"] = counts.get(f"{prefix}_short_users", 0) + short_fb
     return top, scores, fallback
+
+
+def take_rows(csr: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR parts (indptr, cols) of the given rows, in that order."""
+    indptr, cols = csr
+    if len(rows) == len(indptr) - 1 and np.array_equal(rows, np.arange(len(rows))):
+        return indptr, cols
+    lengths = np.diff(indptr)[rows]
+    out = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    idx = np.repeat(indptr[rows] - out[:-1], lengths) + np.arange(out[-1])
+    return out, cols[idx]
+
+
+def popular_unblocked(pop: np.ndarray, pop_scores: np.ndarray, k: int, blocked: tuple[np.ndarray, np.ndarray],
+                      n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fallback lists [m, k] of m users: `pop` (allowed columns, most popular first) without each user's
+    blocked columns, with their popularity scores; -inf pads what the catalog cannot fill."""
+    indptr, cols = blocked
+    m = len(indptr) - 1
+    w = min(len(pop), k + int(np.diff(indptr).max(initial=0)))  # k unblocked ones are among the first k + most blocked
+    t = np.tile(pop[:w], (m, 1))
+    s = np.tile(pop_scores[:w].astype(np.float32), (m, 1))
+    row_keys = np.arange(m, dtype=np.int64)[:, None] * n_items
+    hit = np.isin(row_keys + t, np.repeat(row_keys[:, 0], np.diff(indptr)) + cols)
+    s[hit] = -np.inf
+    order = np.argsort(hit, axis=1, kind="stable")[:, :k]
+    t, s = np.take_along_axis(t, order, 1), np.take_along_axis(s, order, 1)
+    if t.shape[1] < k:
+        t = np.pad(t, ((0, 0), (0, k - t.shape[1])))
+        s = np.pad(s, ((0, 0), (0, k - s.shape[1])), constant_values=-np.inf)
+    return t, s
 
 
 def to_table(users: pa.Array, top: np.ndarray, scores: np.ndarray, fallback: np.ndarray, vocab: pa.Array,

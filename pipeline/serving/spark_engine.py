@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import DataError
 from pipeline.io import lake
@@ -40,6 +41,7 @@ from pipeline.serving import checks
 from pipeline.serving.availability import load_availability
 from pipeline.serving.cold_items import ColdItems, cold_stats, extend_mask, extend_vocab
 from pipeline.serving.events import bad_user_id, open_events
+from pipeline.serving.exclusions import Exclusions, load_exclusions
 from pipeline.serving.options import InferOptions
 from pipeline.serving.scoring import score_histories, to_table
 from pipeline.serving.sizing import batch_size_for, shard_events_for
@@ -153,7 +155,25 @@ def histories(spark: SparkSession, opts: InferOptions, vocab: pa.Array) -> tuple
 
 
 _WRITTEN = ("error string, path string, rows long, bytes long, sha256 string, fallback long, index string, "
-            "backfilled long, short long, cold_users long, cold_shown string")
+            "backfilled long, short long, cold_users long, cold_shown string, excluded_users long")
+
+
+def with_exclusions(spark: SparkSession, hist: DataFrame, exclusions: Exclusions) -> DataFrame:
+    """`hist` (user_id, cols) with a third column, blocked: each user's sorted excluded columns (null: none).
+
+    A join rather than a broadcast of the whole list: each task then holds only its own users' exclusions
+    (the CSR a shard of the local engine gets from Exclusions.for_users) instead of every executor holding,
+    and searching per batch, the full (user, column) list. Spark still broadcasts the small side of the join
+    when it is under spark.sql.autoBroadcastJoinThreshold, which is the cheap case anyway."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    string_users = isinstance(hist.schema["user_id"].dataType, T.StringType)
+    # converted in Arrow, as for_users matches ids (a cast Spark would do under ANSI mode could fail the job)
+    pairs = exclusions.as_table(pa.string() if string_users else pa.int64())
+    ex = spark.createDataFrame(pairs.to_pandas(), f"user_id {'string' if string_users else 'long'}, col int")
+    blocked = ex.groupBy("user_id").agg(F.sort_array(F.collect_set("col")).alias("blocked"))
+    return hist.join(blocked, "user_id", "left").select("user_id", "cols", "blocked")
 
 
 def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, writer: PartitionWriter,
@@ -173,7 +193,10 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     availability = None if opts.availability is None else load_availability(opts.availability, opts.date, vocab)
     mask = None if availability is None else availability.mask  # shipped in the closure: n_items bytes
     out_mask = extend_mask(mask, cold)
+    exclusions = None if opts.exclusions is None else load_exclusions(opts.exclusions, opts.date, vocab)
     joined, hist = histories(spark, opts, vocab)
+    if exclusions is not None and len(exclusions.cols):
+        hist = with_exclusions(spark, hist, exclusions)  # only the task's users' rows reach each task
     user = F.col("user_id")
     # the id rule of pipeline.io.ids, as the local engine applies it (events.check_user_ids); Java regex, code points
     bad_user = ((F.length(user) == 0) | (F.length(user) > MAX_STRING_ID) | user.rlike("[\\x00-\\x1F\\x7F-\\x9F]")
@@ -193,47 +216,64 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     shipped = spark.sparkContext.broadcast(data)
     top_n = opts.top_n
     precision = opts.precision
+    has_exclusions = exclusions is not None  # every task passes blocked (maybe empty) to the checks and scoring
+    restricted = "availability" if availability is not None else "exclusions"  # whose backfill counts (scoring)
     run_uri = writer.run_dir.uri
     env = executor_env(spark.sparkContext.master or "")
 
-    def score(rb: pa.RecordBatch, b: ModelBundle, voc: pa.Array,
-              counts: dict[str, int]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    def score(rb: pa.RecordBatch, b: ModelBundle, voc: pa.Array, counts: dict[str, int]
+              ) -> tuple[pa.Table, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
         cols = rb.column(1)
         flat = cols.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
         offs = cols.offsets.to_numpy()
         indptr = (offs - offs[0]).astype(np.int64)
+        blocked = None
+        if rb.num_columns > 2:  # with_exclusions' column; a null list: the user excluded nothing
+            lists = rb.column(2)
+            lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+            blocked = (np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                       lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64))
+        elif has_exclusions:
+            blocked = (np.zeros(rb.num_rows + 1, np.int64), np.zeros(0, np.int64))
         top, sc, fb = score_histories(b, indptr, flat, top_n, bs, precision=precision, available=mask, counts=counts,
-                                      cold=cold)
-        return to_table(rb.column(0), top, sc, fb, voc, model_version), indptr, flat
+                                      cold=cold, blocked=blocked)
+        return to_table(rb.column(0), top, sc, fb, voc, model_version), indptr, flat, blocked
 
     def score_and_write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         """One task: its users' lists, checked, as one part file in the run folder; yields the part's entry."""
         apply_env(env)
         b = worker_bundle(shipped.value, digest)
         voc = extend_vocab(vocabulary(b), cold)
-        tables, indptrs, flats = [], [], []
+        tables, indptrs, flats, blocks = [], [], [], []
         counts: dict[str, int] = {}
         for rb in batches:
             if rb.num_rows:
-                t, indptr, flat = score(rb, b, voc, counts)
+                t, indptr, flat, blocked = score(rb, b, voc, counts)
                 tables.append(t)
                 indptrs.append(indptr)
                 flats.append(flat)
+                blocks.append(blocked)
         if not tables:
             return
         t = pa.concat_tables(tables).combine_chunks()
         lengths = np.concatenate([np.diff(p) for p in indptrs])
         indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         cols = np.concatenate(flats).astype(np.int64)
+        blocked = None
+        if has_exclusions:  # the part's rows' exclusions, for its check
+            b_lengths = np.concatenate([np.diff(p[0]) for p in blocks if p is not None])
+            blocked = (np.concatenate([[0], np.cumsum(b_lengths)]).astype(np.int64),
+                       np.concatenate([p[1] for p in blocks if p is not None]).astype(np.int64))
         users = t.column("user_id").combine_chunks()
         t = checks.finalize_part(t)
         row: dict[str, Any] = {"error": None, "path": None, "rows": 0, "bytes": 0, "sha256": None, "fallback": 0,
-                               "index": None, "backfilled": counts.get("availability_backfilled_users", 0),
-                               "short": counts.get("availability_short_users", 0),
+                               "index": None, "backfilled": counts.get(f"{restricted}_backfilled_users", 0),
+                               "short": counts.get(f"{restricted}_short_users", 0),
+                               "excluded_users": counts.get("exclusions_users", 0),
                                "cold_users": counts.get("cold_users", 0),  # (cold_merge_us: local engine only)
                                "cold_shown": json.dumps([] if cold is None else np.flatnonzero(cold.shown).tolist())}
         try:
-            checks.check_part(t, users, indptr, cols, voc, top_n, model_version, out_mask)
+            checks.check_part(t, users, indptr, cols, voc, top_n, model_version, out_mask, blocked)
         except DataError as e:  # the driver raises it (no retries of a deterministic failure)
             row["error"] = json.dumps([type(e).__name__, e.problem, e.fix])
             yield pa.RecordBatch.from_pylist([row], schema=_written_schema())
@@ -251,7 +291,7 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
         written = (hist.repartitionByRange(n_parts, "user_id").sortWithinPartitions("user_id")
                    .mapInArrow(score_and_write, _WRITTEN).toArrow())
         hook("spilled")
-        rows = fallback = backfilled = short = cold_users = 0
+        rows = fallback = backfilled = short = cold_users = excluded_users = 0
         shown: set[int] = set()
         for r in sorted(written.to_pylist(), key=lambda r: r["path"] or ""):
             if r["error"] is not None:
@@ -266,6 +306,7 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
             backfilled += r["backfilled"]
             short += r["short"]
             cold_users += r["cold_users"] or 0
+            excluded_users += r["excluded_users"] or 0
             shown.update(json.loads(r["cold_shown"] or "[]"))
         if rows != counts["users"]:
             raise checks.OutputCheckError(f"{rows} rows for {counts['users']} active users (one row per active user)")
@@ -279,6 +320,10 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
              "fallback_users": fallback}
     if availability is not None:
         stats |= availability.stats() | {"availability_backfilled_users": backfilled, "availability_short_users": short}
+    if exclusions is not None:  # with availability, its counts include the exclusions' backfills (as local)
+        stats |= exclusions.stats() | {"exclusions_users": excluded_users}
+        if availability is None:
+            stats |= {"exclusions_backfilled_users": backfilled, "exclusions_short_users": short}
     if cold is not None:
         cold.shown[sorted(shown)] = True
         stats |= cold_stats(cold, cold_users)
@@ -289,4 +334,4 @@ def _written_schema() -> pa.Schema:
     return pa.schema([("error", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()),
                       ("sha256", pa.string()), ("fallback", pa.int64()), ("index", pa.string()),
                       ("backfilled", pa.int64()), ("short", pa.int64()), ("cold_users", pa.int64()),
-                      ("cold_shown", pa.string())])
+                      ("cold_shown", pa.string()), ("excluded_users", pa.int64())])
