@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     availability_uri: str | None = Field(None, description="the daily job's availability list: a URI with {date} "
                                          "for the run's date, e.g. s3://lake/availability/dt={date}/ (None: every "
                                          "item available); a missing list fails the run")
+    exclusions_uri: str | None = Field(None, description="the daily job's per-user exclusion list (user_id, item_id): "
+                                       "a URI with {date} for the run's date, e.g. s3://lake/exclusions/dt={date}/ "
+                                       "(None: no exclusions); a missing list fails the run")
     device: str = Field("auto", description="training and scoring device: auto (CUDA when present), cpu or cuda")
     train_config: str | None = Field(None, description="TrainJob YAML for the weekly training (None: TrainJob's defaults)")
     gate_mode: str = Field("enabled", description="enabled (a failing gate fails the run) or dry-run (record only)")
@@ -126,18 +129,23 @@ class Settings(BaseSettings):
             return {str(k): str(x) for k, x in v.items()}
         return v
 
-    @field_validator("availability_uri")
+    @field_validator("availability_uri", "exclusions_uri")
     @classmethod
-    def _one_date_placeholder(cls, v: str | None) -> str | None:
-        # the only field filled per run: a stray {name} would fail on every daily run, so refuse it when read
+    def _one_date_placeholder(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # the only fields filled per run: a stray {name} would fail on every daily run, so refuse it when read
         rest = None if v is None else v.replace("{date}", "")
         if v is not None and rest is not None and (v.count("{date}") != 1 or "{" in rest or "}" in rest):
-            raise ValueError(f"RECSYS_AVAILABILITY_URI must contain {{date}} exactly once and no other braces (got {v!r})")
+            raise ValueError(f"RECSYS_{str(info.field_name).upper()} must contain {{date}} exactly once and no other "
+                             f"braces (got {v!r})")
         return v
 
     def availability_for(self, date: Any) -> str | None:
         """The availability list of `date` (YYYY-MM-DD), or None when the deployment sets none."""
         return None if self.availability_uri is None else self.availability_uri.replace("{date}", str(date))
+
+    def exclusions_for(self, date: Any) -> str | None:
+        """The exclusion list of `date` (YYYY-MM-DD), or None when the deployment sets none."""
+        return None if self.exclusions_uri is None else self.exclusions_uri.replace("{date}", str(date))
 
     @model_validator(mode="after")
     def _defaults_under_home(self) -> Settings:

@@ -115,9 +115,10 @@ def champion_version(s: Settings) -> str | None:
 
 def infer_job(s: Settings, date: dt.date | str) -> InferJob:
     """Daily: every active user's top-N from the champion for `date`; the Spark engine outside the embedded profile;
-    only the titles on the date's availability list when the deployment sets one (RECSYS_AVAILABILITY_URI)."""
+    only the titles on the date's availability list when the deployment sets one (RECSYS_AVAILABILITY_URI), and
+    without each user's excluded titles of the date when it sets an exclusion list (RECSYS_EXCLUSIONS_URI)."""
     day = parse_date(date)
-    return InferJob(date=day, availability=s.availability_for(day),
+    return InferJob(date=day, availability=s.availability_for(day), exclusions=s.exclusions_for(day),
                     events=s.events_uri, out=s.recs_uri, model=f"models:/{s.model_name}@champion",
                     top_n=s.top_n, device=s.device, tracking_uri=s.tracking_uri,
                     engine="local" if s.profile == "embedded" else "spark",

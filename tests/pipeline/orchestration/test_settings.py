@@ -50,6 +50,9 @@ def test_every_setting_comes_from_its_variable(monkeypatch, tmp_path: Path) -> N
     ("RECSYS_AVAILABILITY_URI", "s3://lake/availability/latest/", "must contain {date} exactly once"),
     ("RECSYS_AVAILABILITY_URI", "s3://lake/{date}/{dt}/", "must contain {date} exactly once"),
     ("RECSYS_AVAILABILITY_URI", "s3://lake/{date}/{date}/", "must contain {date} exactly once"),
+    ("RECSYS_EXCLUSIONS_URI", "s3://lake/exclusions/latest/", "RECSYS_EXCLUSIONS_URI must contain {date} exactly once"),
+    ("RECSYS_EXCLUSIONS_URI", "s3://lake/exclusions/dt={day}/", "RECSYS_EXCLUSIONS_URI must contain {date} exactly once"),
+    ("RECSYS_EXCLUSIONS_URI", "s3://lake/{date}/dt={date}/", "RECSYS_EXCLUSIONS_URI must contain {date} exactly once"),
 ])
 def test_a_bad_value_names_its_variable_and_the_fix(monkeypatch, var: str, value: str, message: str) -> None:
     monkeypatch.setenv(var, value)

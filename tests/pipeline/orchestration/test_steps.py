@@ -192,6 +192,14 @@ def test_the_daily_step_restricts_to_the_dates_availability_list_when_one_is_set
     assert steps.infer_job(s, "2026-01-18").availability == "s3://lake/availability/dt=2026-01-18/"
 
 
+def test_the_daily_step_passes_the_dates_exclusion_list_when_one_is_set(tmp_path: Path) -> None:
+    assert steps.infer_job(settings(tmp_path), "2026-01-17").exclusions is None  # unset: nobody excludes anything
+    s = settings(tmp_path, exclusions_uri="s3://lake/exclusions/dt={date}/")
+    assert steps.infer_job(s, "2026-01-17").exclusions == "s3://lake/exclusions/dt=2026-01-17/"
+    assert steps.infer_job(s, "2026-01-18").exclusions == "s3://lake/exclusions/dt=2026-01-18/"
+    assert steps.infer_job(s, "2026-01-18").availability is None  # the two lists are independent
+
+
 def test_the_weekly_build_joins_the_dates_items_when_published(tmp_path: Path) -> None:
     """<lake>/items/dt=AS_OF (recsys ingest --format items) goes into the snapshot, so training fits a cold head;
     a date without one builds as before."""
