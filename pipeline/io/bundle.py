@@ -108,11 +108,13 @@ class ModelBundle:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | None = None) -> ModelBundle:
-        """A bundle folder written by `save`, validated (see module doc); a DataError naming the file otherwise."""
+    def load(cls, directory: str | Path, device: str | None = None, max_bytes: int | None = None) -> ModelBundle:
+        """A bundle folder written by `save`, validated (see module doc); a DataError naming the file otherwise.
+        `max_bytes`: refuse, before reading them, weights larger than this (a dense EASE is I x I floats)."""
         d = Path(directory)
         meta = _read_meta(d)
         n_items = meta["n_items"]
+        check_weights_size(meta, max_bytes)
         weights = _read_checked(d, WEIGHTS, meta)
         items = _read_checked(d, ITEMS, meta)
         state = _load_state(d / WEIGHTS, weights)
@@ -124,6 +126,17 @@ class ModelBundle:
         if all(name in meta["files"] for name in COLD_HEAD_FILES):  # optional: older bundles have none
             head = load_cold_head(d, n_items, lambda name: _read_checked(d, name, meta))
         return cls(rec, item_ids, popularity, meta["name"], meta["config"], meta["snapshot_id"], head)
+
+
+def check_weights_size(meta: dict[str, Any], max_bytes: int | None) -> None:
+    """The weights' size (from bundle.json, before any is read) against the serving memory budget."""
+    size = int((meta.get("files", {}).get(WEIGHTS) or {}).get("bytes") or 0)
+    if max_bytes is not None and size > max_bytes:
+        raise DataError(f"the model's weights ({meta.get('name')}, {meta.get('n_items')} items) take "
+                        f"{size / 2**20:,.0f} MiB, over the serving memory budget of {max_bytes / 2**20:,.0f} MiB; "
+                        "nothing was scored or published",
+                        "raise --max-model-mb (RECSYS_MAX_MODEL_MB) where the scoring machine has the memory, or "
+                        "promote a model that fits (an autoencoder's weights grow with I, EASE's with I x I)")
 
 
 # -- what is saved: a description and tensors -----------------------------------------------------------------

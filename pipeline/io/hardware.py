@@ -147,3 +147,18 @@ def bf16_capability(cpu: CpuInfo, measure: Callable[[bool], MatmulRates] = matmu
 def detect() -> Bf16Capability:
     """This machine's bf16 capability, calibrated once per process (about 0.1-1 s)."""
     return bf16_capability(read_cpuinfo())
+
+
+# The dense I x I budget's default: a quarter of this machine's memory (EASE's solve holds one I x I buffer on the
+# CPU, two on a GPU; serving holds the float32 I x I weights), capped at 32 GiB so a big host does not silently
+# accept a catalog its inference workers cannot load. TrainJob.max_dense_bytes and InferJob.max_model_mb use it.
+DENSE_CAP = 32 * 2**30
+
+
+def default_dense_bytes() -> int:
+    """A quarter of this machine's memory, at most DENSE_CAP (4 GiB where the memory cannot be read)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+    return int(min(DENSE_CAP, total // 4))

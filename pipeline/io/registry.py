@@ -270,7 +270,8 @@ def resolve_version(model_uri: str, explicit_uri: str | None = None) -> tuple[st
     return name, version
 
 
-def load_bundle(model_uri: str, device: str | None = None, tracking: str | None = None) -> tuple[ModelBundle, str]:
+def load_bundle(model_uri: str, device: str | None = None, tracking: str | None = None,
+                max_bytes: int | None = None) -> tuple[ModelBundle, str]:
     """A registered model (models:/NAME@ALIAS or models:/NAME/VERSION) → (its ModelBundle, version number).
 
     The alias is resolved once and the pinned version is loaded, so the returned version is exactly the
@@ -298,7 +299,7 @@ def load_bundle(model_uri: str, device: str | None = None, tracking: str | None 
             raise DataError(f"{base}: its MLmodel names the bundle at {str(rel)[:80]!r}", "retrain the model")
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{rel}", dst_path=f"{tmp}/bundle",
                                                     tracking_uri=uri, registry_uri=uri)
-        bundle = ModelBundle.load(local, device)
+        bundle = ModelBundle.load(local, device, max_bytes)
     return bundle, version
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from pipeline.io import lake, registry
+from pipeline.io.hardware import default_dense_bytes
 from pipeline.io.publish import MANIFEST, PartitionWriter
 from pipeline.io.redact import redact_uri
 from pipeline.io.spark import SparkConfig
@@ -98,6 +99,9 @@ class InferJob(InferOptions, Job):
     # what no version of the last week needs; None keeps every date. Replaces an S3 expiry rule, which would delete
     # the Delta log and live files under readers.
     retention_days: int | None = Field(None, ge=1)
+    # the model's weights must fit this (MiB), checked from the bundle's description before they are read: a dense
+    # EASE over I items is 4 I^2 bytes. None: a quarter of this machine's memory, at most 32 GiB
+    max_model_mb: int | None = Field(None, ge=1)
 
     @property
     def partition_uri(self) -> str:
@@ -112,7 +116,8 @@ class InferJob(InferOptions, Job):
         device = resolve_device(self.device)
         if self.model.startswith("models:/"):
             log.info("loading %s from the registry at %s", self.model, redact_uri(registry.tracking_uri(self.tracking_uri)))
-        bundle, version = load_model(self.model, device, self.tracking_uri)
+        limit = self.max_model_mb * 2**20 if self.max_model_mb else default_dense_bytes()
+        bundle, version = load_model(self.model, device, self.tracking_uri, limit)
         return _publish(self, bundle, version, device, t0)
 
 

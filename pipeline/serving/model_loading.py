@@ -22,12 +22,14 @@ def resolve_device(name: str) -> str:
     return str(resolve(name))
 
 
-def load_model(model_uri: str, device: str | None, tracking_uri: str | None = None) -> tuple[ModelBundle, str]:
+def load_model(model_uri: str, device: str | None, tracking_uri: str | None = None,
+               max_bytes: int | None = None) -> tuple[ModelBundle, str]:
     """models:/NAME@ALIAS → (bundle, concrete version): the alias is resolved once, against `tracking_uri`
     (None: MLFLOW_TRACKING_URI, else the local SQLite registry; pipeline.io.registry.tracking_uri).
 
     A local folder written by ModelBundle.save also works (development, tests): its version is
-    "local-" + the weights' checksum, so outputs still name exactly which weights made them."""
+    "local-" + the weights' checksum, so outputs still name exactly which weights made them.
+    `max_bytes`: weights over it are refused before they are read (ModelBundle.load)."""
     if not model_uri.startswith("models:/"):
         from pipeline.io.bundle import ModelBundle
 
@@ -35,8 +37,9 @@ def load_model(model_uri: str, device: str | None, tracking_uri: str | None = No
         if not (path / "bundle.json").is_file():
             raise DataError(f"--model {model_uri!r} is neither models:/NAME@ALIAS nor a saved bundle folder",
                             "pass models:/NAME@champion (or a folder with bundle.json)")
+        bundle = ModelBundle.load(path, device, max_bytes)  # first: it refuses over-budget weights unread
         digest = hashlib.sha256((path / "recommender.pt").read_bytes()).hexdigest()[:12]
-        return ModelBundle.load(path, device), f"local-{digest}"
+        return bundle, f"local-{digest}"
     from pipeline.io.registry import load_bundle  # lazy: MLflow is heavy and only needed here
 
-    return load_bundle(model_uri, device=device, tracking=tracking_uri)
+    return load_bundle(model_uri, device=device, tracking=tracking_uri, max_bytes=max_bytes)

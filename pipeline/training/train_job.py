@@ -43,6 +43,7 @@ from model.pia import PIAConfig
 from model.vae import VAEConfig
 from pipeline.errors import DataError
 from pipeline.io import registry
+from pipeline.io.hardware import default_dense_bytes
 from pipeline.io.redact import redact_values
 from pipeline.job import Job, JobResult
 from pipeline.training import DEFAULT_REGISTERED_NAME
@@ -56,10 +57,6 @@ AUTOENCODERS = ("multivae", "multivae-pia", "multidae", "recvae", "recvae-pia")
 # Closed-form families the job can train as its main model (one solve, l2 chosen on validation users, no twin):
 # EASE, and EDLAE once model.recommenders knows it.
 CLOSED_FORM_MAIN = ("ease", "edlae")
-# Default dense budget: a quarter of this machine's memory (the solve holds one I x I buffer on the CPU, two on a
-# GPU; serving holds the float32 I x I weights), capped at 32 GiB so a big host does not silently accept a
-# catalog its inference workers cannot load.
-_DENSE_CAP = 32 * 2**30
 
 
 def trainable() -> tuple[str, ...]:
@@ -67,17 +64,6 @@ def trainable() -> tuple[str, ...]:
     from model.recommenders import MODEL_NAMES
 
     return AUTOENCODERS + tuple(n for n in CLOSED_FORM_MAIN if n in MODEL_NAMES)
-
-
-def default_dense_bytes() -> int:
-    """max_dense_bytes' default (see _DENSE_CAP)."""
-    import os
-
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
-    return int(min(_DENSE_CAP, total // 4))
 
 
 def dense_bytes(n_items: int, dtype: str = "float32", device: str = "cpu") -> int:
