@@ -288,8 +288,8 @@ def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000
         lines.append(f"  user {s.sample_user}'s top 10: {shown}")
         lines.append(f"  one user         recsys recs --date {s.date} --user {s.sample_user} --out {s.recs_uri}")
     if s.cold is not None:
-        lines.append(f"  new titles       {s.cold[1]} of {s.cold[0]} added today shown (no retraining), to "
-                     f"{s.cold[2]:,} users")
+        lines.append(f"  new titles       {s.cold[1]} of {s.cold[0]} titles new since training recommended on {s.date} "
+                     f"(no retraining), to {s.cold[2]:,} users")
     lines.append(f"  MLflow store     {redact_uri(s.tracking)}")
     lines.append("  browse           make ui   (MLflow and Airflow UIs on 127.0.0.1, with the login)")
     lines.append(f"  full log         {log}")
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=28, help="days of synthetic events (= the training window)")
     p.add_argument("--start", default="2026-01-01", help="first day of the synthetic events")
     p.add_argument("--new-titles", type=int, default=5, help="titles in the day's catalogue without any click")
-    p.add_argument("--date", default=None, help="the daily run's date (default: the last day of events)")
+    p.add_argument("--date", default=None, help="the daily run's date (default: the day after the last day of events)")
     p.add_argument("--train-config", type=Path, default=REPO / "configs" / "embedded-train.yaml",
                    help="TrainJob YAML (RECSYS_TRAIN_CONFIG)")
     args = p.parse_args(argv)
@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     log.write_text("")  # one run's log: re-running replaces it, like everything else under the home
     start = parse_date(args.start)
     last_day = start + dt.timedelta(days=args.days - 1)
-    date = parse_date(args.date).isoformat() if args.date else last_day.isoformat()
+    # the daily run: the morning after the weekly training's last day, when the day's new titles have arrived
+    date = parse_date(args.date).isoformat() if args.date else (last_day + dt.timedelta(days=1)).isoformat()
 
     recsys_env = {"RECSYS_HOME": str(home), "RECSYS_TRAIN_CONFIG": str(args.train_config.resolve()),
                   "RECSYS_WINDOW_DAYS": str(args.days), "RECSYS_SPARK_MASTER": "local[2]",
@@ -407,12 +408,13 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = SynthEventsJob(users=args.users, items=args.items, days=args.days, start=start, out=settings.events_uri,
                              seed=0)
-        src = home / "catalogue" / "items.parquet"
-        src.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(synth_catalog(cfg, args.new_titles), src)
-        for day in sorted({last_day, parse_date(date)}):  # the weekly build's as-of and the daily run's date
+        # the weekly build's catalogue (as of its last day), then the daily date's, with the titles added since
+        for day, new in sorted({last_day: 0, parse_date(date): args.new_titles}.items()):
+            src = home / "catalogue" / f"items-{day}.parquet"
+            src.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(synth_catalog(cfg, new), src)
             ItemsIngestJob(src=src, lake=settings.lake_uri, date=day).run()
-        return f"{args.items:,} titles with a genre, {args.new_titles} new today"
+        return f"{args.items:,} titles with a genre; {args.new_titles} more on {date}"
 
     def migrate(progress: Progress) -> str:
         from pipeline.orchestration.dev.local_airflow import airflow_env

@@ -74,7 +74,8 @@ def test_a_run_fits_one_screen_and_the_noise_goes_to_the_log(tmp_path: Path) -> 
     assert "/h/lake (3,099 users for 2026-01-28)" in text
     assert "user 17's top 10: 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, …" in text
     assert "recsys recs --date 2026-01-28 --user 17 --out /h/lake" in text
-    assert "new titles       3 of 5 added today shown (no retraining), to 1,234 users" in text
+    assert ("new titles       3 of 5 titles new since training recommended on 2026-01-28 (no retraining), "
+            "to 1,234 users") in text
     assert "make ui" in text and str(log) in text
 
 
@@ -195,10 +196,11 @@ def test_make_run_end_to_end_fits_one_screen(tmp_path: Path) -> None:
     assert p.stderr == "" and len(lines) <= MAX_LINES, p.stdout
     assert "\x1b" not in p.stdout and "[DAG TEST]" not in p.stdout
     assert sum(line.startswith("  ✓") for line in lines) == 6
-    shown = re.search(r"new titles +(\d+) of 5 added today shown \(no retraining\), to ([\d,]+) users", p.stdout)
+    shown = re.search(r"new titles +(\d+) of 5 titles new since training recommended on 2026-01-18 "
+                      r"\(no retraining\), to ([\d,]+) users", p.stdout)
     assert shown and int(shown[1]) >= 1 and int(shown[2].replace(",", "")) >= 1, p.stdout  # the cold head at work
     assert any("weekly DAG" in line and line.endswith("4 tasks") for line in lines)
-    assert any("daily DAG for 2026-01-17" in line and line.endswith("2 tasks") for line in lines)
+    assert any("daily DAG for 2026-01-18" in line and line.endswith("2 tasks") for line in lines)
     assert "version 1 is champion (gate passed" in p.stdout and "'s top 10: " in p.stdout
     report = next(line for line in lines if line.startswith("  gate report")).split()[-1]
     assert Path(report).is_file() and "/gate/enabled/gate_report." in report
