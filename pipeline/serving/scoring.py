@@ -151,10 +151,23 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
                 t, s = bundle.recommend(sub, kk, batch_size=batch_size, on_batch=on_batch)
         if restrict_known:
             sub = sp.csr_matrix(sub)
-            t, s, backfilled, short = restrict(t, s, k, mask, pop, np.asarray(sub.indptr, np.int64),
-                                               np.asarray(sub.indices, np.int64), top_n, blocked=sub_blocked)
-            if available is None and sub_blocked is not None:  # as for the fallback rows: users with exclusions
-                short = int(((s > -np.inf).sum(axis=1) < min(top_n, k))[np.diff(sub_blocked[0]) > 0].sum())
+            seen = (np.asarray(sub.indptr, np.int64), np.asarray(sub.indices, np.int64))
+            if sub_blocked is None:
+                t, s, backfilled, short = restrict(t, s, k, mask, pop, *seen, top_n)
+            else:  # restrict's per-user exclusion path costs ~50 us a row: only the rows with an exclusion take it
+                has = np.diff(sub_blocked[0]) > 0
+                rows_b, rows_n = np.flatnonzero(has), np.flatnonzero(~has)
+                out_t, out_s = np.empty((len(t), k), np.int64), np.empty((len(t), k), np.float32)
+                out_t[rows_b], out_s[rows_b], backfilled, short = restrict(
+                    t[rows_b], s[rows_b], k, mask, pop, *take_rows(seen, rows_b), top_n,
+                    blocked=take_rows(sub_blocked, rows_b))
+                if available is not None:
+                    out_t[rows_n], out_s[rows_n], b_n, s_n = restrict(t[rows_n], s[rows_n], k, mask, pop,
+                                                                      *take_rows(seen, rows_n), top_n)
+                    backfilled, short = backfilled + b_n, short + s_n
+                else:  # nothing removed: the model's first k, as without a list (short counts users with one)
+                    out_t[rows_n], out_s[rows_n] = t[rows_n, :k], s[rows_n, :k]
+                t, s = out_t, out_s
             if counts is not None:
                 counts[f"{prefix}_backfilled_users"] = counts.get(f"{prefix}_backfilled_users", 0) + backfilled
                 counts[f"{prefix}_short_users"] = counts.get(f"{prefix}_short_users", 0) + short
