@@ -51,6 +51,15 @@ def register(sub: Any) -> None:
                    help="Parquet file or folder (local or s3://, e.g. <lake>/exclusions/dt=DATE/) with user_id and "
                         "item_id columns: titles each user must not be shown on --date; their lists are refilled "
                         "from the model's next items, then popular ones (default: none)")
+    p.add_argument("--items", default=None, metavar="URI",
+                   help="the day's items file or folder (the items contract; Parquet or CSV, local or s3://): titles "
+                        "the model does not know are scored by its cold head from their metadata (default: "
+                        "<out>/items/dt=DATE when present; missing: a warning, warm items only)")
+    p.add_argument("--cold-slots", type=int, default=2,
+                   help="at most this many new titles per list, each only for a user with a positive cold score (0: off)")
+    p.add_argument("--max-model-mb", type=int, default=None,
+                   help="refuse a model whose weights exceed this many MiB, before reading them (a dense EASE is "
+                        "4 I^2 bytes; default: a quarter of this machine's memory, at most 32 GiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     p.set_defaults(func=cmd_infer)
 
@@ -98,14 +107,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
                    min_weight=args.min_weight, shard_events=args.shard_events, parallel_shards=args.parallel_shards,
                    max_unknown_item_share=args.max_unknown_item_share, max_fallback_share=args.max_fallback_share,
                    progress=not args.no_progress, monitor=load_monitor_config(args.monitor_config),
-                   retention_days=args.retention_days, availability=args.availability, exclusions=args.exclusions)
+                   retention_days=args.retention_days, availability=args.availability, exclusions=args.exclusions,
+                   items=args.items, cold_slots=args.cold_slots, max_model_mb=args.max_model_mb)
     r = job.run()
     print(f"published {r.users} users ({r.fallback_users} fallback) for {r.date.isoformat()} with model version "
           f"{r.model_version}: {r.files} files, {r.unknown_item_events} events with unknown items skipped"
           + (f"; availability: {r.availability_backfilled_users} users backfilled, {r.availability_short_users} with "
              f"fewer than --top-n items" if args.availability else "")
           + (f"; exclusions: {r.exclusions} pairs ({r.exclusions_unknown_items} rows with unknown items ignored), "
-             f"{r.exclusions_users} users with one" if args.exclusions else ""))
+             f"{r.exclusions_users} users with one" if args.exclusions else "")
+          + (f"; new titles: {r.cold_items_scored} scored, {r.cold_items_shown} shown to {r.cold_users} users"
+             if r.cold_items_scored else ""))
     return 0
 
 

@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     train_config: str | None = Field(None, description="TrainJob YAML for the weekly training (None: TrainJob's defaults)")
     gate_mode: str = Field("enabled", description="enabled (a failing gate fails the run) or dry-run (record only)")
     gate_config: str | None = Field(None, description="GateConfig YAML of the gate thresholds (None: the defaults)")
+    candidates_config: str | None = Field(None, description="CandidatesJob YAML (configs/candidates.yaml): the weekly "
+                                          "job trains every candidate on the snapshot and promotes the best that "
+                                          "passes its gates, in place of RECSYS_TRAIN_CONFIG's one model (profile "
+                                          "embedded only)")
+    max_model_mb: int | None = Field(None, ge=1, description="the daily job's limit on the model's weights in MiB, "
+                                     "checked before they are read (a dense EASE is 4 I^2 bytes; None: a quarter of "
+                                     "this machine's memory, at most 32 GiB)")
     profile: Profile = Field("embedded", description="where the heavy steps run: embedded, spark or aws")
     # Spark (profile spark; the embedded profile's build also runs on this master)
     spark_master: str = Field("local[2]", description="Spark master URL (local[N], spark://, yarn, k8s://)")
@@ -148,6 +155,14 @@ class Settings(BaseSettings):
         return None if self.exclusions_uri is None else self.exclusions_uri.replace("{date}", str(date))
 
     @model_validator(mode="after")
+    def _candidates_in_process(self) -> Settings:
+        # CandidatesJob trains and gates in one process; the remote profiles stage one TrainJob per weekly run
+        if self.candidates_config is not None and self.profile != "embedded":
+            raise ValueError(f"RECSYS_CANDIDATES_CONFIG needs RECSYS_PROFILE=embedded (got {self.profile}): the "
+                             "spark and aws profiles train one model per week (RECSYS_TRAIN_CONFIG); unset one")
+        return self
+
+    @model_validator(mode="after")
     def _defaults_under_home(self) -> Settings:
         home = self.home.expanduser().resolve()
         lake = self.lake_uri or str(home / "lake")
@@ -191,7 +206,10 @@ class Settings(BaseSettings):
                             f"set {var} to a JSON object, e.g. '{{\"spark.executor.memory\": \"4g\"}}', or unset it") from None
         except ValidationError as e:
             first = e.errors()[0]
-            name = str(first["loc"][0]) if first.get("loc") else "?"
+            if not first.get("loc"):  # a rule across settings (a model validator): its message names them
+                raise DataError(str(first["msg"]).removeprefix("Value error, "),
+                                "change or unset one of the settings it names (docs/runbook.md lists them)") from None
+            name = str(first["loc"][0])
             var = cls.env_names().get(name) or (name if name.isupper() else f"RECSYS_{name.upper()}")  # loc: field or alias
             raise DataError(f"{var} is not valid: {first['msg']} (got {redact_text(repr(first.get('input')))})",
                             f"set {var} to a valid value (docs/runbook.md lists the settings) or unset it") from None

@@ -25,12 +25,13 @@ from pipeline.orchestration import remote
 from pipeline.orchestration.settings import Settings  # the one settings class (re-exported for the DAG tasks)
 from pipeline.serving.job import InferJob, InferResult
 from pipeline.serving.monitoring import load_monitor_config
+from pipeline.training.candidates import CandidatesJob, CandidatesResult, load_candidates
 from pipeline.training.gate import GateJob, GateResult
 from pipeline.training.gates import load_gate_config
 from pipeline.training.train_job import TrainJob, TrainResult, load_config
 
-__all__ = ["GateRejected", "Settings", "StepFailed", "build_matrix", "build_matrix_job", "champion_version", "collect", "gate",
-           "infer", "infer_job", "stage", "train", "train_job"]
+__all__ = ["GateRejected", "Settings", "StepFailed", "build_matrix", "build_matrix_job", "candidates_job",
+           "champion_version", "collect", "gate", "infer", "infer_job", "stage", "train", "train_candidates", "train_job"]
 
 
 class StepFailed(RuntimeError):
@@ -90,6 +91,30 @@ def train(s: Settings, build: BuildResult | dict[str, Any]) -> TrainResult:
         return job.run()
 
 
+def candidates_job(s: Settings, build: BuildResult | dict[str, Any]) -> CandidatesJob:
+    """Weekly, with RECSYS_CANDIDATES_CONFIG: every candidate of the file on the snapshot just built, registered under
+    the settings' name, gated with the settings' gate mode, thresholds and ledger (the settings' device for all)."""
+    build = BuildResult.model_validate(build)
+    overrides: dict[str, Any] = {"snapshot": build.snapshot_uri, "registered_name": s.model_name,
+                                 "tracking_uri": s.tracking_uri, "mode": s.gate_mode, "ledger_uri": s.ledger,
+                                 "gates_file": s.gate_config, "common": {"device": s.device}}
+    return load_candidates(s.candidates_config, overrides)
+
+
+def train_candidates(s: Settings, build: BuildResult | dict[str, Any]) -> CandidatesResult:
+    """Weekly, with RECSYS_CANDIDATES_CONFIG: train, gate and promote the best passing candidate (in this process).
+    In enabled mode, none passing raises GateRejected after every verdict is recorded, as `gate` does."""
+    job = candidates_job(s, build)
+    with _no_credentials():
+        result = job.run()
+    if result.promoted is None and s.gate_mode == "enabled":
+        failed = "; ".join(f"{c.model} v{c.version}: " + (", ".join(v.gate for v in c.verdicts if v.status == "fail")
+                                                          or c.held or "?") for c in result.candidates)
+        raise GateRejected(f"no candidate of {result.model_name} passed its gates ({failed}); "
+                           f"champion stays {result.champion or 'none'}")
+    return result
+
+
 def gate(s: Settings, trained: TrainResult | dict[str, Any]) -> GateResult:
     """Weekly: gate the version just trained; a pass moves `champion`. A rejection in enabled mode raises
     GateRejected (the run fails, visibly) after the verdict and the ledger line are recorded."""
@@ -116,9 +141,11 @@ def champion_version(s: Settings) -> str | None:
 def infer_job(s: Settings, date: dt.date | str) -> InferJob:
     """Daily: every active user's top-N from the champion for `date`; the Spark engine outside the embedded profile;
     only the titles on the date's availability list when the deployment sets one (RECSYS_AVAILABILITY_URI), and
-    without each user's excluded titles of the date when it sets an exclusion list (RECSYS_EXCLUSIONS_URI)."""
+    without each user's excluded titles of the date when it sets an exclusion list (RECSYS_EXCLUSIONS_URI); the
+    date's catalogue (<lake>/items/dt=DATE, when published) gives the titles new since training to the cold head."""
     day = parse_date(date)
     return InferJob(date=day, availability=s.availability_for(day), exclusions=s.exclusions_for(day),
+                    items=items_uri(s.lake_uri, day), max_model_mb=s.max_model_mb,
                     events=s.events_uri, out=s.recs_uri, model=f"models:/{s.model_name}@champion",
                     top_n=s.top_n, device=s.device, tracking_uri=s.tracking_uri,
                     engine="local" if s.profile == "embedded" else "spark",

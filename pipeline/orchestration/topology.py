@@ -83,8 +83,18 @@ def _remote(step: str, stage_task: Any, timeout: dt.timedelta, settings: Setting
 
 
 def weekly_tasks() -> None:
-    """build_matrix → train → gate_and_promote → champion_moved, each heavy step where RECSYS_PROFILE says."""
+    """build_matrix → train → gate_and_promote → champion_moved, each heavy step where RECSYS_PROFILE says; with
+    RECSYS_CANDIDATES_CONFIG (embedded), build_matrix → train_candidates (train, gate, promote) → champion_moved."""
     settings = Settings.from_env()
+
+    @task(execution_timeout=dt.timedelta(minutes=5), retries=0, outlets=[CHAMPION_ASSET])
+    def champion_moved(verdict: dict[str, Any]) -> str:
+        """Emits the champion asset (which triggers the daily DAG) only when the gate moved `champion`."""
+        from airflow.exceptions import AirflowSkipException
+
+        if not verdict.get("promoted"):
+            raise AirflowSkipException(f"champion unchanged (version {verdict.get('version')} not promoted)")
+        return str(verdict["version"])
 
     if settings.profile == "embedded":
         @task(execution_timeout=dt.timedelta(hours=2), multiple_outputs=False, outlets=[SNAPSHOT_ASSET])
@@ -100,6 +110,16 @@ def weekly_tasks() -> None:
 
             return train(Settings.from_env(), build).to_xcom()
 
+        if settings.candidates_config is not None:  # champion/challenger: one task trains, gates and promotes
+            @task(execution_timeout=dt.timedelta(hours=12), retries=0, multiple_outputs=False)
+            def train_candidates(build: dict[str, Any]) -> dict[str, Any]:
+                from pipeline.orchestration.steps import Settings, train_candidates
+
+                r = train_candidates(Settings.from_env(), build)
+                return {"promoted": r.promoted is not None, "version": r.promoted, "candidates": r.to_xcom()}
+
+            champion_moved(train_candidates(build_matrix()))  # type: ignore[arg-type]
+            return
         trained = train(build_matrix())  # type: ignore[arg-type]  # an XComArg stands for the dict at parse time
     else:
         @task(task_id="build_matrix_stage")
@@ -125,15 +145,6 @@ def weekly_tasks() -> None:
         from pipeline.orchestration.steps import Settings, gate
 
         return gate(Settings.from_env(), trained).to_xcom()
-
-    @task(execution_timeout=dt.timedelta(minutes=5), retries=0, outlets=[CHAMPION_ASSET])
-    def champion_moved(verdict: dict[str, Any]) -> str:
-        """Emits the champion asset (which triggers the daily DAG) only when the gate moved `champion`."""
-        from airflow.exceptions import AirflowSkipException
-
-        if not verdict.get("promoted"):
-            raise AirflowSkipException(f"champion unchanged (version {verdict.get('version')} not promoted)")
-        return str(verdict["version"])
 
     champion_moved(gate_and_promote(trained))  # type: ignore[arg-type]
 

@@ -91,6 +91,20 @@ def test_spark_profile_submits_each_heavy_step_to_the_cluster(airflow_home: None
     assert _chain(bag.dags["daily_inference"]) == ["champion_exists", "infer_stage", "infer_run", "infer"]
 
 
+def test_candidates_make_one_task_that_trains_gates_and_promotes(airflow_home: None, monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    monkeypatch.setenv("RECSYS_CANDIDATES_CONFIG", str(tmp_path / "candidates.yaml"))
+    bag = _dagbag()
+    assert bag.import_errors == {}
+    weekly = bag.dags["weekly_train"]
+    assert _chain(weekly) == ["build_matrix", "train_candidates", "champion_moved"]
+    assert weekly.get_task("train_candidates").retries == 0  # a retry would train every candidate again
+    assert [a.name for a in weekly.get_task("champion_moved").outlets] == ["recsys_champion"]
+    monkeypatch.setenv("RECSYS_PROFILE", "spark")  # remote profiles stage one TrainJob: refused, naming both
+    errors = _dagbag().import_errors
+    assert len(errors) == 2 and all("RECSYS_CANDIDATES_CONFIG needs RECSYS_PROFILE=embedded" in e for e in errors.values())
+
+
 def test_a_bad_profile_is_an_import_error_naming_the_variable(airflow_home: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECSYS_PROFILE", "gpu-farm")
     bag = _dagbag()

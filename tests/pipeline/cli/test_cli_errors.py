@@ -68,6 +68,18 @@ def test_infer_option_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert not out.exists()
 
 
+def test_infer_catalogue_and_model_budget_option_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lake"
+    assert main(["infer", "--date", "2024-05-01", "--events", str(tmp_path / "ev"), "--out", str(out),
+                 "--cold-slots", "-1", "--max-model-mb", "0"]) == 2
+    lines = _err_lines(capsys, "infer")
+    assert any(line.startswith("recsys infer: error: cold_slots: must be >= 0 (got -1)") and "(--cold-slots)" in line
+               for line in lines)
+    assert any(line.startswith("recsys infer: error: max_model_mb: must be >= 1 (got 0)") and "(--max-model-mb)" in line
+               for line in lines)
+    assert not out.exists()
+
+
 def test_a_literal_and_a_validator_error() -> None:
     from pydantic import ValidationError
 

@@ -210,3 +210,38 @@ def test_the_weekly_build_joins_the_dates_items_when_published(tmp_path: Path) -
     (day / "part-0.parquet").write_bytes(b"")
     assert steps.build_matrix_job(s, "2026-01-17").items == str(day)
     assert steps.build_matrix_job(s, "2026-01-18").items is None  # another date's catalogue is not used
+
+
+def test_the_candidates_step_takes_the_settings_and_fails_when_none_passes(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """RECSYS_CANDIDATES_CONFIG: the file's candidates on the build's snapshot, with the settings' name, registry,
+    gate mode, thresholds, ledger and device; none promoted in enabled mode fails the step (as a failed gate does)."""
+    from pipeline.training.candidates import CandidateOutcome, CandidatesJob, CandidatesResult
+
+    (tmp_path / "cands.yaml").write_text("common: {epochs: 3}\ncandidates:\n  - {model: multivae-pia}\n  - {model: ease}\n")
+    (tmp_path / "gates.yaml").write_text("allow_missing_baselines: true\n")
+    s = settings(tmp_path, candidates_config=str(tmp_path / "cands.yaml"), gate_config=str(tmp_path / "gates.yaml"),
+                 device="cpu", model_name="recsys-x")
+    build = {"snapshot_uri": "lake/snapshots/as_of=2026-01-17", "digest": "d", "counts": {}}
+    job = steps.candidates_job(s, build)
+    assert job.snapshot == "lake/snapshots/as_of=2026-01-17" and job.registered_name == "recsys-x"
+    assert job.mode == "enabled" and job.ledger_uri == s.ledger and job.tracking_uri == "sqlite:///t.db"
+    assert job.gates.allow_missing_baselines and job.common == {"epochs": 3, "device": "cpu"}
+    assert [j.model for j in job.train_jobs("g")] == ["multivae-pia", "ease"]
+    failed = [GateCheck(gate="ndcg@100", status="fail", detail="")]
+    outcome = CandidateOutcome(index=0, version="8", model="ease", run_id="r", primary=0.1, metrics={},
+                               verdicts=failed, passed=False, promoted=False)
+    monkeypatch.setattr(CandidatesJob, "run", lambda self: CandidatesResult(
+        model_name=self.registered_name, group="g", primary="ndcg@100", promoted=None, champion="6",
+        candidates=[outcome]))
+    with pytest.raises(steps.GateRejected, match=r"no candidate of recsys-x passed .*ease v8: ndcg@100.*champion stays 6"):
+        steps.train_candidates(s, build)
+    assert steps.train_candidates(settings(tmp_path, candidates_config=str(tmp_path / "cands.yaml"),
+                                           gate_mode="dry-run"), build).promoted is None  # recorded, not failed
+
+
+def test_the_daily_step_reads_the_dates_catalogue_and_the_model_budget(tmp_path: Path) -> None:
+    s = settings(tmp_path, lake_uri=str(tmp_path / "lake"), max_model_mb=2048)
+    job = steps.infer_job(s, "2026-01-17")
+    assert job.items == str(tmp_path / "lake" / "items" / "dt=2026-01-17") and job.max_model_mb == 2048
+    assert steps.infer_job(settings(tmp_path), "2026-01-17").max_model_mb is None  # the machine's default
