@@ -98,6 +98,7 @@ class Autoencoder(Recommender):
         self.module: nn.Module | None = None
         self.history: list[dict[str, Any]] = []
         self.best_epoch = 0
+        self.anchors: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +116,9 @@ class Autoencoder(Recommender):
         self.history = trainer.fit(checkpoint=kwargs.get("checkpoint"))
         self.best_epoch = trainer.best_epoch
         self.module = trainer.model
+        # PIA's item anchors [I, d] (training-only: never saved or scored with), kept for the training-time
+        # diagnostics' anchor-centroid distance; None without PIA
+        self.anchors = None if trainer.anchors is None else trainer.anchors.weight.detach().cpu()
 
     def to(self, device: torch.device | str) -> Autoencoder:
         if self.module is not None:

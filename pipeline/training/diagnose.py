@@ -6,7 +6,8 @@ no-PIA twin while both are in memory.
 
 What a registered version holds, and so what can be diagnosed later:
 - the model's weights (the bundle), not its PIA anchors (training-only, never saved): the anchor-centroid
-  distance is measured only where the anchors exist, i.e. never from a bundle;
+  distance is measured where the anchors exist, i.e. by the training job (diag.anchor_distance on the run),
+  never from a bundle;
 - not the no-PIA twin's weights (training logs only its metrics): the twin's diagnostics are computed at
   training time and stored on the run (`diag.compare.<twin>.*`, `diagnostics/twin.json`); `recsys diagnose`
   reads that file back to draw the two side by side.
@@ -238,7 +239,8 @@ def log_training_diagnostics(trained: dict[str, Any], main: str, snap: Any, seed
     for name, rec in trained.items():
         module = getattr(rec, "module", None)
         if module is not None and hasattr(module, "encode"):
-            summaries[name] = diagnose_module(module, history, n, views, k, seed).to_summary()
+            summaries[name] = diagnose_module(module, history, n, views, k, seed,
+                                              anchors=getattr(rec, "anchors", None)).to_summary()
     if main not in summaries:
         mlflow.set_tag(PREFIX + "status", f"not applicable: {main} has no latent posterior")
         return {}
@@ -253,7 +255,8 @@ def log_training_diagnostics(trained: dict[str, Any], main: str, snap: Any, seed
             (d / TWIN).write_text(json.dumps({"name": twins[0], "summary": summaries[twins[0]]}))
             files.append(d / TWIN)
         mlflow.log_metrics({k_: v for k_, v in out.items() if math.isfinite(v)})
-        mlflow.set_tag(PREFIX + "status", _reason(summaries[main], anchors_saved=False))
+        mlflow.set_tag(PREFIX + "status", _reason(summaries[main], anchors_saved=getattr(trained[main], "anchors", None)
+                                                  is not None))
         for f in files:
             mlflow.log_artifact(str(f), ARTIFACT_DIR)
     return out

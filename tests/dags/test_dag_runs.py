@@ -171,3 +171,32 @@ def test_a_weekly_run_whose_training_fails_leaves_champion_unchanged(runs: Env, 
     assert alias_version(MODEL, "champion", runs.tracking) == "1"
     assert [str(v.version) for v in client(runs.tracking).search_model_versions(f"name='{MODEL}'")] == ["1"]
 
+
+
+TINY_CANDIDATES = """\
+common: {epochs: 2, patience: 2, batch_size: 100, compare_base: false, baselines: false, diagnose: false,
+         vae: {hidden_dims: [32], latent_dim: 16}}
+candidates:
+  - {model: multivae-pia}
+  - {model: ease, l2_grid: [50.0, 200.0]}
+"""
+
+
+def test_the_weekly_run_with_candidates_trains_gates_and_promotes_the_best(runs: Env, tmp_path: Path) -> None:
+    """RECSYS_CANDIDATES_CONFIG: build_matrix → train_candidates → champion_moved through Airflow; both candidates
+    are registered in one group and gated against the same champion, and the best passing one becomes champion."""
+    from pipeline.io.registry import alias_version, client, version_tags
+
+    before = {str(v.version) for v in client(runs.tracking).search_model_versions(f"name='{MODEL}'")}
+    config = tmp_path / "candidates.yaml"
+    config.write_text(TINY_CANDIDATES)
+    r = runs.airflow("dags", "test", "weekly_train", WEEKLY_LOGICAL, extra={"RECSYS_CANDIDATES_CONFIG": str(config)})
+    assert r.returncode == 0, _tail(r)
+    new = sorted({str(v.version) for v in client(runs.tracking).search_model_versions(f"name='{MODEL}'")} - before, key=int)
+    assert len(new) == 2
+    tags = [version_tags(MODEL, v, runs.tracking) for v in new]
+    assert [t["model"] for t in tags] == ["multivae-pia", "ease"]
+    assert len({t["candidates.group"] for t in tags}) == 1
+    assert all(t["gate.verdict"] in ("passed", "failed") for t in tags)  # every candidate was gated
+    champion = alias_version(MODEL, "champion", runs.tracking)
+    assert champion in new and version_tags(MODEL, champion, runs.tracking)["gate.verdict"] == "passed"

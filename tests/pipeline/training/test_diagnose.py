@@ -33,7 +33,9 @@ def test_training_logs_diagnostics_for_the_model_and_its_twin(trained: dict[str,
     assert m["diag.users"] == 60 and m["diag.views"] == 8  # capped at the 60 validation users
     assert 0 <= m["diag.active_units"] <= 8 and m["diag.kl_mean"] > 0 and 0 <= m["diag.knn_jaccard"] <= 1
     assert "diag.compare.multivae.drift" in m and "diag.group.11-50.drift" in m
-    assert "anchor distance not measured" in run.data.tags["diag.status"]
+    # the PIA anchors exist at training time only: measured here (never from a bundle), not for the no-PIA twin
+    assert m["diag.anchor_distance"] > 0 and "diag.compare.multivae.anchor_distance" not in m
+    assert run.data.tags["diag.status"] == "all diagnostics applied"
     assert {"summary.json", "twin.json", "drift_by_group.png", "w2_near_far.png", "active_units.png"} <= \
         _artifacts(trained["good_run"])
 
@@ -44,6 +46,7 @@ def test_diagnose_a_registered_version_logs_metrics_and_plots(trained: dict[str,
     r = DiagnoseJob(model=f"models:/{NAME}/{trained['good']}", out=tmp_path, **SMALL).run()
     assert r.applicable and r.version == trained["good"] and r.run_id == run_id
     assert r.metrics["users"] == 40 and "compare.multivae.drift" in r.metrics  # the twin stored at training
+    assert "anchor distance not measured" in r.reason  # a bundle holds no anchors
     assert len(_client().get_metric_history(run_id, "diag.drift")) == before + 1
     assert _client().get_metric_history(run_id, "diag.drift")[-1].value == pytest.approx(r.metrics["drift"])
     summary = json.loads((tmp_path / "summary.json").read_text())
