@@ -271,6 +271,7 @@ class Summary:
     tracking: str
     gate_report: str | None = None  # the report file, when the run's artifacts are on this disk
     cold: tuple[int, int, int] | None = None  # new titles in the day's items: scored, shown, users shown one
+    ablation: tuple[str, str, float] | None = None  # the ablation gate's status, the no-PIA twin, its test NDCG@100
 
 
 def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000) -> list[str]:
@@ -278,6 +279,10 @@ def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000
     champion = (f"{s.model_name} version {s.version} is champion (gate {s.verdict}{ndcg})" if s.version
                 else f"no champion for {s.model_name} (gate {s.verdict})")
     lines = ["", f"Done in {duration(total_s)}. Everything is under {s.home}", f"  model            {champion}"]
+    if s.ablation is not None:
+        status, twin, twin_ndcg = s.ablation
+        lines.append(f"  PIA ablation     {status}: {twin} without PIA, trained beside it, test NDCG@100 {twin_ndcg:.4f}"
+                     + (" (the gate report says why)" if status not in ("pass", "skipped") else ""))
     if s.run_id:
         url = f"http://127.0.0.1:{mlflow_port}/#/experiments/{s.experiment_id}/runs/{s.run_id}"
         lines.append(f"  gate report      {s.gate_report or 'artifacts gate/enabled/ of the version run'}")
@@ -306,6 +311,10 @@ def collect_summary(settings: Settings, date: str) -> Summary:
     tags = registry.version_tags(settings.model_name, str(version), tracking) if version else {}
     run_id = tags.get("run_id")
     ndcg, experiment, report = None, None, None
+    model = tags.get("model", "")
+    twin = model.removesuffix("-pia")
+    twin_ndcg = tags.get(f"compare.{twin}.test.ndcg_at_100")
+    ablation = (tags.get("gate.ablation.pia", "?"), twin, float(twin_ndcg)) if model.endswith("-pia") and twin_ndcg else None
     if run_id:
         run = registry.client(tracking).get_run(run_id)
         ndcg, experiment = run.data.metrics.get("test.ndcg_at_100"), run.info.experiment_id
@@ -324,7 +333,7 @@ def collect_summary(settings: Settings, date: str) -> Summary:
                    verdict=tags.get("gate.verdict", "?"), ndcg=ndcg, run_id=run_id, experiment_id=experiment,
                    recs_uri=settings.recs_uri, date=date, users=recs.num_rows,
                    sample_user=None if sample is None else str(sample), sample_items=items, tracking=tracking,
-                   gate_report=report, cold=cold if cold and cold[0] else None)
+                   gate_report=report, cold=cold if cold and cold[0] else None, ablation=ablation)
 
 
 def _gate_report(artifact_uri: str | None) -> str | None:

@@ -34,7 +34,8 @@ from pipeline.orchestration.dev.story import (
 SUMMARY = Summary(home=Path("/h"), model_name="recsys-multivae-pia", version="3", verdict="passed", ndcg=0.31234,
                   run_id="0123456789abcdef0123", experiment_id="1", recs_uri="/h/lake", date="2026-01-28", users=3099,
                   sample_user="17", sample_items=tuple(str(i) for i in range(100, 120)), tracking="sqlite:////h/mlflow.db",
-                  gate_report="/h/artifacts/1/r/artifacts/gate/enabled/gate_report.html", cold=(5, 3, 1234))
+                  gate_report="/h/artifacts/1/r/artifacts/gate/enabled/gate_report.html", cold=(5, 3, 1234),
+                  ablation=("warn", "multivae", 0.3301))
 
 
 def _child(body: str) -> list[str]:
@@ -74,6 +75,8 @@ def test_a_run_fits_one_screen_and_the_noise_goes_to_the_log(tmp_path: Path) -> 
     assert "/h/lake (3,099 users for 2026-01-28)" in text
     assert "user 17's top 10: 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, …" in text
     assert "recsys recs --date 2026-01-28 --user 17 --out /h/lake" in text
+    assert ("PIA ablation     warn: multivae without PIA, trained beside it, test NDCG@100 0.3301 (the gate report "
+            "says why)") in text
     assert ("new titles       3 of 5 titles new since training recommended on 2026-01-28 (no retraining), "
             "to 1,234 users") in text
     assert "make ui" in text and str(log) in text
@@ -166,7 +169,7 @@ def test_summary_without_a_champion_or_recommendations() -> None:
     text = "\n".join(summary_lines(s, Path("/h/logs/make-run.log"), 61))
     assert "Done in 1 min 01 s" in text and "no champion for m (gate ?)" in text
     assert "gate report" not in text and "top 10" not in text and "/h/logs/make-run.log" in text
-    assert "new titles" not in text
+    assert "new titles" not in text and "ablation" not in text
 
 
 def test_durations_read_like_a_person_would_say_them() -> None:
