@@ -24,6 +24,11 @@ j; the published vocabulary is extended the same way). A user's cold score of ne
 Where a list cannot be filled from the model's items (a catalogue smaller than N plus the history), the remaining
 new items fill it, in cold-score order: the output checks want N distinct unseen items whenever they exist.
 
+Exclusions (pipeline.serving.exclusions) are resolved against the extended vocabulary, so a user's excluded new
+item is one of that user's blocked columns (n_items + j): `merge_cold` never places it in that user's list (the
+slot goes to the user's next best new item, or stays with the model's item, by the rules above), nor fills a
+short list with it; the output checks refuse it like any excluded item.
+
 Counts (manifest and InferResult): cold_items_new (in the file, unknown to the model), cold_items_unavailable,
 cold_items_scored (scored: new and available), cold_items_shown (distinct new items in the published lists),
 cold_users (users with at least one new item).
@@ -80,6 +85,25 @@ def extend_vocab(vocab: pa.Array, cold: ColdItems | None) -> pa.Array:
 def extend_mask(mask: np.ndarray | None, cold: ColdItems | None) -> np.ndarray | None:
     """An availability mask over the extended vocabulary (the new items kept were all available)."""
     return mask if mask is None or cold is None else np.concatenate([mask, np.ones(cold.n, bool)])
+
+
+def split_blocked(blocked: tuple[np.ndarray, np.ndarray], n_items: int
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A shard's excluded columns over the extended vocabulary (CSR parts) → (the model's columns, the new items'
+    indices j = column - n_items), both CSR parts over the same rows, order kept."""
+    indptr, cols = blocked
+    n = len(indptr) - 1
+    is_new = cols >= n_items
+    if not is_new.any():
+        return blocked, (np.zeros(n + 1, np.int64), np.zeros(0, np.int64))
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+
+    def part(keep: np.ndarray) -> np.ndarray:
+        out = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(rows[keep], minlength=n), out=out[1:])
+        return out
+
+    return (part(~is_new), cols[~is_new]), (part(is_new), cols[is_new] - n_items)
 
 
 def prepare_cold_items(opts: InferOptions, out: str | None, bundle: ModelBundle,
@@ -139,16 +163,23 @@ def prepare_cold_items(opts: InferOptions, out: str | None, bundle: ModelBundle,
 
 
 def merge_cold(top: np.ndarray, scores: np.ndarray, history: sp.csr_matrix | None, cold: ColdItems,
-               n_items: int) -> tuple[np.ndarray, np.ndarray, int]:
+               n_items: int, blocked: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows [m, K] of model columns (best first, -inf padding) → the same rows with new items merged by the
     module doc's rule (columns n_items + j); `history` [m, n_items] holds the rows' clicks (None: fallback rows,
-    which get new items only where their list is short). Returns (top, scores, users with a new item)."""
+    which get new items only where their list is short). `blocked` (CSR parts over the rows, new-item indices j):
+    each row's excluded new items, never merged into that row (its next new item or the model's item takes the
+    slot). Returns (top, scores, users with a new item)."""
     m, k = top.shape
     top, scores = top.copy(), scores.copy()
     used = np.zeros((m, cold.n), bool)
+    if blocked is not None and len(blocked[1]) == 0:
+        blocked = None
     raw = None if history is None else np.asarray(history @ cold.columns, dtype=np.float32)  # [m, n_new]
     if raw is not None and m and cold.n:
         sc = np.where(raw > 0, raw, np.float32(-np.inf))  # only users who clicked something similar
+        if blocked is not None:  # an excluded new item scores like one the user has no similar click for
+            sc[np.repeat(np.arange(m), np.diff(blocked[0])), blocked[1]] = -np.inf
         c = min(cold.slots, cold.n, k)
         part = np.argpartition(-sc, c - 1, axis=1)[:, :c] if c < cold.n else np.tile(np.arange(cold.n), (m, 1))
         cv = np.take_along_axis(sc, part, 1)
@@ -173,7 +204,7 @@ def merge_cold(top: np.ndarray, scores: np.ndarray, history: sp.csr_matrix | Non
                 t[r_idx, pos] = ct[put]
                 s[r_idx, pos] = (base[:, None] - (j + 1))[put]
             top[rows], scores[rows] = t, s
-    _fill_short(top, scores, cold, n_items, raw)
+    _fill_short(top, scores, cold, n_items, raw, blocked)
     is_cold = (top >= n_items) & (scores > -np.inf)
     cols = top[is_cold] - n_items
     used[np.nonzero(is_cold)[0], cols] = True
@@ -202,14 +233,18 @@ def _merge_sorted(t: np.ndarray, s: np.ndarray, ct: np.ndarray, cs: np.ndarray) 
     return out_t[:, :k], out_s[:, :k]
 
 
-def _fill_short(top: np.ndarray, scores: np.ndarray, cold: ColdItems, n_items: int, sc: np.ndarray | None) -> None:
-    """Lists with -inf padding (the model's unseen items ran out) get the remaining new items, best cold score first."""
+def _fill_short(top: np.ndarray, scores: np.ndarray, cold: ColdItems, n_items: int, sc: np.ndarray | None,
+                blocked: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Lists with -inf padding (the model's unseen items ran out) get the remaining new items, best cold score
+    first, except the row's `blocked` (excluded) ones."""
     short = np.flatnonzero((scores == -np.inf).any(axis=1))
     for r in short:
         have = int((scores[r] > -np.inf).sum())
         valid = scores[r] > -np.inf
         t, s = top[r][valid], scores[r][valid]
         placed = set((t[t >= n_items] - n_items).tolist())
+        if blocked is not None:
+            placed.update(blocked[1][blocked[0][r]:blocked[0][r + 1]].tolist())
         order = np.argsort(-sc[r], kind="stable") if sc is not None else np.arange(cold.n)
         extra = [int(j) for j in order if int(j) not in placed][: len(top[r]) - have]
         if not extra:

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipeline.serving import availability
 from pipeline.serving.availability import candidates, popular_available, restrict
-from pipeline.serving.cold_items import ColdItems, merge_cold
+from pipeline.serving.cold_items import ColdItems, merge_cold, split_blocked
 from pipeline.serving.precision import decoder_parts, recommend_bf16
 
 if TYPE_CHECKING:
@@ -89,7 +89,9 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
 
     `cold` (pipeline.serving.cold_items): the day's new items, columns n_items + j, merged into the lists after
     the availability restriction (they are all available) by that module's rule; `counts["cold_users"]` gets the
-    users with a new item. Lists are then min(top_n, n_items + new items) wide (-inf padded).
+    users with a new item. Lists are then min(top_n, n_items + new items) wide (-inf padded). `blocked` may then
+    name new items too (columns n_items + j, exclusions resolved against the extended vocabulary): those go to
+    the merge only (the user's excluded new items are never merged), the model's columns to the restriction.
     """
     import scipy.sparse as sp
     import torch
@@ -102,8 +104,13 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
     fallback = np.diff(indptr) == 0
     if blocked is not None and counts is not None:
         counts["exclusions_users"] = counts.get("exclusions_users", 0) + int((np.diff(blocked[0]) > 0).sum())
+    cold_blocked = None  # the rows' excluded new items (indices j), for merge_cold
+    if blocked is not None and cold is not None:
+        blocked, cold_blocked = split_blocked(blocked, n_items)
+        if len(cold_blocked[1]) == 0:
+            cold_blocked = None
     if blocked is not None and len(blocked[1]) == 0:
-        blocked = None  # nobody in these rows excluded anything: exactly the output without a list
+        blocked = None  # nobody in these rows excluded a model item: exactly the model's output without a list
     restricting = available is not None or blocked is not None
     mask = available if available is not None else np.ones(n_items, bool)
     prefix = "availability" if available is not None else "exclusions"
@@ -127,7 +134,9 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
         short_fb = int(short_rows.sum())
     cold_users, t_cold = 0, time.perf_counter()
     if cold is not None and fallback.any() and (scores[fallback] == -np.inf).any():  # short lists only
-        top[fallback], scores[fallback], cold_users = merge_cold(top[fallback], scores[fallback], None, cold, n_items)
+        fb_cold_blocked = None if cold_blocked is None else take_rows(cold_blocked, np.flatnonzero(fallback))
+        top[fallback], scores[fallback], cold_users = merge_cold(top[fallback], scores[fallback], None, cold, n_items,
+                                                                 fb_cold_blocked)
     cold_s = time.perf_counter() - t_cold
     if on_batch is not None and fallback.any():
         on_batch(int(fallback.sum()))
@@ -176,7 +185,8 @@ def score_histories(bundle: ModelBundle, indptr: np.ndarray, cols: np.ndarray, t
             pad = kw - t.shape[1]
             t = np.pad(t, ((0, 0), (0, pad)))
             s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
-            t, s, with_cold = merge_cold(t, s, sp.csr_matrix(sub, dtype=np.float32), cold, n_items)
+            t, s, with_cold = merge_cold(t, s, sp.csr_matrix(sub, dtype=np.float32), cold, n_items,
+                                         None if cold_blocked is None else take_rows(cold_blocked, known))
             cold_users += with_cold
             cold_s += time.perf_counter() - t_cold
         top[known], scores[known] = t, s

@@ -42,6 +42,25 @@ def test_for_users_gives_each_rows_columns_in_the_shards_order(tmp_path: Path) -
     assert indptr.tolist() == [0, 0, 0] and len(cols) == 0
 
 
+def test_new_titles_of_the_extended_vocabulary_are_known_and_split_off(tmp_path: Path) -> None:
+    """Against the model's items plus the day's new ones (cold_items.extend_vocab), a new title is a column
+    n_items + j, not an unknown item; split_blocked hands those to the cold merge as indices j."""
+    from pipeline.serving.cold_items import split_blocked
+
+    ext = pa.concat_arrays([VOCAB, pa.array([20, 21], pa.int64())])  # new items 20, 21: columns 6, 7
+    uri = write(tmp_path / "x.parquet", [1, 1, 2, 3, 3], [21, 11, 20, 99, 12])
+    assert load_exclusions(uri, DAY, VOCAB).stats()["exclusions_unknown_items"] == 3
+    ex = load_exclusions(uri, DAY, ext)
+    assert (ex.stats()["exclusions"], ex.stats()["exclusions_unknown_items"]) == (4, 1)
+    blocked = ex.for_users(pa.array([1, 2, 3, 4], pa.int64()))
+    assert blocked[0].tolist() == [0, 2, 3, 4, 4] and blocked[1].tolist() == [1, 7, 6, 2]
+    (w_ptr, w_cols), (c_ptr, c_cols) = split_blocked(blocked, len(VOCAB))
+    assert (w_ptr.tolist(), w_cols.tolist()) == ([0, 1, 1, 2, 2], [1, 2])
+    assert (c_ptr.tolist(), c_cols.tolist()) == ([0, 1, 2, 2, 2], [1, 0])
+    (w_ptr, w_cols), (c_ptr, c_cols) = split_blocked((np.array([0, 1, 1]), np.array([3])), len(VOCAB))
+    assert (w_ptr.tolist(), w_cols.tolist(), c_ptr.tolist(), len(c_cols)) == ([0, 1, 1], [3], [0, 0, 0], 0)
+
+
 def test_an_empty_list_is_a_no_op(tmp_path: Path) -> None:
     ex = load_exclusions(write(tmp_path / "x.parquet", [], []), DAY, VOCAB)
     assert ex.stats()["exclusions"] == 0 and ex.for_users(pa.array([1, 2], pa.int64()))[0].tolist() == [0, 0, 0]
