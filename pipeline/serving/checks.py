@@ -39,8 +39,8 @@ def check_part(table: pa.Table, users: pa.Array, indptr: np.ndarray, cols: np.nd
                blocked: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Check a shard's output against its histories before it may be published (raises OutputCheckError).
     `available` (pipeline.serving.availability's mask): no list holds another item, and N counts only those.
-    `blocked` (CSR parts over the history rows, pipeline.serving.exclusions): no list holds a user's excluded
-    item, and N counts only the others."""
+    `blocked` (CSR parts over the history rows, pipeline.serving.exclusions, columns of `vocab`: the day's new
+    items included): no list holds a user's excluded item, new or not, and N counts only the others."""
     n, n_items = len(users), len(vocab)
     if table.schema.names != list(OUTPUT_SCHEMA_FIELDS):
         raise OutputCheckError(f"columns {table.schema.names}, expected {list(OUTPUT_SCHEMA_FIELDS)}")

@@ -7,10 +7,15 @@ model (the user did not click them); they are only removed from that user's list
 an availability-restricted list (pipeline.serving.availability.restrict): the model's next items first, then
 popular available unseen ones.
 
-Bad lists, decided here as for availability: rows whose title the model does not know, null ids and repeated
-rows are ignored and counted; a missing file, one without both columns, or one under a dt=D folder later than the
-job's date is an error. An empty list is a valid no-op (nobody excluded anything), unlike an empty availability
-list, which would leave nothing to recommend.
+The titles are resolved against the vocabulary the engines publish: the model's items plus the day's scored new
+items (pipeline.serving.cold_items.extend_vocab; new item j is column n_items + j), so an excluded new title is
+kept out of that user's list by the cold merge as a model item is by the restriction.
+
+Bad lists, decided here as for availability: rows whose title is in neither (unknown to the model and not a new
+title scored that day: it cannot be shown anyway), null ids and repeated rows are ignored and counted; a missing
+file, one without both columns, or one under a dt=D folder later than the job's date is an error. An empty list
+is a valid no-op (nobody excluded anything), unlike an empty availability list, which would leave nothing to
+recommend.
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ FIX = "pass --exclusions a Parquet file or folder with user_id and item_id colum
 
 @dataclass(frozen=True)
 class Exclusions:
-    """The (user, model column) pairs of a date, deduplicated, and what the list held."""
+    """The (user, column) pairs of a date (columns of the model plus the day's new items), deduplicated, and what
+    the list held."""
 
     uri: str
     users: pa.Array  # [E] user ids
-    cols: np.ndarray  # [E] int32 model columns
+    cols: np.ndarray  # [E] int32 columns of the vocabulary loaded against (n_items + j: new item j)
     listed: int  # rows with both ids
-    unknown: int  # rows whose item the model does not know (ignored)
+    unknown: int  # rows whose item is not in that vocabulary (ignored)
     duplicates: int  # repeated (user, item) rows (ignored)
     nulls: int  # rows missing an id (ignored)
 
@@ -80,7 +86,8 @@ def _cast(ids: pa.Array, to: pa.DataType) -> pa.Array:
 
 
 def load_exclusions(uri: str, date: dt.date, vocab: pa.Array) -> Exclusions:
-    """The list at `uri` over `vocab`'s columns; DataError (one line: problem, fix) for a bad list."""
+    """The list at `uri` over `vocab`'s columns (the engines pass the model's plus the day's scored new items);
+    DataError (one line: problem, fix) for a bad list."""
     check_not_after(uri, date, "exclusion list", FIX, f"<lake>/exclusions/dt={date}/")
     loc = lake.resolve(uri)
     if not loc.exists():

@@ -94,7 +94,8 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     the next P shards and turn up to P scored shards into tables, check and write them. P = opts.parallel_shards
     (1 on small machines: three shards in memory at most, whatever the number of users). On any error the
     run's folder is removed (`writer.abort()`) and nothing is written after it. `cold`: the day's new items
-    (pipeline.serving.cold_items), merged into the lists; the published vocabulary is the model's plus them."""
+    (pipeline.serving.cold_items), merged into the lists; the published vocabulary is the model's plus them, and
+    the exclusion list is resolved against it (a user's excluded new item is never merged into their list)."""
     dataset = open_events(opts.events)
     vocab = vocabulary(bundle)
     out_vocab = extend_vocab(vocab, cold)  # what the published lists may name
@@ -138,7 +139,7 @@ def run_local(opts: InferOptions, bundle: ModelBundle, model_version: str, write
             mask = availability.mask
             stats |= availability.stats()
         if opts.exclusions is not None:  # likewise; held once, each shard takes its users' rows (load)
-            exclusions = load_exclusions(opts.exclusions, opts.date, vocab)
+            exclusions = load_exclusions(opts.exclusions, opts.date, out_vocab)  # the day's new items too
             stats |= exclusions.stats()
             avail_counts["exclusions_users"] = 0
             if mask is None:  # with availability, its counts include the exclusions' backfills

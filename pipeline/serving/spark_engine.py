@@ -182,7 +182,9 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     committed); returns the manifest's stats. Parts cover disjoint user ranges, sorted within. On any error the
     run's folder is removed (`writer.abort()`). `cold` (pipeline.serving.cold_items): the day's new items, shipped
     in the closure ([n_items, new] float32) and merged by each task as the local engine does; each task returns
-    the new items it showed and the driver counts the distinct ones."""
+    the new items it showed and the driver counts the distinct ones. Exclusions are resolved against the model's
+    plus the new items, so the joined `blocked` lists carry a user's excluded new items (columns n_items + j) to
+    the merge and the checks."""
     from pyspark import TaskContext
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -193,7 +195,9 @@ def run_spark(opts: InferOptions, bundle: ModelBundle, model_version: str, write
     availability = None if opts.availability is None else load_availability(opts.availability, opts.date, vocab)
     mask = None if availability is None else availability.mask  # shipped in the closure: n_items bytes
     out_mask = extend_mask(mask, cold)
-    exclusions = None if opts.exclusions is None else load_exclusions(opts.exclusions, opts.date, vocab)
+    # over the extended vocabulary: an excluded new item is a blocked column n_items + j, joined to its user below
+    exclusions = None if opts.exclusions is None else load_exclusions(opts.exclusions, opts.date,
+                                                                      extend_vocab(vocab, cold))
     joined, hist = histories(spark, opts, vocab)
     if exclusions is not None and len(exclusions.cols):
         hist = with_exclusions(spark, hist, exclusions)  # only the task's users' rows reach each task

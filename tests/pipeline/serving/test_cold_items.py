@@ -32,6 +32,7 @@ DAY = dt.date(2024, 5, 3)
 TOP_N = 8
 GENRES = ("drama", "comedy", "action", "horror")
 NEW, NEW_OTHER = 5000, 5001  # a new "drama" title, and a new title with a genre nobody has
+NEW_COMEDY = 5002  # a second new title some drama clickers are close to (the exclusion tests' next best)
 
 
 def genre(c: int) -> str:
@@ -270,3 +271,115 @@ def test_the_linear_merge_equals_a_stable_sort_of_both_lists() -> None:
         want_s = np.take_along_axis(np.concatenate([s, cs], 1), o, 1)
         want_t = np.take_along_axis(np.concatenate([t, ct], 1), o, 1)
         assert np.array_equal(got_s, want_s) and np.array_equal(got_t[want_s > -np.inf], want_t[want_s > -np.inf])
+
+
+def write_exclusions(path: Path, pairs: list[tuple[int, int]]) -> str:
+    users, items = zip(*pairs, strict=True)
+    pq.write_table(pa.table({"user_id": pa.array(users, pa.int64()), "item_id": pa.array(items, pa.int64())}), path)
+    return str(path)
+
+
+def with_comedy() -> list[tuple[int, list[str] | None]]:
+    return [*todays_items(), (NEW_COMEDY, ["comedy", "film"])]
+
+
+@pytest.mark.parametrize("kind", ["ease", "vae"])
+def test_an_excluded_new_title_leaves_only_that_users_list(tmp_path: Path, ease_bundle: ModelBundle,
+                                                           vae_bundle: ModelBundle, events, kind: str) -> None:
+    """Exclusions are resolved against the model's items plus the day's scored new ones: a user who excludes the
+    new title gets what a day without it would give them (the next new title, or the model's item), others keep it."""
+    _, uri = events
+    bundle = ease_bundle if kind == "ease" else vae_bundle
+    for sub, items in (("plain", with_comedy()), ("without", [r for r in with_comedy() if r[0] != NEW]),
+                       ("out", with_comedy())):
+        write_items(tmp_path / sub, items)
+    run_infer(job(uri, tmp_path / "plain", cold_slots=1), bundle, "1")
+    run_infer(job(uri, tmp_path / "without", cold_slots=1), bundle, "1")
+    before, without = published(tmp_path / "plain"), published(tmp_path / "without")
+    shown = [u for u in sorted(before) if NEW in before[u]["item_ids"]]
+    u = next(u for u in shown if NEW_COMEDY in without[u]["item_ids"])  # its slot goes to its next new title
+    u2 = next(u for u in shown if not {NEW_COMEDY, NEW_OTHER} & set(without[u]["item_ids"]))  # back to the model's
+    v = next(w for w in shown if w not in (u, u2))
+    listed = write_exclusions(tmp_path / "x.parquet", [(u, NEW), (u2, NEW), (v, NEW_OTHER), (v, 999_999)])
+    m = run_infer(job(uri, tmp_path / "out", cold_slots=1, exclusions=listed), bundle, "1")
+    after = published(tmp_path / "out")
+    for w in (u, u2):
+        assert NEW not in after[w]["item_ids"] and after[w] == without[w], w
+    assert NEW_COMEDY in after[u]["item_ids"]
+    assert not any(i >= NEW for i in after[u2]["item_ids"])
+    assert NEW in after[v]["item_ids"]
+    assert after.keys() == before.keys()
+    for w in set(before) - {u, u2}:
+        assert after[w] == before[w], w
+    # new titles the day scores are known: only the id nobody knows is unknown
+    assert (m["exclusions"], m["exclusions_unknown_items"], m["exclusions_users"]) == (3, 1, 3)
+    assert m["cold_users"] == sum(any(i >= NEW for i in r["item_ids"]) for r in after.values())
+
+
+def test_the_output_check_refuses_an_excluded_new_title(tmp_path: Path, ease_bundle: ModelBundle, events,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: a part that shows a user an excluded new title is refused even if the merge let it in."""
+    from pipeline.serving import checks
+
+    _, uri = events
+    write_items(tmp_path, todays_items())
+    run_infer(job(uri, tmp_path), ease_bundle, "1")
+    before = published(tmp_path)
+    u = next(u for u in sorted(before) if NEW in before[u]["item_ids"])
+    real = checks.finalize_part
+
+    def put_back(t: pa.Table) -> pa.Table:  # u's list as it was without the exclusion
+        rows = t.to_pylist()
+        for row in rows:
+            if row["user_id"] == u:
+                row["item_ids"], row["scores"] = before[u]["item_ids"], before[u]["scores"]
+        return real(pa.Table.from_pylist(rows, schema=t.schema))
+
+    monkeypatch.setattr(checks, "finalize_part", put_back)
+    listed = write_exclusions(tmp_path / "x.parquet", [(u, NEW)])
+    with pytest.raises(checks.OutputCheckError, match="on that user's exclusion list"):
+        publish_recommendations(job(uri, tmp_path, exclusions=listed), ease_bundle, "2")
+    assert published(tmp_path) == before
+
+
+def test_the_merge_skips_each_rows_excluded_new_items() -> None:
+    from pipeline.serving.cold_items import ColdItems, merge_cold
+
+    n_items = 4
+    cold = ColdItems(pa.array([100, 101, 102], pa.int64()), np.tile(np.float32([[3, 2, 0.5]]), (n_items, 1)), True, 1)
+    top, scores = np.tile([1, 2, 3], (3, 1)), np.tile(np.float32([10, 2.5, 1]), (3, 1))
+    clicks = sp.csr_matrix(np.float32([[1, 0, 0, 0]] * 3))
+    blocked = (np.array([0, 1, 1, 3]), np.array([0, 0, 1]))  # row 0: new item 0; row 2: new items 0 and 1
+    t, s, users = merge_cold(top, scores, clicks, cold, n_items, blocked)
+    assert t.tolist() == [[1, 2, 5], [1, 4, 2], [1, 2, 3]] and users == 2  # 5 = new item 1, 4 = new item 0
+    # a short list (the catalogue ran out) is filled with the new items it did not exclude
+    t, s, _ = merge_cold(np.array([[1, 0, 0]]), np.float32([[5, -np.inf, -np.inf]]), None, cold, n_items,
+                         (np.array([0, 1]), np.array([1])))
+    assert t.tolist() == [[1, 4, 6]] and (s > -np.inf).all()
+
+
+@pytest.mark.slow
+def test_spark_engine_excludes_new_titles_like_the_local_engine(tmp_path: Path, ease_bundle: ModelBundle, events,
+                                                                spark) -> None:
+    table, uri = events
+    for sub in ("plain", "local", "spark"):
+        write_items(tmp_path / sub, with_comedy())
+    run_infer(job(uri, tmp_path / "plain"), ease_bundle, "1")
+    before = published(tmp_path / "plain")
+    shown = [u for u in sorted(before) if {NEW, NEW_COMEDY} & set(before[u]["item_ids"])]
+    seen = histories(table)
+    pairs = [(u, i) for u in shown[::2] for i in (NEW, NEW_COMEDY)]  # their new titles
+    pairs += [(u, 1000 + c) for u in shown[1::4] for c in range(N_ITEMS) if c not in seen[u]][:30]  # warm ones
+    pairs += [(shown[1], NEW)]  # warm and new for the same user
+    listed = write_exclusions(tmp_path / "x.parquet", pairs)
+    a = run_infer(job(uri, tmp_path / "local", exclusions=listed), ease_bundle, "1")
+    b = run_infer(job(uri, tmp_path / "spark", exclusions=listed, engine="spark"), ease_bundle, "1")
+    for key in ("exclusions", "exclusions_unknown_items", "exclusions_users", "exclusions_backfilled_users",
+                "cold_items_shown", "cold_users"):
+        assert a[key] == b[key], key
+    assert a["exclusions_unknown_items"] == 0
+    la, lb = published(tmp_path / "local"), published(tmp_path / "spark")
+    assert {u: r["item_ids"] for u, r in la.items()} == {u: r["item_ids"] for u, r in lb.items()}
+    excluded = set(pairs)
+    assert not any((u, i) in excluded for u, r in lb.items() for i in r["item_ids"])
+    assert any(NEW in r["item_ids"] for u, r in lb.items() if u not in {p[0] for p in pairs})  # others still get it
