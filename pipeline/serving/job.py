@@ -62,8 +62,9 @@ class InferResult(JobResult):
     availability_backfilled_users: int = 0
     availability_short_users: int = 0
     # with an exclusion list (pipeline.serving.exclusions; 0 without): the (user, known item) pairs in it, its
-    # rows whose item the model does not know (ignored), active users with an exclusion, and those users
-    # backfilled / left with fewer than N items (with an availability list too, those two are in its counts)
+    # rows whose item neither the model nor the day's scored new titles hold (ignored), active users with an
+    # exclusion, and those users backfilled / left with fewer than N items (with an availability list too, those
+    # two are in its counts)
     exclusions: int = 0
     exclusions_unknown_items: int = 0
     exclusions_users: int = 0
