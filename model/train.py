@@ -50,7 +50,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     device: str = "auto"
-    bf16: bool = Field(False, description="bf16 autocast; CUDA only")
+    bf16: bool = Field(False, description="bf16 autocast of the training step (CUDA; on a CPU too, where it pays only "
+                                          "with native bf16 instructions: docs/benchmarks.md)")
     cuda_graph: bool = Field(False, description="Multi-VAE/DAE on CUDA: replay each step as one CUDA graph "
                                                 "(dense uint8 copy of the binary matrix on the device; model.graph_step)")
     eval_every: int = Field(1, ge=1)
@@ -207,8 +208,8 @@ class Trainer:
         return means
 
     def _autocast(self):
-        if self.config.bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.config.bf16 and self.device.type in ("cuda", "cpu"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def _run_phase(self, phase: Phase, bar: tqdm) -> dict[str, float]:

@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     e.add_argument("--recvae-epochs", type=int, default=None, help="max epochs of RecVAE (default: min(--epochs, 50))")
     e.add_argument("--patience", type=int, default=20,
                    help="early stop after this many epochs without a better validation NDCG@100")
-    e.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    e.add_argument("--bf16", action="store_true", help="bf16 autocast of the training step (CUDA, or a CPU with native bf16)")
     e.add_argument("--cuda-graph", action="store_true", help="Multi-VAE/DAE steps as CUDA graphs (CUDA only)")
     e.add_argument("--min-rating", type=float, default=None,
                    help="binarize: rating >= this (default 4 when a rating column exists)")

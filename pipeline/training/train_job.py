@@ -95,7 +95,8 @@ class TrainJob(Job):
     lr: float = Field(1e-3, gt=0.0)
     seed: int = 0
     device: str = "auto"
-    bf16: bool = Field(False, description="bf16 autocast on CUDA")
+    bf16: bool = Field(False, description="bf16 autocast of the training step (CUDA, or a CPU with native bf16; "
+                                          "emulated and slow on other CPUs)")
     cuda_graph: bool = Field(False, description="Multi-VAE/DAE on CUDA: each step replayed as one CUDA graph")
     vae: VAEConfig = VAEConfig()  # Multi-VAE/DAE architecture (ignored by RecVAE)
     pia: PIAConfig = PIAConfig(weight=1.0)  # lambda_A 1 was chosen on validation for ml-latest-small and ml-1m

@@ -225,14 +225,18 @@ def test_progress_output(split: Split, tiny_vae, train_config, capsys: pytest.Ca
     assert len(logged) == 1 and "val_ndcg@100=" in logged[0]
 
 
-def test_bf16_is_ignored_on_cpu(split: Split, train_config) -> None:
+def test_bf16_autocasts_the_cpu_step_and_keeps_fp32_weights(split: Split, train_config) -> None:
+    """On a CPU, bf16 autocasts the training step (docs/benchmarks.md: 1.4x faster with avx512_bf16): the steps'
+    products round to bf16, so the weights differ from fp32 training, but they stay float32 and train."""
     runs = []
     for bf16 in (False, True):
         rec = make_recommender("multivae", train=train_config(bf16=bf16), model_config=VAEConfig(hidden_dims=(32,), latent_dim=8))
         runs.append(rec.fit(split.train, split.valid))
     a, b = (r.module.state_dict() for r in runs)  # type: ignore[attr-defined]
-    assert_same_state(a, b)
     assert all(v.dtype == torch.float32 for v in b.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the bf16 step ran
+    ndcg = [r.history[-1]["val_ndcg@100"] for r in runs]  # type: ignore[attr-defined]
+    assert all(0 < v <= 1 for v in ndcg) and abs(ndcg[0] - ndcg[1]) < 0.1
 
 
 def test_on_epoch_callback_sees_every_record(split: Split, train_config) -> None:
