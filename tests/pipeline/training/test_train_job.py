@@ -204,3 +204,27 @@ def test_tampered_snapshot_exits_2_not_an_abort(home: Path, synth_snapshot: str,
         assert p.returncode == 2 and len(err) == 1, (p.returncode, p.stderr[-1500:])
         assert f"snapshot file {f} is not readable Parquet" in err[0] and "Fix: rebuild the snapshot" in err[0]
     assert versions() == set()  # nothing registered
+
+
+@pytest.mark.parametrize("requested, device, native, expect, warned", [
+    (None, "cpu", True, True, False),    # auto on a CPU with native bf16: measured 1.4x faster, same NDCG
+    (None, "cpu", False, False, False),  # auto elsewhere: fp32, no regression
+    (True, "cpu", False, True, True),    # asked for on an emulating CPU: allowed, warned
+    (False, "cpu", True, False, False),
+    (None, "cuda", True, False, False),  # CUDA keeps its explicit opt-in
+    (True, "cuda", False, True, False),
+])
+def test_training_precision_by_capability(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                          requested, device, native, expect, warned) -> None:
+    """TrainJob.bf16 (issue 30): the CPU default follows the detected capability (faked here: flags + calibration)."""
+    import logging
+
+    from pipeline.io import hardware
+    from pipeline.training import train_job
+
+    cap = hardware.Bf16Capability(native, "faked", hardware.CpuInfo("x", "x", "25", "17", 2, frozenset()), None)
+    monkeypatch.setattr(hardware, "detect", lambda: cap)
+    with caplog.at_level(logging.WARNING, logger=train_job.__name__):
+        bf16, why = train_job.training_bf16(requested, device)
+    assert bf16 is expect and why
+    assert any("emulated" in r.getMessage() for r in caplog.records) is warned
