@@ -72,6 +72,37 @@ def write_events(table: pa.Table, uri: str) -> str:
     return uri
 
 
+FALLBACK_USER = 10_000  # events_with_a_fallback_user's extra user: only an item no model knows
+
+
+def events_with_a_fallback_user(directory: Path) -> tuple[pa.Table, str]:
+    """events_table(60 users, an unknown item every 11th event) plus FALLBACK_USER, whose one event is an item the
+    model lacks (the popularity fallback), written under `directory`."""
+    table = events_table(n_users=60, unknown_every=11)
+    extra = pa.table({"user_id": pa.array([FALLBACK_USER], pa.int64()), "item_id": pa.array([999_999], pa.int64()),
+                      "event_ts": pa.array([dt.datetime(2024, 5, 3, 3)], pa.timestamp("us")),
+                      "weight": pa.array([1.0]), "dt": pa.array(["2024-05-03"])})
+    table = pa.concat_tables([table, extra])
+    return table, write_events(table, str(directory))
+
+
+def put_back_list(monkeypatch: Any, user: Any, before: dict[Any, dict[str, Any]]) -> None:
+    """Make the output check see `user`'s list as published in `before` (a planted regression: the check must
+    refuse it); every other row as scored."""
+    from pipeline.serving import checks
+
+    real = checks.finalize_part
+
+    def put_back(t: pa.Table) -> pa.Table:
+        rows = t.to_pylist()
+        for row in rows:
+            if row["user_id"] == user:
+                row["item_ids"], row["scores"] = before[user]["item_ids"], before[user]["scores"]
+        return real(pa.Table.from_pylist(rows, schema=t.schema))
+
+    monkeypatch.setattr(checks, "finalize_part", put_back)
+
+
 def write_events_local(table: pa.Table, directory: Path) -> str:
     return write_events(table, str(directory))
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from infer_support import N_ITEMS, events_table, run_infer, tiny_bundle, write_events
+from infer_support import FALLBACK_USER, N_ITEMS, events_with_a_fallback_user, run_infer, tiny_bundle
 
 from pipeline.errors import DataError
 from pipeline.io.bundle import ModelBundle
@@ -22,7 +22,6 @@ from pipeline.serving.job import InferJob, publish_recommendations
 from pipeline.serving.recs import read_recommendations
 
 DAY = dt.date(2024, 5, 3)
-FALLBACK_USER = 10_000  # only an item the model lacks: the popularity fallback
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +31,7 @@ def bundle() -> ModelBundle:
 
 @pytest.fixture(scope="module")
 def events(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, str]:
-    table = events_table(n_users=60, unknown_every=11)
-    extra = pa.table({"user_id": pa.array([FALLBACK_USER], pa.int64()), "item_id": pa.array([999_999], pa.int64()),
-                      "event_ts": pa.array([dt.datetime(2024, 5, 3, 3)], pa.timestamp("us")),
-                      "weight": pa.array([1.0]), "dt": pa.array(["2024-05-03"])})
-    table = pa.concat_tables([table, extra])
-    return table, write_events(table, str(tmp_path_factory.mktemp("events")))
+    return events_with_a_fallback_user(tmp_path_factory.mktemp("events"))
 
 
 def job(events_uri: str, out: Path, **kw: object) -> InferJob:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from infer_support import N_ITEMS, events_table, item_ids, run_infer, tiny_bundle, write_events
+from infer_support import N_ITEMS, events_table, item_ids, put_back_list, run_infer, tiny_bundle, write_events
 
 from model.cold_head import ColdHeadConfig, build_cold_head, default_blocks
 from model.ease import EASEConfig
@@ -326,16 +326,7 @@ def test_the_output_check_refuses_an_excluded_new_title(tmp_path: Path, ease_bun
     run_infer(job(uri, tmp_path), ease_bundle, "1")
     before = published(tmp_path)
     u = next(u for u in sorted(before) if NEW in before[u]["item_ids"])
-    real = checks.finalize_part
-
-    def put_back(t: pa.Table) -> pa.Table:  # u's list as it was without the exclusion
-        rows = t.to_pylist()
-        for row in rows:
-            if row["user_id"] == u:
-                row["item_ids"], row["scores"] = before[u]["item_ids"], before[u]["scores"]
-        return real(pa.Table.from_pylist(rows, schema=t.schema))
-
-    monkeypatch.setattr(checks, "finalize_part", put_back)
+    put_back_list(monkeypatch, u, before)  # u's list as it was without the exclusion
     listed = write_exclusions(tmp_path / "x.parquet", [(u, NEW)])
     with pytest.raises(checks.OutputCheckError, match="on that user's exclusion list"):
         publish_recommendations(job(uri, tmp_path, exclusions=listed), ease_bundle, "2")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from infer_support import N_ITEMS, events_table, run_infer, tiny_bundle, write_events
+from infer_support import FALLBACK_USER, N_ITEMS, events_with_a_fallback_user, put_back_list, run_infer, tiny_bundle
 
 from pipeline.errors import DataError
 from pipeline.io.bundle import ModelBundle
@@ -22,7 +22,6 @@ from pipeline.serving.job import InferJob, publish_recommendations
 from pipeline.serving.recs import read_recommendations
 
 DAY = dt.date(2024, 5, 3)
-FALLBACK_USER = 10_000  # only an item the model lacks: the popularity fallback
 TOP_N = 8
 
 
@@ -33,12 +32,7 @@ def bundle() -> ModelBundle:
 
 @pytest.fixture(scope="module")
 def events(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, str]:
-    table = events_table(n_users=60, unknown_every=11)
-    extra = pa.table({"user_id": pa.array([FALLBACK_USER], pa.int64()), "item_id": pa.array([999_999], pa.int64()),
-                      "event_ts": pa.array([dt.datetime(2024, 5, 3, 3)], pa.timestamp("us")),
-                      "weight": pa.array([1.0]), "dt": pa.array(["2024-05-03"])})
-    table = pa.concat_tables([table, extra])
-    return table, write_events(table, str(tmp_path_factory.mktemp("events")))
+    return events_with_a_fallback_user(tmp_path_factory.mktemp("events"))
 
 
 def job(events_uri: str, out: Path, **kw: object) -> InferJob:
@@ -181,16 +175,7 @@ def test_the_output_check_refuses_an_excluded_item(tmp_path: Path, bundle: Model
     run_infer(job(uri, out), bundle, "5")
     before = published(out)
     u = next(u for u in sorted(before) if not before[u]["fallback"])
-    real = checks.finalize_part
-
-    def put_back(t: pa.Table) -> pa.Table:  # the user's list as it was without exclusions
-        rows = t.to_pylist()
-        for row in rows:
-            if row["user_id"] == u:
-                row["item_ids"], row["scores"] = before[u]["item_ids"], before[u]["scores"]
-        return real(pa.Table.from_pylist(rows, schema=t.schema))
-
-    monkeypatch.setattr(checks, "finalize_part", put_back)
+    put_back_list(monkeypatch, u, before)  # u's list as it was without the exclusion
     listed = write_pairs(tmp_path / "x.parquet", [(u, before[u]["item_ids"][0])])
     with pytest.raises(checks.OutputCheckError, match="on that user's exclusion list"):
         publish_recommendations(job(uri, out, exclusions=listed), bundle, "6")
