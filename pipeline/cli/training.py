@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=int, default=None, help="max epochs (default: the config's)")
     t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when present (default: the config's, else auto)")
-    t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CUDA (default: the config's)")
+    t.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 autocast of the training step (default: the config's, else auto: on a CPU with native bf16)")
     t.add_argument("--cuda-graph", action="store_true", default=None,
                    help="Multi-VAE/DAE on CUDA: replay each training step as one CUDA graph (default: the config's)")
     t.add_argument("--compare-base", action=argparse.BooleanOptionalAction, default=None,
