@@ -293,8 +293,8 @@ def summary_lines(s: Summary, log: Path, total_s: float, mlflow_port: int = 5000
         lines.append(f"  user {s.sample_user}'s top 10: {shown}")
         lines.append(f"  one user         recsys recs --date {s.date} --user {s.sample_user} --out {s.recs_uri}")
     if s.cold is not None:
-        lines.append(f"  new titles       {s.cold[1]} of {s.cold[0]} titles new since training recommended on {s.date} "
-                     f"(no retraining), to {s.cold[2]:,} users")
+        lines.append(f"  new titles       {s.cold[1]} of {s.cold[0]} titles the model never saw recommended on {s.date} "
+                     f"from their metadata (no retraining), to {s.cold[2]:,} users")
     lines.append(f"  MLflow store     {redact_uri(s.tracking)}")
     lines.append("  browse           make ui   (MLflow and Airflow UIs on 127.0.0.1, with the login)")
     lines.append(f"  full log         {log}")
@@ -417,12 +417,17 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = SynthEventsJob(users=args.users, items=args.items, days=args.days, start=start, out=settings.events_uri,
                              seed=0)
-        # the weekly build's catalogue (as of its last day), then the daily date's, with the titles added since
-        for day, new in sorted({last_day: 0, parse_date(date): args.new_titles}.items()):
-            src = home / "catalogue" / f"items-{day}.parquet"
-            src.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(synth_catalog(cfg, new), src)
-            ItemsIngestJob(src=src, lake=settings.lake_uri, date=day).run()
+        # a catalogue published every day of the events (the weekly build joins its as-of date's, which @weekly
+        # intervals put on a Saturday), then the daily date's, with the titles added since training
+        src = home / "catalogue"
+        src.mkdir(parents=True, exist_ok=True)
+        pq.write_table(synth_catalog(cfg, 0), src / "items.parquet")
+        pq.write_table(synth_catalog(cfg, args.new_titles), src / "items-new.parquet")
+        daily = parse_date(date)
+        days = {start + dt.timedelta(days=d) for d in range(args.days)} | {daily}
+        for day in sorted(days):
+            ItemsIngestJob(src=src / ("items-new.parquet" if day == daily else "items.parquet"), lake=settings.lake_uri,
+                           date=day).run()
         return f"{args.items:,} titles with a genre; {args.new_titles} more on {date}"
 
     def migrate(progress: Progress) -> str:
@@ -436,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     weekly_logical = (last_day + dt.timedelta(days=1)).isoformat()
     steps = [
         Step(f"synthetic events: {args.users:,} users × {args.items:,} items × {args.days} days", synth),
-        Step("catalogue: the items file of the day (recsys ingest --format items)", catalogue),
+        Step("catalogue: the day's items files (recsys ingest)", catalogue),
         Step("Airflow metadata DB (SQLite in RECSYS_HOME/airflow)", migrate),
         Step("weekly DAG: build matrix → train → gate → promote",
              lambda pr: run_logged([airflow, "dags", "test", "weekly_train", weekly_logical], env, log, pr), tasks=4,
