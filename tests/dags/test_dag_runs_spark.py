@@ -127,9 +127,28 @@ def test_daily_on_the_cluster_publishes_the_embedded_engine_s_lists(runs: Env, t
     assert local.users == published["users"]
     local_rows = read_recommendations(str(tmp_path), LAST_DAY).sort_by("user_id").to_pylist()
     assert [r["user_id"] for r in cluster_rows] == [r["user_id"] for r in local_rows]
-    assert [r["item_ids"] for r in cluster_rows] == [r["item_ids"] for r in local_rows]
+    swapped = 0
     for c, loc in zip(cluster_rows, local_rows, strict=True):
         np.testing.assert_allclose(c["scores"], loc["scores"], rtol=1e-5, atol=1e-5)
+        swapped += same_list_up_to_float_ties(c, loc, tol=1e-5)
+    assert swapped <= max(1, len(local_rows) // 50)  # a tie is an exception, not the rule
+
+
+def same_list_up_to_float_ties(a: dict, b: dict, tol: float) -> int:
+    """Assert two engines' lists for one user agree: the same items in the same order, except items whose scores
+    are within `tol` (a near-tie ordered differently: the engines batch users differently and one executor core
+    sums in another order than two local threads, moving a score by an ulp); 1 when such a swap occurred."""
+    if a["item_ids"] == b["item_ids"]:
+        return 0
+    sa, sb = dict(zip(a["item_ids"], a["scores"], strict=True)), dict(zip(b["item_ids"], b["scores"], strict=True))
+    last = min(a["scores"][-1], b["scores"][-1])
+    for items, scores, other in ((a["item_ids"], sa, sb), (b["item_ids"], sb, sa)):
+        for i in items:  # an item only one list holds sits at the cut, tied with the last one
+            assert i in other or abs(scores[i] - last) <= tol * max(1.0, abs(last)), (a, b)
+    for x, y in zip(a["item_ids"], b["item_ids"], strict=True):  # where the order differs, the scores tie
+        if x != y:
+            assert abs(sa[x] - sa.get(y, sb[y])) <= tol * max(1.0, abs(sa[x])), (a, b)  # x and y tie in a
+    return 1
 
 
 def test_a_job_failing_on_the_cluster_fails_its_task_with_the_job_s_message(runs: Env, tmp_path: Path) -> None:
