@@ -126,27 +126,6 @@ def _device_history(history: sp.csr_matrix, device: torch.device) -> tuple[Any, 
     return DeviceCSR.from_scipy(history, device), np.asarray(history.indptr)
 
 
-def candidates(logits: Any, c: int) -> Any:
-    """The c best columns of each row of `logits` [B, I], ascending; a tie at the c-th value goes to the lower
-    columns. bf16 logits tie often (8 bits of mantissa), and torch.topk picks among tied values by its own
-    layout, which differs with thread count and batch shape: without this rule two engines (or two machines)
-    could pick different candidates for the same user and publish different lists."""
-    import torch
-
-    n_items = logits.shape[1]
-    if c >= n_items:
-        return torch.arange(n_items, device=logits.device).expand(logits.shape[0], n_items)
-    top = torch.topk(logits, c + 1, dim=1, sorted=True)
-    cand = top.indices[:, :c].sort(dim=1).values
-    tied = torch.nonzero(top.values[:, c - 1] == top.values[:, c]).flatten()  # the boundary is a tie: rare in fp32
-    for r in tied.tolist():
-        row, kth = logits[r], top.values[r, c - 1]
-        above = row > kth
-        at = torch.nonzero(row == kth).flatten()[: c - int(above.sum())]  # the lowest tied columns
-        cand[r] = torch.cat([torch.nonzero(above).flatten(), at]).sort().values
-    return cand
-
-
 def recommend_bf16(rec: Recommender, history: sp.csr_matrix, k: int, *, batch_size: int = 2000,
                    margin: int = DEFAULT_MARGIN, on_batch: Callable[[int], None] | None = None,
                    rerank: bool = True, emulate: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +178,7 @@ def recommend_bf16(rec: Recommender, history: sp.csr_matrix, k: int, *, batch_si
                     items[start:end] = top.cpu().numpy()
                     scores[start:end] = logits.gather(1, top).float().cpu().numpy()
                 else:
-                    cand = candidates(logits, c)  # [B, c] ascending
+                    cand = torch.topk(logits, c, dim=1, sorted=False).indices.sort(dim=1).values  # [B, c] ascending
                     exact = _exact_scores(h, w, b, cand)  # [B, c] fp32
                     exact[torch.isneginf(logits.gather(1, cand))] = -torch.inf  # seen items stay seen
                     order = topk_items(exact, k)  # positions in cand; ties → lower position = lower column

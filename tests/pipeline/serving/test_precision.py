@@ -191,22 +191,3 @@ def test_bf16_lists_match_fp32_on_a_real_matrix(shared_data: Path) -> None:
     assert r["overlap"] >= MIN_OVERLAP, r
     assert abs(r["ndcg_delta"]) <= MAX_NDCG_DELTA, r
     assert r["ndcg_fp32"] > 0.05  # a trained model: the comparison is not between two random rankings
-
-
-def test_bf16_candidates_break_ties_at_the_cut_by_column() -> None:
-    """candidates(): the c best columns, a tie at the c-th value to the lower columns (what two engines or two
-    thread counts must agree on), equal to a stable sort by (score desc, column asc); rows without a tie too."""
-    import torch
-
-    from pipeline.serving.precision import candidates
-
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(64, 500, generator=g) * 2).round().to(torch.bfloat16)  # few distinct values: ties
-    logits[0] = torch.arange(500, dtype=torch.float32).to(torch.bfloat16)  # no tie at the cut (bf16 rounds: some)
-    logits[1, 7::3] = -torch.inf  # seen items
-    for c in (1, 10, 40, 499, 500):
-        got = candidates(logits, c).numpy()
-        vals = logits.float().numpy()
-        for r in range(logits.shape[0]):
-            order = np.lexsort((np.arange(500), -vals[r]))[:c]
-            assert got[r].tolist() == sorted(order.tolist()), (c, r)
