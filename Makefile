@@ -43,6 +43,7 @@ experiment: venv
 		--seeds 2 --epochs 15 --out out/experiment
 
 test: venv lint $(CHECKOV_STAMP)
+	$(PY) -m model.topk  # compile the numba top-k once, before tests start workers that would each compile it
 	PATH="$$PATH:$(CURDIR)/$(CHECKOV_VENV)/bin" $(PY) -m pytest -q
 
 # ruff over the whole repo (the rules are pyproject's [tool.ruff]; .venv and git-ignored paths are skipped), then mypy.

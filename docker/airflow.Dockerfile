@@ -30,6 +30,7 @@ COPY --chown=airflow:root model ./model
 COPY --chown=airflow:root pipeline ./pipeline
 # The lock pins apache-airflow==3.3.2 too, so installing the project cannot move Airflow off the base image's version.
 RUN pip install --no-cache-dir -c requirements.lock . \
-    && python -c "import airflow, pipeline.cli.main; assert airflow.__version__ == '3.3.2', airflow.__version__"
+    && python -c "import airflow, pipeline.cli.main; assert airflow.__version__ == '3.3.2', airflow.__version__" \
+    && python -P -m model.topk
 COPY --chown=airflow:root dags /opt/airflow/dags
 WORKDIR /opt/airflow

@@ -22,7 +22,8 @@ COPY model ./model
 COPY pipeline ./pipeline
 RUN pip install --no-cache-dir -c requirements.lock . \
     && python -c "import torch, pipeline.cli.main; assert torch.version.cuda is None" \
-    && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+    && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
+    && python -P -m model.topk  # -P: the installed package, not ./model; its numba cache ships in the image
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin recsys

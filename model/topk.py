@@ -171,3 +171,14 @@ def topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     if s.dtype == torch.bfloat16:
         return torch.from_numpy(_topk_bf16(s.view(torch.int16).numpy(), k, threads))
     return torch.from_numpy(_topk_f32(s.view(torch.int32).numpy(), k, threads))
+
+
+def warm() -> None:
+    """Compile both kernels now (numba caches them on disk beside this file, or in the user's cache directory
+    where that is read-only): `make test` and the images run this once, so jobs and workers never compile."""
+    for dtype in (torch.float32, torch.bfloat16):
+        topk_rows(torch.zeros(2, 40, dtype=dtype), 3)
+
+
+if __name__ == "__main__":
+    warm()
