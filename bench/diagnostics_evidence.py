@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=600)
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--out", default="out/diagnostics")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast of the training step (pays on a CPU with native bf16)")
     ap.add_argument("--diag-seed", type=int, default=None, help="seed of the user sample and masks (default --seed); "
                                                                 "another value writes diagnostics-seedN.json, no plots")
     a = ap.parse_args()
@@ -57,7 +58,7 @@ def main() -> None:
     names = a.models.split(",")
     n_items = split.train.shape[1]
     summary: dict[str, Any] = {"dataset": a.dataset, "epochs": a.epochs, "seed": a.seed, "machine": machine(torch.device("cpu")),
-                               "users": a.users, "views": a.views, "models": {}}
+                               "users": a.users, "views": a.views, "bf16": a.bf16, "models": {}}
     summaries: dict[str, dict[str, Any]] = {}
     diag_seed = a.seed if a.diag_seed is None else a.diag_seed
     for name in names:
@@ -75,7 +76,7 @@ def main() -> None:
             fit_s = float(saved["fit_seconds"])
         elif a.stage in ("train", "all"):
             t0 = time.perf_counter()
-            tr = Trainer(module, split.train, TrainConfig(epochs=a.epochs, seed=a.seed, device="cpu", progress=False), pia)
+            tr = Trainer(module, split.train, TrainConfig(epochs=a.epochs, seed=a.seed, device="cpu", progress=False, bf16=a.bf16), pia)
             tr.fit()
             fit_s = time.perf_counter() - t0
             anchors = tr.anchors
