@@ -76,7 +76,8 @@ def main() -> None:
             fit_s = float(saved["fit_seconds"])
         elif a.stage in ("train", "all"):
             t0 = time.perf_counter()
-            tr = Trainer(module, split.train, TrainConfig(epochs=a.epochs, seed=a.seed, device="cpu", progress=False, bf16=a.bf16), pia)
+            cfg = TrainConfig(epochs=a.epochs, seed=a.seed, device="cpu", progress=False, bf16=a.bf16)
+            tr = Trainer(module, split.train, cfg, pia)
             tr.fit()
             fit_s = time.perf_counter() - t0
             anchors = tr.anchors
