@@ -8,6 +8,12 @@ STAMP := $(VENV)/.installed
 # checkov (CloudFormation policy checks) pins boto3 1.35, which conflicts with the project's boto3: own venv
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+# The Spark that EMR Serverless runs our jobs on (compute stack's EmrReleaseLabel emr-spark-8.0.0 = Apache Spark
+# 4.0.2): its pyspark over the project's environment (a .pth adds .venv's site-packages after its own), so the jobs
+# are tested on it too (tests/pipeline/orchestration/test_emr_spark_release.py)
+EMR_SPARK_VERSION := 4.0.2
+EMR_SPARK_VENV := .venv-emr-spark
+EMR_SPARK_STAMP := $(EMR_SPARK_VENV)/.installed-$(EMR_SPARK_VERSION)
 export PYTHONHASHSEED := 0
 export RECSYS_DATA_DIR ?= $(abspath ../shared/data)
 
@@ -27,6 +33,14 @@ $(CHECKOV_STAMP): tools/checkov.lock
 	$(CHECKOV_VENV)/bin/python -m pip install -q --disable-pip-version-check -c tools/checkov.lock checkov
 	@touch $(CHECKOV_STAMP)
 
+$(EMR_SPARK_STAMP): $(STAMP)
+	rm -rf $(EMR_SPARK_VENV) && $(PYTHON) -m venv $(EMR_SPARK_VENV)
+	$(EMR_SPARK_VENV)/bin/python -m pip install -q --disable-pip-version-check pyspark==$(EMR_SPARK_VERSION)
+	echo "import site; site.addsitedir('$(CURDIR)/$(VENV)/lib/python3.11/site-packages')" \
+		> $(EMR_SPARK_VENV)/lib/python3.11/site-packages/zz_recsys_main_venv.pth
+	$(EMR_SPARK_VENV)/bin/python -c "import pyspark, pipeline; assert pyspark.__version__ == '$(EMR_SPARK_VERSION)', pyspark.__version__"
+	@touch $(EMR_SPARK_STAMP)
+
 # The main job on the embedded default: synthetic events → weekly DAG → daily DAG (pipeline/orchestration/dev/story.py).
 # One screen of output; Airflow's and the jobs' logs go to RECSYS_HOME/logs/make-run.log.
 run: venv
@@ -42,7 +56,7 @@ experiment: venv
 	$(VENV)/bin/recsys experiment --dataset synthetic --models popularity,ease,multivae,multivae-pia \
 		--seeds 2 --epochs 15 --out out/experiment
 
-test: venv lint $(CHECKOV_STAMP)
+test: venv lint $(CHECKOV_STAMP) $(EMR_SPARK_STAMP)
 	$(PY) -m model.topk  # compile the numba top-k once, before tests start workers that would each compile it
 	PATH="$$PATH:$(CURDIR)/$(CHECKOV_VENV)/bin" $(PY) -m pytest -q
 
@@ -95,4 +109,4 @@ backfill: venv
 	$(PY) -m pipeline.orchestration.dev.local_airflow backfill --dag '$(or $(DAG),daily_inference)' --start '$(START)' --end '$(END)' $(ARGS)
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(EMR_SPARK_VENV) out .pytest_cache .mypy_cache .ruff_cache

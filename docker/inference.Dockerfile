@@ -28,6 +28,9 @@ RUN pip install --no-cache-dir -c requirements.lock . \
 FROM ${PYTHON_IMAGE}
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin recsys
 COPY --from=build /opt/venv /opt/venv
+# numba ignores a cache directory it cannot write (and would compile the top-k again in every run): the user's own
+COPY --from=build --chown=10001:10001 /opt/venv/lib/python3.11/site-packages/model/__pycache__ \
+     /opt/venv/lib/python3.11/site-packages/model/__pycache__
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -24,7 +24,8 @@ def _hadolint(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_images_present() -> None:
-    assert {p.name for p in DOCKERFILES} == {"train.Dockerfile", "inference.Dockerfile", "airflow.Dockerfile"}
+    assert {p.name for p in DOCKERFILES} == {"train.Dockerfile", "inference.Dockerfile", "airflow.Dockerfile",
+                                              "spark.Dockerfile"}
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -73,3 +74,27 @@ def test_dockerignore_allowlist(path: Path) -> None:
     copied = set(re.findall(r"(?m)^COPY (?:--chown=\S+ )?(\S+) ", path.read_text())) - {"--from=build"}
     for src in copied:
         assert f"!{src.rstrip('/')}" in lines, f"{path.name} copies {src} but {ignore.name} does not let it in"
+
+
+def _user_before(text: str, pos: int) -> str | None:
+    users = re.findall(r"(?m)^USER\s+(\S+)", text[:pos])
+    return users[-1] if users else None
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_numba_cache_is_the_runtime_user_s(path: Path) -> None:
+    """numba ignores a cache directory it cannot write and compiles again (25 s) in every process: an image that
+    warms the top-k at build time must leave model/__pycache__ writable by the user it runs as."""
+    text = path.read_text()
+    warm = text.find("-m model.topk")
+    if warm < 0:
+        pytest.skip(f"{path.name} does not warm the numba top-k")
+    final = _stages(text)[-1]
+    runtime = re.findall(r"(?m)^USER\s+(\S+)", final)[-1]
+    in_final = text.rfind("\nFROM ") < warm
+    if in_final and _user_before(text, warm) == runtime:
+        return  # compiled as the runtime user
+    handed = re.search(r"(chown -R|--chown=)\s*(\S+)[^\n]*(\\\n[^\n]*)?model/__pycache__", final)
+    assert handed, f"{path.name}: the numba cache is compiled by another user and not handed to {runtime}"
+    owner = handed[2].split(":")[0]
+    assert owner == runtime.split(":")[0], f"{path.name}: model/__pycache__ goes to {owner}, the image runs as {runtime}"

@@ -201,9 +201,15 @@ def emr_serverless_job(task_id: str, envelope_uri: Any, profile: AwsProfile, kin
     overrides: dict[str, Any] = {}
     if profile.emr_log_uri:
         overrides["monitoringConfiguration"] = {"s3MonitoringConfiguration": {"logUri": profile.emr_log_uri + "/"}}
+    defaults: dict[str, str] = {}
+    if profile.emr_python:  # the image's venv (the project, torch) for the driver and the executors' Python workers
+        defaults |= {_DRIVER_ENV + "PYSPARK_PYTHON": profile.emr_python,
+                     _DRIVER_ENV + "PYSPARK_DRIVER_PYTHON": profile.emr_python,
+                     "spark.executorEnv.PYSPARK_PYTHON": profile.emr_python}
     if profile.mlflow_secret_arn and kind in MLFLOW_KINDS:  # the driver loads the model; executors get its bytes
-        overrides["applicationConfiguration"] = [{"classification": "spark-defaults", "properties": {
-            _DRIVER_ENV + MLFLOW_SECRET_ENV: profile.mlflow_secret_arn}}]
+        defaults[_DRIVER_ENV + MLFLOW_SECRET_ENV] = profile.mlflow_secret_arn
+    if defaults:
+        overrides["applicationConfiguration"] = [{"classification": "spark-defaults", "properties": defaults}]
     poll = profile.poll_seconds
     minutes = _service_limit_s(profile.emr_timeout_minutes * 60, poll, kwargs) // 60
     return RemoteEmrServerlessJobOperator(

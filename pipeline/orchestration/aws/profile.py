@@ -21,6 +21,11 @@ _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 # a Secrets Manager secret's complete ARN (the name and the 6 characters Secrets Manager appends): IAM grants exactly it
 SECRET_ARN = re.compile(r"^arn:aws[a-z-]*:secretsmanager:(?P<region>[a-z0-9-]+):\d{12}:secret:"
                         r"[A-Za-z0-9/_+=.@-]{1,512}-[A-Za-z0-9]{6}$")
+# where docker/spark.Dockerfile installs the project (a venv of the release's Python 3.11)
+IMAGE_PYTHON = "/opt/recsys/bin/python"
+IMAGE_ENTRY_POINT = "local:///opt/recsys/lib/python3.11/site-packages/pipeline/orchestration/remote.py"
+# the optional settings an empty variable unsets
+_EMPTY_IS_NONE = frozenset({"aws_conn_id", "emr_log_uri", "mlflow_secret_arn", "emr_python"})
 # SageMaker GPU training instance families (the image is a CUDA build; a CPU instance would train on the CPU)
 _GPU_INSTANCE = re.compile(r"^ml\.(g4dn|g5|g6|g6e|gr6|p3|p3dn|p4d|p4de|p5|p5e|p5en)\.[0-9a-z]+$")
 
@@ -42,8 +47,10 @@ class AwsProfile(BaseModel):
     emr_application_id: str = Field(pattern=r"^[0-9a-z]{1,64}$", description="compute stack output SparkApplicationId")
     emr_build_role_arn: str = Field(description="iam stack output SparkBuildRoleArn (the matrix build's job role)")
     emr_infer_role_arn: str = Field(description="iam stack output InferenceRoleArn (the Spark inference's job role)")
-    emr_entry_point: str = Field(description="remote.py where EMR Serverless reads it: local:///... in the custom "
-                                             "image (docker/spark.Dockerfile) or s3://.../remote.py")
+    emr_entry_point: str = Field(IMAGE_ENTRY_POINT, description="remote.py where EMR Serverless reads it: in the "
+                                 "custom image (docker/spark.Dockerfile), or s3://.../remote.py")
+    emr_python: str | None = Field(IMAGE_PYTHON, description="the interpreter of the jobs' driver and executors: the "
+                                   "custom image's venv (None: the release's own python3, which lacks the project)")
     spark_submit_parameters: str = Field("", description="extra spark-submit parameters (--conf k=v ...)")
     emr_log_uri: str | None = Field(None, description="s3:// prefix for the job runs' driver/executor logs")
     emr_timeout_minutes: int = Field(240, ge=5, le=7 * 24 * 60, description="a job run is cancelled after this")
@@ -92,6 +99,13 @@ class AwsProfile(BaseModel):
     def _entry(cls, v: str) -> str:
         if not (v.endswith(".py") and (_S3_URI.match(v) or re.match(r"^local:///[^\s?#]+$", v))):
             raise ValueError(f"{v!r} is not remote.py's location (s3://bucket/key.py, or local:///path.py in the image)")
+        return v
+
+    @field_validator("emr_python")
+    @classmethod
+    def _python(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^/[\w./+-]+$", v):
+            raise ValueError(f"{v!r} is not an absolute path to an interpreter in the image (like {IMAGE_PYTHON})")
         return v
 
     @field_validator("mlflow_secret_arn")
@@ -158,7 +172,7 @@ class AwsProfile(BaseModel):
         for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
-                values[name] = None if (name in ("aws_conn_id", "emr_log_uri", "mlflow_secret_arn") and raw == "") else raw
+                values[name] = None if (name in _EMPTY_IS_NONE and raw == "") else raw
         try:
             return cls.model_validate(values)
         except ValidationError as e:

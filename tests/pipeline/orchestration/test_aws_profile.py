@@ -21,6 +21,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -49,6 +50,7 @@ def aws(moto_server: str) -> Iterator[dict[str, Any]]:
     roles = {}
     for r in ("spark-build", "inference", "training"):
         roles[r] = iam.create_role(RoleName=f"recsys-test-{r}-{suffix}", AssumeRolePolicyDocument=trust)["Role"]["Arn"]
+    # moto 5.2.5 knows only emr-N.N.0 labels, not the stack's emr-spark-8.0.0; the operators never read it
     app = emr.create_application(name=f"recsys-test-{suffix}", releaseLabel="emr-7.9.0", type="SPARK",
                                  tags={"project": "recsys"})["applicationId"]
     with contextlib.suppress(ecr.exceptions.RepositoryAlreadyExistsException):
@@ -430,7 +432,6 @@ def test_the_training_image_runs_the_entry_point_sagemaker_is_given() -> None:
     """The training job's ContainerEntrypoint is the train image's venv python on the installed package (read from
     docker/train.Dockerfile: no Docker engine here), and that module is the remote entry point."""
     import re
-    from pathlib import Path
 
     from pipeline.orchestration import remote
     from pipeline.orchestration.aws import TRAINING_ENTRY
@@ -459,6 +460,45 @@ def test_the_service_stops_a_job_before_the_task_times_out(aws: dict[str, Any]) 
                                                                           "MaxWaitTimeInSeconds": 7200}
 
 
+def _spark_defaults(overrides: dict[str, Any] | None) -> dict[str, str]:
+    confs = [c for c in (overrides or {}).get("applicationConfiguration", []) if c["classification"] == "spark-defaults"]
+    assert len(confs) <= 1, confs
+    return confs[0]["properties"] if confs else {}
+
+
+def test_emr_jobs_run_on_the_custom_image_s_python(aws: dict[str, Any]) -> None:
+    """docker/spark.Dockerfile puts the project in a venv: the job run's spark-defaults point the driver and the
+    executors' Python workers at it, and the default entry point is remote.py inside it. moto stores the request."""
+    from moto.emrserverless.models import emrserverless_backends
+
+    from pipeline.errors import DataError
+    from pipeline.orchestration.aws import AwsProfile, emr_serverless_job
+    from pipeline.orchestration.aws.profile import IMAGE_ENTRY_POINT, IMAGE_PYTHON
+
+    env = _env(aws)
+    del env["RECSYS_AWS_EMR_ENTRY_POINT"]
+    profile = AwsProfile.from_env(env)
+    assert profile.emr_entry_point == IMAGE_ENTRY_POINT and profile.emr_python == IMAGE_PYTHON
+    docker = (Path(__file__).resolve().parents[3] / "docker" / "spark.Dockerfile").read_text()
+    assert f"python3.11 -m venv {IMAGE_PYTHON.removesuffix('/bin/python')}" in docker  # where the image installs it
+    venv = IMAGE_PYTHON.removesuffix("/bin/python")
+    assert f"local://{venv}/lib/python3.11/site-packages/pipeline/orchestration/remote.py" == IMAGE_ENTRY_POINT
+    op = emr_serverless_job("infer_run", _stage_any(aws, "python"), profile)
+    job_id = run_like_airflow(op, _context("infer_run"))
+    (run,) = [r for r in emrserverless_backends[ACCOUNT][REGION].job_runs[aws["app"]] if r.id == job_id]
+    conf = _spark_defaults(run.configuration_overrides)
+    assert {k: conf[k] for k in conf if "PYSPARK" in k} == {
+        "spark.emr-serverless.driverEnv.PYSPARK_PYTHON": IMAGE_PYTHON,
+        "spark.emr-serverless.driverEnv.PYSPARK_DRIVER_PYTHON": IMAGE_PYTHON, "spark.executorEnv.PYSPARK_PYTHON": IMAGE_PYTHON}
+    assert run.job_driver["sparkSubmit"]["entryPoint"] == IMAGE_ENTRY_POINT
+    # unset (empty): the release's own python3, and no PYSPARK_* at all
+    bare = emr_serverless_job("infer_run", "s3://b/e.json", _profile(aws, EMR_PYTHON=""))
+    assert not any("PYSPARK" in k for k in _spark_defaults(bare.configuration_overrides))
+    for bad in ("python3", "/opt/recsys/bin/python --version", "../bin/python"):
+        with pytest.raises(DataError, match=r"RECSYS_AWS_EMR_PYTHON is not valid: .* absolute path"):
+            _profile(aws, EMR_PYTHON=bad)
+
+
 # -- MLflow credentials: the secret's ARN goes to the jobs that use MLflow, never its value --------------------------
 
 def test_the_jobs_that_use_mlflow_get_the_secret_arn_and_the_build_never(aws: dict[str, Any]) -> None:
@@ -483,10 +523,9 @@ def test_the_jobs_that_use_mlflow_get_the_secret_arn_and_the_build_never(aws: di
         assert stored[kind]["monitoringConfiguration"]["s3MonitoringConfiguration"]["logUri"].endswith("/emr-logs/")
         assert mlflow_secret_passed(op) == (SECRET if kind == "infer" else None)
         plain = emr_serverless_job(f"{kind}_run", uri, without)
-        assert "applicationConfiguration" not in plain.configuration_overrides and mlflow_secret_passed(plain) is None
-    assert "applicationConfiguration" not in stored["build_matrix"]
-    assert stored["infer"]["applicationConfiguration"] == [{"classification": "spark-defaults",
-                                                            "properties": {driver_env: SECRET}}]
+        assert driver_env not in _spark_defaults(plain.configuration_overrides) and mlflow_secret_passed(plain) is None
+    assert driver_env not in _spark_defaults(stored["build_matrix"])
+    assert _spark_defaults(stored["infer"])[driver_env] == SECRET
     sm = training_job("train_run", uri, with_secret)
     assert sm.config["Environment"] == {"PYTHONUNBUFFERED": "1", MLFLOW_SECRET_ENV: SECRET} and mlflow_secret_passed(sm) == SECRET
     plain_sm = training_job("train_run", uri, without)
