@@ -20,11 +20,12 @@ _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 def requirements(pyproject: Path, without: list[str]) -> list[str]:
     """The pinned direct dependencies whose names match none of the `without` patterns (case-insensitive)."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    unknown = [p for p in without if not any(fnmatch.fnmatch(_name(d), p.lower()) for d in deps)]
+    deps = {d: _name(d) for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]}
+    patterns = [p.lower() for p in without]
+    unknown = [p for p in patterns if not fnmatch.filter(deps.values(), p)]
     if unknown:  # a typo would silently install what it meant to leave out
         raise SystemExit(f"--without {', '.join(unknown)}: no dependency of {pyproject} matches")
-    return [d for d in deps if not any(fnmatch.fnmatch(_name(d), p.lower()) for p in without)]
+    return [d for d, name in deps.items() if not any(fnmatch.fnmatch(name, p) for p in patterns)]
 
 
 def _name(requirement: str) -> str:

@@ -62,10 +62,10 @@ def hook(point: str) -> None:
 
 def parquet_encodings(schema: pa.Schema) -> dict[str, Any]:
     """Per-column Parquet encodings: floating-point leaves (the scores, nearly all distinct) are PLAIN without a
-    dictionary, which Arrow would build and then drop (bench-infer's write phase: 6.8 s instead of 8.2-8.6); the rest
-    keep the dictionary default. Not BYTE_STREAM_SPLIT, though it is 10% smaller on scores: Spark before 4.1 (EMR's
-    emr-spark-8.0.0 ships 4.0.2, emr-7.x 3.5) fails on it in its vectorised reader, and downstream jobs read the parts
-    with Spark (tests/pipeline/orchestration/test_emr_spark_release.py reads them with 4.0.2)."""
+    dictionary, which Arrow would build and then drop; the rest keep the dictionary default. A synthetic 100k-user
+    top-100 table: 52.1 MiB / 269 ms against 55.0 MiB / 339 ms with the dictionary (docs/benchmarks.md). Not
+    BYTE_STREAM_SPLIT (47.1 MiB): Spark before 4.1 (EMR's emr-spark-8.0.0 ships 4.0.2) fails on it in its vectorised
+    reader, and downstream jobs read the parts with Spark (tests/pipeline/orchestration/test_emr_spark_release.py)."""
     floats: list[str] = []
     others: list[str] = []
     for f in schema:
@@ -73,7 +73,7 @@ def parquet_encodings(schema: pa.Schema) -> dict[str, Any]:
         if pa.types.is_list(t) or pa.types.is_large_list(t):
             t, path = t.value_type, f"{f.name}.list.element"
         (floats if pa.types.is_floating(t) else others).append(path)
-    return {"use_dictionary": others, "column_encoding": dict.fromkeys(floats, "PLAIN")} if floats else {"use_dictionary": others}
+    return {"use_dictionary": others, "column_encoding": dict.fromkeys(floats, "PLAIN")}
 
 
 def part_bytes(table: pa.Table) -> bytes:
