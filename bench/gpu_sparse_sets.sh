@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Issue 28's re-run of gowalla and amazon-cds with the current defaults (the `progress` β regime, EDLAE), sized
-# for one short GPU lease: every model group runs in its own process on the one GPU (these fits are bound by
-# host-side launches and batching, so separate processes share a GPU well), and every process is stopped at
-# DEADLINE seconds. Each process checkpoints every fit and writes results after each seed, so a stopped run keeps
-# what it finished (and `--resume` in the same OUT continues it).
+# for one short GPU lease: every model group runs in its own process on the one GPU (the ten of two
+# sets kept an H200's SMs 96% busy on average: nvidia-smi dmon every 10 s, 2026-12-04), and every process is
+# stopped at DEADLINE seconds. Each process checkpoints every fit and writes results after each seed, so a stopped
+# run keeps what it finished (and `--resume` in the same OUT continues it).
 #   cf:      popularity, EASE (l2 = 100: seed 0's validation choice on both sets), EDLAE (its default grid, searched
 #            on seed 0's validation users), seeds 0-2
 #   mvae:    Multi-VAE and Multi-VAE + PIA, seed 0, λ_A in {0.1, 1} on validation users, up to 200 epochs, patience 20
 #   mvae-s12: the same on seeds 1-2 with λ_A = 1 (seed 0's validation choice on both sets in the earlier runs)
 #   recvae / recvae-pia: seed 0, up to RECVAE_EPOCHS (60) epochs, patience 20, λ_A = 0.1 (seed 0's earlier choice)
+# On one H200 (2026-12-04): 490 s finished all but seed 2's Multi-VAE + PIA on both sets; the same command
+# again (DEADLINE=230) finished those in 47 s. RecVAE is the slowest group (360-460 s per fit with ten processes).
 # Usage: [PY=python3] [OUT=out/results] [DEADLINE=500] [DEVICE=cuda] bash bench/gpu_sparse_sets.sh [dataset ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,7 @@ mkdir -p "$OUT"
 launch() {  # launch NAME THREADS ARGS...: one `recsys experiment` in the background, its log beside its folder
   local name=$1 threads=$2; shift 2
   OMP_NUM_THREADS=$threads timeout "$DEADLINE" "$PY" -m pipeline.cli.main experiment --device "$DEVICE" --no-progress \
-    --resume --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 &
+    --resume --out "$OUT/$name" "$@" >> "$OUT/$name.log" 2>&1 &  # appends: a resumed run keeps the first log
 }
 
 for ds in "${sets[@]}"; do
