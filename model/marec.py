@@ -15,6 +15,11 @@ the warm–warm block of Θ is plain EASE on the warm items, cold rows are 0, an
 alone the ranking does not depend on α or β; against warm items αβ sets the trade-off. `structured_weights` uses
 this (one symmetric I_w × I_w inverse instead of a general I × I one); `closed_form_weights` is the general form.
 `metadata_scores` = X S is the metadata-only model (the paper's "Eq 5" ablation).
+
+Autoencoder backbone (MAREC.md §2, the paper's Eq 7): the alignment is an extra target on the output
+distribution, loss_u = −Σ_j log softmax(logits_u)_j (x_uj + b_uj), b_u = α (x_u S) D_R. `AlignmentTarget` holds
+the columns where D_R > 0 (the items with fewer than p clicks: the cold ones when p = 1) and S D_R on them, and
+adds the b_u term to a model's loss (model.vae.MultiVAE.alignment); it is training-only, like PIA's anchors.
 Pure numpy/scipy/torch: no pipeline imports.
 """
 
@@ -33,7 +38,7 @@ from torch import nn
 
 from model.base import Recommender
 from model.ease import _spd_inverse_inplace, gram_dense
-from model.sparse import SparseBatch
+from model.sparse import SparseBatch, sparse_matmul
 from model.split import HeldOut
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -157,6 +162,49 @@ def structured_weights(x: sp.csr_matrix, s: np.ndarray, alpha: float, beta: floa
 def metadata_scores(x: sp.csr_matrix, s: np.ndarray) -> np.ndarray:
     """X S [U, I]: the metadata-only scores (MAREC.md "Eq 5")."""
     return np.asarray(sp.csr_matrix(x, dtype=np.float32) @ s)
+
+
+class AlignmentTarget:
+    """MARec's b_u = α (x_u S) D_R on the columns where D_R > 0, as a loss term: −Σ_j log p_uj b_uj (MAREC.md §2).
+
+    b_u depends only on the user's own (binary) training row, so it is computed per batch from the batch itself
+    (x_u S_c, a [B, I] × [I, C] product) instead of being stored for every user."""
+
+    def __init__(self, cols: np.ndarray, s_cols: np.ndarray, alpha: float = 1.0):
+        cols = np.asarray(cols, dtype=np.int64)
+        if s_cols.ndim != 2 or s_cols.shape[1] != len(cols):
+            raise ValueError(f"s_cols must be [I, {len(cols)}] (one column per aligned item), got {s_cols.shape}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.cols = torch.from_numpy(cols)
+        self.s_cols = torch.from_numpy(np.ascontiguousarray(s_cols, dtype=np.float32))
+        self.alpha = float(alpha)
+
+    @classmethod
+    def from_similarity(cls, s: np.ndarray, counts: np.ndarray, alpha: float, beta: float) -> AlignmentTarget:
+        """From S [I, I] and the items' training clicks: D_R by `dr_diagonal` (β on the cold items when p = 1)."""
+        d, _ = dr_diagonal(np.asarray(counts, dtype=np.float64), beta)
+        cols = np.flatnonzero(d > 0)
+        return cls(cols, np.asarray(s[:, cols], dtype=np.float32) * d[cols].astype(np.float32)[None, :], alpha)
+
+    @property
+    def n_items(self) -> int:
+        return int(self.s_cols.shape[0])
+
+    def to(self, device: torch.device | str) -> AlignmentTarget:
+        self.cols, self.s_cols = self.cols.to(device), self.s_cols.to(device)
+        return self
+
+    def targets(self, x: SparseBatch) -> torch.Tensor:
+        """b [B, C] for the batch's users (their training rows, binarised)."""
+        return self.alpha * sparse_matmul(x.binary(), self.s_cols)
+
+    def nll(self, logits: torch.Tensor, x: SparseBatch) -> torch.Tensor:
+        """−Σ_c log softmax(logits_u)_c b_uc per user [B]."""
+        if logits.shape[1] != self.n_items:
+            raise ValueError(f"the alignment target covers {self.n_items} items, the model scores {logits.shape[1]}")
+        log_p = nn.functional.log_softmax(logits.float(), dim=-1).index_select(1, self.cols)
+        return -(log_p * self.targets(x)).sum(dim=-1)
 
 
 class MARec(Recommender):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import scipy.sparse as sp
 import torch
@@ -110,12 +110,24 @@ class Autoencoder(Recommender):
 
     def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None:
         module = self.build(train.shape[1])
+        alignment = kwargs.get("alignment")  # MARec's target (model.marec.AlignmentTarget): Multi-VAE/DAE only
+        if alignment is not None:
+            if not hasattr(module, "alignment"):
+                raise ValueError(f"MARec alignment needs a Multi-VAE/DAE backbone, not {self.arch}")
+            if alignment.n_items != train.shape[1]:
+                raise ValueError(f"the alignment target covers {alignment.n_items} items, the training matrix has "
+                                 f"{train.shape[1]}")
+            if self.train_config.cuda_graph:
+                raise ValueError("MARec alignment is not in the CUDA-graph step: train with cuda_graph=False")
+            module.alignment = alignment.to(resolve_device(self.train_config.device))
         trainer = Trainer(module, train, self.train_config, self.pia, valid, on_epoch=kwargs.get("on_epoch"))
         if kwargs.get("resume") is not None:
             trainer.load_state_dict(kwargs["resume"])
         self.history = trainer.fit(checkpoint=kwargs.get("checkpoint"))
         self.best_epoch = trainer.best_epoch
         self.module = trainer.model
+        if alignment is not None:
+            cast(MultiVAE, self.module).alignment = None  # training-only: never pickled or used in scoring
         # PIA's item anchors [I, d] (training-only: never saved or scored with), kept for the training-time
         # diagnostics' anchor-centroid distance; None without PIA
         self.anchors = None if trainer.anchors is None else trainer.anchors.weight.detach().cpu()

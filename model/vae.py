@@ -20,6 +20,7 @@ from model.layers import ItemInput, gaussian_kl, item_output, linear, multinomia
 from model.sparse import SparseBatch, as_batch
 
 if TYPE_CHECKING:
+    from model.marec import AlignmentTarget
     from model.recvae import RecVAE
 
 
@@ -121,6 +122,8 @@ class MultiVAE(nn.Module):
         self.latent_dim = config.latent_dim
         # updates the whole run plans (epochs x updates per epoch): set by model.train.Trainer, drives "progress"
         self.planned_updates: int | None = None
+        # MARec's alignment target (model.marec; training only, never saved): adds -sum_j log p_uj b_uj to the loss
+        self.alignment: AlignmentTarget | None = None
         dims = [*config.hidden_dims, config.latent_dim]
         self.item_in = ItemInput(n_items, dims[0] * (2 if len(dims) == 1 and config.variational else 1))
         enc: list[nn.Module] = []
@@ -167,13 +170,23 @@ class MultiVAE(nn.Module):
         plan = planned_updates if planned_updates is not None else getattr(self, "planned_updates", None)
         return beta_at(self.config, step, plan)
 
+    def _nll(self, logits: torch.Tensor, x: SparseBatch, terms: dict[str, torch.Tensor | float]) -> torch.Tensor:
+        nll = multinomial_nll(logits, x).mean()
+        terms["nll"] = nll.detach()
+        if self.alignment is None:
+            return nll
+        align = self.alignment.nll(logits, x).mean()
+        terms["align"] = align.detach()
+        return nll + align
+
     def loss(self, x: SparseBatch, *, step: int, phase: Phase) -> LossOut:
         mu, logvar = self.encode(x, phase.dropout)
+        terms: dict[str, torch.Tensor | float] = {}
         if logvar is None:
-            nll = multinomial_nll(self.decode(mu), x).mean()
-            return LossOut(nll, {"nll": nll.detach()}, mu=mu)
+            return LossOut(self._nll(self.decode(mu), x, terms), terms, mu=mu)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        nll = multinomial_nll(self.decode(z), x).mean()
+        nll = self._nll(self.decode(z), x, terms)
         kl = gaussian_kl(mu, logvar).mean()
         beta = self.beta(step)
-        return LossOut(nll + beta * kl, {"nll": nll.detach(), "kl": kl.detach(), "beta": beta}, mu, logvar, z)
+        terms |= {"kl": kl.detach(), "beta": beta}
+        return LossOut(nll + beta * kl, terms, mu, logvar, z)

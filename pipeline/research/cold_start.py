@@ -31,6 +31,13 @@ Baselines on "cold":
 - marec-eq5: the metadata-only scores X S (MARec's alignment target without the backbone).
 - marec-topk (ours, not the paper's): MARec with S_wc kept on each cold item's k most similar warm items (k from
   the kNN grid, chosen on cold-val), to separate the effect of neighbourhood truncation from the alignment.
+
+The Multi-VAE backbone (`vae_epochs` > 0; MAREC.md §2, Eq 7): "marec-vae" trains Multi-VAE with MARec's alignment
+target b_u = αβ x_u S_wc on the cold columns (model.marec.AlignmentTarget; S from MARec-EASE's chosen blocks and δ,
+αβ from `align_grid` on cold-val NDCG@25), against "multivae (no alignment)", the same backbone, seed and epochs
+without it (its cold columns only ever learn to score low). Both train a fixed `vae_epochs` (no validation users
+are split off in this protocol) and are scored on both candidate sets; MARec-VAE must not lose the backbone's warm
+accuracy in the whole catalogue.
 """
 
 from __future__ import annotations
@@ -46,12 +53,15 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from model.ease import _spd_inverse_inplace, gram_dense
-from model.marec import MARecConfig, combine, fit_mu, regressors
+from model.marec import AlignmentTarget, MARecConfig, combine, fit_mu, regressors
 from model.metadata import smoothed_cosine
 from model.metrics import ranking_metrics
+from model.recommenders import Autoencoder
+from model.sparse import DeviceCSR
+from model.train import TrainConfig
 from pipeline.data.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
 from pipeline.data.item_features import build_block, default_blocks, feature_blocks
 from pipeline.data.items import TEXT_COLUMNS, read_items
@@ -68,6 +78,7 @@ METRICS = ("recall@10", "recall@25", "ndcg@10", "ndcg@25", "ndcg@100")  # recall
 SELECT = "ndcg@25"
 WARM_GUARD = 0.01  # "marec (warm guard)": at most 1% below EASE's warm validation NDCG@25 in the whole catalogue
 CATALOGUE_MODELS = ("ease", "marec", "marec (warm guard)")
+VAE_BACKBONE = "multivae (no alignment)"
 class ColdStartResult(ExperimentResult):
     """The cold-start results table and where it was written (the same fields as the warm experiment's)."""
 
@@ -94,6 +105,18 @@ class ColdStartJob(Job):
     second_order: bool = True
     max_items: int = Field(20_000, ge=1)
     feature_cache: Path | None = None  # feature blocks cached here by content hash (pipeline.data.item_features)
+    vae_epochs: int = Field(0, ge=0, description="epochs of Multi-VAE and MARec-VAE (0: the autoencoder rows are skipped)")
+    align_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), description=(
+        "MARec-VAE's αβ: chosen on cold-val for cold-only ranking, on the whole-catalogue validation (and with the "
+        "warm guard) for the catalogue"))
+    device: str = "auto"  # where the autoencoders train
+
+    @field_validator("align_grid")
+    @classmethod
+    def _positive_align(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not a > 0 for a in v):
+            raise ValueError("align_grid needs at least one αβ > 0 (the backbone without alignment is always run)")
+        return v
 
     def run(self) -> ColdStartResult:
         results = ColdStart(self).run()
@@ -200,6 +223,15 @@ def top_k_columns(m: np.ndarray, k: int) -> np.ndarray:
         return m
     cut = -np.partition(-m, k - 1, axis=0)[k - 1]  # k-th largest per column
     return np.where(m >= cut[None, :], m, np.float32(0.0)).astype(m.dtype, copy=False)
+
+
+def autoencoder_scores(rec: Autoencoder, rows: sp.csr_matrix, batch: int = 2000) -> np.ndarray:
+    """The model's scores [U, I] for these users' training rows."""
+    out = np.empty(rows.shape, dtype=np.float32)
+    for a in range(0, rows.shape[0], batch):
+        chunk = DeviceCSR.from_scipy(sp.csr_matrix(rows[a:a + batch], dtype=np.float32), rec.device)
+        out[a:a + chunk.n_rows] = rec.score(chunk.batch(torch.arange(chunk.n_rows))).float().cpu().numpy()
+    return out
 
 
 def _users_with(targets: sp.csr_matrix, train: sp.csr_matrix) -> np.ndarray:
@@ -365,9 +397,12 @@ class ColdStart:
             return out
 
         def all_eval(l2: float, ab: float, val: bool) -> dict[str, Any]:
+            return part_eval(full_scores(av if val else at, l2, ab, val), val)
+
+        def part_eval(s: np.ndarray, val: bool) -> dict[str, Any]:
+            """Scores [users, I] of the "all" validation (av) or test (at) users: all, warm and cold targets."""
             users, tgt = (av, all_val) if val else (at, all_test)
             seen = x[users] if val else sp.csr_matrix(x[users] + all_val[users])
-            s = full_scores(users, l2, ab, val)
             out = {"all": metrics(s, tgt[users], seen)}
             warm_t, cold_t = (sp_.warm_val, sp_.cold_val) if val else (sp_.warm_test, sp_.cold_test)
             for part, t in (("warm", warm_t), ("cold", cold_t)):
@@ -391,6 +426,50 @@ class ColdStart:
             chosen["catalogue: marec (warm guard)"] = {"l2": guarded["l2"], "ab": guarded["ab"]}
         catalogue = {m: all_eval(chosen[f"catalogue: {m}"]["l2"], chosen[f"catalogue: {m}"].get("ab", 0.0), False)
                      for m in CATALOGUE_MODELS}
+
+        if cfg.vae_epochs:  # the Multi-VAE backbone, without and with MARec's alignment target
+            s_cols = np.zeros((x.shape[1], len(ci)), dtype=np.float32)
+            s_cols[wi] = s_w
+            tcfg = TrainConfig(epochs=cfg.vae_epochs, seed=seed, device=cfg.device, progress=False)
+
+            def vae(ab: float) -> Autoencoder:
+                t = time.perf_counter()
+                rec = Autoencoder("multivae", train=tcfg)
+                rec.fit(x, alignment=AlignmentTarget(ci, s_cols, alpha=ab) if ab > 0 else None)
+                print(f"  multivae αβ={ab:g}: {cfg.vae_epochs} epochs in {time.perf_counter() - t:.0f} s", flush=True)
+                return rec
+
+            def vae_cold(rec: Autoencoder, val: bool) -> dict[str, float]:
+                users, items, tgt = (uv, sp_.cold_val_items, tv) if val else (ut, sp_.cold_test_items, tt)
+                return metrics(autoencoder_scores(rec, x[users])[:, items], tgt)
+
+            fitted = {0.0: vae(0.0)}
+            if tune:  # one fit per αβ serves both choices: cold-only on cold-val, the catalogue on the "all" validation
+                rows, cat_rows = [], []
+                for ab in (0.0, *cfg.align_grid):
+                    fitted[ab] = fitted.get(ab) or vae(ab)
+                    ev = part_eval(autoencoder_scores(fitted[ab], x[av]), True)
+                    cat_rows.append({"ab": ab, **ev["all"], "warm_" + SELECT: ev["warm"][SELECT]})
+                    if ab > 0:
+                        rows.append({"ab": ab, **vae_cold(fitted[ab], True)})
+                        print(f"  tune marec-vae αβ={ab:g}: val {SELECT}={rows[-1][SELECT]:.4f} (cold), "
+                              f"{cat_rows[-1][SELECT]:.4f} (catalogue)", flush=True)
+                tuning += [{"seed": seed, "model": "marec-vae", "rows": rows},
+                           {"seed": seed, "model": "catalogue: marec-vae", "rows": cat_rows}]
+                chosen["marec-vae"] = {"ab": max(rows, key=lambda r: r[SELECT])["ab"]}
+                chosen["catalogue: marec-vae"] = {"ab": max((r for r in cat_rows if r["ab"] > 0),
+                                                            key=lambda r: r[SELECT])["ab"]}
+                floor = (1 - WARM_GUARD) * cat_rows[0]["warm_" + SELECT]  # the backbone's warm validation
+                chosen["catalogue: marec-vae (warm guard)"] = {"ab": max(
+                    (r for r in cat_rows if r["warm_" + SELECT] >= floor), key=lambda r: r[SELECT])["ab"]}
+            for key in ("marec-vae", "catalogue: marec-vae", "catalogue: marec-vae (warm guard)"):
+                if chosen[key]["ab"] not in fitted:
+                    fitted[chosen[key]["ab"]] = vae(chosen[key]["ab"])
+            results[VAE_BACKBONE] = vae_cold(fitted[0.0], False)
+            results["marec-vae"] = vae_cold(fitted[chosen["marec-vae"]["ab"]], False)
+            for name, ab in (("multivae", 0.0), ("marec-vae", chosen["catalogue: marec-vae"]["ab"]),
+                             ("marec-vae (warm guard)", chosen["catalogue: marec-vae (warm guard)"]["ab"])):
+                catalogue[name] = part_eval(autoencoder_scores(fitted[ab], x[at]), False)
         return {"seed": seed, "cold": results, "catalogue": catalogue, "chosen": dict(chosen),
                 "cold_items": {"val": len(sp_.cold_val_items), "test": len(sp_.cold_test_items)},
                 "seconds": time.perf_counter() - t_start}
@@ -405,8 +484,10 @@ class ColdStart:
                "seeds": [r["seed"] for r in per_seed], "chosen": [r["chosen"] for r in per_seed],
                "cold": summarize([r["cold"] for r in per_seed]),
                "catalogue": {m: {part: summarize_one([r["catalogue"][m][part] for r in per_seed])
-                                 for part in ("all", "warm", "cold")} for m in CATALOGUE_MODELS},
+                                 for part in ("all", "warm", "cold")} for m in per_seed[0]["catalogue"]},
                "gain": gain(per_seed), "per_seed": per_seed, "tuning": tuning, "wall_seconds": wall}
+        if "marec-vae" in per_seed[0]["cold"]:
+            res["gain_vae"] = gain(per_seed, "marec-vae")
         write_single_object(resolve(cfg.out / "results.json"), json.dumps(res, indent=1, default=_default).encode())
         write_single_object(resolve(cfg.out / "results.md"), render(res).encode())
 
@@ -426,13 +507,15 @@ def summarize(rows: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
 BASELINES = ("random (= ease)", "popularity-among-cold", "meta-knn")
 
 
-def gain(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """MARec's relative gain (%) on each cold metric over the best baseline by that metric's mean."""
+def gain(per_seed: list[dict[str, Any]], model: str = "marec") -> dict[str, Any]:
+    """`model`'s relative gain (%) on each cold metric over the best baseline by that metric's mean (for MARec-VAE
+    its backbone without alignment counts as a baseline too)."""
     out: dict[str, Any] = {}
+    baselines = BASELINES + ((VAE_BACKBONE,) if model == "marec-vae" else ())
     for m in METRICS:
-        means = {b: float(np.mean([r["cold"][b][m] for r in per_seed])) for b in BASELINES}
+        means = {b: float(np.mean([r["cold"][b][m] for r in per_seed])) for b in baselines}
         best = max(means, key=lambda b: means[b])
-        mar = float(np.mean([r["cold"]["marec"][m] for r in per_seed]))
+        mar = float(np.mean([r["cold"][model][m] for r in per_seed]))
         out[m] = {"best_baseline": best, "baseline": means[best], "marec": mar,
                   "gain_pct": (mar / means[best] - 1) * 100 if means[best] > 0 else None}
     return out
@@ -451,8 +534,12 @@ def render(res: dict[str, Any]) -> str:
     for m, v in res["cold"].items():
         lines.append(f"| {m} | " + " | ".join(_fmt(v[k]) for k in METRICS) + " |")
     lines += ["", "Gain of MARec over the best baseline: " + ", ".join(
-        f"{m} {g['gain_pct']:+.1f}% (vs {g['best_baseline']})" for m, g in res["gain"].items() if g["gain_pct"] is not None),
-              "", "## Whole catalogue (targets: warm-test ∪ cold-test)", "",
+        f"{m} {g['gain_pct']:+.1f}% (vs {g['best_baseline']})" for m, g in res["gain"].items() if g["gain_pct"] is not None)]
+    if "gain_vae" in res:
+        lines += ["", "Gain of MARec-VAE over the best baseline: " + ", ".join(
+            f"{m} {g['gain_pct']:+.1f}% (vs {g['best_baseline']})" for m, g in res["gain_vae"].items()
+            if g["gain_pct"] is not None)]
+    lines += ["", "## Whole catalogue (targets: warm-test ∪ cold-test)", "",
               "| model | part | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for m, parts in res["catalogue"].items():
         for part, v in parts.items():
