@@ -14,6 +14,7 @@ from torch import nn
 from model.base import Recommender
 from model.ease import EASEConfig, EDLAEConfig, ease_weights
 from model.layers import buffer_fits
+from model.marec import AlignmentTarget
 from model.pia import PIAConfig
 from model.popularity import item_popularity
 from model.recvae import RecVAE, RecVAEConfig
@@ -99,6 +100,7 @@ class Autoencoder(Recommender):
         self.history: list[dict[str, Any]] = []
         self.best_epoch = 0
         self.anchors: torch.Tensor | None = None
+        self.alignment: AlignmentTarget | None = None  # MARec's target for the next fit (then dropped)
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +112,9 @@ class Autoencoder(Recommender):
 
     def _fit(self, train: sp.csr_matrix, valid: HeldOut | None, **kwargs: Any) -> None:
         module = self.build(train.shape[1])
-        alignment = kwargs.get("alignment")  # MARec's target (model.marec.AlignmentTarget): Multi-VAE/DAE only
+        # MARec's target (model.marec.AlignmentTarget): Multi-VAE/DAE only; the fit's own, else the one set on self
+        alignment = kwargs.get("alignment") or getattr(self, "alignment", None)
+        self.alignment = None  # training only: never pickled with the fitted model
         if alignment is not None:
             if not hasattr(module, "alignment"):
                 raise ValueError(f"MARec alignment needs a Multi-VAE/DAE backbone, not {self.arch}")

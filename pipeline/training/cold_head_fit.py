@@ -4,17 +4,24 @@ daily job can score titles that appear after training (pipeline.serving.cold_ite
 Built only when the snapshot carries an item_metadata table (BuildMatrixJob.items) and TrainJob.cold_head is set.
 A head that cannot be built (no usable metadata column, over the memory budget) is skipped with a warning and the
 reason on the run: the model still serves its warm items, so a poor catalogue file must not stop the weekly job.
+
+`fit_alignment` builds MARec's alignment target for a Multi-VAE/DAE (TrainJob.marec_align, model.marec) from the
+same features and block weights: its aligned columns are the snapshot's cold items that have a model column (no
+training click: their only clicks are held-out users'), so the decoder learns them from their metadata. Titles
+with no click at all have no column; the cold head scores those at serving.
 """
 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from model.cold_head import ColdHead, ColdHeadConfig, build_cold_head, default_blocks, pair_count
+from model.marec import AlignmentTarget
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +75,38 @@ def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: in
     return head, {"cold_head.status": "built", "cold_head.kind": head.kind,
                   "cold_head.blocks": ",".join(b.name for b in head.blocks),
                   "cold_head.mu": ",".join(f"{m:.4g}" for m in head.mu), "cold_head.items_with_metadata": with_meta}
+
+
+def cold_model_columns(meta: pa.Table) -> np.ndarray:
+    """Model columns (item_idx) of the items the snapshot flags cold, ascending."""
+    idx = meta.column("item_idx").to_numpy(zero_copy_only=False).astype(np.float64)
+    cold = np.asarray(meta.column("cold").to_pylist(), dtype=bool)
+    return np.unique(idx[cold & ~np.isnan(idx)].astype(np.int64))
+
+
+def fit_alignment(snap: Any, cfg: ColdHeadConfig | None, ab: float,
+                  max_bytes: int) -> tuple[AlignmentTarget | None, dict[str, Any]]:
+    """MARec's alignment target over the snapshot's cold model columns (αβ = `ab`), and what to log about it
+    (`marec_align.*`); (None, the reason) when off or there is nothing to align: the model then trains without."""
+    if ab <= 0:
+        return None, {"marec_align.status": "off"}
+    meta = getattr(snap, "item_metadata", None)
+
+    def skipped(reason: str) -> tuple[None, dict[str, Any]]:
+        log.warning("MARec alignment skipped: %s", reason)
+        return None, {"marec_align.status": "skipped", "marec_align.reason": reason[:480]}
+
+    if meta is None:
+        return skipped("snapshot built without items")
+    cold = cold_model_columns(meta)
+    if not len(cold):
+        return skipped("no cold item has a model column in this snapshot (new titles are scored by the cold head)")
+    head, info = fit_cold_head(SimpleNamespace(name="multivae"), snap, cfg or ColdHeadConfig(), max_bytes)
+    if head is None:
+        return skipped(info.get("cold_head.reason", "no cold head"))
+    rows = [r[cold] for r in head.warm_rows]  # the cold columns' feature rows, per block
+    s_cols = head.similarity(rows)  # S[:, cold] over every model column
+    with_meta = int(np.count_nonzero(sum(r.getnnz(axis=1) for r in rows)))
+    return AlignmentTarget(cold, s_cols, alpha=ab), {
+        "marec_align.status": "built", "marec_align.cold_items": len(cold),
+        "marec_align.cold_items_with_metadata": with_meta, "marec_align.ab": float(ab)}

@@ -29,13 +29,13 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from model.cold_head import ColdHeadConfig
 from model.ease import EASEConfig
@@ -131,6 +131,11 @@ class TrainJob(Job):
         "run) when the snapshot has no item_metadata or no usable column"))
     search: SearchConfig | None = Field(None, description="hyperparameter search of the model (and its twin) on "
                                                           "validation users before training (pipeline.training.search)")
+    marec_align: float = Field(0.0, ge=0.0, description=(
+        "αβ of MARec's alignment target (issue 29, model.marec.AlignmentTarget) for a Multi-VAE/DAE model and its "
+        "twin: the snapshot's cold items with a model column learn their scores from their metadata, with the cold "
+        "head's features and block weights (cold_head's settings). 0: off. Skipped (the reason on the run) when the "
+        "snapshot has no item metadata or no such item"))
 
     @field_validator("model")
     @classmethod
@@ -138,6 +143,13 @@ class TrainJob(Job):
         if v not in trainable():
             raise ValueError(f"unknown model {v!r}: train one of {', '.join(trainable())}")
         return v
+
+    @model_validator(mode="after")
+    def _alignment_needs_a_multivae(self) -> TrainJob:
+        if self.marec_align > 0 and not self.model.startswith("multi"):
+            raise ValueError(f"marec_align applies to Multi-VAE/DAE models (multivae, multivae-pia, multidae), not "
+                             f"{self.model}: set marec_align: 0, or train a Multi-VAE")
+        return self
 
     @field_validator("l2_grid")
     @classmethod
@@ -287,18 +299,25 @@ class _Setup:
     popularity: Any  # torch tensor of item popularity (for the popularity-bias metric)
     counts: np.ndarray  # interactions per test user (activity groups)
     train_cfg: Any  # model.train.TrainConfig
+    alignment: Any = None  # model.marec.AlignmentTarget for the Multi-VAE/DAE fits (TrainJob.marec_align), or None
+    alignment_info: dict[str, Any] = field(default_factory=dict)  # marec_align.* tags for the run
 
     def build(self, name: str, overrides: dict[str, Any] | None = None) -> Any:
         """An unfitted recommender `name` with the job's settings (PIA only for *-pia models); `overrides` (dotted
         TrainJob keys: a search's winner or trial) replace some of them."""
-        from model.recommenders import make_recommender
+        from model.recommenders import Autoencoder, make_recommender
 
         if overrides:
             return tuned_setup(self, overrides).build(name)
         job, multi = self.job, name.startswith("multi")
-        return make_recommender(name, train=self.train_cfg.model_copy(update={"cuda_graph": job.cuda_graph and multi}),
-                                pia=job.pia if name.endswith("-pia") else None, ease=job.ease,
-                                model_config=job.vae if multi else None)
+        aligned = multi and self.alignment is not None  # the alignment loss is not in the CUDA-graph step
+        rec = make_recommender(name, train=self.train_cfg.model_copy(
+                                   update={"cuda_graph": job.cuda_graph and multi and not aligned}),
+                               pia=job.pia if name.endswith("-pia") else None, ease=job.ease,
+                               model_config=job.vae if multi else None)
+        if aligned and isinstance(rec, Autoencoder):
+            rec.alignment = self.alignment  # used by fit, then dropped (training only)
+        return rec
 
     def test_eval(self, rec: Any) -> Any:
         """A fitted recommender's EvalResult on the snapshot's test users."""
@@ -412,6 +431,7 @@ def _set_up(job: TrainJob, tracking: bool = True) -> _Setup:
 
     from model.train import TrainConfig, resolve_device
     from pipeline.io.snapshot import load_snapshot, manifest_digest
+    from pipeline.training.cold_head_fit import fit_alignment
 
     device = str(resolve_device(job.device))
     snap = load_snapshot(job.snapshot)
@@ -422,12 +442,14 @@ def _set_up(job: TrainJob, tracking: bool = True) -> _Setup:
     log.info("training precision: %s (%s)", "bf16 autocast" if bf16 else "fp32", why)
     train_cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, device=device,
                             bf16=bf16, patience=job.patience, progress=job.progress)
+    # every rank of a data-parallel run builds the same target (deterministic), so their losses agree
+    alignment, alignment_info = fit_alignment(snap, job.cold_head, job.marec_align, job.max_dense_bytes)
     if not tracking:
-        return _Setup(job, device, snap, "", "", "", None, np.zeros(0), train_cfg)
+        return _Setup(job, device, snap, "", "", "", None, np.zeros(0), train_cfg, alignment, alignment_info)
     registry.setup(job.tracking_uri)
     experiment_id = registry.ensure_experiment(job.experiment, job.tracking_uri)
     return _Setup(job, device, snap, experiment_id, registry.git_commit(), manifest_digest(snap.manifest),
-                  torch.as_tensor(snap.item_popularity()), snapshot_counts(snap), train_cfg)
+                  torch.as_tensor(snap.item_popularity()), snapshot_counts(snap), train_cfg, alignment, alignment_info)
 
 
 def _log_inputs(s: _Setup) -> dict[str, Any]:
@@ -459,6 +481,8 @@ def _fit_candidate(s: _Setup, on_epoch: EpochHook | None) -> tuple[dict[str, Any
 
     job = s.job
     names = _fit_order(job)
+    if s.alignment_info:
+        mlflow.set_tags(s.alignment_info)
     # the search (validation users only, nested runs) picks each model's overrides; the winner is refit below
     winners = search_models(s, names) if job.search is not None else {}
     trained: dict[str, Any] = {}

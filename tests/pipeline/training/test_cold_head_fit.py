@@ -4,24 +4,28 @@ when the snapshot has no metadata, no usable column, or the fit would exceed the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import scipy.sparse as sp
+import torch
 from mlflow import MlflowClient
 
 from model.cold_head import ColdHeadConfig
 from model.ease import EASEConfig
 from model.recommenders import make_recommender
+from model.sparse import DeviceCSR
 from model.split import strong_generalization_split
 from pipeline.data.build_matrix import item_metadata_table
 from pipeline.data.synth import synth_interactions
 from pipeline.io import registry
 from pipeline.io.lake import resolve
 from pipeline.io.snapshot import load_snapshot, snapshot_tables, write_run
-from pipeline.training.cold_head_fit import fit_cold_head, snapshot_items
+from pipeline.training.cold_head_fit import fit_alignment, fit_cold_head, snapshot_items
 
 from .conftest import NAME, tiny
 
@@ -49,9 +53,15 @@ def train_matrix() -> sp.csr_matrix:
     return x
 
 
-def snapshot(tmp: Path, meta_ids: list[int] | None, tags: bool = True) -> str:
-    """A snapshot like BuildMatrixJob's with `items` (the same join): item_metadata over `meta_ids`."""
+def snapshot(tmp: Path, meta_ids: list[int] | None, tags: bool = True, cold_cols: tuple[int, ...] = ()) -> str:
+    """A snapshot like BuildMatrixJob's with `items` (the same join): item_metadata over `meta_ids`. `cold_cols`
+    lose their training clicks (as titles clicked by held-out users only), so the join flags them cold."""
     split = strong_generalization_split(train_matrix(), seed=0, n_valid=40, n_test=40)
+    if cold_cols:
+        t = split.train.tolil()
+        t[:, list(cold_cols)] = 0
+        split = replace(split, train=sp.csr_matrix(t.tocsr(), dtype=np.float32))
+        split.train.eliminate_zeros()
     tables = snapshot_tables(np.array([f"u{i}" for i in range(N_USERS)]), ITEM_IDS, split)
     if meta_ids is not None:
         warm = ITEM_IDS[np.asarray(split.train.sum(axis=0)).ravel() > 0]
@@ -111,3 +121,61 @@ def test_the_registered_bundle_carries_the_head(tmp_path: Path, home: Path) -> N
     r2 = tiny(uri, baselines=False, diagnose=False, cold_head=None).run()
     assert registry.load_bundle(f"models:/{NAME}/{r2.version}")[0].cold_head is None
     assert MlflowClient().get_run(r2.run_id).data.tags["cold_head.status"] == "off"
+
+
+COLD = (3, 9, 15)  # genre g3, g3, g3: the same genre as items 21, 27, ...
+
+
+def test_alignment_covers_the_snapshots_cold_columns(tmp_path: Path) -> None:
+    snap = load_snapshot(snapshot(tmp_path, [int(i) for i in ITEM_IDS], cold_cols=COLD))
+    assert np.asarray(snap.train[:, list(COLD)].sum()) == 0
+    target, info = fit_alignment(snap, ColdHeadConfig(delta=1.0), ab=0.5, max_bytes=2**30)
+    assert target is not None and target.cols.tolist() == list(COLD)
+    assert info == {"marec_align.status": "built", "marec_align.cold_items": 3,
+                    "marec_align.cold_items_with_metadata": 3, "marec_align.ab": 0.5}
+    s = target.s_cols.numpy()
+    assert s.shape == (N_ITEMS, 3) and target.alpha == 0.5
+    same = [i for i in range(N_ITEMS) if i % 6 == 3 and i not in COLD]
+    other = [i for i in range(N_ITEMS) if i % 6 != 3]
+    assert s[same].mean() > 2 * s[other].mean()  # a cold g3 title is most like the other g3 titles
+
+
+@pytest.mark.parametrize("case", ["off", "no metadata", "no cold column"])
+def test_alignment_with_nothing_to_align_is_skipped_with_the_reason(tmp_path: Path, case: str) -> None:
+    ids = [int(i) for i in ITEM_IDS]
+    snap = load_snapshot(snapshot(tmp_path, None if case == "no metadata" else ids,
+                                  cold_cols=() if case == "no cold column" else COLD))
+    target, info = fit_alignment(snap, ColdHeadConfig(), ab=0.0 if case == "off" else 1.0, max_bytes=2**30)
+    assert target is None
+    assert info["marec_align.status"] == ("off" if case == "off" else "skipped")
+    expected = {"off": "", "no metadata": "without items", "no cold column": "no cold item has a model column"}[case]
+    assert expected in info.get("marec_align.reason", "")
+
+
+def test_the_weekly_job_trains_the_aligned_multivae_and_registers_a_plain_one(tmp_path: Path, home: Path) -> None:
+    """TrainJob with marec_align: the run says what was aligned, the cold columns leave the bottom of the ranking
+    they sink to without it (no click ever pushes them up), and the registered bundle is an ordinary Multi-VAE."""
+    uri = snapshot(tmp_path, [int(i) for i in ITEM_IDS], cold_cols=COLD)
+    r = tiny(uri, baselines=False, diagnose=False, model="multivae", marec_align=0.5, epochs=15).run()
+    tags = MlflowClient().get_run(r.run_id).data.tags
+    assert tags["marec_align.status"] == "built" and tags["marec_align.cold_items"] == "3"
+    bundle, _ = registry.load_bundle(f"models:/{NAME}/{r.version}")
+    assert bundle.recommender.alignment is None and bundle.recommender.module.alignment is None
+    plain = tiny(uri, baselines=False, diagnose=False, model="multivae", epochs=15).run()
+    assert MlflowClient().get_run(plain.run_id).data.tags["marec_align.status"] == "off"
+    base, _ = registry.load_bundle(f"models:/{NAME}/{plain.version}")
+    snap = load_snapshot(uri)
+    fans = sp.csr_matrix(snap.train[np.asarray(snap.train[:, [21, 27, 33]].sum(axis=1)).ravel() >= 2])
+
+    def cold_rank(b: Any) -> float:  # mean rank of the cold titles among all 60 columns for g3 fans (0 = top)
+        x = DeviceCSR.from_scipy(fans).batch(torch.arange(fans.shape[0]))
+        order = (-b.recommender.score(x)).argsort(dim=1).argsort(dim=1).numpy()
+        return float(order[:, list(COLD)].mean())
+
+    plain_rank, aligned_rank = cold_rank(base), cold_rank(bundle)
+    assert plain_rank > 50 and aligned_rank < 0.75 * plain_rank
+
+
+def test_marec_align_is_refused_for_a_model_it_does_not_apply_to(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="marec_align applies to Multi-VAE/DAE models"):
+        tiny("file:///nowhere", model="ease", marec_align=1.0)
