@@ -76,6 +76,8 @@ def register(sub: Any) -> None:
                    help="cold-start: also train Multi-VAE with and without MARec's alignment target for this many epochs")
     e.add_argument("--align-grid", type=_floats, default=(0.01, 0.1, 1.0, 10.0),
                    help="cold-start: MARec-VAE's αβ values, chosen on the validation items")
+    e.add_argument("--text-encoder", choices=["tfidf", "wordllama"], default="tfidf",
+                   help="cold-start: free text as TF-IDF or as sentence embeddings (a model inside the wordllama wheel)")
     e.add_argument("--feature-cache", type=Path, default=None,
                    help="cold-start: folder caching the items' feature blocks by content hash")
     e.add_argument("--resume", action="store_true",
@@ -118,7 +120,7 @@ def cmd_cold_start(args: argparse.Namespace) -> int:
         cold_fraction=args.cold_fraction, min_rating=args.min_rating, min_item_users=args.min_item_users,
         blocks=args.blocks, delta_grid=args.delta_grid, l2_grid=args.l2_grid, ab_grid=args.ab_grid,
         second_order=not args.first_order, feature_cache=args.feature_cache,
-        vae_epochs=args.vae_epochs, align_grid=args.align_grid, device=args.device,
+        vae_epochs=args.vae_epochs, align_grid=args.align_grid, device=args.device, text_encoder=args.text_encoder,
     )
     r = job.run()
     print(Path(r.results_md).read_text(encoding="utf-8"))

@@ -1,7 +1,8 @@
 """Item metadata (the items contract) → MARec's feature blocks, cached by content hash.
 
 Which columns become blocks (``default_blocks``): list columns of genres/tags/people as multi-hot, a categorical
-``type`` as one-hot, free text (``description``/``plot``) as TF-IDF, ``year`` as decades (model.metadata). Left out
+``type`` as one-hot, free text (``description``/``plot``) as TF-IDF (or, as block ``plot:wordllama``, sentence
+embeddings: pipeline.data.text_embedding), ``year`` as decades (model.metadata). Left out
 by default: ``imdb_genres`` (ml-1m: repeats the genres in ``tags``), ``tags`` where ``genres`` exists
 (ml-latest-small: tags = genres + the interacting users' own tags, a leak for strict cold start), and popularity
 statistics (anime's ``site_rating``, ``members``). Every block is min-max scaled per column.
@@ -25,6 +26,7 @@ import scipy.sparse as sp
 
 from model.metadata import decade_one_hot, minmax_columns, multi_hot, tfidf
 from pipeline.data.items import TEXT_COLUMNS
+from pipeline.data.text_embedding import ENCODERS, sentence_embeddings
 from pipeline.errors import DataError
 from pipeline.io.lake import resolve
 from pipeline.io.publish import write_single_object
@@ -51,14 +53,25 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and v != v)
 
 
+def block_column(name: str) -> str:
+    """The item column a block reads: "plot:wordllama" (free text through an encoder) reads "plot"."""
+    return name.partition(":")[0]
+
+
 def build_block(items: pd.DataFrame, name: str, item_ids: np.ndarray) -> sp.csr_matrix:
-    """One raw (unscaled) block [len(item_ids), *] from the items frame indexed by item_id; unknown ids: empty rows."""
-    if name not in items.columns:
-        raise DataError(f"items have no column {name!r} (columns: {', '.join(map(str, items.columns))})",
+    """One raw (unscaled) block [len(item_ids), *] from the items frame indexed by item_id; unknown ids: empty rows.
+    A free-text column is TF-IDF by default; "<column>:<encoder>" picks the encoder (ENCODERS)."""
+    column, _, encoder = name.partition(":")
+    if column not in items.columns:
+        raise DataError(f"items have no column {column!r} (columns: {', '.join(map(str, items.columns))})",
                         "pick blocks among the items' columns")
-    col = items[name].reindex(item_ids)
-    if name in TEXT_COLUMNS:
-        return tfidf([v if isinstance(v, str) else None for v in col], max_words=1000)
+    if encoder and (column not in TEXT_COLUMNS or encoder not in ENCODERS):
+        raise DataError(f"block {name!r}: an encoder applies to a free-text column ({', '.join(TEXT_COLUMNS)}) and is "
+                        f"one of {', '.join(ENCODERS)}", f"use e.g. 'plot:wordllama', or {column!r} alone")
+    col = items[column].reindex(item_ids)
+    if column in TEXT_COLUMNS:
+        texts = [v if isinstance(v, str) else None for v in col]
+        return sentence_embeddings(texts) if encoder == "wordllama" else tfidf(texts, max_words=1000)
     if name == "year":
         return decade_one_hot([None if _missing(v) else int(v) for v in col])
     first = next((v for v in col if not _missing(v)), None)
@@ -71,7 +84,8 @@ def content_key(items: pd.DataFrame, names: list[str], item_ids: np.ndarray) -> 
     h = hashlib.sha256(json.dumps({"version": VERSION, "blocks": names}).encode())
     h.update(np.asarray(item_ids).astype(str).astype("U").tobytes())
     for n in names:
-        col = items[n].reindex(item_ids) if n in items.columns else pd.Series(dtype=object)
+        c = block_column(n)
+        col = items[c].reindex(item_ids) if c in items.columns else pd.Series(dtype=object)
         h.update(json.dumps([None if _missing(v) else (v if isinstance(v, (str, int, float)) else list(map(str, v)))
                              for v in col], default=str).encode())
     return h.hexdigest()

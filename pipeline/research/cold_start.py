@@ -47,7 +47,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +63,7 @@ from model.recommenders import Autoencoder
 from model.sparse import DeviceCSR
 from model.train import TrainConfig
 from pipeline.data.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
-from pipeline.data.item_features import build_block, default_blocks, feature_blocks
+from pipeline.data.item_features import block_column, build_block, default_blocks, feature_blocks
 from pipeline.data.items import TEXT_COLUMNS, read_items
 from pipeline.errors import DataError
 from pipeline.io.lake import resolve
@@ -110,6 +110,15 @@ class ColdStartJob(Job):
         "MARec-VAE's αβ: chosen on cold-val for cold-only ranking, on the whole-catalogue validation (and with the "
         "warm guard) for the catalogue"))
     device: str = "auto"  # where the autoencoders train
+    text_encoder: Literal["tfidf", "wordllama"] = Field("tfidf", description=(
+        "free text as TF-IDF, or as sentence embeddings of the model inside the wordllama wheel (default blocks)"))
+
+    @field_validator("ab_grid")
+    @classmethod
+    def _one_positive_ab(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(a < 0 for a in v) or not any(a > 0 for a in v):
+            raise ValueError("ab_grid needs values >= 0 with at least one > 0 (0 is EASE in the whole catalogue)")
+        return v
 
     @field_validator("align_grid")
     @classmethod
@@ -139,7 +148,9 @@ def load(cfg: ColdStartJob) -> tuple[Interactions, dict[str, sp.csr_matrix], lis
         df = df[df["rating"].notna()]
     rule = BinarizeRule(min_rating=cfg.min_rating if cfg.min_rating is not None else (4.0 if "rating" in df.columns else None))
     items = read_items(items_path).to_pandas().set_index("item_id")
-    names = list(cfg.blocks) if cfg.blocks else default_blocks(items.columns)
+    names = list(cfg.blocks) if cfg.blocks else [
+        f"{n}:{cfg.text_encoder}" if n in TEXT_COLUMNS and cfg.text_encoder != "tfidf" else n
+        for n in default_blocks(items.columns)]
     df = df[df["item_id"].isin(items.index)]
     data = prepare(df, rule, cfg.min_user_interactions)
     users_per_item = np.diff(data.matrix.tocsc().indptr)
@@ -246,7 +257,7 @@ class ColdStart:
         cfg = self.cfg
         t0 = time.perf_counter()
         data, blocks, _ = load(cfg)
-        text = [n for n in blocks if n in TEXT_COLUMNS]
+        text = [n for n in blocks if block_column(n) in TEXT_COLUMNS]
         blocksets = {"all": list(blocks)} | ({"no-text": [n for n in blocks if n not in text]} if text else {})
         print(f"[{cfg.dataset}] {data.n_users} users x {data.n_items} items, {data.matrix.nnz} clicks; blocks "
               + ", ".join(f"{n}({z.shape[1]})" for n, z in blocks.items()), flush=True)

@@ -120,7 +120,18 @@ def test_marec_vae_learns_cold_columns_its_backbone_cannot(toy: Path, tmp_path: 
     assert [r["ab"] for r in tuned["catalogue: marec-vae"]] == [0.0, 0.1, 1.0]
 
 
-def test_align_grid_refuses_non_positive_values(toy: Path, tmp_path: Path) -> None:
+def test_grids_without_a_positive_value_are_refused(toy: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="align_grid needs at least one"):
         ColdStartJob(dataset="toy", data_dir=toy, out=tmp_path / "x", vae_epochs=5, align_grid=(0.0,))
+    with pytest.raises(ValueError, match="ab_grid needs values >= 0 with at least one > 0"):
+        ColdStartJob(dataset="toy", data_dir=toy, out=tmp_path / "x", ab_grid=(0.0,))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_text_ablation_runs_on_sentence_embeddings(toy: Path, tmp_path: Path) -> None:
+    job = ColdStartJob(dataset="toy", data_dir=toy, out=tmp_path / "emb", seeds=1, delta_grid=(1.0,), l2_grid=(10.0,),
+                       ab_grid=(0.0, 1.0), knn_grid=(20,), text_encoder="wordllama")
+    res = job.run().results
+    assert res["blocks"] == {"tags": N_GENRES, "plot:wordllama": 256}
+    assert {"marec (no text)", "marec (with text)"} <= set(res["cold"])
+    assert res["chosen"][0]["marec (with text)"]["blocks"] == "all"
