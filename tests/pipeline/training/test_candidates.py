@@ -81,9 +81,10 @@ def test_candidates_validation_and_sample_config() -> None:
     assert [j.model for j in CandidatesJob(snapshot="s").train_jobs("g")] == ["multivae-pia"]  # the default
     job = load_candidates(REPO / "configs" / "candidates.yaml", {"snapshot": "s", "mode": None})
     jobs = job.train_jobs("g")
-    assert [j.model for j in jobs] == ["multivae-pia", "recvae-pia", "ease"]
+    assert [j.model for j in jobs] == ["multivae-pia", "recvae-pia", "ease", "edlae"]
     assert all(j.snapshot == "s" and j.epochs == 30 and j.tags[GROUP_TAG] == "g" for j in jobs)
     assert job.mode == "enabled" and jobs[2].l2_grid == (100.0, 250.0, 500.0, 1000.0)
+    assert jobs[3].l2_grid == (30.0, 100.0, 300.0, 1000.0)
     job = load_candidates(REPO / "configs" / "candidates.yaml", {"snapshot": "s", "common": {"device": "cpu"}})
     assert all(j.device == "cpu" and j.epochs == 30 for j in job.train_jobs("g"))  # merged into the file's common
 
