@@ -2,10 +2,10 @@
 
 Which columns become blocks (``default_blocks``): list columns of genres/tags/people as multi-hot, a categorical
 ``type`` as one-hot, free text (``description``/``plot``) as TF-IDF (or, as block ``plot:wordllama``, sentence
-embeddings: pipeline.data.text_embedding), ``year`` as decades (model.metadata). Left out
-by default: ``imdb_genres`` (ml-1m: repeats the genres in ``tags``), ``tags`` where ``genres`` exists
-(ml-latest-small: tags = genres + the interacting users' own tags, a leak for strict cold start), and popularity
-statistics (anime's ``site_rating``, ``members``). Every block is min-max scaled per column.
+embeddings: pipeline.data.text_embedding), ``year`` as decades (model.metadata). Every block but the embeddings
+is min-max scaled per column. Left out by default: ``imdb_genres`` (ml-1m: repeats the genres in ``tags``),
+``tags`` where ``genres`` exists (ml-latest-small: tags = genres + the interacting users' own tags, a leak for
+strict cold start), and popularity statistics (anime's ``site_rating``, ``members``).
 
 ``feature_blocks(..., cache_dir=...)`` keys the blocks by a SHA-256 of the inputs (this module's version, the block
 names, the item ids in column order and each used column's values), so the same day's items and the same model
@@ -26,12 +26,12 @@ import scipy.sparse as sp
 
 from model.metadata import decade_one_hot, minmax_columns, multi_hot, tfidf
 from pipeline.data.items import TEXT_COLUMNS
-from pipeline.data.text_embedding import ENCODERS, sentence_embeddings
+from pipeline.data.text_embedding import ENCODERS, is_embedding, sentence_embeddings
 from pipeline.errors import DataError
 from pipeline.io.lake import resolve
 from pipeline.io.publish import write_single_object
 
-VERSION = 1  # bump when a block's construction changes: old cache entries then stop matching
+VERSION = 2  # bump when a block's construction changes: old cache entries then stop matching
 LIST_BLOCKS = ("tags", "genres", "directors", "writers", "actors")
 SCALAR_BLOCKS = ("type",)  # a categorical attribute as a one-value list
 NOT_CONTENT = ("site_rating", "members")
@@ -100,7 +100,8 @@ def feature_blocks(items: pd.DataFrame, item_ids: np.ndarray, names: list[str],
         with np.load(io.BytesIO(loc.read_bytes())) as z:
             return {n: sp.csr_matrix((z[f"{n}/data"], z[f"{n}/indices"], z[f"{n}/indptr"]), shape=tuple(z[f"{n}/shape"]))
                     for n in json.loads(str(z["names"]))}
-    blocks = {n: minmax_columns(build_block(items, n, item_ids)) for n in names}
+    blocks = {n: build_block(items, n, item_ids) if is_embedding(n) else minmax_columns(build_block(items, n, item_ids))
+              for n in names}
     blocks = {n: b for n, b in blocks.items() if b.shape[1] > 0}
     if loc is not None:
         arrays: dict[str, np.ndarray] = {"names": np.array(json.dumps(list(blocks)))}

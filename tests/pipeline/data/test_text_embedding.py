@@ -30,7 +30,8 @@ def test_the_model_loads_and_embeds_with_no_network(monkeypatch: pytest.MonkeyPa
     z = text_embedding.sentence_embeddings(PLOTS).toarray()
     assert z.shape == (4, 256) and z.dtype == np.float32
     assert z[3].sum() == 0  # no text: an empty row, similar to nothing
-    assert z[:3].min() >= 0 and np.isclose(z[:3].max(axis=0), 1).sum() > 200  # min-max per dimension
+    np.testing.assert_allclose(np.linalg.norm(z[:3], axis=1), 1.0, rtol=1e-5)  # centred, then L2-normalised
+    assert z[:3].min() < 0 < z[:3].max()
     g = smoothed_cosine(text_embedding.sentence_embeddings(PLOTS), 0.0)
     assert g[0, 1] > g[0, 2] and g[1, 0] > g[1, 2]  # the two crime plots are the closest pair
     assert g[3].sum() == 0
@@ -57,5 +58,6 @@ def test_embedding_blocks_are_cached_apart_from_tfidf(tmp_path: Path) -> None:
     a = feature_blocks(items, ids, ["plot:wordllama"], tmp_path)
     b = feature_blocks(items, ids, ["plot"], tmp_path)
     assert list(a) == ["plot:wordllama"] and list(b) == ["plot"] and len(list(tmp_path.iterdir())) == 2
+    assert a["plot:wordllama"].min() < 0  # signed: not min-max scaled like the other blocks
     again = feature_blocks(items, ids, ["plot:wordllama"], tmp_path)
     assert (again["plot:wordllama"] != a["plot:wordllama"]).nnz == 0
