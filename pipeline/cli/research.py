@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,24 @@ def _pairs(value: str) -> tuple[tuple[float, float], ...]:
         if not sep:
             raise argparse.ArgumentTypeError(f"{v!r} is not l2:dropout (e.g. 100:0.5)")
         out.append((float(l2), float(p)))
+    return tuple(out)
+
+
+def _settings(value: str) -> tuple[dict[str, Any], ...]:
+    """'hidden_dim=1200,dropout=0.3;latent_dim=400' -> ({...}, {...}): sets split by ';', settings by ',', each value
+    JSON (numbers, lists such as hidden_dims=[600,200], true/false) or else a string."""
+    out = []
+    for part in (p.strip() for p in value.split(";") if p.strip()):
+        settings: dict[str, Any] = {}
+        for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", part):
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise argparse.ArgumentTypeError(f"{item!r} is not key=value (e.g. dropout=0.3)")
+            try:
+                settings[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                settings[key.strip()] = raw.strip()
+        out.append(settings)
     return tuple(out)
 
 
@@ -54,6 +74,13 @@ def register(sub: Any) -> None:
                    help="EASE l2 values tried, chosen on validation users")
     e.add_argument("--edlae-grid", type=_pairs, default=None,
                    help="EDLAE (l2, dropout) pairs tried as l2:p,l2:p (default: ExperimentJob's), chosen on validation users")
+    e.add_argument("--arch-grid", type=_settings, default=(),
+                   help="autoencoder settings searched on validation users: sets split by ';', settings by ',' "
+                        "(e.g. 'hidden_dim=1200,latent_dim=400;dropout=0.3'): fields of the model's config "
+                        "(VAEConfig, RecVAEConfig) and lr; crossed with --pia-grid for the -pia models")
+    e.add_argument("--tune-only", action="store_true",
+                   help="search on the first seed's validation users and stop: no test user scored (score the "
+                        "chosen values later with the same options, without it, and --resume)")
     e.add_argument("--max-ease-items", type=int, default=50_000, help="skip EASE (I x I dense) above this catalog size")
     e.add_argument("--synthetic-users", type=int, default=3000, help="size of the 'synthetic' data set")
     e.add_argument("--synthetic-items", type=int, default=1000, help="catalog of the 'synthetic' data set")
@@ -102,6 +129,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         min_rating=args.min_rating,
         n_valid=args.n_valid, n_test=args.n_test,
         pia_grid=args.pia_grid, ease_grid=args.ease_grid, max_ease_items=args.max_ease_items,
+        arch_grid=args.arch_grid, tune_only=args.tune_only,
         **({"edlae_grid": args.edlae_grid} if args.edlae_grid is not None else {}),
         synthetic_users=args.synthetic_users, synthetic_items=args.synthetic_items, progress=not args.no_progress,
         resume=args.resume,

@@ -5,6 +5,10 @@ hyperparameter chosen on validation users only, test users scored once. Hyperpar
 l2, EDLAE's (l2, dropout) pairs, PIA's lambda_A) are searched on the validation users of the first seed's split;
 the chosen values are then used for every seed (the first seed reuses the model trained during the search).
 
+Autoencoder settings (`arch_grid`: width, latent size, dropout, KL weight, learning rate, ...) are searched the same
+way, crossed with lambda_A for the PIA models. `tune_only` runs the searches and stops: no test user is scored, so
+the values of one grid can be searched in parallel processes and the best (on validation) run over seeds afterwards.
+
 Every finished fit is recorded in OUT/checkpoint.json, each grid value of a search too; `resume=True` (`--resume`)
 reuses those fits and runs only the rest, so a run stopped by a timeout or a restart loses at most the fit it was in.
 (A search resumed after its best value's fit holds only that fit's validation row: the value is fit once more,
@@ -21,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from model.base import Recommender
 from model.ease import EASEConfig, EDLAEConfig
 from model.evaluate import evaluate
 from model.pia import PIAConfig
 from model.popularity import item_popularity
-from model.recommenders import MODEL_NAMES, epoch_budget, make_recommender
+from model.recommenders import ARCHS, MODEL_NAMES, epoch_budget, make_recommender
 from model.split import Split, SplitError, strong_generalization_split
 from model.train import TrainConfig, resolve_device
 from pipeline.data.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
@@ -45,9 +49,12 @@ log = logging.getLogger(__name__)
 SYNTHETIC = "synthetic"
 CHECKPOINT = "checkpoint.json"
 # options a resumed run may change: where it writes, bars, and how many seeds/models it runs (fits are keyed by both)
-RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models"})
-# a searched value: a float (EASE's l2, PIA's lambda_A) or EDLAE's (l2, dropout) pair (a list once read from JSON)
-HP = float | tuple[float, ...] | list[float]
+# (and tune_only: a run resumed without it scores the test users of the values its searches chose)
+RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models", "tune_only"})
+# a searched value: a float (EASE's l2, PIA's lambda_A), EDLAE's (l2, dropout) pair (a list once read from JSON), or
+# an autoencoder's settings (arch_grid: model-config fields and lr, plus lambda_a for a -pia model)
+HP = float | tuple[float, ...] | list[float] | dict[str, Any]
+LAMBDA_A = "lambda_a"  # the PIA weight inside an arch_grid value
 # around ml-1m's validation optimum (l2 100, p 0.5; p 0.67-0.8 and 0.1-0.25 were worse), l2 widened as EASE's grid
 DEFAULT_EDLAE_GRID = ((30.0, 0.5), (100.0, 0.25), (100.0, 0.5), (100.0, 0.67), (300.0, 0.5), (1000.0, 0.5))
 
@@ -84,6 +91,11 @@ class ExperimentJob(Job):
     ease_grid: tuple[float, ...] = (100.0, 250.0, 500.0, 1000.0)
     edlae_grid: tuple[tuple[float, float], ...] = Field(DEFAULT_EDLAE_GRID, description="EDLAE's (l2, dropout) pairs")
     max_ease_items: int = Field(50_000, ge=1, description="skip EASE/EDLAE (I x I dense) above this catalog size")
+    arch_grid: tuple[dict[str, Any], ...] = Field((), description="autoencoder settings searched on validation users: "
+                                                  "each a set of model-config fields (VAEConfig for Multi-VAE/DAE, "
+                                                  "RecVAEConfig for RecVAE) and/or lr; crossed with pia_grid for -pia")
+    tune_only: bool = Field(False, description="run the searches on the first seed's validation users and stop: "
+                                               "no test user is scored, models without a grid are not fit")
     synthetic_users: int = 3000
     synthetic_items: int = 1000
     progress: bool = True
@@ -111,6 +123,23 @@ class ExperimentJob(Job):
             raise ValueError("edlae_grid needs at least one (l2, dropout) pair with l2 > 0 and 0 <= dropout < 1")
         return v
 
+    @model_validator(mode="after")
+    def _arch_grid_fits_the_models(self) -> ExperimentJob:
+        """Every key of every arch_grid set is a setting of every autoencoder in `models`, with a value it accepts."""
+        autoencoders = [m for m in self.models if m.removesuffix("-pia") in ARCHS]
+        if self.arch_grid and not autoencoders:
+            raise ValueError("arch_grid applies to the autoencoders (multivae, multidae, recvae and their -pia); "
+                             "none is in models")
+        for i, overrides in enumerate(self.arch_grid):
+            if not overrides:
+                raise ValueError(f"arch_grid set {i} is empty: give at least one setting (e.g. dropout=0.3)")
+            for name in autoencoders:
+                arch_settings(name, overrides)  # a ValueError names the key or value and the choices
+        if self.tune_only and not any(Experiment.grid_of(self, m) for m in self.models):
+            raise ValueError("tune_only: no model in models has values to search (ease, edlae, a -pia model, or an "
+                             "autoencoder with arch_grid)")
+        return self
+
     def run(self) -> ExperimentResult:
         """Every model and seed; results.json/results.md are rewritten after each seed."""
         results = Experiment(self).run()
@@ -132,6 +161,29 @@ def load_experiment_data(cfg: ExperimentJob) -> Interactions:
     return data
 
 
+def arch_settings(name: str, overrides: dict[str, Any]) -> tuple[BaseModel, float | None]:
+    """An autoencoder's model config with `overrides` applied, and the learning rate they set (None: the default).
+    ValueError naming the key and the fields of the model's config when a key is unknown or a value refused."""
+    arch = name.removesuffix("-pia")
+    base = ARCHS[arch][1]()
+    fields = sorted(type(base).model_fields)
+    lr = overrides.get("lr")
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise ValueError(f"arch_grid: lr={lr!r} for {name}: the learning rate must be a number > 0")
+    unknown = [k for k in overrides if k not in fields and k != "lr"]
+    if unknown:
+        raise ValueError(f"arch_grid: {', '.join(map(repr, unknown))} is not a setting of {name} "
+                         f"({type(base).__name__}); choose from lr, {', '.join(fields)} (or run {name} in its own "
+                         "experiment)")
+    try:
+        config = type(base).model_validate(base.model_dump() | {k: v for k, v in overrides.items() if k != "lr"})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(f"arch_grid: {'.'.join(map(str, first['loc']))}={first.get('input')!r} for {name}: "
+                         f"{first['msg']}") from None
+    return config, (float(lr) if lr is not None else None)
+
+
 class Experiment:
     """The harness behind ExperimentJob.run: splits, searches on validation users, fits, scores test users once."""
     def __init__(self, cfg: ExperimentJob):
@@ -146,7 +198,15 @@ class Experiment:
                            patience=self.cfg.patience, progress=self.cfg.progress)
 
     def build(self, name: str, seed: int, hp: HP | None) -> Recommender:
-        """A fresh model; `hp` is the searched value (EASE l2, EDLAE (l2, dropout) or PIA lambda_A)."""
+        """A fresh model; `hp` is the searched value (EASE l2, EDLAE (l2, dropout), PIA lambda_A or arch_grid's)."""
+        if isinstance(hp, dict):
+            model_config, lr = arch_settings(name, {k: v for k, v in hp.items() if k != LAMBDA_A})
+            train = self.train_config(name, seed)
+            if lr is not None:
+                train = train.model_copy(update={"lr": lr})
+            weight = hp.get(LAMBDA_A)
+            pia = PIAConfig(weight=weight, estimator=self.cfg.pia_estimator) if weight else None
+            return make_recommender(name, train=train, pia=pia, model_config=model_config)
         ease: EASEConfig | None = None
         if name == "edlae" and isinstance(hp, tuple | list):
             ease = EDLAEConfig(l2=hp[0], dropout=hp[1])
@@ -158,12 +218,20 @@ class Experiment:
 
     def grid(self, name: str) -> tuple[HP, ...]:
         """The values searched for a model on validation users (empty: nothing to search)."""
+        return self.grid_of(self.cfg, name)
+
+    @staticmethod
+    def grid_of(cfg: ExperimentJob, name: str) -> tuple[HP, ...]:
         if name == "ease":
-            return self.cfg.ease_grid
+            return cfg.ease_grid
         if name == "edlae":
-            return self.cfg.edlae_grid
+            return cfg.edlae_grid
+        if cfg.arch_grid and name.removesuffix("-pia") in ARCHS:
+            if name.endswith("-pia"):
+                return tuple(dict(a) | {LAMBDA_A: w} for a in cfg.arch_grid for w in cfg.pia_grid)
+            return tuple(dict(a) for a in cfg.arch_grid)
         if name.endswith("-pia"):
-            return self.cfg.pia_grid
+            return cfg.pia_grid
         return ()
 
     def run(self) -> dict[str, Any]:
@@ -174,7 +242,7 @@ class Experiment:
         models = [m for m in cfg.models if not (m in ("ease", "edlae") and data.n_items > cfg.max_ease_items)]
         skipped = [m for m in cfg.models if m not in models]
         counts = np.diff(data.matrix.indptr)
-        seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+        seeds = list(range(cfg.first_seed, cfg.first_seed + (1 if cfg.tune_only else cfg.seeds)))
         fingerprint = self.fingerprint(data)
         ckpt = read_checkpoint(cfg.out, fingerprint) if cfg.resume else None
         if ckpt is None and (cfg.out / CHECKPOINT).exists():
@@ -210,9 +278,10 @@ class Experiment:
                 "config": json.loads(cfg.model_dump_json(exclude={"resume"})),
                 "seeds": done,
                 "seeds_planned": len(seeds),
+                "tune_only": cfg.tune_only,
                 "device": self.device,
                 "machine": machine_name(self.device),
-                "models": {m: aggregate(per_seed[m]) for m in models},
+                "models": {m: aggregate(per_seed[m]) for m in models if per_seed[m]},
                 "per_seed": per_seed,
                 "tuning": tuning,
                 "chosen": chosen,
@@ -229,6 +298,8 @@ class Experiment:
         for si, seed in enumerate(seeds):
             split: Split | None = None
             for name in models:
+                if cfg.tune_only and not (si == 0 and self.grid(name)):
+                    continue  # nothing to search: not fit (its test users are scored by the run that follows)
                 if (name, seed) in restored:
                     per_seed[name].append(restored[(name, seed)])
                     if si == 0 and self.grid(name):  # the search was done on this split by the earlier run
@@ -244,12 +315,23 @@ class Experiment:
                         searching[name] = rows
                         save_checkpoint()
 
-                    prior = searching.get(name, [])
+                    # a finished search (a tune_only run's) is restored whole: only its winner is fit again
+                    prior = searching.get(name) or earlier["tuning"].get(name, [])
                     resumed.extend(f"{name} value {hp_label(r['value'])} (search, seed {seed})" for r in prior)
-                    rec, chosen[name], tuning[name] = self.tune(name, seed, split, prior, searched)
+                    if cfg.tune_only and name in earlier["tuning"]:
+                        chosen[name], tuning[name] = earlier["chosen"][name], earlier["tuning"][name]
+                        continue
+                    rec, chosen[name], tuning[name] = self.tune(name, seed, split, prior, searched,
+                                                                refit=not cfg.tune_only)
+                    if cfg.tune_only:
+                        save_checkpoint()
+                        print(f"[{cfg.dataset}] {name:<13} chosen on validation: {hp_label(chosen[name])} "
+                              "(tune only: no test user scored)", flush=True)
+                        continue
                 else:
                     rec = self.build(name, seed, chosen.get(name))
                     rec.fit(split.train, split.valid)
+                assert rec is not None  # tune refits a restored winner unless tune_only
                 res = evaluate(rec.score, split.test.fold_in, split.test.targets, device=rec.device, item_popularity=pop)
                 row = summarize(name, seed, rec, res, counts[split.test.users])
                 per_seed[name].append(row)
@@ -264,7 +346,8 @@ class Experiment:
     def fingerprint(self, data: Interactions) -> dict[str, Any]:
         """What a checkpoint's fits depend on: every option but RESUMABLE, the device, and the data's shape.
         (edlae_grid only when not the default: checkpoints written before it existed still resume.)"""
-        exclude = set(RESUMABLE) | ({"edlae_grid"} if self.cfg.edlae_grid == DEFAULT_EDLAE_GRID else set())
+        exclude = set(RESUMABLE) | ({"edlae_grid"} if self.cfg.edlae_grid == DEFAULT_EDLAE_GRID else set()) | \
+            ({"arch_grid"} if not self.cfg.arch_grid else set())
         return {"config": json.loads(self.cfg.model_dump_json(exclude=exclude)), "device": self.device,
                 "data": {"users": data.n_users, "items": data.n_items, "nnz": int(data.matrix.nnz)}}
 
@@ -278,10 +361,11 @@ class Experiment:
                             "use a larger data set, or smaller --n-valid/--n-test") from e
 
     def tune(self, name: str, seed: int, split: Split, done: list[dict[str, Any]] | None = None,
-             on_value: Callable[[list[dict[str, Any]]], None] | None = None,
-             ) -> tuple[Recommender, HP, list[dict[str, Any]]]:
+             on_value: Callable[[list[dict[str, Any]]], None] | None = None, refit: bool = True,
+             ) -> tuple[Recommender | None, HP, list[dict[str, Any]]]:
         """Grid search on validation users; returns the best model (fit), its value, the table. `done`: rows of
-        values an earlier, stopped run finished (not fit again); `on_value(table)` after each new value."""
+        values an earlier, stopped run finished (not fit again); `on_value(table)` after each new value; `refit`:
+        fit a restored winner again (else its model is None)."""
         restored = {_hp_key(r["value"]): r for r in done or []}
         best: tuple[float, Recommender | None, HP] | None = None
         table: list[dict[str, Any]] = []
@@ -306,7 +390,7 @@ class Experiment:
                 best = (row["val_ndcg@100"], rec, hp)
         assert best is not None
         _, rec, hp = best
-        if rec is None:  # the winner was fit by the stopped run: fit it again, same seed, for the test scoring
+        if rec is None and refit:  # the winner was fit by the stopped run: fit it again, same seed, for the test scoring
             print(f"[{self.cfg.dataset}] tune {name}: refitting the chosen {hp_label(hp)} (its fit was in the stopped "
                   "run)", flush=True)
             rec = self.build(name, seed, hp)
@@ -336,9 +420,9 @@ def pia_uplift(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rows in per_seed.items():
         base = name.removesuffix("-pia")
-        if not name.endswith("-pia") or base not in per_seed:
+        by_seed = {r["seed"]: r for r in per_seed.get(base, [])}
+        if not name.endswith("-pia") or not any(r["seed"] in by_seed for r in rows):
             continue
-        by_seed = {r["seed"]: r for r in per_seed[base]}
         diffs = {m: [r[m] - by_seed[r["seed"]][m] for r in rows if r["seed"] in by_seed] for m in METRICS}
         rel = [(r["ndcg@100"] / by_seed[r["seed"]]["ndcg@100"] - 1) * 100 for r in rows if r["seed"] in by_seed]
         out[name] = {"base": base, "diffs": diffs, "ndcg@100_rel_pct": rel,
@@ -389,8 +473,10 @@ def _write(path: Path, text: str) -> None:
     write_single_object(resolve(path), text.encode())
 
 
-def _hp_key(v: HP) -> float | tuple[float, ...]:
-    """A searched value as a dict key (JSON gives a pair back as a list)."""
+def _hp_key(v: HP) -> float | tuple[float, ...] | str:
+    """A searched value as a dict key (JSON gives a pair back as a list, and hidden_dims too)."""
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
     return tuple(v) if isinstance(v, tuple | list) else v
 
 

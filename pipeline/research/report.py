@@ -51,9 +51,13 @@ def render(results: dict[str, Any]) -> str:
                      f" | {_ms(agg['coverage@20'], 3)} | {agg['fit_seconds']['mean']:.1f} |")
     for name, why in results.get("skipped", {}).items():
         lines.append(f"| {name} | skipped: {why} | | | | |")
-    lines += ["", "NDCG@100 by user activity (interactions per user; test users, mean ± std over seeds):", "",
-              "| model | " + " | ".join(results["models"][next(iter(results["models"]))]["groups"]) + " |",
-              "|---|" + "---|" * len(results["models"][next(iter(results["models"]))]["groups"])]
+    if results.get("tune_only"):
+        lines += ["", "**Tune only:** the searches ran on the first seed's validation users and stopped; no test user "
+                  "was scored (run again without --tune-only, with --resume, to score the chosen values)."]
+    if results["models"]:
+        groups = results["models"][next(iter(results["models"]))]["groups"]
+        lines += ["", "NDCG@100 by user activity (interactions per user; test users, mean ± std over seeds):", "",
+                  "| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     for name, agg in results["models"].items():
         cells = [f"{_ms(g['ndcg@100'])} (n≈{g['users']:.0f})" for g in agg["groups"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -64,7 +68,7 @@ def render(results: dict[str, Any]) -> str:
         for name, u in results["pia_uplift"].items():
             per = ", ".join(f"{d:+.4f}" for d in u["diffs"]["ndcg@100"])
             rel = sum(u["ndcg@100_rel_pct"]) / max(1, len(u["ndcg@100_rel_pct"]))
-            lines.append(f"| {name} vs {u['base']} | {results['chosen'].get(name)} | {per} | "
+            lines.append(f"| {name} vs {u['base']} | {_chosen(results['chosen'].get(name))} | {per} | "
                          f"{u['mean']['ndcg@100']:+.4f}" + (f" ± {sd:.4f}" if (sd := u['std']['ndcg@100']) is not None else "") +
                          f" | {rel:+.1f}% | "
                          f"{u['mean']['recall@20']:+.4f} | {u['seeds_improved']}/{len(u['diffs']['ndcg@100'])} |")
@@ -80,10 +84,22 @@ def render(results: dict[str, Any]) -> str:
 
 
 def hp_label(value: Any) -> str:
-    """A searched value as text: a number (l2, lambda_A), or EDLAE's (l2, dropout) pair."""
+    """A searched value as text: a number (l2, lambda_A), EDLAE's (l2, dropout) pair, or autoencoder settings."""
+    if isinstance(value, dict):
+        return ", ".join(f"{'λ_A' if k == 'lambda_a' else k}={_setting(v)}" for k, v in value.items())
     if isinstance(value, tuple | list):
         return f"l2={value[0]:g}, p={value[1]:g}"
     return f"{value:g}"
+
+
+def _chosen(v: Any) -> str:
+    return "–" if v is None else hp_label(v)
+
+
+def _setting(v: Any) -> str:
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_setting(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, int | float) and not isinstance(v, bool) else str(v)
 
 
 def write_report(results: dict[str, Any], path: Path) -> None:
