@@ -5,9 +5,10 @@
 #            validation users: RecVAE + PIA (λ_A 0.1, seed 0's earlier choice) on gowalla and amazon-cds; Multi-VAE
 #            and Multi-VAE + PIA (λ_A 1) on ml-1m-implicit-ge4.
 #   pick:    per (set, model) the value with the best validation NDCG@100 (OUT/chosen-SET-MODEL.json holds the table).
-#   phase 2: the picked value over seeds, one process per (set, seed): RecVAE + PIA and RecVAE (at RecVAE + PIA's
-#            value: the twin is not searched, to fit the lease) seeds 0-2; Multi-VAE and Multi-VAE + PIA seeds 0-4,
-#            each at its own value. Test users are scored here only.
+#   phase 2: the picked value over seeds. Seed 0 of RecVAE + PIA resumes the winner's phase-1 folder, whose fit
+#            phase 1 kept (--keep-fits): it is loaded and its test users scored, not fit again. Seeds 1-2, and RecVAE
+#            (at RecVAE + PIA's value: the twin is not searched, to fit the lease) on seeds 0-2, are fit anew, one
+#            process each; Multi-VAE and Multi-VAE + PIA seeds 0-4 at their own values. Test users are scored here only.
 # Every process has a deadline and checkpoints each fit; running the script again in the same OUT resumes (phase 1
 # values already searched are not fit again). PHASE=2 skips phase 1's launches (its results are read).
 # Usage: [PY=python3] [OUT=out/arch] [P1_DEADLINE=240] [P2_DEADLINE=320] [PHASE=all|2] bash bench/gpu_arch_search.sh
@@ -18,6 +19,7 @@ OUT=${OUT:-out/arch}
 P1_DEADLINE=${P1_DEADLINE:-240}
 P2_DEADLINE=${P2_DEADLINE:-320}
 PHASE=${PHASE:-all}
+ML1M=${ML1M:-1}  # 0: the sparse sets only
 DEVICE=${DEVICE:-cuda}
 read -r -a EXTRA <<< "${EXTRA:-}"  # appended to every run's options (a dry run: EXTRA="--epochs 2 --recvae-epochs 2")
 [[ $P1_DEADLINE =~ ^[0-9]+$ && $P2_DEADLINE =~ ^[0-9]+$ && $PHASE =~ ^(all|2)$ ]] || {
@@ -68,36 +70,46 @@ if [[ $PHASE == all ]]; then
   for ds in "${SPARSE[@]}"; do
     for i in "${!RECVAE_GRID[@]}"; do
       launch "$P1_DEADLINE" "p1-$ds-recvae-pia-$i" --dataset "$ds" --models recvae-pia --seeds 1 --tune-only \
-        "${RECVAE_OPTS[@]}" --arch-grid "${RECVAE_GRID[$i]}"
+        --keep-fits "${RECVAE_OPTS[@]}" --arch-grid "${RECVAE_GRID[$i]}"
     done
   done
-  for i in "${!MVAE_GRID[@]}"; do
-    launch "$P1_DEADLINE" "p1-ml-1m-multivae-$i" --dataset ml-1m-implicit-ge4 --models multivae,multivae-pia --seeds 1 \
-      --tune-only "${MVAE_OPTS[@]}" --arch-grid "${MVAE_GRID[$i]}"
-  done
+  if [[ $ML1M == 1 ]]; then
+    for i in "${!MVAE_GRID[@]}"; do
+      launch "$P1_DEADLINE" "p1-ml-1m-multivae-$i" --dataset ml-1m-implicit-ge4 --models multivae,multivae-pia \
+        --seeds 1 --tune-only --keep-fits "${MVAE_OPTS[@]}" --arch-grid "${MVAE_GRID[$i]}"
+    done
+  fi
   wait_all
   echo "phase 1 ended after $((SECONDS - start)) s"
 fi
 
+# phase 2: seed 0 resumes the winner's own phase-1 folder (its kept fit is loaded and scored, not fit again); the
+# other seeds fit the winner anew
 for ds in "${SPARSE[@]}"; do
   runs=(); for i in "${!RECVAE_GRID[@]}"; do runs+=("$OUT/p1-$ds-recvae-pia-$i"); done
   arch=$(pick "$OUT/chosen-$ds-recvae-pia.json" recvae-pia "${runs[@]}") || continue
-  echo "$ds recvae-pia chosen on validation: $arch"
-  for seed in 0 1 2; do
+  i=$(grep -o '"run": "[^"]*"' "$OUT/chosen-$ds-recvae-pia.json" | head -1 | sed 's/.*-//; s/"//')
+  echo "$ds recvae-pia chosen on validation: $arch (grid value $i)"
+  launch "$P2_DEADLINE" "p1-$ds-recvae-pia-$i" --dataset "$ds" --models recvae-pia --seeds 1 --keep-fits \
+    "${RECVAE_OPTS[@]}" --arch-grid "${RECVAE_GRID[$i]}"
+  for seed in 1 2; do
     launch "$P2_DEADLINE" "p2-$ds-s$seed" --dataset "$ds" --models recvae-pia,recvae --seeds 1 --first-seed "$seed" \
       "${RECVAE_OPTS[@]}" --arch-grid "$arch"
   done
+  launch "$P2_DEADLINE" "p2-$ds-recvae-s0" --dataset "$ds" --models recvae --seeds 1 "${RECVAE_OPTS[@]}" --arch-grid "$arch"
 done
-for model in multivae multivae-pia; do
-  runs=(); for i in "${!MVAE_GRID[@]}"; do runs+=("$OUT/p1-ml-1m-multivae-$i"); done
-  arch=$(pick "$OUT/chosen-ml-1m-$model.json" "$model" "${runs[@]}") || continue
-  echo "ml-1m $model chosen on validation: $arch"
-  for seed in 0 1 2 3 4; do
-    launch "$P2_DEADLINE" "p2-ml-1m-$model-s$seed" --dataset ml-1m-implicit-ge4 --models "$model" --seeds 1 \
-      --first-seed "$seed" "${MVAE_OPTS[@]}" --arch-grid "$arch"
+if [[ $ML1M == 1 ]]; then
+  for model in multivae multivae-pia; do
+    runs=(); for i in "${!MVAE_GRID[@]}"; do runs+=("$OUT/p1-ml-1m-multivae-$i"); done
+    arch=$(pick "$OUT/chosen-ml-1m-$model.json" "$model" "${runs[@]}") || continue
+    echo "ml-1m $model chosen on validation: $arch"
+    for seed in 0 1 2 3 4; do
+      launch "$P2_DEADLINE" "p2-ml-1m-$model-s$seed" --dataset ml-1m-implicit-ge4 --models "$model" --seeds 1 \
+        --first-seed "$seed" "${MVAE_OPTS[@]}" --arch-grid "$arch"
+    done
   done
-done
+fi
 wait_all
 kill "$dmon" 2>/dev/null
 echo "all runs ended after $((SECONDS - start)) s"
-for f in "$OUT"/p2-*.log; do echo "== $f"; grep -E "seed [0-9]:|Error|error" "$f" | tail -n 3; done
+for f in "$OUT"/p*.log; do echo "== $f"; grep -E "seed [0-9]:|chosen|Error|error" "$f" | tail -n 3; done

@@ -81,6 +81,9 @@ def register(sub: Any) -> None:
     e.add_argument("--tune-only", action="store_true",
                    help="search on the first seed's validation users and stop: no test user scored (score the "
                         "chosen values later with the same options, without it, and --resume)")
+    e.add_argument("--keep-fits", action="store_true",
+                   help="pickle each search's winning autoencoder to OUT/fits/: the --resume run that scores it "
+                        "loads it instead of fitting it again")
     e.add_argument("--max-ease-items", type=int, default=50_000, help="skip EASE (I x I dense) above this catalog size")
     e.add_argument("--synthetic-users", type=int, default=3000, help="size of the 'synthetic' data set")
     e.add_argument("--synthetic-items", type=int, default=1000, help="catalog of the 'synthetic' data set")
@@ -129,7 +132,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         min_rating=args.min_rating,
         n_valid=args.n_valid, n_test=args.n_test,
         pia_grid=args.pia_grid, ease_grid=args.ease_grid, max_ease_items=args.max_ease_items,
-        arch_grid=args.arch_grid, tune_only=args.tune_only,
+        arch_grid=args.arch_grid, tune_only=args.tune_only, keep_fits=args.keep_fits,
         **({"edlae_grid": args.edlae_grid} if args.edlae_grid is not None else {}),
         synthetic_users=args.synthetic_users, synthetic_items=args.synthetic_items, progress=not args.no_progress,
         resume=args.resume,

@@ -17,8 +17,10 @@ with the same seed, for the test scoring.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +34,7 @@ from model.ease import EASEConfig, EDLAEConfig
 from model.evaluate import evaluate
 from model.pia import PIAConfig
 from model.popularity import item_popularity
-from model.recommenders import ARCHS, MODEL_NAMES, epoch_budget, make_recommender
+from model.recommenders import ARCHS, CLOSED_FORM, MODEL_NAMES, epoch_budget, make_recommender
 from model.split import Split, SplitError, strong_generalization_split
 from model.train import TrainConfig, resolve_device
 from pipeline.data.dataset import BinarizeRule, Interactions, prepare, read_interactions, resolve_dataset
@@ -50,7 +52,7 @@ SYNTHETIC = "synthetic"
 CHECKPOINT = "checkpoint.json"
 # options a resumed run may change: where it writes, bars, and how many seeds/models it runs (fits are keyed by both)
 # (and tune_only: a run resumed without it scores the test users of the values its searches chose)
-RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models", "tune_only"})
+RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models", "tune_only", "keep_fits"})
 # a searched value: a float (EASE's l2, PIA's lambda_A), EDLAE's (l2, dropout) pair (a list once read from JSON), or
 # an autoencoder's settings (arch_grid: model-config fields and lr, plus lambda_a for a -pia model)
 HP = float | tuple[float, ...] | list[float] | dict[str, Any]
@@ -96,6 +98,8 @@ class ExperimentJob(Job):
                                                   "RecVAEConfig for RecVAE) and/or lr; crossed with pia_grid for -pia")
     tune_only: bool = Field(False, description="run the searches on the first seed's validation users and stop: "
                                                "no test user is scored, models without a grid are not fit")
+    keep_fits: bool = Field(False, description="pickle each search's winner to OUT/fits/ (autoencoders only): the "
+                                               "resumed run that scores it loads it instead of fitting it again")
     synthetic_users: int = 3000
     synthetic_items: int = 1000
     progress: bool = True
@@ -390,12 +394,40 @@ class Experiment:
                 best = (row["val_ndcg@100"], rec, hp)
         assert best is not None
         _, rec, hp = best
-        if rec is None and refit:  # the winner was fit by the stopped run: fit it again, same seed, for the test scoring
+        if rec is None and refit and (kept := self.kept_fit(name, seed, hp)) is not None:
+            print(f"[{self.cfg.dataset}] tune {name}: the chosen {hp_label(hp)} loaded from {kept[1]} (kept by the "
+                  "run that searched it)", flush=True)
+            rec = kept[0]
+        elif rec is None and refit:  # the winner was fit by the stopped run: fit it again, same seed, for the test scoring
             print(f"[{self.cfg.dataset}] tune {name}: refitting the chosen {hp_label(hp)} (its fit was in the stopped "
                   "run)", flush=True)
             rec = self.build(name, seed, hp)
             rec.fit(split.train, split.valid)
+        elif rec is not None and self.cfg.keep_fits and name not in CLOSED_FORM:
+            self.keep_fit(name, seed, hp, rec)
         return rec, hp, table
+
+    def _fit_path(self, name: str, seed: int, hp: HP) -> Path:
+        key = hashlib.sha256(json.dumps([name, seed, _hp_key(hp)]).encode()).hexdigest()[:16]
+        return self.cfg.out / "fits" / f"{name}-seed{seed}-{key}.pkl"
+
+    def keep_fit(self, name: str, seed: int, hp: HP, rec: Recommender) -> None:
+        """The search's winner pickled (weights on the CPU) for the run that scores its test users."""
+        path = self._fit_path(name, seed, hp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            pickle.dump(rec, f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(path)
+
+    def kept_fit(self, name: str, seed: int, hp: HP) -> tuple[Recommender, Path] | None:
+        """The fit keep_fit pickled for this model, seed and value (this run's own --out only), else None."""
+        path = self._fit_path(name, seed, hp)
+        if not path.exists():
+            return None
+        with path.open("rb") as f:
+            rec = pickle.load(f)  # written by keep_fit into this run's own --out
+        return rec.to(self.device), path
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
