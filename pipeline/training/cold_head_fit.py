@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from model.cold_head import ColdHead, ColdHeadConfig, build_cold_head, default_blocks, pair_count
+from model.cold_head import LINEAR_FAMILIES, ColdHead, ColdHeadConfig, build_cold_head, default_blocks, pair_count
 from model.marec import AlignmentTarget
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,11 @@ def head_bytes(n_items: int, n_blocks: int, cfg: ColdHeadConfig) -> int:
     return max(regs * 4, 8) * n_items * n_items
 
 
-def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: int) -> tuple[ColdHead | None, dict[str, Any]]:
-    """The head of a fitted recommender on `snap` (None when skipped) and what to log about it (`cold_head.*`)."""
+def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: int,
+                  prebuilt: ColdHead | None = None) -> tuple[ColdHead | None, dict[str, Any]]:
+    """The head of a fitted recommender on `snap` (None when skipped) and what to log about it (`cold_head.*`).
+    `prebuilt`: the eq5 head fit_alignment built from the same snapshot and `cfg`, reused for a model that takes an
+    eq5 head (its fit does not depend on the model) instead of being fitted twice."""
     if cfg is None:
         return None, {"cold_head.status": "off"}
     meta = getattr(snap, "item_metadata", None)
@@ -67,7 +70,8 @@ def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: in
         log.warning("cold head skipped: %s", reason)
         return None, {"cold_head.status": "skipped", "cold_head.reason": reason}
     try:
-        head = build_cold_head(rec, snap.train, items, cfg)
+        reuse = prebuilt is not None and prebuilt.kind == "eq5" and getattr(rec, "name", "") not in LINEAR_FAMILIES
+        head = prebuilt if reuse and prebuilt is not None else build_cold_head(rec, snap.train, items, cfg)
     except ValueError as e:  # no usable metadata: warm serving only, and the run says why
         log.warning("cold head skipped: %s", e)
         return None, {"cold_head.status": "skipped", "cold_head.reason": str(e)[:480]}
@@ -85,16 +89,17 @@ def cold_model_columns(meta: pa.Table) -> np.ndarray:
 
 
 def fit_alignment(snap: Any, cfg: ColdHeadConfig | None, ab: float,
-                  max_bytes: int) -> tuple[AlignmentTarget | None, dict[str, Any]]:
-    """MARec's alignment target over the snapshot's cold model columns (αβ = `ab`), and what to log about it
-    (`marec_align.*`); (None, the reason) when off or there is nothing to align: the model then trains without."""
+                  max_bytes: int) -> tuple[AlignmentTarget | None, dict[str, Any], ColdHead | None]:
+    """MARec's alignment target over the snapshot's cold model columns (αβ = `ab`), what to log about it
+    (`marec_align.*`) and the eq5 head it was computed from (for fit_cold_head's `prebuilt`); (None, the reason,
+    None) when off or there is nothing to align: the model then trains without."""
     if ab <= 0:
-        return None, {"marec_align.status": "off"}
+        return None, {"marec_align.status": "off"}, None
     meta = getattr(snap, "item_metadata", None)
 
-    def skipped(reason: str) -> tuple[None, dict[str, Any]]:
+    def skipped(reason: str) -> tuple[None, dict[str, Any], None]:
         log.warning("MARec alignment skipped: %s", reason)
-        return None, {"marec_align.status": "skipped", "marec_align.reason": reason[:480]}
+        return None, {"marec_align.status": "skipped", "marec_align.reason": reason[:480]}, None
 
     if meta is None:
         return skipped("snapshot built without items")
@@ -109,4 +114,4 @@ def fit_alignment(snap: Any, cfg: ColdHeadConfig | None, ab: float,
     with_meta = int(np.count_nonzero(sum(r.getnnz(axis=1) for r in rows)))
     return AlignmentTarget(cold, s_cols, alpha=ab), {
         "marec_align.status": "built", "marec_align.cold_items": len(cold),
-        "marec_align.cold_items_with_metadata": with_meta, "marec_align.ab": float(ab)}
+        "marec_align.cold_items_with_metadata": with_meta, "marec_align.ab": float(ab)}, head

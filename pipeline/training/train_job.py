@@ -301,6 +301,7 @@ class _Setup:
     train_cfg: Any  # model.train.TrainConfig
     alignment: Any = None  # model.marec.AlignmentTarget for the Multi-VAE/DAE fits (TrainJob.marec_align), or None
     alignment_info: dict[str, Any] = field(default_factory=dict)  # marec_align.* tags for the run
+    alignment_head: Any = None  # the eq5 ColdHead the alignment was computed from: the bundle's head when it fits
 
     def build(self, name: str, overrides: dict[str, Any] | None = None) -> Any:
         """An unfitted recommender `name` with the job's settings (PIA only for *-pia models); `overrides` (dotted
@@ -443,13 +444,15 @@ def _set_up(job: TrainJob, tracking: bool = True) -> _Setup:
     train_cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, device=device,
                             bf16=bf16, patience=job.patience, progress=job.progress)
     # every rank of a data-parallel run builds the same target (deterministic), so their losses agree
-    alignment, alignment_info = fit_alignment(snap, job.cold_head, job.marec_align, job.max_dense_bytes)
+    alignment, alignment_info, head = fit_alignment(snap, job.cold_head, job.marec_align, job.max_dense_bytes)
+    head = head if job.cold_head is not None else None  # built with ColdHeadConfig()'s defaults: not the bundle's
     if not tracking:
-        return _Setup(job, device, snap, "", "", "", None, np.zeros(0), train_cfg, alignment, alignment_info)
+        return _Setup(job, device, snap, "", "", "", None, np.zeros(0), train_cfg, alignment, alignment_info, head)
     registry.setup(job.tracking_uri)
     experiment_id = registry.ensure_experiment(job.experiment, job.tracking_uri)
     return _Setup(job, device, snap, experiment_id, registry.git_commit(), manifest_digest(snap.manifest),
-                  torch.as_tensor(snap.item_popularity()), snapshot_counts(snap), train_cfg, alignment, alignment_info)
+                  torch.as_tensor(snap.item_popularity()), snapshot_counts(snap), train_cfg, alignment, alignment_info,
+                  head)
 
 
 def _log_inputs(s: _Setup) -> dict[str, Any]:
@@ -582,7 +585,7 @@ def _log_model(s: _Setup, main: Any, public_cfg: dict[str, Any], d: Path) -> str
 
     job, snap = s.job, s.snap
     main.to("cpu")
-    head, head_info = fit_cold_head(main, snap, job.cold_head, job.max_dense_bytes)
+    head, head_info = fit_cold_head(main, snap, job.cold_head, job.max_dense_bytes, prebuilt=s.alignment_head)
     mlflow.set_tags(head_info)
     bundle = ModelBundle(main, snap.item_ids, snap.item_popularity(), job.model,
                          public_cfg | {"best_epoch": getattr(main, "best_epoch", 0)} |

@@ -25,6 +25,7 @@ from pipeline.data.synth import synth_interactions
 from pipeline.io import registry
 from pipeline.io.lake import resolve
 from pipeline.io.snapshot import load_snapshot, snapshot_tables, write_run
+from pipeline.training import cold_head_fit
 from pipeline.training.cold_head_fit import fit_alignment, fit_cold_head, snapshot_items
 
 from .conftest import NAME, tiny
@@ -129,8 +130,8 @@ COLD = (3, 9, 15)  # genre g3, g3, g3: the same genre as items 21, 27, ...
 def test_alignment_covers_the_snapshots_cold_columns(tmp_path: Path) -> None:
     snap = load_snapshot(snapshot(tmp_path, [int(i) for i in ITEM_IDS], cold_cols=COLD))
     assert np.asarray(snap.train[:, list(COLD)].sum()) == 0
-    target, info = fit_alignment(snap, ColdHeadConfig(delta=1.0), ab=0.5, max_bytes=2**30)
-    assert target is not None and target.cols.tolist() == list(COLD)
+    target, info, head = fit_alignment(snap, ColdHeadConfig(delta=1.0), ab=0.5, max_bytes=2**30)
+    assert target is not None and target.cols.tolist() == list(COLD) and head is not None and head.kind == "eq5"
     assert info == {"marec_align.status": "built", "marec_align.cold_items": 3,
                     "marec_align.cold_items_with_metadata": 3, "marec_align.ab": 0.5}
     s = target.s_cols.numpy()
@@ -145,23 +146,36 @@ def test_alignment_with_nothing_to_align_is_skipped_with_the_reason(tmp_path: Pa
     ids = [int(i) for i in ITEM_IDS]
     snap = load_snapshot(snapshot(tmp_path, None if case == "no metadata" else ids,
                                   cold_cols=() if case == "no cold column" else COLD))
-    target, info = fit_alignment(snap, ColdHeadConfig(), ab=0.0 if case == "off" else 1.0, max_bytes=2**30)
-    assert target is None
+    target, info, head = fit_alignment(snap, ColdHeadConfig(), ab=0.0 if case == "off" else 1.0, max_bytes=2**30)
+    assert target is None and head is None
     assert info["marec_align.status"] == ("off" if case == "off" else "skipped")
     expected = {"off": "", "no metadata": "without items", "no cold column": "no cold item has a model column"}[case]
     assert expected in info.get("marec_align.reason", "")
 
 
-def test_the_weekly_job_trains_the_aligned_multivae_and_registers_a_plain_one(tmp_path: Path, home: Path) -> None:
+def test_the_weekly_job_trains_the_aligned_multivae_and_registers_a_plain_one(tmp_path: Path, home: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """TrainJob with marec_align: the run says what was aligned, the cold columns leave the bottom of the ranking
-    they sink to without it (no click ever pushes them up), and the registered bundle is an ordinary Multi-VAE."""
+    they sink to without it (no click ever pushes them up), and the registered bundle is an ordinary Multi-VAE
+    whose cold head is the one the alignment was computed from (fitted once, not again for the bundle)."""
     uri = snapshot(tmp_path, [int(i) for i in ITEM_IDS], cold_cols=COLD)
+    builds: list[str] = []
+    real_build = cold_head_fit.build_cold_head
+
+    def counted(rec: Any, *a: Any, **kw: Any) -> Any:
+        builds.append(getattr(rec, "name", ""))
+        return real_build(rec, *a, **kw)
+
+    monkeypatch.setattr(cold_head_fit, "build_cold_head", counted)
     r = tiny(uri, baselines=False, diagnose=False, model="multivae", marec_align=0.5, epochs=15).run()
+    assert len(builds) == 1
     tags = MlflowClient().get_run(r.run_id).data.tags
+    assert tags["cold_head.status"] == "built" and tags["cold_head.kind"] == "eq5"
     assert tags["marec_align.status"] == "built" and tags["marec_align.cold_items"] == "3"
     bundle, _ = registry.load_bundle(f"models:/{NAME}/{r.version}")
     assert bundle.recommender.alignment is None and bundle.recommender.module.alignment is None
     plain = tiny(uri, baselines=False, diagnose=False, model="multivae", epochs=15).run()
+    assert len(builds) == 2  # without the alignment the bundle's head is fitted once, for the bundle
     assert MlflowClient().get_run(plain.run_id).data.tags["marec_align.status"] == "off"
     base, _ = registry.load_bundle(f"models:/{NAME}/{plain.version}")
     snap = load_snapshot(uri)
