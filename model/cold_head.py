@@ -32,13 +32,14 @@ from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.ease import _spd_inverse_inplace, gram_dense
 from model.marec import MARecConfig, fit_mu, regressors
 from model.metadata import smoothed_cosine, tokenize
+from model.text_encoder import EMBEDDINGS, embed, is_embedding, split_block
 
-BlockKind = Literal["list", "scalar", "text", "decade"]
+BlockKind = Literal["list", "scalar", "text", "decade", "embedding"]
 HeadKind = Literal["marec", "eq5"]
 TEXT_COLUMNS = ("description", "plot")  # as pipeline.io.items.TEXT_COLUMNS (model/ imports nothing of pipeline)
 LIST_BLOCKS = ("tags", "genres", "directors", "writers", "actors")
@@ -66,6 +67,8 @@ def _missing(v: Any) -> bool:
 
 
 def block_kind(name: str, values: Sequence[Any]) -> BlockKind:
+    if is_embedding(name):
+        return "embedding"
     if name in TEXT_COLUMNS:
         return "text"
     if name == "year":
@@ -92,17 +95,41 @@ def _tokens(kind: BlockKind, v: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class BlockFeaturizer:
-    """One metadata field → a scaled sparse block, fitted on the training items (JSON-safe via to_json)."""
+    """One metadata field → a scaled sparse block, fitted on the training items (JSON-safe via to_json).
+
+    An "embedding" block ("plot:wordllama": model.text_encoder) has the embedding's dimensions as its vocabulary and
+    the fitted items' mean embedding in `lo`: a text's row is its embedding minus that mean, L2-normalised (signed,
+    not min-max scaled: pipeline.data.text_embedding says why), so new and fitted items share one centring."""
 
     name: str
     kind: BlockKind
     vocab: tuple[str, ...]
     idf: tuple[float, ...] = ()  # text only
-    lo: tuple[float, ...] = ()  # per column: min over the fitted items (0 unless every item has the value)
+    lo: tuple[float, ...] = ()  # per column: min over the fitted items (0 unless every item has the value); embedding: mean
     scale: tuple[float, ...] = ()  # per column: 1 / (max - min), 0 for a constant column
 
+    @property
+    def column(self) -> str:
+        """The items column the block reads ("plot" for "plot:wordllama")."""
+        return split_block(self.name)[0]
+
+    def _embedded(self, values: Sequence[Any]) -> sp.csr_matrix:
+        rows = [i for i, v in enumerate(values) if isinstance(v, str) and v.strip()]
+        out = np.zeros((len(values), len(self.vocab)), np.float32)
+        if rows:
+            e = embed([str(values[i]) for i in rows], split_block(self.name)[1])
+            if e.shape[1] != len(self.vocab):
+                raise ValueError(f"cold head block {self.name!r} was fitted with {len(self.vocab)}-d embeddings, the "
+                                 f"encoder now gives {e.shape[1]}: retrain with this encoder version")
+            e -= np.asarray(self.lo)
+            e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            out[rows] = e
+        return sp.csr_matrix(out)
+
     def raw(self, values: Sequence[Any]) -> sp.csr_matrix:
-        """[n, V] unscaled: 0/1 for lists, TF-IDF rows (L2-normalised) for text."""
+        """[n, V] unscaled: 0/1 for lists, TF-IDF rows (L2-normalised) for text, centred unit rows for embeddings."""
+        if self.kind == "embedding":
+            return self._embedded(values)
         index = {w: i for i, w in enumerate(self.vocab)}
         indptr, indices, data = [0], list[int](), list[float]()
         for v in values:
@@ -121,7 +148,10 @@ class BlockFeaturizer:
                              shape=(len(values), len(self.vocab)))
 
     def transform(self, values: Sequence[Any]) -> sp.csr_matrix:
-        """[n, V] float32 in the fitted items' [0, 1] scaling (model.metadata.minmax_columns), clipped to it."""
+        """[n, V] float32 in the fitted items' [0, 1] scaling (model.metadata.minmax_columns), clipped to it;
+        embeddings as raw() gives them."""
+        if self.kind == "embedding":
+            return sp.csr_matrix(self.raw(values), dtype=np.float32)
         z = self.raw(values).tocsc()
         lo, scale = np.asarray(self.lo), np.asarray(self.scale)
         for j in np.flatnonzero(lo):  # a value every fitted item had: its stored entries shift (minmax_columns)
@@ -140,8 +170,8 @@ class BlockFeaturizer:
         b = cls(str(d["name"]), d["kind"], tuple(map(str, d["vocab"])), tuple(map(float, d["idf"])),
                 tuple(map(float, d["lo"])), tuple(map(float, d["scale"])))
         n = len(b.vocab)
-        if b.kind not in ("list", "scalar", "text", "decade") or len(b.lo) != n or len(b.scale) != n or \
-                (b.kind == "text" and len(b.idf) != n):
+        if b.kind not in ("list", "scalar", "text", "decade", "embedding") or len(b.lo) != n or len(b.scale) != n or \
+                (b.kind == "text" and len(b.idf) != n) or (b.kind == "embedding" and not is_embedding(b.name)):
             raise ValueError(f"cold head block {b.name!r} is malformed ({b.kind}, {n} values)")
         return b
 
@@ -150,6 +180,13 @@ def fit_block(name: str, values: Sequence[Any], min_items: int = 2, max_words: i
     """The block's featurizer fitted on `values` (one per item), with model.metadata's rules: values on fewer than
     `min_items` items dropped; text: the `max_words` most frequent words (document frequency ≥ min_items), smooth idf."""
     kind = block_kind(name, values)
+    if kind == "embedding":
+        texts = [str(v) for v in values if isinstance(v, str) and v.strip()]
+        if len(texts) < min_items:  # nothing to compare with: the head drops a block without vocabulary
+            return BlockFeaturizer(name, kind, ())
+        mean = embed(texts, split_block(name)[1]).mean(axis=0)
+        return BlockFeaturizer(name, kind, tuple(f"e{i}" for i in range(len(mean))), (), tuple(map(float, mean)),
+                               (1.0,) * len(mean))
     docs = [_tokens(kind, v) for v in values]
     df = Counter(w for d in docs for w in set(d))
     idf: tuple[float, ...] = ()
@@ -176,7 +213,7 @@ class ColdHeadConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    blocks: tuple[str, ...] | None = None  # item columns (or 'year'); None: default_blocks of the items' columns
+    blocks: tuple[str, ...] | None = None  # item columns (or 'year', or 'plot:wordllama'); None: default_blocks
     delta: float = Field(10.0, ge=0.0, description="δ of the smoothed cosine")
     ab: float = Field(1.0, ge=0.0, description="αβ: the height of MARec's cold columns (linear families)")
     l2: float | None = Field(None, gt=0.0, description="λ1; None: the EASE model's config.l2")
@@ -185,6 +222,17 @@ class ColdHeadConfig(BaseModel):
     max_pairs_blocks: int = Field(6, ge=1)
     w0: float = Field(0.1, gt=0.0)
     seed: int = 0
+
+    @field_validator("blocks")
+    @classmethod
+    def _known_encoders(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for b in v or ():
+            column, encoder = split_block(b)
+            if ":" in b and (encoder not in EMBEDDINGS or column not in TEXT_COLUMNS):
+                raise ValueError(f"block {b!r}: an encoder applies to a free-text column ({', '.join(TEXT_COLUMNS)}) "
+                                 f"and is one of {', '.join(EMBEDDINGS)} (e.g. 'plot:wordllama'; {column!r} alone is "
+                                 "TF-IDF)")
+        return v
 
 
 @dataclass
@@ -224,7 +272,7 @@ class ColdHead:
 
     def encode(self, items: Mapping[str, Sequence[Any]], n: int) -> list[sp.csr_matrix]:
         """The new items' scaled feature rows per block; `items` maps column → n values (a missing column: empty)."""
-        return [b.transform(list(items[b.name]) if b.name in items else [None] * n) for b in self.blocks]
+        return [b.transform(list(items[b.column]) if b.column in items else [None] * n) for b in self.blocks]
 
     def similarity(self, new_rows: list[sp.csr_matrix]) -> np.ndarray:
         """S_wn [n_items, n_new] float32 = Σ μ_r R_r over the smoothed cosines warm × new (model.metadata)."""
@@ -283,13 +331,14 @@ def build_cold_head(rec: Any, train: sp.csr_matrix, items: Mapping[str, Sequence
     if not names:
         raise ValueError(f"no metadata block among the items' columns ({', '.join(map(str, items))[:200]})")
     for c in names:
-        if c not in items or len(items[c]) != n:
-            raise ValueError(f"metadata column {c!r} must hold one value per model column ({n})")
-    fitted = [fit_block(c, items[c]) for c in names]
+        col = split_block(c)[0]
+        if col not in items or len(items[col]) != n:
+            raise ValueError(f"metadata column {col!r} must hold one value per model column ({n})")
+    fitted = [fit_block(c, items[split_block(c)[0]]) for c in names]
     kept = [b for b in fitted if b.vocab and any(b.scale)]
     if not kept:
         raise ValueError(f"no value of {names} is shared by two items: nothing to compare new items with")
-    rows = [b.transform(items[b.name]) for b in kept]
+    rows = [b.transform(items[b.column]) for b in kept]
     name = getattr(rec, "name", "")
     kind: HeadKind = "marec" if name in LINEAR_FAMILIES else "eq5"
     l2 = float(cfg.l2 if cfg.l2 is not None else getattr(getattr(rec, "config", None), "l2", 0.0) or 0.0)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from model import text_encoder
 from model.metadata import smoothed_cosine
 from pipeline.data import text_embedding
 from pipeline.data.item_features import build_block, feature_blocks
@@ -26,7 +27,7 @@ def test_the_model_loads_and_embeds_with_no_network(monkeypatch: pytest.MonkeyPa
         raise AssertionError("the text model tried to reach the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    text_embedding._wordllama.cache_clear()
+    text_encoder._wordllama.cache_clear()
     z = text_embedding.sentence_embeddings(PLOTS).toarray()
     assert z.shape == (4, 256) and z.dtype == np.float32
     assert z[3].sum() == 0  # no text: an empty row, similar to nothing

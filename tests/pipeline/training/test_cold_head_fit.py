@@ -39,10 +39,17 @@ def genre(i: int) -> str:
     return f"g{i % 6}"
 
 
-def items_table(ids: list[int], tags: bool = True) -> pa.Table:
+PLOTS = ("A detective hunts a killer in the city.", "Astronauts travel to a distant planet.",
+         "Two strangers fall in love in Paris.", "A chef opens a restaurant by the sea.",
+         "Soldiers fight a desperate battle in the war.", "A ghost haunts an old house at night.")
+
+
+def items_table(ids: list[int], tags: bool = True, plots: bool = False) -> pa.Table:
     cols: dict[str, pa.Array] = {"item_id": pa.array(ids, pa.int64()), "title": pa.array([f"t{i}" for i in ids])}
     if tags:
         cols["tags"] = pa.array([[genre(i - 1000), "film"] for i in ids], pa.list_(pa.string()))
+    if plots:  # one plot per genre: the text carries what the tags do
+        cols["plot"] = pa.array([PLOTS[(i - 1000) % 6] for i in ids], pa.string())
     return pa.table(cols)
 
 
@@ -54,7 +61,8 @@ def train_matrix() -> sp.csr_matrix:
     return x
 
 
-def snapshot(tmp: Path, meta_ids: list[int] | None, tags: bool = True, cold_cols: tuple[int, ...] = ()) -> str:
+def snapshot(tmp: Path, meta_ids: list[int] | None, tags: bool = True, cold_cols: tuple[int, ...] = (),
+             plots: bool = False) -> str:
     """A snapshot like BuildMatrixJob's with `items` (the same join): item_metadata over `meta_ids`. `cold_cols`
     lose their training clicks (as titles clicked by held-out users only), so the join flags them cold."""
     split = strong_generalization_split(train_matrix(), seed=0, n_valid=40, n_test=40)
@@ -66,7 +74,7 @@ def snapshot(tmp: Path, meta_ids: list[int] | None, tags: bool = True, cold_cols
     tables = snapshot_tables(np.array([f"u{i}" for i in range(N_USERS)]), ITEM_IDS, split)
     if meta_ids is not None:
         warm = ITEM_IDS[np.asarray(split.train.sum(axis=0)).ravel() > 0]
-        tables["item_metadata"] = item_metadata_table(items_table(meta_ids, tags), ITEM_IDS, warm)
+        tables["item_metadata"] = item_metadata_table(items_table(meta_ids, tags, plots), ITEM_IDS, warm)
     root = resolve(str(tmp / "snap"))
     write_run(root, tables, {"snapshot_id": "snap", "counts": {"users": N_USERS, "items": N_ITEMS}})
     return root.uri
@@ -92,6 +100,22 @@ def test_ease_gets_a_marec_head_from_the_snapshot(tmp_path: Path) -> None:
     assert head.l2 == 10.0  # λ1 is the model's own
     cols = head.cold_columns(head.encode({"tags": [["g2", "film"]]}, 1), rec.weights)
     assert cols.shape == (N_ITEMS, 1) and np.isfinite(cols).all() and np.abs(cols).sum() > 0
+
+
+def test_a_plot_embedding_block_is_fitted_from_the_snapshot(tmp_path: Path) -> None:
+    """cold_head.blocks may name "plot:wordllama": the head embeds the snapshot's plots (model inside the wheel)."""
+    snap = load_snapshot(snapshot(tmp_path, [int(i) for i in ITEM_IDS], plots=True))
+    rec = make_recommender("ease", ease=EASEConfig(l2=10.0)).fit(snap.train)
+    # μ fixed: NNLS would weigh the plots 0 here, where they repeat the tags exactly
+    cfg = ColdHeadConfig(delta=1.0, blocks=("tags", "plot:wordllama"), mu=(1.0, 1.0, 0.0))
+    head, info = fit_cold_head(rec, snap, cfg, 2**30)
+    assert head is not None and info["cold_head.blocks"] == "tags,plot:wordllama"
+    assert head.warm_rows[1].shape == (N_ITEMS, 256)
+    new = head.encode({"plot": ["A detective chases a killer through the city."]}, 1)  # a plot, no tags
+    top = np.argsort(-head.similarity(new)[:, 0])[:5]
+    assert all(i % 6 == 0 for i in top)  # the detective plot's titles first
+    cols = head.cold_columns(new, rec.weights)
+    assert np.isfinite(cols).all() and np.abs(cols).sum() > 0
 
 
 @pytest.mark.parametrize("case", ["off", "no metadata", "no usable column", "over budget"])
