@@ -39,6 +39,11 @@ def tags_for(n: int, n_tags: int, rng: np.random.Generator) -> list[list[str]]:
             for _ in range(n)]
 
 
+def plots_for(tags: list[list[str]]) -> list[str]:
+    """A sentence per title from its tags: text for the embedding block to read."""
+    return [f"A story of {' and '.join(t)} told by a new voice." for t in tags]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=1_000_000)
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "tf32", "bf16"])
     p.add_argument("--workdir", type=Path, default=None, help="keep events here (reused when present)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", action="store_true", help="also a plot per title, embedded by the sentence model in the "
+                                                       "wordllama wheel (block plot:wordllama; its load is timed)")
     p.add_argument("--no-append", action="store_true", help="do not add a row to docs/benchmarks.md")
     args = p.parse_args(argv)
 
@@ -80,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from bench.common import append_row, git_commit, machine, today
+    from model import text_encoder
     from model.cold_head import ColdHead, HeadKind, fit_block
     from model.recommenders import make_recommender
     from model.vae import MultiVAE, VAEConfig
@@ -97,9 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         rec.weights = torch.randn(args.items, args.items) * 1e-3  # type: ignore[attr-defined]
     rec.n_items = args.items
     warm_tags = tags_for(args.items, args.tags, rng)
-    block = fit_block("tags", warm_tags)
+    blocks = [fit_block("tags", warm_tags)]
+    rows = [blocks[0].transform(warm_tags)]
+    if args.text:
+        blocks.append(fit_block("plot:wordllama", plots_for(warm_tags)))
+        rows.append(blocks[1].transform(plots_for(warm_tags)))
     kind: HeadKind = "marec" if args.model == "ease" else "eq5"
-    head = ColdHead(kind, [block], [block.transform(warm_tags)], np.array([1.0]), 10.0, False, 6, 1.0, 500.0,
+    head = ColdHead(kind, blocks, rows, np.ones(len(blocks)), 10.0, False, 6, 1.0, 500.0,
                     rng.random(args.items) * 1e-3 + 1e-3 if kind == "marec" else None)
     bundle = ModelBundle(rec, np.arange(args.items, dtype=np.int64), pop.astype(np.float32), args.model, {}, "bench",
                          head)
@@ -107,8 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(items_uri(str(out), dt.date.fromisoformat(DAY)))
     folder.mkdir(parents=True, exist_ok=True)
     new_ids = np.arange(10_000_000, 10_000_000 + args.new_items, dtype=np.int64)
+    new_tags = tags_for(args.new_items, args.tags, rng)
     pq.write_table(pa.table({"item_id": new_ids, "title": [f"new {i}" for i in new_ids],
-                             "tags": pa.array(tags_for(args.new_items, args.tags, rng), pa.list_(pa.string()))}),
+                             "tags": pa.array(new_tags, pa.list_(pa.string())),
+                             **({"plot": pa.array(plots_for(new_tags), pa.string())} if args.text else {})}),
                    folder / "items.parquet")
     print(f"machine: {machine(torch.device('cpu'))}", flush=True)
 
@@ -121,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         return r.manifest(), time.perf_counter() - t0
 
     warm1, t_w1 = run(0)
+    text_encoder._wordllama.cache_clear()  # the daily job is a fresh process: it loads the sentence model
     cold, t_c = run(args.cold_slots)
     warm2, t_w2 = run(0)
     warm_score = (warm1["score_seconds"] + warm2["score_seconds"]) / 2

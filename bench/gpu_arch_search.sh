@@ -9,6 +9,10 @@
 #            phase 1 kept (--keep-fits): it is loaded and its test users scored, not fit again. Seeds 1-2, and RecVAE
 #            (at RecVAE + PIA's value: the twin is not searched, to fit the lease) on seeds 0-2, are fit anew, one
 #            process each; Multi-VAE and Multi-VAE + PIA seeds 0-4 at their own values. Test users are scored here only.
+# On one H200 (2026-12-04), eight RecVAE processes sharing it: the default width finished a fit on gowalla and
+# amazon-cds within 370 s, the wider values did not (give P1_DEADLINE >= 900 for this grid); ml-1m's five Multi-VAE
+# processes finished phase 1 in < 240 s and phase 2 (ten fits) in ~35 s. `-v` logs one line per epoch, so a stopped
+# fit shows how far it got.
 # Every process has a deadline and checkpoints each fit; running the script again in the same OUT resumes (phase 1
 # values already searched are not fit again). PHASE=2 skips phase 1's launches (its results are read).
 # Usage: [PY=python3] [OUT=out/arch] [P1_DEADLINE=240] [P2_DEADLINE=320] [PHASE=all|2] bash bench/gpu_arch_search.sh
@@ -39,7 +43,7 @@ MVAE_OPTS=(--epochs 200 --patience 20 --pia-grid 1)
 pids=()
 launch() {  # launch DEADLINE NAME ARGS...: one `recsys experiment` in the background, its log beside its folder
   local deadline=$1 name=$2; shift 2
-  OMP_NUM_THREADS=1 timeout "$deadline" "$PY" -m pipeline.cli.main experiment --device "$DEVICE" --no-progress \
+  OMP_NUM_THREADS=1 timeout "$deadline" "$PY" -m pipeline.cli.main -v experiment --device "$DEVICE" --no-progress \
     --resume --out "$OUT/$name" "$@" "${EXTRA[@]}" >> "$OUT/$name.log" 2>&1 &
   pids+=($!)
 }

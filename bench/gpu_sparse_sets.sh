@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 
 launch() {  # launch NAME THREADS ARGS...: one `recsys experiment` in the background, its log beside its folder
   local name=$1 threads=$2; shift 2
-  OMP_NUM_THREADS=$threads timeout "$DEADLINE" "$PY" -m pipeline.cli.main experiment --device "$DEVICE" --no-progress \
+  OMP_NUM_THREADS=$threads timeout "$DEADLINE" "$PY" -m pipeline.cli.main -v experiment --device "$DEVICE" --no-progress \
     --resume --out "$OUT/$name" "$@" >> "$OUT/$name.log" 2>&1 &  # appends: a resumed run keeps the first log
 }
 
