@@ -1,7 +1,8 @@
 """Hyperparameter search of the weekly training job (TrainJob.search): Optuna's TPE sampler, seeded, with a median
 pruner fed the validation NDCG@100 of every epoch, within a time budget, on the snapshot's validation users only.
 
-What is searched: `space` maps dotted TrainJob keys (`lr`, `batch_size`, `vae.<field>`, `pia.<field>`) to a typed
+What is searched: `space` maps dotted TrainJob keys (`lr`, `batch_size`, `vae.<field>`, `recvae.<field>`,
+`pia.<field>`) to a typed
 range (float or int, low/high, optionally log) or a list of choices. The epoch is not a search dimension: each
 trial stops early on validation NDCG@100 (the job's `epochs` and `patience`) and records its best epoch.
 
@@ -126,10 +127,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def applies(key: str, model: str, job: Any) -> bool:
-    """Whether `key` changes how `model` trains: pia.* only with PIA, vae.* only for Multi-VAE/DAE (RecVAE has its
-    own config); β keys only for a variational VAE."""
+    """Whether `key` changes how `model` trains: pia.* only with PIA, vae.* only for Multi-VAE/DAE, recvae.* only for
+    RecVAE; β keys only for a variational VAE."""
     if key.startswith("pia."):
         return model.endswith("-pia")
+    if key.startswith("recvae."):
+        return model.startswith("recvae")
     if key.startswith("vae."):
         if not model.startswith("multi"):
             return False
@@ -204,7 +207,7 @@ def check_search(job: Any) -> None:
         raise DataError("search.space is empty", "give at least one key, e.g. vae.dropout: {type: float, low: 0.2, "
                         "high: 0.7} (see configs/search.yaml)")
     keys = _flat(job.model_dump())
-    searchable = [k for k in keys if k in TOP_LEVEL or k.startswith(("vae.", "pia."))]
+    searchable = [k for k in keys if k in TOP_LEVEL or k.startswith(("vae.", "recvae.", "pia."))]
     for key, r in cfg.space.items():
         if key not in keys:
             raise DataError(f"search.space has an unknown hyperparameter {key!r} (not a TrainJob key)",
@@ -216,7 +219,8 @@ def check_search(job: Any) -> None:
         if not applies(key, job.model, job):
             raise DataError(f"search.space key {key!r} does not apply to model {job.model}",
                             f"drop it from the space, or train a model it applies to (pia.*: a -pia model; vae.*: "
-                            f"multivae/multidae{', variational' if key.startswith(('vae.beta', 'vae.anneal')) else ''})")
+                            f"multivae/multidae{', variational' if key.startswith(('vae.beta', 'vae.anneal')) else ''}; "
+                            "recvae.*: recvae/recvae-pia)")
         problem = _range_problem(key, r, keys[key])
         if problem is not None:
             raise DataError(problem, "give low < high (low > 0 for log), or a non-empty list of distinct choices")

@@ -40,6 +40,7 @@ from pydantic import Field, field_validator, model_validator
 from model.cold_head import ColdHeadConfig
 from model.ease import EASEConfig
 from model.pia import PIAConfig
+from model.recvae import RecVAEConfig
 from model.vae import VAEConfig
 from pipeline.errors import DataError
 from pipeline.io import registry
@@ -102,6 +103,7 @@ class TrainJob(Job):
         "where torch emulates it slowly); false: fp32"))
     cuda_graph: bool = Field(False, description="Multi-VAE/DAE on CUDA: each step replayed as one CUDA graph")
     vae: VAEConfig = VAEConfig()  # Multi-VAE/DAE architecture (ignored by RecVAE)
+    recvae: RecVAEConfig = RecVAEConfig()  # RecVAE's architecture, dropout and γ (ignored by Multi-VAE/DAE)
     pia: PIAConfig = PIAConfig(weight=1.0)  # lambda_A 1 was chosen on validation for ml-latest-small and ml-1m
     compare_base: bool = Field(True, description="also train the model without PIA (latent plot, logged metrics)")
     diagnose: bool = Field(True, description="latent diagnostics of the model and its twin on validation users "
@@ -315,7 +317,7 @@ class _Setup:
         rec = make_recommender(name, train=self.train_cfg.model_copy(
                                    update={"cuda_graph": job.cuda_graph and multi and not aligned}),
                                pia=job.pia if name.endswith("-pia") else None, ease=job.ease,
-                               model_config=job.vae if multi else None)
+                               model_config=job.vae if multi else job.recvae if name.startswith("recvae") else None)
         if aligned and isinstance(rec, Autoencoder):
             rec.alignment = self.alignment  # used by fit, then dropped (training only)
         return rec

@@ -173,6 +173,10 @@ BAD: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                                                                                 "high": 1.0}}}, "does not apply"),
     "vae.* for RecVAE": ({"model": "recvae-pia"}, {"space": {"vae.dropout": {"type": "float", "low": 0.1,
                                                                               "high": 0.5}}}, "does not apply"),
+    "recvae.* for Multi-VAE": ({}, {"space": {"recvae.hidden_dim": {"type": "categorical", "choices": [8, 16]}}},
+                               "does not apply"),
+    "recvae.gamma below 0": ({"model": "recvae-pia"}, {"space": {"recvae.gamma": {"type": "float", "low": -0.1,
+                                                                                  "high": 0.1}}}, "refuses"),
     "pia.weight 0": ({}, {"space": {"pia.weight": {"type": "float", "low": 0.0, "high": 1.0}}}, "turns PIA off"),
     "empty space": ({}, {"space": {}}, "space is empty"),
 }
@@ -227,3 +231,21 @@ def test_list_choices_are_searched_as_values(synth_snapshot: str) -> None:
     drawn = {tuple(_suggest(study.ask(), "vae.hidden_dims", r)) for _ in range(20)}
     assert drawn == {(16,), (32,), (16, 8)}
     assert with_job_overrides(job, {"vae.hidden_dims": [16, 8]}).vae.hidden_dims == (16, 8)
+
+
+def test_recvae_settings_are_searched_and_reach_the_model(synth_snapshot: str) -> None:
+    """recvae.* keys (width, latent size, dropout, γ) apply to RecVAE: accepted in the space, and a trial's value is
+    what the built model trains with (no training here)."""
+    from model.recvae import RecVAEConfig
+    from pipeline.training.search import check_search, tuned_setup
+    from pipeline.training.train_job import _set_up
+
+    space = {"recvae.hidden_dim": {"type": "categorical", "choices": [8, 16]},
+             "recvae.gamma": {"type": "float", "low": 0.001, "high": 0.02, "log": True}}
+    job = tiny(synth_snapshot, model="recvae-pia", search=search(space=space), recvae=RecVAEConfig(hidden_dim=16))
+    check_search(job)
+    s = _set_up(job, tracking=False)  # loads the snapshot; no MLflow run
+    assert s.build("recvae-pia").model_config == RecVAEConfig(hidden_dim=16)
+    trial = tuned_setup(s, {"recvae.hidden_dim": 8, "recvae.gamma": 0.01})
+    assert trial.build("recvae-pia").model_config == RecVAEConfig(hidden_dim=8, gamma=0.01)
+    assert trial.build("recvae").model_config == RecVAEConfig(hidden_dim=8, gamma=0.01)  # the twin too
