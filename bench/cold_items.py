@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [fit_block("tags", warm_tags)]
     rows = [blocks[0].transform(warm_tags)]
     if args.text:
-        blocks.append(fit_block("plot:wordllama", plots_for(warm_tags)))
-        rows.append(blocks[1].transform(plots_for(warm_tags)))
+        warm_plots = plots_for(warm_tags)
+        blocks.append(fit_block("plot:wordllama", warm_plots))
+        rows.append(blocks[1].transform(warm_plots))
     kind: HeadKind = "marec" if args.model == "ease" else "eq5"
     head = ColdHead(kind, blocks, rows, np.ones(len(blocks)), 10.0, False, 6, 1.0, 500.0,
                     rng.random(args.items) * 1e-3 + 1e-3 if kind == "marec" else None)

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from model.ease import _spd_inverse_inplace, gram_dense
 from model.marec import MARecConfig, fit_mu, regressors
 from model.metadata import smoothed_cosine, tokenize
-from model.text_encoder import EMBEDDINGS, embed, is_embedding, split_block
+from model.text_encoder import EMBEDDINGS, centred_unit_rows, embed, encoder_problem, is_embedding, split_block
 
 BlockKind = Literal["list", "scalar", "text", "decade", "embedding"]
 HeadKind = Literal["marec", "eq5"]
@@ -121,9 +121,7 @@ class BlockFeaturizer:
             if e.shape[1] != len(self.vocab):
                 raise ValueError(f"cold head block {self.name!r} was fitted with {len(self.vocab)}-d embeddings, the "
                                  f"encoder now gives {e.shape[1]}: retrain with this encoder version")
-            e -= np.asarray(self.lo)
-            e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-            out[rows] = e
+            out[rows] = centred_unit_rows(e, np.asarray(self.lo))
         return sp.csr_matrix(out)
 
     def raw(self, values: Sequence[Any]) -> sp.csr_matrix:
@@ -227,11 +225,8 @@ class ColdHeadConfig(BaseModel):
     @classmethod
     def _known_encoders(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
         for b in v or ():
-            column, encoder = split_block(b)
-            if ":" in b and (encoder not in EMBEDDINGS or column not in TEXT_COLUMNS):
-                raise ValueError(f"block {b!r}: an encoder applies to a free-text column ({', '.join(TEXT_COLUMNS)}) "
-                                 f"and is one of {', '.join(EMBEDDINGS)} (e.g. 'plot:wordllama'; {column!r} alone is "
-                                 "TF-IDF)")
+            if (problem := encoder_problem(b, TEXT_COLUMNS, EMBEDDINGS)) is not None:
+                raise ValueError(problem)
         return v
 
 

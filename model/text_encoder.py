@@ -41,6 +41,22 @@ def is_embedding(block: str) -> bool:
     return split_block(block)[1] in EMBEDDINGS
 
 
+def encoder_problem(block: str, text_columns: Sequence[str], allowed: Sequence[str] = ENCODERS) -> str | None:
+    """Why "<column>:<encoder>" is not a block (the encoder unknown, or the column not free text), else None."""
+    column, encoder = split_block(block)
+    if ":" in block and (encoder not in allowed or column not in text_columns):
+        return (f"block {block!r}: an encoder applies to a free-text column ({', '.join(text_columns)}) and is one of "
+                f"{', '.join(allowed)} (e.g. 'plot:wordllama'; {column!r} alone is TF-IDF)")
+    return None
+
+
+def centred_unit_rows(e: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Embeddings minus `mean` (the fitted items' mean embedding), each row L2-normalised, in place."""
+    e -= mean
+    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return e
+
+
 def embed(texts: Sequence[str], encoder: str = "wordllama") -> np.ndarray:
     """[len(texts), d] float64 raw sentence embeddings of non-empty texts (not centred, not normalised)."""
     if encoder not in EMBEDDINGS:

@@ -25,8 +25,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from model.metadata import decade_one_hot, minmax_columns, multi_hot, tfidf
+from model.text_encoder import encoder_problem, is_embedding, split_block
 from pipeline.data.items import TEXT_COLUMNS
-from pipeline.data.text_embedding import ENCODERS, is_embedding, sentence_embeddings
+from pipeline.data.text_embedding import sentence_embeddings
 from pipeline.errors import DataError
 from pipeline.io.lake import resolve
 from pipeline.io.publish import write_single_object
@@ -55,19 +56,19 @@ def _missing(v: Any) -> bool:
 
 def block_column(name: str) -> str:
     """The item column a block reads: "plot:wordllama" (free text through an encoder) reads "plot"."""
-    return name.partition(":")[0]
+    return split_block(name)[0]
 
 
 def build_block(items: pd.DataFrame, name: str, item_ids: np.ndarray) -> sp.csr_matrix:
     """One raw (unscaled) block [len(item_ids), *] from the items frame indexed by item_id; unknown ids: empty rows.
-    A free-text column is TF-IDF by default; "<column>:<encoder>" picks the encoder (ENCODERS)."""
-    column, _, encoder = name.partition(":")
+    A free-text column is TF-IDF by default; "<column>:<encoder>" picks the encoder (model.text_encoder)."""
+    column, encoder = split_block(name)
     if column not in items.columns:
         raise DataError(f"items have no column {column!r} (columns: {', '.join(map(str, items.columns))})",
                         "pick blocks among the items' columns")
-    if encoder and (column not in TEXT_COLUMNS or encoder not in ENCODERS):
-        raise DataError(f"block {name!r}: an encoder applies to a free-text column ({', '.join(TEXT_COLUMNS)}) and is "
-                        f"one of {', '.join(ENCODERS)}", f"use e.g. 'plot:wordllama', or {column!r} alone")
+    problem = encoder_problem(name, TEXT_COLUMNS)
+    if problem is not None:
+        raise DataError(problem, f"use e.g. 'plot:wordllama', or {column!r} alone")
     col = items[column].reindex(item_ids)
     if column in TEXT_COLUMNS:
         texts = [v if isinstance(v, str) else None for v in col]

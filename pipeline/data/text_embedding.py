@@ -13,9 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from model.text_encoder import ENCODERS, embed, is_embedding
-
-__all__ = ["ENCODERS", "is_embedding", "sentence_embeddings"]
+from model.text_encoder import centred_unit_rows, embed
 
 
 def sentence_embeddings(texts: Sequence[str | None]) -> sp.csr_matrix:
@@ -24,8 +22,7 @@ def sentence_embeddings(texts: Sequence[str | None]) -> sp.csr_matrix:
     if not rows:
         return sp.csr_matrix((len(texts), 0), dtype=np.float32)
     e = embed([str(texts[i]) for i in rows])
-    e -= e.mean(axis=0)
-    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    centred_unit_rows(e, e.mean(axis=0))
     out = np.zeros((len(texts), e.shape[1]), dtype=np.float32)
     out[rows] = e
     return sp.csr_matrix(out)

@@ -413,12 +413,7 @@ class Experiment:
 
     def keep_fit(self, name: str, seed: int, hp: HP, rec: Recommender) -> None:
         """The search's winner pickled (weights on the CPU) for the run that scores its test users."""
-        path = self._fit_path(name, seed, hp)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            pickle.dump(rec, f, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(path)
+        write_single_object(resolve(self._fit_path(name, seed, hp)), pickle.dumps(rec, pickle.HIGHEST_PROTOCOL))
 
     def kept_fit(self, name: str, seed: int, hp: HP) -> tuple[Recommender, Path] | None:
         """The fit keep_fit pickled for this model, seed and value (this run's own --out only), else None."""
