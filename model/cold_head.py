@@ -9,7 +9,9 @@ NEW item (one with metadata and no clicks, not in the model's vocabulary) next t
   multi_hot / tfidf / decade_one_hot, then minmax_columns; new values outside the fitted range are clipped to
   [0, 1], new words and tags outside the vocabulary are ignored);
 - the warm items' scaled feature rows (CSR per block) and the smoothing δ, the block weights μ (NNLS, model.marec),
-  and whether pair terms G^(k) ∘ G^(l) are used: S_wn = Σ μ_r R_r over the blocks' smoothed cosines warm × new;
+  and whether pair terms G^(k) ∘ G^(l) are used: S_wn = Σ μ_r R_r over the blocks' smoothed cosines warm × new,
+  kept on each new item's k nearest model columns (`neighbours`; 0 keeps the paper's dense S: with a few coarse
+  genres most titles tie with hundreds of others and the dense sum blurs them, docs/results.md "marec-topk");
 - for the MARec/EASE family ("marec"): diag K, K = (XᵀX + λ1 I)⁻¹ over the model's columns. With the EASE
   weights B = I − K diag(1/diag K) (diag 0) already in the bundle, K = (I − B) diag(diag K), so only its
   diagonal is stored (I floats, not another I × I matrix). A new item's column is MARec's cold column
@@ -35,7 +37,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.ease import _spd_inverse_inplace, gram_dense
-from model.marec import MARecConfig, fit_mu, regressors
+from model.marec import MARecConfig, fit_mu, regressors, top_k_columns
 from model.metadata import smoothed_cosine, tokenize
 from model.text_encoder import EMBEDDINGS, centred_unit_rows, embed, encoder_problem, is_embedding, split_block
 
@@ -213,6 +215,10 @@ class ColdHeadConfig(BaseModel):
 
     blocks: tuple[str, ...] | None = None  # item columns (or 'year', or 'plot:wordllama'); None: default_blocks
     delta: float = Field(10.0, ge=0.0, description="δ of the smoothed cosine")
+    neighbours: int = Field(0, ge=0, description=(
+        "keep each new item's similarities on its k most similar model columns (0: all of them, the paper's dense "
+        "S). docs/results.md, cold start (marec-topk): k = 100 beat the dense S on the four sets whose metadata is a "
+        "few genres or one tag list, the dense S won where there are people and plots (ml-1m)"))
     ab: float = Field(1.0, ge=0.0, description="αβ: the height of MARec's cold columns (linear families)")
     l2: float | None = Field(None, gt=0.0, description="λ1; None: the EASE model's config.l2")
     mu: tuple[float, ...] | None = None  # block weights (e.g. from the research run); None: NNLS on the training clicks
@@ -244,6 +250,7 @@ class ColdHead:
     ab: float = 0.0
     l2: float = 0.0
     k_diag: np.ndarray | None = None  # [n_items] diag K (kind "marec")
+    neighbours: int = 0  # S_wn kept on each new item's k most similar model columns (0: dense)
     _norms: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -269,8 +276,9 @@ class ColdHead:
         """The new items' scaled feature rows per block; `items` maps column → n values (a missing column: empty)."""
         return [b.transform(list(items[b.column]) if b.column in items else [None] * n) for b in self.blocks]
 
-    def similarity(self, new_rows: list[sp.csr_matrix]) -> np.ndarray:
-        """S_wn [n_items, n_new] float32 = Σ μ_r R_r over the smoothed cosines warm × new (model.metadata)."""
+    def similarity(self, new_rows: list[sp.csr_matrix], exclude: np.ndarray | None = None) -> np.ndarray:
+        """S_wn [n_items, n_new] float32 = Σ μ_r R_r over the smoothed cosines warm × new (model.metadata), kept on
+        each new item's `neighbours` largest entries; rows in `exclude` (model columns) are zeroed first."""
         gs = []
         for zw, nw, zn in zip(self.warm_rows, self._norms, new_rows, strict=True):
             g = np.asarray((zw @ zn.T).todense(), dtype=np.float32)
@@ -284,7 +292,9 @@ class ColdHead:
         for m, r in zip(self.mu, regs, strict=True):
             if m:
                 s += np.float32(m) * r
-        return s
+        if exclude is not None:
+            s[np.asarray(exclude, dtype=np.int64)] = 0.0
+        return top_k_columns(s, self.neighbours)
 
     def cold_columns(self, new_rows: list[sp.csr_matrix], weights: Any = None) -> np.ndarray:
         """C [n_items, n_new] float32: x_u · C[:, j] is user u's score of new item j.
@@ -340,7 +350,7 @@ def build_cold_head(rec: Any, train: sp.csr_matrix, items: Mapping[str, Sequence
     if kind == "marec" and l2 <= 0:
         raise ValueError("a 'marec' cold head needs λ1 (ColdHeadConfig.l2 or the model's config.l2)")
     head = ColdHead(kind, kept, rows, np.zeros(0), cfg.delta, cfg.second_order, cfg.max_pairs_blocks,
-                    cfg.ab, l2, marec_k_diag(train, l2) if kind == "marec" else None)
+                    cfg.ab, l2, marec_k_diag(train, l2) if kind == "marec" else None, cfg.neighbours)
     n_regs = pair_count(len(kept), cfg.second_order, cfg.max_pairs_blocks)
     if cfg.mu is not None:
         if len(cfg.mu) != n_regs:

@@ -119,6 +119,17 @@ def combine(regs: list[np.ndarray], mu: np.ndarray) -> np.ndarray:
     return s
 
 
+def top_k_columns(m: np.ndarray, k: int) -> np.ndarray:
+    """m with each column kept on its k largest entries (ties at the cut kept), the rest 0; k <= 0: m itself.
+
+    Not in the paper: S restricted to each cold item's k nearest items, which is what helps on coarse metadata
+    (docs/results.md, cold start: "marec-topk")."""
+    if k <= 0 or k >= m.shape[0]:
+        return m
+    cut = -np.partition(-m, k - 1, axis=0)[k - 1]  # k-th largest per column
+    return np.where(m >= cut[None, :], m, np.float32(0.0)).astype(m.dtype, copy=False)
+
+
 def closed_form_weights(x: sp.csr_matrix, s: np.ndarray, d: np.ndarray, alpha: float, l2: float,
                         dtype: np.dtype = F64) -> np.ndarray:
     """Θ [I, I] from MAREC.md §2's closed form (general: any D_R; one non-symmetric I × I inverse)."""

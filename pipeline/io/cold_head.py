@@ -1,6 +1,7 @@
 """The cold head (model.cold_head) inside a model bundle: two optional files, checked like the others.
 
-    bundle/cold_head.json   kind, the fitted featurizer (vocabularies, idf, min-max scaling), δ, μ, pair terms, αβ, λ1
+    bundle/cold_head.json   kind, the fitted featurizer (vocabularies, idf, min-max scaling), δ, μ, pair terms, αβ, λ1,
+                            neighbours (absent in older bundles: 0, the dense S)
     bundle/cold_head.pt     tensors only (torch.save, loaded with weights_only=True): each block's warm feature rows
                             as CSR parts (<block>/indptr, /indices int64, /data float32) and, for "marec", k_diag
 
@@ -43,7 +44,7 @@ def dump_cold_head(head: ColdHead) -> dict[str, bytes]:
     torch.save(state, buf)
     meta = {"kind": head.kind, "n_items": head.n_items, "blocks": [b.to_json() for b in head.blocks],
             "mu": [float(m) for m in head.mu], "delta": head.delta, "second_order": head.second_order,
-            "max_pairs_blocks": head.max_pairs_blocks, "ab": head.ab, "l2": head.l2}
+            "max_pairs_blocks": head.max_pairs_blocks, "ab": head.ab, "l2": head.l2, "neighbours": head.neighbours}
     return {HEAD_JSON: json.dumps(meta).encode(), HEAD_TENSORS: buf.getvalue()}
 
 
@@ -89,5 +90,8 @@ def _rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor], n_items: int)
     nums = (float(meta["delta"]), float(meta["ab"]), float(meta["l2"]))
     if not all(math.isfinite(v) and v >= 0 for v in nums):
         raise ValueError("delta, ab and l2 must be finite and non-negative")
+    neighbours = meta.get("neighbours", 0)  # bundles saved before the option: the dense S they were fitted with
+    if not isinstance(neighbours, int) or isinstance(neighbours, bool) or neighbours < 0:
+        raise ValueError(f"neighbours must be an integer >= 0, got {neighbours!r}")
     return ColdHead(meta["kind"], blocks, rows, mu, nums[0], bool(meta["second_order"]), int(meta["max_pairs_blocks"]),
-                    nums[1], nums[2], k_diag)
+                    nums[1], nums[2], k_diag, neighbours)

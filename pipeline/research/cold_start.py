@@ -56,7 +56,7 @@ import torch
 from pydantic import Field, field_validator
 
 from model.ease import _spd_inverse_inplace, gram_dense
-from model.marec import AlignmentTarget, MARecConfig, combine, fit_mu, regressors
+from model.marec import AlignmentTarget, MARecConfig, combine, fit_mu, regressors, top_k_columns
 from model.metadata import smoothed_cosine
 from model.metrics import ranking_metrics
 from model.recommenders import Autoencoder
@@ -226,14 +226,6 @@ def metrics(scores: np.ndarray, targets: sp.csr_matrix, mask: sp.csr_matrix | No
     res = {k: float(np.nanmean(v.numpy())) if torch.isfinite(v).any() else float("nan") for k, v in out.items()}
     res["users"] = float(int((t.sum(1) > 0).sum()))
     return res
-
-
-def top_k_columns(m: np.ndarray, k: int) -> np.ndarray:
-    """m with each column kept on its k largest entries (ties at the cut kept), the rest 0; k <= 0: m itself."""
-    if k <= 0 or k >= m.shape[0]:
-        return m
-    cut = -np.partition(-m, k - 1, axis=0)[k - 1]  # k-th largest per column
-    return np.where(m >= cut[None, :], m, np.float32(0.0)).astype(m.dtype, copy=False)
 
 
 def autoencoder_scores(rec: Autoencoder, rows: sp.csr_matrix, batch: int = 2000) -> np.ndarray:

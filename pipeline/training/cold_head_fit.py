@@ -77,7 +77,7 @@ def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: in
         return None, {"cold_head.status": "skipped", "cold_head.reason": str(e)[:480]}
     with_meta = int(sum(any(items[b.name][i] not in (None, [], "") for b in head.blocks) for i in range(snap.n_items)))
     return head, {"cold_head.status": "built", "cold_head.kind": head.kind,
-                  "cold_head.blocks": ",".join(b.name for b in head.blocks),
+                  "cold_head.blocks": ",".join(b.name for b in head.blocks), "cold_head.neighbours": head.neighbours,
                   "cold_head.mu": ",".join(f"{m:.4g}" for m in head.mu), "cold_head.items_with_metadata": with_meta}
 
 
@@ -110,7 +110,7 @@ def fit_alignment(snap: Any, cfg: ColdHeadConfig | None, ab: float,
     if head is None:
         return skipped(info.get("cold_head.reason", "no cold head"))
     rows = [r[cold] for r in head.warm_rows]  # the cold columns' feature rows, per block
-    s_cols = head.similarity(rows)  # S[:, cold] over every model column
+    s_cols = head.similarity(rows, exclude=cold)  # S[:, cold] over the columns with training clicks
     with_meta = int(np.count_nonzero(sum(r.getnnz(axis=1) for r in rows)))
     return AlignmentTarget(cold, s_cols, alpha=ab), {
         "marec_align.status": "built", "marec_align.cold_items": len(cold),

@@ -86,3 +86,37 @@ def test_no_shared_metadata_is_refused() -> None:
     x = sp.csr_matrix(np.eye(3, dtype=np.float32))
     with pytest.raises(ValueError, match="shared by two items"):
         build_cold_head(make_recommender("ease"), x, {"tags": [["a"], ["b"], ["c"]]})
+
+
+def test_neighbours_keep_each_new_items_k_nearest_and_give_marecs_truncated_column() -> None:
+    """neighbours = k: S_wn kept on the k largest entries per new item (research's "marec-topk"), and the cold
+    column is MARec's αβ (S_k − λ1 K S_k) with that truncated S."""
+    rng = np.random.default_rng(5)
+    n_users, n_warm, l2, ab, k = 120, 60, 5.0, 2.0, 7
+    tags, text = catalog(n_warm + 3, 6)
+    x = sp.csr_matrix((rng.random((n_users, n_warm)) < 0.2).astype(np.float32))
+    rec = make_recommender("ease", ease=EASEConfig(l2=l2, dtype="float64")).fit(x)
+    meta = {"tags": tags[:n_warm], "description": text[:n_warm]}
+    base = {"blocks": ("tags", "description"), "delta": 1.0, "ab": ab, "mu": (0.4, 0.6, 0.3)}
+    dense = build_cold_head(rec, x, meta, ColdHeadConfig(**base, neighbours=0))  # type: ignore[arg-type]
+    near = build_cold_head(rec, x, meta, ColdHeadConfig(**base, neighbours=k))  # type: ignore[arg-type]
+    new = dense.encode({"tags": tags[n_warm:], "description": text[n_warm:]}, 3)
+    s, sk = dense.similarity(new), near.similarity(new)
+    for j in range(3):
+        kept = np.flatnonzero(sk[:, j])
+        assert k <= len(kept) < n_warm  # ties at the cut are kept, never the whole column
+        assert s[kept, j].min() >= np.delete(s[:, j], kept).max()  # the kept ones are the largest
+        np.testing.assert_array_equal(sk[kept, j], s[kept, j])
+    kk = np.linalg.inv(x.T.toarray().astype(np.float64) @ x.toarray() + l2 * np.eye(n_warm))
+    expect = ab * (sk - l2 * kk @ sk)
+    np.testing.assert_allclose(near.cold_columns(new, rec.weights), expect, rtol=1e-4, atol=1e-6)  # type: ignore[attr-defined]
+    # k at or above the catalogue's size is the dense S; excluded rows never count as neighbours
+    np.testing.assert_array_equal(
+        build_cold_head(rec, x, meta, ColdHeadConfig(**base, neighbours=n_warm)).similarity(new), s)  # type: ignore[arg-type]
+    top = int(np.argmax(s[:, 0]))
+    assert near.similarity(new, exclude=np.array([top]))[top, 0] == 0.0
+
+
+def test_a_negative_neighbour_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="neighbours"):
+        ColdHeadConfig(neighbours=-1)

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from model.cold_head import ColdHeadConfig
 from model.ease import EASEConfig
+from model.marec import top_k_columns
 from model.recommenders import make_recommender
 from model.sparse import DeviceCSR
 from model.split import strong_generalization_split
@@ -163,6 +164,27 @@ def test_alignment_covers_the_snapshots_cold_columns(tmp_path: Path) -> None:
     same = [i for i in range(N_ITEMS) if i % 6 == 3 and i not in COLD]
     other = [i for i in range(N_ITEMS) if i % 6 != 3]
     assert s[same].mean() > 2 * s[other].mean()  # a cold g3 title is most like the other g3 titles
+    assert (s[list(COLD)] == 0).all()  # cold titles are nobody's neighbours: only clicked columns align them
+
+
+def test_neighbours_reach_the_head_and_the_run(tmp_path: Path) -> None:
+    """cold_head.neighbours reaches the fitted head (its similarity is the dense one cut to each new title's k
+    nearest) and the run's tags."""
+    snap = load_snapshot(snapshot(tmp_path, [int(i) for i in ITEM_IDS], plots=True))
+    rec = make_recommender("ease", ease=EASEConfig(l2=10.0)).fit(snap.train)
+    # between two genres by its tags, nearer g3 by its plot (μ fixed: NNLS would weigh the repeated plots 0)
+    new = {"tags": [["g2", "g3"]], "plot": ["A chef opens a restaurant by the sea."]}
+    cfg = ColdHeadConfig(delta=1.0, blocks=("tags", "plot"), mu=(1.0, 1.0, 0.0))
+    dense, info0 = fit_cold_head(rec, snap, cfg, max_bytes=2**30)
+    near, info = fit_cold_head(rec, snap, cfg.model_copy(update={"neighbours": 5}), max_bytes=2**30)
+    assert dense is not None and near is not None and near.neighbours == 5
+    assert (info0["cold_head.neighbours"], info["cold_head.neighbours"]) == (0, 5)
+    s0 = dense.similarity(dense.encode(new, 1))
+    s = near.similarity(near.encode(new, 1))
+    np.testing.assert_array_equal(s, top_k_columns(s0, 5))
+    genre = np.arange(N_ITEMS) % 6
+    assert (s0[genre == 2] > 0).all() and (s0[genre == 3] > 0).all()
+    assert (s[genre == 3] > 0).all() and (s[genre != 3] == 0).all()  # the ten tied g3 titles, nothing else
 
 
 @pytest.mark.parametrize("case", ["off", "no metadata", "no cold column"])
