@@ -206,6 +206,37 @@ def fit_block(name: str, values: Sequence[Any], min_items: int = 2, max_words: i
     return BlockFeaturizer(name, kind, vocab, idf, tuple(map(float, lo)), tuple(map(float, scale)))
 
 
+class ColdHeadTuning(BaseModel):
+    """Choosing δ and `neighbours` at training on pseudo-cold titles (model.cold_head_tuning): a random `holdout`
+    share of the clicked titles with metadata lose their clicks, the head is fitted without them, and each (δ, k)
+    ranks them for the users who clicked them (NDCG@`k_eval` among the held-out titles, as the research protocol's
+    cold-only ranking). The bundle's head is then fitted on all clicks with the best pair."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    delta_grid: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    neighbours_grid: tuple[int, ...] = (0, 20, 100)
+    holdout: float = Field(0.1, gt=0.0, lt=0.5, description="share of the clicked titles with metadata held out")
+    max_holdout: int = Field(2000, ge=2, description="at most this many held-out titles")
+    max_users: int = Field(5000, ge=1, description="at most this many users (drawn at random) rank them")
+    k_eval: int = Field(25, ge=1, description="NDCG cut-off")
+    seed: int = 0
+
+    @field_validator("delta_grid")
+    @classmethod
+    def _deltas(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not (d >= 0 and np.isfinite(d)) for d in v):
+            raise ValueError(f"delta_grid needs at least one finite δ >= 0, got {list(v)}")
+        return v
+
+    @field_validator("neighbours_grid")
+    @classmethod
+    def _neighbours(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(k < 0 for k in v):
+            raise ValueError(f"neighbours_grid needs at least one k >= 0 (0: all titles), got {list(v)}")
+        return v
+
+
 class ColdHeadConfig(BaseModel):
     """How the head is built at training. `ab` = αβ, MARec's cold-vs-warm trade-off (the research protocol picks it
     on validation: `recsys experiment --protocol cold-start`, "catalogue: marec (warm guard)"); `l2` defaults to
@@ -226,6 +257,10 @@ class ColdHeadConfig(BaseModel):
     max_pairs_blocks: int = Field(6, ge=1)
     w0: float = Field(0.1, gt=0.0)
     seed: int = 0
+    tune: ColdHeadTuning | None = Field(default_factory=ColdHeadTuning, description=(
+        "the weekly job (pipeline.training.cold_head_fit) chooses delta and neighbours on pseudo-cold titles, "
+        "replacing the two values above (kept when there is too little to hold out); null: use them as given. "
+        "build_cold_head itself always uses them as given"))
 
     @field_validator("blocks")
     @classmethod
@@ -331,19 +366,7 @@ def build_cold_head(rec: Any, train: sp.csr_matrix, items: Mapping[str, Sequence
     values for the model's columns in column order (e.g. ``items_df.reindex(item_ids).to_dict("list")``; an
     item without metadata has None / []). Kind "marec" for EASE (and MARec) models, "eq5" otherwise."""
     cfg = config or ColdHeadConfig()
-    n = train.shape[1]
-    names = list(cfg.blocks) if cfg.blocks else default_blocks(items.keys())
-    if not names:
-        raise ValueError(f"no metadata block among the items' columns ({', '.join(map(str, items))[:200]})")
-    for c in names:
-        col = split_block(c)[0]
-        if col not in items or len(items[col]) != n:
-            raise ValueError(f"metadata column {col!r} must hold one value per model column ({n})")
-    fitted = [fit_block(c, items[split_block(c)[0]]) for c in names]
-    kept = [b for b in fitted if b.vocab and any(b.scale)]
-    if not kept:
-        raise ValueError(f"no value of {names} is shared by two items: nothing to compare new items with")
-    rows = [b.transform(items[b.column]) for b in kept]
+    kept, rows = featurize(items, cfg.blocks, train.shape[1])
     name = getattr(rec, "name", "")
     kind: HeadKind = "marec" if name in LINEAR_FAMILIES else "eq5"
     l2 = float(cfg.l2 if cfg.l2 is not None else getattr(getattr(rec, "config", None), "l2", 0.0) or 0.0)
@@ -361,6 +384,23 @@ def build_cold_head(rec: Any, train: sp.csr_matrix, items: Mapping[str, Sequence
         mcfg = MARecConfig(w0=cfg.w0, second_order=cfg.second_order, max_pairs_blocks=cfg.max_pairs_blocks, seed=cfg.seed)
         head.mu = fit_mu(sp.csr_matrix(train), regressors(gs, cfg.second_order, cfg.max_pairs_blocks), mcfg)
     return head
+
+
+def featurize(items: Mapping[str, Sequence[Any]], blocks: Sequence[str] | None,
+              n: int) -> tuple[list[BlockFeaturizer], list[sp.csr_matrix]]:
+    """The fitted featurizers of the usable blocks (`blocks`, or default_blocks) and the n model columns' rows."""
+    names = list(blocks) if blocks else default_blocks(items.keys())
+    if not names:
+        raise ValueError(f"no metadata block among the items' columns ({', '.join(map(str, items))[:200]})")
+    for c in names:
+        col = split_block(c)[0]
+        if col not in items or len(items[col]) != n:
+            raise ValueError(f"metadata column {col!r} must hold one value per model column ({n})")
+    fitted = [fit_block(c, items[split_block(c)[0]]) for c in names]
+    kept = [b for b in fitted if b.vocab and any(b.scale)]
+    if not kept:
+        raise ValueError(f"no value of {names} is shared by two items: nothing to compare new items with")
+    return kept, [b.transform(items[b.column]) for b in kept]
 
 
 def pair_count(n_blocks: int, second_order: bool, max_pairs_blocks: int) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.cold_head import LINEAR_FAMILIES, ColdHead, ColdHeadConfig, build_cold_head, default_blocks, pair_count
+from model.cold_head_tuning import tune_cold_head
 from model.marec import AlignmentTarget
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ def snapshot_items(meta: pa.Table, n_items: int) -> dict[str, list[Any]]:
 
 
 def head_bytes(n_items: int, n_blocks: int, cfg: ColdHeadConfig) -> int:
-    """Peak memory of the fit: one dense [I, I] float32 similarity per regressor (μ by NNLS), or 8 I² for diag K."""
+    """Peak memory of the fit: one dense [I, I] float32 similarity per regressor (μ by NNLS), or 8 I² for diag K;
+    tuning adds the remaining clicks' K (4 I², linear families)."""
     regs = 0 if cfg.mu is not None else pair_count(n_blocks, cfg.second_order, cfg.max_pairs_blocks)
-    return max(regs * 4, 8) * n_items * n_items
+    return (max(regs * 4, 8) + (4 if cfg.tune is not None else 0)) * n_items * n_items
 
 
 def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: int,
@@ -69,8 +71,11 @@ def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: in
                   f"max_dense_bytes ({max_bytes / 2**30:.1f} GiB): pass cold_head.mu (fixed block weights) or raise it")
         log.warning("cold head skipped: %s", reason)
         return None, {"cold_head.status": "skipped", "cold_head.reason": reason}
+    reuse = prebuilt is not None and prebuilt.kind == "eq5" and getattr(rec, "name", "") not in LINEAR_FAMILIES
+    tuned: dict[str, Any] = {}
+    if cfg.tune is not None and not reuse:
+        cfg, tuned = _tuned(rec, snap, items, cfg)
     try:
-        reuse = prebuilt is not None and prebuilt.kind == "eq5" and getattr(rec, "name", "") not in LINEAR_FAMILIES
         head = prebuilt if reuse and prebuilt is not None else build_cold_head(rec, snap.train, items, cfg)
     except ValueError as e:  # no usable metadata: warm serving only, and the run says why
         log.warning("cold head skipped: %s", e)
@@ -78,7 +83,25 @@ def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: in
     with_meta = int(sum(any(items[b.name][i] not in (None, [], "") for b in head.blocks) for i in range(snap.n_items)))
     return head, {"cold_head.status": "built", "cold_head.kind": head.kind,
                   "cold_head.blocks": ",".join(b.name for b in head.blocks), "cold_head.neighbours": head.neighbours,
-                  "cold_head.mu": ",".join(f"{m:.4g}" for m in head.mu), "cold_head.items_with_metadata": with_meta}
+                  "cold_head.mu": ",".join(f"{m:.4g}" for m in head.mu), "cold_head.items_with_metadata": with_meta,
+                  "cold_head.delta": head.delta, **tuned}
+
+
+def _tuned(rec: Any, snap: Any, items: dict[str, list[Any]], cfg: ColdHeadConfig) -> tuple[ColdHeadConfig, dict[str, Any]]:
+    """cfg with δ and neighbours chosen on pseudo-cold titles (model.cold_head_tuning), and what to log; cfg as
+    given (and the reason) when there is too little to tune on: the head is still built."""
+    assert cfg.tune is not None
+    linear = getattr(rec, "name", "") in LINEAR_FAMILIES
+    l2 = float(cfg.l2 if cfg.l2 is not None else getattr(getattr(rec, "config", None), "l2", 0.0) or 0.0)
+    try:
+        t = tune_cold_head(snap.train, items, cfg, cfg.tune, l2 if linear and l2 > 0 else None)
+    except ValueError as e:
+        log.warning("cold head not tuned (configured delta and neighbours kept): %s", e)
+        return cfg, {"cold_head.tuned": "no", "cold_head.tune_reason": str(e)[:480]}
+    log.info("cold head tuned on held-out titles: %s", t.summary())
+    grid = ";".join(f"{r['delta']:g}/{r['neighbours']}={r['ndcg']:.4f}" for r in t.rows)
+    return cfg.model_copy(update={"delta": t.delta, "neighbours": t.neighbours}), {
+        "cold_head.tuned": t.summary(), "cold_head.tune_grid": grid[:480]}
 
 
 def cold_model_columns(meta: pa.Table) -> np.ndarray:

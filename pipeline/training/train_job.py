@@ -129,8 +129,9 @@ class TrainJob(Job):
                                                                     "(None: in this process)")
     cold_head: ColdHeadConfig | None = Field(ColdHeadConfig(), description=(
         "the bundle's cold head, fitted from the snapshot's item metadata (pipeline.training.cold_head_fit), so the "
-        "daily job scores titles that appear after training; None: none. Skipped (a warning, the reason on the "
-        "run) when the snapshot has no item_metadata or no usable column"))
+        "daily job scores titles that appear after training; None: none. Its δ and neighbourhood size are chosen "
+        "on titles held out of this week's clicks (cold_head.tune; null: as configured). Skipped (a warning, the "
+        "reason on the run) when the snapshot has no item_metadata or no usable column"))
     search: SearchConfig | None = Field(None, description="hyperparameter search of the model (and its twin) on "
                                                           "validation users before training (pipeline.training.search)")
     marec_align: float = Field(0.0, ge=0.0, description=(

@@ -135,3 +135,19 @@ def test_the_text_ablation_runs_on_sentence_embeddings(toy: Path, tmp_path: Path
     assert res["blocks"] == {"tags": N_GENRES, "plot:wordllama": 256}
     assert {"marec (no text)", "marec (with text)"} <= set(res["cold"])
     assert res["chosen"][0]["marec (with text)"]["blocks"] == "all"
+
+
+def test_the_cold_head_tuning_evidence_runs_on_the_protocols_split(toy: Path, capsys: pytest.CaptureFixture) -> None:
+    """bench.cold_head_tuning (docs/results.md's "the weekly job's cold head, tuned"): one JSON line per seed with
+    the choice, every pair tried, and both heads' metrics on the split's real cold-test titles."""
+    from bench.cold_head_tuning import main as tuning_main
+
+    tuning_main(["--dataset", "toy", "--data-dir", str(toy), "--seeds", "2"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["seed"] for r in lines] == [0, 1]
+    for r in lines:
+        assert len(r["grid"]) == 12 and "held out" in r["tuned"]
+        best = max(r["grid"], key=lambda g: g["ndcg"])
+        assert f"delta={best['delta']:g} neighbours={best['neighbours']}" in r["tuned"]
+        for part in ("fixed_test", "tuned_test"):
+            assert 0.0 < r[part]["ndcg@25"] <= 1.0 and r[part]["users"] > 0

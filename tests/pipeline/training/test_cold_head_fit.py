@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,8 @@ import scipy.sparse as sp
 import torch
 from mlflow import MlflowClient
 
-from model.cold_head import ColdHeadConfig
+from model.cold_head import ColdHeadConfig, ColdHeadTuning
+from model.cold_head_tuning import tune_cold_head
 from model.ease import EASEConfig
 from model.marec import top_k_columns
 from model.recommenders import make_recommender
@@ -174,7 +176,7 @@ def test_neighbours_reach_the_head_and_the_run(tmp_path: Path) -> None:
     rec = make_recommender("ease", ease=EASEConfig(l2=10.0)).fit(snap.train)
     # between two genres by its tags, nearer g3 by its plot (μ fixed: NNLS would weigh the repeated plots 0)
     new = {"tags": [["g2", "g3"]], "plot": ["A chef opens a restaurant by the sea."]}
-    cfg = ColdHeadConfig(delta=1.0, blocks=("tags", "plot"), mu=(1.0, 1.0, 0.0))
+    cfg = ColdHeadConfig(delta=1.0, blocks=("tags", "plot"), mu=(1.0, 1.0, 0.0), tune=None)  # as given
     dense, info0 = fit_cold_head(rec, snap, cfg, max_bytes=2**30)
     near, info = fit_cold_head(rec, snap, cfg.model_copy(update={"neighbours": 5}), max_bytes=2**30)
     assert dense is not None and near is not None and near.neighbours == 5
@@ -185,6 +187,32 @@ def test_neighbours_reach_the_head_and_the_run(tmp_path: Path) -> None:
     genre = np.arange(N_ITEMS) % 6
     assert (s0[genre == 2] > 0).all() and (s0[genre == 3] > 0).all()
     assert (s[genre == 3] > 0).all() and (s[genre != 3] == 0).all()  # the ten tied g3 titles, nothing else
+
+
+@pytest.mark.parametrize("family", ["ease", "multivae"])
+def test_a_tuned_head_takes_the_pair_chosen_on_held_out_titles(tmp_path: Path, family: str) -> None:
+    """cold_head.tune: δ and neighbours come from model.cold_head_tuning on the snapshot's training clicks (MARec's
+    column for EASE, the metadata score otherwise), and the run logs the choice and the grid."""
+    snap = load_snapshot(snapshot(tmp_path, [int(i) for i in ITEM_IDS], plots=True))
+    rec: Any = make_recommender("ease", ease=EASEConfig(l2=10.0)).fit(snap.train) if family == "ease" else \
+        SimpleNamespace(name="multivae")
+    tuning = ColdHeadTuning(delta_grid=(1.0, 50.0), neighbours_grid=(0, 5), holdout=0.2)
+    cfg = ColdHeadConfig(blocks=("tags", "plot"), tune=tuning)
+    head, info = fit_cold_head(rec, snap, cfg, max_bytes=2**30)
+    expect = tune_cold_head(snap.train, snapshot_items(snap.item_metadata, snap.n_items), cfg, tuning,
+                            10.0 if family == "ease" else None)
+    assert head is not None and (head.delta, head.neighbours) == (expect.delta, expect.neighbours)
+    assert info["cold_head.tuned"] == expect.summary() and info["cold_head.tune_grid"].count("=") == 4
+    assert (info["cold_head.delta"], info["cold_head.neighbours"]) == (expect.delta, expect.neighbours)
+
+
+def test_too_little_to_tune_keeps_the_configured_pair(tmp_path: Path) -> None:
+    snap = load_snapshot(snapshot(tmp_path, [int(i) for i in ITEM_IDS]))
+    rec = make_recommender("ease", ease=EASEConfig(l2=10.0)).fit(snap.train)
+    cfg = ColdHeadConfig(delta=3.0, neighbours=7, tune=ColdHeadTuning(holdout=0.01))  # 60 titles: none held out
+    head, info = fit_cold_head(rec, snap, cfg, max_bytes=2**30)
+    assert head is not None and (head.delta, head.neighbours) == (3.0, 7)
+    assert info["cold_head.tuned"] == "no" and "too few to hold out" in info["cold_head.tune_reason"]
 
 
 @pytest.mark.parametrize("case", ["off", "no metadata", "no cold column"])
