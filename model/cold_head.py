@@ -248,8 +248,8 @@ class ColdHeadConfig(BaseModel):
     delta: float = Field(10.0, ge=0.0, description="δ of the smoothed cosine")
     neighbours: int = Field(0, ge=0, description=(
         "keep each new item's similarities on its k most similar model columns (0: all of them, the paper's dense "
-        "S). docs/results.md, cold start (marec-topk): k = 100 beat the dense S on the four sets whose metadata is a "
-        "few genres or one tag list, the dense S won where there are people and plots (ml-1m)"))
+        "S); with `tune` the weekly job chooses it (docs/results.md: k = 20-100 on catalogues with a few coarse "
+        "genres or one tag list, the dense S with people and plots)"))
     ab: float = Field(1.0, ge=0.0, description="αβ: the height of MARec's cold columns (linear families)")
     l2: float | None = Field(None, gt=0.0, description="λ1; None: the EASE model's config.l2")
     mu: tuple[float, ...] | None = None  # block weights (e.g. from the research run); None: NNLS on the training clicks

@@ -133,7 +133,7 @@ def fit_alignment(snap: Any, cfg: ColdHeadConfig | None, ab: float,
     if head is None:
         return skipped(info.get("cold_head.reason", "no cold head"))
     rows = [r[cold] for r in head.warm_rows]  # the cold columns' feature rows, per block
-    s_cols = head.similarity(rows, exclude=cold)  # S[:, cold] over the columns with training clicks
+    s_cols = head.similarity(rows, exclude=cold)  # S[:, cold]; cold titles are not each other's neighbours
     with_meta = int(np.count_nonzero(sum(r.getnnz(axis=1) for r in rows)))
     return AlignmentTarget(cold, s_cols, alpha=ab), {
         "marec_align.status": "built", "marec_align.cold_items": len(cold),

@@ -137,14 +137,16 @@ def test_the_text_ablation_runs_on_sentence_embeddings(toy: Path, tmp_path: Path
     assert res["chosen"][0]["marec (with text)"]["blocks"] == "all"
 
 
-def test_the_cold_head_tuning_evidence_runs_on_the_protocols_split(toy: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("head", ["eq5", "ease"])
+def test_the_cold_head_tuning_evidence_runs_on_the_protocols_split(toy: Path, capsys: pytest.CaptureFixture,
+                                                                   head: str) -> None:
     """bench.cold_head_tuning (docs/results.md's "the weekly job's cold head, tuned"): one JSON line per seed with
     the choice, every pair tried, and both heads' metrics on the split's real cold-test titles."""
     from bench.cold_head_tuning import main as tuning_main
 
-    tuning_main(["--dataset", "toy", "--data-dir", str(toy), "--seeds", "2"])
+    tuning_main(["--dataset", "toy", "--data-dir", str(toy), "--seeds", "2", *(["--ease-l2", "10"] if head == "ease" else [])])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [r["seed"] for r in lines] == [0, 1]
+    assert [r["seed"] for r in lines] == [0, 1] and {r["head"] for r in lines} == {head}
     for r in lines:
         assert len(r["grid"]) == 12 and "held out" in r["tuned"]
         best = max(r["grid"], key=lambda g: g["ndcg"])
