@@ -135,6 +135,7 @@ def fit_alignment(snap: Any, cfg: ColdHeadConfig | None, ab: float,
     rows = [r[cold] for r in head.warm_rows]  # the cold columns' feature rows, per block
     s_cols = head.similarity(rows, exclude=cold)  # S[:, cold]; cold titles are not each other's neighbours
     with_meta = int(np.count_nonzero(sum(r.getnnz(axis=1) for r in rows)))
-    return AlignmentTarget(cold, s_cols, alpha=ab), {
+    tuned = {k: v for k, v in info.items() if k.startswith("cold_head.tune")}  # logged even when the head is reused
+    return AlignmentTarget(cold, s_cols, alpha=ab), tuned | {
         "marec_align.status": "built", "marec_align.cold_items": len(cold),
         "marec_align.cold_items_with_metadata": with_meta, "marec_align.ab": float(ab)}, head

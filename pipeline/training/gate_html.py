@@ -29,7 +29,8 @@ class RunFacts:
     twin's name and its test metrics (gate metric names, measured by training on the same test users);
     `diagnostics`: label → latent diagnostics (`diag.*` without the prefix, per-group values left out), labelled
     as `histories`; `diag_status`: the run's `diag.status` tag; `history_note`: why there are no histories;
-    `notes`: problems reading the run (listed with the warnings)."""
+    `notes`: problems reading the run (listed with the warnings); `cold_head`: the run's `cold_head.*` tags without
+    the prefix (how the bundle's cold head was built, and the δ × neighbours grid it was tuned on)."""
 
     histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     twin: tuple[str, dict[str, float]] | None = None
@@ -37,6 +38,7 @@ class RunFacts:
     diag_status: str | None = None
     history_note: str = "the run has no per-epoch metrics"
     notes: tuple[str, ...] = ()
+    cold_head: dict[str, str] = field(default_factory=dict)
 
 
 def report_html(result: GateResult, cfg: GateConfig, mode: str, facts: RunFacts | None = None) -> str:
@@ -53,6 +55,7 @@ def report_html(result: GateResult, cfg: GateConfig, mode: str, facts: RunFacts 
     _side_by_side(r, result, cfg, facts)
     _curves(r, facts)
     _latent(r, result, facts)
+    _cold_head(r, facts)
     _warnings(r, result, facts)
     return r.render()
 
@@ -261,6 +264,42 @@ def _latent(r: HtmlReport, result: GateResult, facts: RunFacts) -> None:
                     note=True)
     if facts.diag_status:
         r.paragraph(f"diag.status: {facts.diag_status}", note=True)
+
+
+COLD_HEAD_FIELDS = ("status", "reason", "kind", "blocks", "delta", "neighbours", "tuned", "tune_reason",
+                    "items_with_metadata")
+
+
+def tune_grid(text: str) -> tuple[list[str], list[list[Any]]]:
+    """The run's `cold_head.tune_grid` ("δ/k=ndcg;...") as a table: one row per δ, one column per neighbourhood."""
+    cells: dict[str, dict[str, float]] = {}
+    for part in filter(None, text.split(";")):
+        m = re.fullmatch(r"([^/]+)/(\d+)=([-\d.eE+na]+)", part.strip())
+        if m:
+            cells.setdefault(m.group(1), {})[m.group(2)] = float(m.group(3))
+    ks = sorted({k for row in cells.values() for k in row}, key=int)
+    header = ["δ", *("dense" if k == "0" else f"k = {k}" for k in ks)]
+    return header, [[d, *(row.get(k) for k in ks)] for d, row in cells.items()]
+
+
+def _cold_head(r: HtmlReport, facts: RunFacts) -> None:
+    r.heading("New titles (cold head)")
+    head = facts.cold_head
+    if not head:
+        r.paragraph("The training run logged no cold head (trained before it existed, or not read).", note=True)
+        return
+    fields = [k for k in COLD_HEAD_FIELDS if k in head]
+    r.table(["cold head", "value"], [[k, head[k]] for k in fields],
+            marks=["warn" if (k == "status" and head[k] != "built") or k.endswith("reason") else None for k in fields])
+    if "tune_grid" in head:
+        header, rows = tune_grid(head["tune_grid"])
+        chosen = (head.get("delta"), head.get("neighbours"))
+        marks: list[bool | str | None] = [True if chosen[0] is not None and float(row[0]) == float(chosen[0]) else None
+                                          for row in rows]
+        r.table(header, rows, marks=marks)
+        r.paragraph("NDCG@25 of titles held out of this week's clicks, ranked by the head fitted without them, for "
+                    "each δ and neighbourhood; the ticked δ is the head's (its neighbourhood: "
+                    f"{'dense' if chosen[1] in ('0', None) else chosen[1]}).", note=True)
 
 
 def _warnings(r: HtmlReport, result: GateResult, facts: RunFacts) -> None:

@@ -161,8 +161,9 @@ def _run_facts(run_id: str, tracking: str | None) -> RunFacts:
     twin = (twins[0], _test_metrics(metrics, f"compare.{twins[0]}.test.")) if twins else None
     diagnostics = {label: d for prefix, label in labels.items() if (d := _diag(metrics, "diag." + prefix))}
     note = "the run has no per-epoch metrics (loss, beta, val_ndcg_at_100)"
+    cold_head = {k.removeprefix("cold_head."): v for k, v in tags.items() if k.startswith("cold_head.")}
     return RunFacts(histories=histories, twin=twin, diagnostics=diagnostics, diag_status=tags.get("diag.status"),
-                    history_note=note)
+                    history_note=note, cold_head=cold_head)
 
 
 def _test_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -4,6 +4,7 @@ read back from a gated version's run (the gate tests' trained store: its candida
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from html import unescape
 from pathlib import Path
 
@@ -150,6 +151,8 @@ def test_the_html_report_is_an_artifact_of_the_gated_run_with_its_curves_and_twi
     header = rows(section(doc, "Models side by side"))["metric"][1]
     assert header[1] == f"candidate v{trained['good']}" and "no-PIA twin multivae" in header
     assert "baseline popularity" in header
+    head = rows(section(doc, "New titles (cold head)"))  # the run's cold_head.* tags
+    assert head["status"][1][1] == c.get_run(run).data.tags["cold_head.status"]
 
 
 def test_a_failed_html_upload_is_a_warning_and_no_uri(trained: dict[str, str], easy_gates: GateConfig,
@@ -196,3 +199,23 @@ def test_report_shows_the_ablation_and_every_candidate_side_by_side() -> None:
     assert banner(doc)[1].startswith("PASSED but not promoted") and "candidate v4" in banner(doc)[1]
     md = report_markdown(res, CFG, "enabled")
     assert "## Candidates" in md and "| v5 | ease | 0.4100 |" in md and "| ablation.pia | warn | PIA hurt" in md
+
+
+def test_the_cold_head_section_shows_the_tuning_grid_and_the_choice() -> None:
+    head = {"status": "built", "kind": "eq5", "blocks": "tags,year", "delta": "10.0", "neighbours": "20",
+            "tuned": "delta=10 neighbours=20 ndcg=0.2432 (114 titles held out, 759 users)",
+            "tune_grid": "1/0=0.1796;1/20=0.2378;10/0=0.1731;10/20=0.2432", "mu": "0.3"}
+    doc = section(report_html(result(CAND), CFG, "enabled", replace(FACTS, cold_head=head)), "New titles (cold head)")
+    table = rows(doc)
+    assert table["neighbours"][1] == ["neighbours", "20"] and table["tuned"][1][1].startswith("delta=10 neighbours=20")
+    assert "mu" not in table  # what an operator reads, not every tag
+    assert table["δ"][1] == ["δ", "dense", "k = 20"]
+    assert table["10"] == ("pass", ["10", "0.1731", "0.2432"]) and table["1"][0] == ""  # the chosen δ ticked
+    assert "its neighbourhood: 20" in doc
+
+
+def test_a_skipped_or_missing_cold_head_says_so() -> None:
+    skipped = {"status": "skipped", "reason": "snapshot built without items"}
+    doc = section(report_html(result(CAND), CFG, "enabled", replace(FACTS, cold_head=skipped)), "New titles (cold head)")
+    assert rows(doc)["status"][0] == "warn" and rows(doc)["reason"][1][1] == "snapshot built without items"
+    assert "logged no cold head" in section(report_html(result(CAND), CFG, "enabled", FACTS), "New titles (cold head)")
