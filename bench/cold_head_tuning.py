@@ -36,13 +36,12 @@ def rank_cold_test(cfg: Any, split: Any, users: np.ndarray, items: dict[str, lis
                    xk: np.ndarray | None = None, l2: float = 0.0) -> dict[str, float]:
     """The head of `cfg` on the split's warm training clicks ranks the cold-test titles (metrics of cold_start);
     with `xk` (the users' x_u K, K = (XᵀX + λ1 I)⁻¹) MARec's column S − λ1 K S, as the EASE head scores."""
-    from model.cold_head import build_cold_head
-    from model.cold_head_tuning import _EQ5
+    from model.cold_head import MetadataOnly, build_cold_head
     from model.marec import item_counts
     from pipeline.research.cold_start import metrics
 
     ct = split.cold_test_items
-    head = build_cold_head(_EQ5(), split.train, items, cfg)
+    head = build_cold_head(MetadataOnly(), split.train, items, cfg)
     s = head.similarity([r[ct] for r in head.warm_rows], exclude=np.flatnonzero(item_counts(split.train) == 0))
     scores = np.asarray(split.train[users] @ s, dtype=np.float32)
     if xk is not None:

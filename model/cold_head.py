@@ -351,6 +351,13 @@ class ColdHead:
         return (np.float32(self.ab) * c).astype(np.float32)
 
 
+class MetadataOnly:
+    """A stand-in model for build_cold_head when only the metadata-only ("eq5") head is wanted: its name is not a
+    linear family, so no λ1 or diag K is involved."""
+
+    name = "metadata-only"
+
+
 def marec_k_diag(x: sp.csr_matrix, l2: float) -> np.ndarray:
     """diag (XᵀX + λ1 I)⁻¹ [I] (one SPD inverse, as the EASE fit; float64 for the small diagonal entries)."""
     g = gram_dense(sp.csr_matrix(x, dtype=np.float32), np.dtype(np.float64))

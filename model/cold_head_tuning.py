@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from model.cold_head import ColdHeadConfig, ColdHeadTuning, build_cold_head, featurize
+from model.cold_head import ColdHeadConfig, ColdHeadTuning, MetadataOnly, build_cold_head, featurize
 from model.ease import _spd_inverse_inplace, gram_dense
 from model.marec import item_counts, top_k_columns
 from model.metrics import mean_over_valid, ranking_metrics
@@ -45,10 +45,6 @@ class TunedColdHead:
     def summary(self) -> str:
         return (f"delta={self.delta:g} neighbours={self.neighbours} ndcg={self.ndcg:.4f} "
                 f"({self.held_out} titles held out, {self.users} users)")
-
-
-class _EQ5:  # build_cold_head's model argument: any non-linear name gives the metadata-only ("eq5") head
-    name = "cold-head-tuning"
 
 
 def tune_cold_head(train: sp.csr_matrix, items: Mapping[str, Sequence[Any]], config: ColdHeadConfig,
@@ -91,7 +87,7 @@ def tune_cold_head(train: sp.csr_matrix, items: Mapping[str, Sequence[Any]], con
         del k
     results: list[dict[str, float]] = []
     for delta in tuning.delta_grid:
-        head = build_cold_head(_EQ5(), x_fit, items, config.model_copy(update={"delta": delta, "neighbours": 0,
+        head = build_cold_head(MetadataOnly(), x_fit, items, config.model_copy(update={"delta": delta, "neighbours": 0,
                                                                               "tune": None}))
         s = head.similarity([r[held] for r in head.warm_rows], exclude=unclicked)  # [I, held]
         for nb in tuning.neighbours_grid:

@@ -14,13 +14,12 @@ with no click at all have no column; the cold head scores those at serving.
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from model.cold_head import LINEAR_FAMILIES, ColdHead, ColdHeadConfig, build_cold_head, default_blocks, pair_count
+from model.cold_head import LINEAR_FAMILIES, ColdHead, ColdHeadConfig, MetadataOnly, build_cold_head, default_blocks, pair_count
 from model.cold_head_tuning import tune_cold_head
 from model.marec import AlignmentTarget
 
@@ -46,11 +45,11 @@ def snapshot_items(meta: pa.Table, n_items: int) -> dict[str, list[Any]]:
     return out
 
 
-def head_bytes(n_items: int, n_blocks: int, cfg: ColdHeadConfig) -> int:
+def head_bytes(n_items: int, n_blocks: int, cfg: ColdHeadConfig, linear: bool = False) -> int:
     """Peak memory of the fit: one dense [I, I] float32 similarity per regressor (μ by NNLS), or 8 I² for diag K;
-    tuning adds the remaining clicks' K (4 I², linear families)."""
+    tuning a linear family's head adds the remaining clicks' K (4 I²)."""
     regs = 0 if cfg.mu is not None else pair_count(n_blocks, cfg.second_order, cfg.max_pairs_blocks)
-    return (max(regs * 4, 8) + (4 if cfg.tune is not None else 0)) * n_items * n_items
+    return (max(regs * 4, 8) + (4 if cfg.tune is not None and linear else 0)) * n_items * n_items
 
 
 def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: int,
@@ -65,7 +64,7 @@ def fit_cold_head(rec: Any, snap: Any, cfg: ColdHeadConfig | None, max_bytes: in
         return None, {"cold_head.status": "skipped", "cold_head.reason": "snapshot built without items"}
     items = snapshot_items(meta, snap.n_items)
     blocks = list(cfg.blocks) if cfg.blocks else default_blocks(items.keys())
-    need = head_bytes(snap.n_items, max(len(blocks), 1), cfg)
+    need = head_bytes(snap.n_items, max(len(blocks), 1), cfg, getattr(rec, "name", "") in LINEAR_FAMILIES)
     if need > max_bytes:
         reason = (f"{snap.n_items} items x {len(blocks)} metadata blocks need {need / 2**30:.1f} GiB, over "
                   f"max_dense_bytes ({max_bytes / 2**30:.1f} GiB): pass cold_head.mu (fixed block weights) or raise it")
@@ -129,7 +128,7 @@ def fit_alignment(snap: Any, cfg: ColdHeadConfig | None, ab: float,
     cold = cold_model_columns(meta)
     if not len(cold):
         return skipped("no cold item has a model column in this snapshot (new titles are scored by the cold head)")
-    head, info = fit_cold_head(SimpleNamespace(name="multivae"), snap, cfg or ColdHeadConfig(), max_bytes)
+    head, info = fit_cold_head(MetadataOnly(), snap, cfg or ColdHeadConfig(), max_bytes)
     if head is None:
         return skipped(info.get("cold_head.reason", "no cold head"))
     rows = [r[cold] for r in head.warm_rows]  # the cold columns' feature rows, per block

@@ -270,3 +270,10 @@ def test_the_weekly_job_trains_the_aligned_multivae_and_registers_a_plain_one(tm
 def test_marec_align_is_refused_for_a_model_it_does_not_apply_to(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="marec_align applies to Multi-VAE/DAE models"):
         tiny("file:///nowhere", model="ease", marec_align=1.0)
+
+
+def test_the_memory_check_counts_the_tuning_inverse_for_linear_heads_only() -> None:
+    tuned, plain = ColdHeadConfig(), ColdHeadConfig(tune=None)
+    assert cold_head_fit.head_bytes(1000, 2, tuned) == cold_head_fit.head_bytes(1000, 2, plain) == 12 * 10**6
+    assert cold_head_fit.head_bytes(1000, 2, tuned, linear=True) == 16 * 10**6  # + K over the remaining clicks
+    assert cold_head_fit.head_bytes(1000, 2, plain, linear=True) == 12 * 10**6
