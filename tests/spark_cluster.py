@@ -1,8 +1,11 @@
 """pytest plugin: a real Spark standalone cluster on 127.0.0.1 (a master and two workers, one core each).
 
 Started from the pyspark package's own `spark-class` (org.apache.spark.deploy.master.Master / ...worker.Worker),
-on free ports, web UIs bound to loopback (SPARK_LOCAL_IP), work and log folders under the session's tmp. Ready
-when the master's JSON page lists 2 ALIVE workers; stopped (and waited for) at the end of the session.
+on free ports, web UIs bound to loopback (SPARK_LOCAL_IP), work and log folders under the session's tmp. The
+master's RPC and UI addresses are read from its own log, not assumed from the ports asked for: a port taken in
+between makes Spark bind the next one, and polling the asked-for port then reads someone else's page (a CI run
+once got another Spark UI's HTML there). Ready when our master's JSON page lists 2 ALIVE workers; stopped (and
+waited for) at the end of the session.
 
 This test process already runs a local[2] session (the `spark` fixture) and a process has one SparkContext, so
 jobs run on the cluster in a child process: `run_on_cluster(code)` runs a Python snippet with the cluster's
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,8 +75,17 @@ class StandaloneCluster:
     worker_memory: str = "1g"
 
     def state(self) -> dict:
+        """Our master's JSON state; a RuntimeError when the UI address answers with anything else."""
         with urllib.request.urlopen(f"{self.ui_url}/json/", timeout=5) as r:
-            return json.loads(r.read())
+            body = r.read()
+        try:
+            state = json.loads(body)
+        except ValueError:
+            state = None
+        if not isinstance(state, dict) or state.get("url") != self.master_url:
+            raise RuntimeError(f"{self.ui_url}/json/ is not the JSON page of the master {self.master_url}: "
+                               f"{body[:200]!r}")
+        return state
 
     def alive_workers(self) -> int:
         return sum(1 for w in self.state().get("workers", []) if w.get("state") == "ALIVE")
@@ -131,6 +144,24 @@ class StandaloneCluster:
         w.proc.wait(30)
 
 
+_MASTER_URL = re.compile(r"Starting Spark master at (spark://\S+)")
+_MASTER_UI = re.compile(r"Bound MasterWebUI to \S+ and started at http://[^:/\s]+:(\d+)")
+
+
+def _master_addresses(log: Path, proc: subprocess.Popen, timeout: float = START_TIMEOUT_S) -> tuple[str, str]:
+    """(spark://host:port, http://127.0.0.1:uiport) as the master logs them once bound."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        url, ui = _MASTER_URL.search(text), _MASTER_UI.search(text)
+        if url and ui:
+            return url.group(1), f"http://127.0.0.1:{ui.group(1)}"
+        time.sleep(0.25)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    raise RuntimeError(f"the Spark master did not log its addresses within {timeout:.0f} s "
+                       f"(exit code {proc.poll()}); its log:\n{tail}")
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -147,21 +178,22 @@ def _stop(proc: subprocess.Popen) -> None:
 def standalone(home: Path, workers: int = WORKERS, worker_memory: str = "1g") -> Iterator[StandaloneCluster]:
     """A master and `workers` workers (1 core, `worker_memory` each) on 127.0.0.1, logs and work dirs under `home`;
     stopped and waited for on exit (bench/build_matrix.py uses it too)."""
-    port, ui = _free_port(), _free_port()
+    log = home / "master.log"
     master = subprocess.Popen(
-        [str(_spark_class()), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-         "--webui-port", str(ui)],
-        env=cluster_env(), stdout=open(home / "master.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        [str(_spark_class()), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+         "--port", str(_free_port()), "--webui-port", str(_free_port())],
+        env=cluster_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
         start_new_session=True)
-    cluster = StandaloneCluster(f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{ui}", home, master,
-                                worker_memory=worker_memory)
+    cluster: StandaloneCluster | None = None
     try:
+        master_url, ui_url = _master_addresses(log, master)
+        cluster = StandaloneCluster(master_url, ui_url, home, master, worker_memory=worker_memory)
         for _ in range(workers):
             cluster.add_worker()
         cluster.wait_alive(workers)
         yield cluster
     finally:
-        for w in cluster.workers:
+        for w in cluster.workers if cluster else []:
             _stop(w.proc)
         _stop(master)
 
