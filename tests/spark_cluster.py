@@ -2,10 +2,10 @@
 
 Started from the pyspark package's own `spark-class` (org.apache.spark.deploy.master.Master / ...worker.Worker),
 on free ports, web UIs bound to loopback (SPARK_LOCAL_IP), work and log folders under the session's tmp. The
-master's RPC and UI addresses are read from its own log, not assumed from the ports asked for: a port taken in
-between makes Spark bind the next one, and polling the asked-for port then reads someone else's page (a CI run
-once got another Spark UI's HTML there). Ready when our master's JSON page lists 2 ALIVE workers; stopped (and
-waited for) at the end of the session.
+master's RPC and UI addresses are read from its own log once it says its UI is bound. Spark starts the UI's Jetty
+server before attaching its pages, so a poll in between gets a 404 or, once "/" is attached but "/json" is not,
+the master's HTML page (a CI run failed on exactly that); and a port taken in between makes Spark bind the next
+one. Ready when our master's JSON page lists 2 ALIVE workers; stopped (and waited for) at the end of the session.
 
 This test process already runs a local[2] session (the `spark` fixture) and a process has one SparkContext, so
 jobs run on the cluster in a child process: `run_on_cluster(code)` runs a Python snippet with the cluster's

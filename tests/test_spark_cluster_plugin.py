@@ -1,8 +1,9 @@
 """The standalone-cluster plugin (tests/spark_cluster.py) trusts only its own master's log and JSON page.
 
-A CI run once polled the asked-for UI port and read another Spark UI's HTML there; these check that the plugin
-takes the addresses the master logs and refuses a page that is not its master's, with a message saying what
-answered. The HTTP server here is a stand-in for "someone else on the port" (no Spark needed).
+A CI run once polled the master's UI while Spark was still attaching its pages and read HTML at /json/; these
+check that the plugin takes the addresses the master logs (after its UI is bound) and refuses a page that is not
+its master's JSON, with a message saying what answered. The HTTP server here stands in for a UI answering with the
+wrong page (no Spark needed).
 """
 
 from __future__ import annotations
