@@ -54,9 +54,10 @@ CHECKPOINT = "checkpoint.json"
 # (and tune_only: a run resumed without it scores the test users of the values its searches chose)
 RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models", "tune_only", "keep_fits"})
 # a searched value: a float (EASE's l2, PIA's lambda_A), EDLAE's (l2, dropout) pair (a list once read from JSON), or
-# an autoencoder's settings (arch_grid: model-config fields and lr, plus lambda_a for a -pia model)
+# an autoencoder's settings (arch_grid: model-config fields and TRAIN_KEYS, plus lambda_a for a -pia model)
 HP = float | tuple[float, ...] | list[float] | dict[str, Any]
 LAMBDA_A = "lambda_a"  # the PIA weight inside an arch_grid value
+TRAIN_KEYS = ("lr", "batch_size", "weight_decay")  # trainer settings an arch_grid value may set besides the model's
 # around ml-1m's validation optimum (l2 100, p 0.5; p 0.67-0.8 and 0.1-0.25 were worse), l2 widened as EASE's grid
 DEFAULT_EDLAE_GRID = ((30.0, 0.5), (100.0, 0.25), (100.0, 0.5), (100.0, 0.67), (300.0, 0.5), (1000.0, 0.5))
 
@@ -95,7 +96,8 @@ class ExperimentJob(Job):
     max_ease_items: int = Field(50_000, ge=1, description="skip EASE/EDLAE (I x I dense) above this catalog size")
     arch_grid: tuple[dict[str, Any], ...] = Field((), description="autoencoder settings searched on validation users: "
                                                   "each a set of model-config fields (VAEConfig for Multi-VAE/DAE, "
-                                                  "RecVAEConfig for RecVAE) and/or lr; crossed with pia_grid for -pia")
+                                                  "RecVAEConfig for RecVAE) and/or lr, batch_size, weight_decay; crossed "
+                                                  "with pia_grid for -pia")
     tune_only: bool = Field(False, description="run the searches on the first seed's validation users and stop: "
                                                "no test user is scored, models without a grid are not fit")
     keep_fits: bool = Field(False, description="pickle each search's winner to OUT/fits/ (autoencoders only): the "
@@ -165,27 +167,31 @@ def load_experiment_data(cfg: ExperimentJob) -> Interactions:
     return data
 
 
-def arch_settings(name: str, overrides: dict[str, Any]) -> tuple[BaseModel, float | None]:
-    """An autoencoder's model config with `overrides` applied, and the learning rate they set (None: the default).
-    ValueError naming the key and the fields of the model's config when a key is unknown or a value refused."""
+def arch_settings(name: str, overrides: dict[str, Any]) -> tuple[BaseModel, dict[str, Any]]:
+    """An autoencoder's model config with `overrides` applied, and the trainer settings they set (TRAIN_KEYS: lr,
+    batch_size, weight_decay; empty: the defaults). ValueError naming the key and the fields of the model's config
+    when a key is unknown or a value refused."""
     arch = name.removesuffix("-pia")
     base = ARCHS[arch][1]()
     fields = sorted(type(base).model_fields)
-    lr = overrides.get("lr")
-    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
-        raise ValueError(f"arch_grid: lr={lr!r} for {name}: the learning rate must be a number > 0")
-    unknown = [k for k in overrides if k not in fields and k != "lr"]
+    train = {k: v for k, v in overrides.items() if k in TRAIN_KEYS}
+    for key, value in train.items():
+        try:
+            TrainConfig.model_validate({key: value})
+        except ValidationError as e:
+            raise ValueError(f"arch_grid: {key}={value!r} for {name}: {e.errors()[0]['msg']}") from None
+    unknown = [k for k in overrides if k not in fields and k not in TRAIN_KEYS]
     if unknown:
         raise ValueError(f"arch_grid: {', '.join(map(repr, unknown))} is not a setting of {name} "
-                         f"({type(base).__name__}); choose from lr, {', '.join(fields)} (or run {name} in its own "
-                         "experiment)")
+                         f"({type(base).__name__}); choose from {', '.join(TRAIN_KEYS)}, {', '.join(fields)} (or run "
+                         f"{name} in its own experiment)")
     try:
-        config = type(base).model_validate(base.model_dump() | {k: v for k, v in overrides.items() if k != "lr"})
+        config = type(base).model_validate(base.model_dump() | {k: v for k, v in overrides.items() if k not in train})
     except ValidationError as e:
         first = e.errors()[0]
         raise ValueError(f"arch_grid: {'.'.join(map(str, first['loc']))}={first.get('input')!r} for {name}: "
                          f"{first['msg']}") from None
-    return config, (float(lr) if lr is not None else None)
+    return config, train
 
 
 class Experiment:
@@ -204,10 +210,8 @@ class Experiment:
     def build(self, name: str, seed: int, hp: HP | None) -> Recommender:
         """A fresh model; `hp` is the searched value (EASE l2, EDLAE (l2, dropout), PIA lambda_A or arch_grid's)."""
         if isinstance(hp, dict):
-            model_config, lr = arch_settings(name, {k: v for k, v in hp.items() if k != LAMBDA_A})
-            train = self.train_config(name, seed)
-            if lr is not None:
-                train = train.model_copy(update={"lr": lr})
+            model_config, trainer = arch_settings(name, {k: v for k, v in hp.items() if k != LAMBDA_A})
+            train = self.train_config(name, seed).model_copy(update=trainer)
             weight = hp.get(LAMBDA_A)
             pia = PIAConfig(weight=weight, estimator=self.cfg.pia_estimator) if weight else None
             return make_recommender(name, train=train, pia=pia, model_config=model_config)
