@@ -47,6 +47,10 @@ class TrainConfig(BaseModel):
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(500, ge=1)
     lr: float = Field(1e-3, gt=0.0)
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiply the learning rate by this after every "
+                                                             "lr_decay_patience evaluations without a better one "
+                                                             "(1: never; needs validation users)")
+    lr_decay_patience: int = Field(5, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     device: str = "auto"
@@ -174,6 +178,20 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # -- training -------------------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        """The learning rate now (of the first optimizer; a decay scales them all alike)."""
+        return float(next(iter(self.optimizers.values())).param_groups[0]["lr"])
+
+    def _decay_lr(self, factor: float) -> None:
+        """Scale every optimizer's learning rate (kept in their state, so a resumed run continues from it)."""
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] * factor
+        self._graph = None  # a captured CUDA-graph step holds the old rate: capture again at next use
+        log.info("learning rate decayed to %.3g at epoch %d (%d evaluations without a better one)", self.lr,
+                 self.epoch, self.evals_since_best)
+
     def _check_graph_ok(self, train: sp.csr_matrix) -> torch.Tensor:
         """The dense device matrix for the CUDA-graph step, or a clear error saying why it cannot be used."""
         why = None
@@ -312,6 +330,9 @@ class Trainer:
                         self.evals_since_best = 0
                     else:
                         self.evals_since_best += 1
+                        if cfg.lr_decay < 1.0 and self.evals_since_best % cfg.lr_decay_patience == 0:
+                            self._decay_lr(cfg.lr_decay)
+                    record["lr"] = self.lr
                     bar.set_postfix(loss=f"{record['loss']:.3g}", val=f"{value:.4f}", best=f"{self.best_value:.4f}")
             record["step"] = self.step
             self.history.append(record)

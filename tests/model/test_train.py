@@ -150,6 +150,36 @@ def test_patience_stops_early_and_rolls_back(split: Split, tiny_vae, train_confi
     assert_same_state(trainer.model.state_dict(), states[2])
 
 
+def test_lr_decays_after_each_plateau_and_a_resume_continues_from_the_decayed_rate(split: Split, tiny_vae,
+                                                                                   train_config) -> None:
+    cfg = train_config(epochs=8, lr=1e-2, lr_decay=0.5, lr_decay_patience=2)
+    values = [0.1, 0.2, 0.15, 0.18, 0.3, 0.29, 0.28, 0.27]  # plateaus: epochs 3-4, then 6-8
+    torch.manual_seed(0)
+    trainer = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg, valid=split.valid)
+    scripted(trainer, values)
+    saved: dict[int, dict[str, Any]] = {}
+    history = trainer.fit(checkpoint=lambda s: saved.setdefault(s["epoch"], deep_copy(s)))
+    # halved after the 2nd evaluation without a better one (epoch 4), then after epoch 7's; a new best resets the count
+    assert [r["lr"] for r in history] == [1e-2, 1e-2, 1e-2, 5e-3, 5e-3, 5e-3, 2.5e-3, 2.5e-3]
+    assert trainer.optimizers["all"].param_groups[0]["lr"] == 2.5e-3
+
+    torch.manual_seed(1)
+    again = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg, valid=split.valid)
+    scripted(again, values[5:])
+    again.load_state_dict(saved[5])
+    assert again.lr == 5e-3  # the rate is in the optimizer's state
+    rest = again.fit()
+    assert [r["lr"] for r in rest[5:]] == [5e-3, 2.5e-3, 2.5e-3]
+    assert_same_state(trainer.model.state_dict(), again.model.state_dict())
+
+
+def test_lr_decay_off_by_default(split: Split, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    trainer = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=4), valid=split.valid)
+    scripted(trainer, [0.3, 0.2, 0.1, 0.0])
+    assert [r["lr"] for r in trainer.fit()] == [1e-3] * 4
+
+
 def test_no_patience_runs_all_epochs_and_ties_keep_the_first(split: Split, tiny_vae, train_config) -> None:
     torch.manual_seed(0)
     trainer = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=5), valid=split.valid)
