@@ -50,7 +50,7 @@ class TrainConfig(BaseModel):
     lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiply the learning rate by this after every "
                                                              "lr_decay_patience evaluations without a better one "
                                                              "(1: never; needs validation users)")
-    lr_decay_patience: int = Field(5, ge=1)
+    lr_decay_patience: int = Field(3, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     device: str = "auto"

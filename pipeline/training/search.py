@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import DataError
 
 SELECT = "val_ndcg@100"  # the trainer's record key of the selection metric (TrainConfig.select_metric)
-TOP_LEVEL = ("lr", "batch_size")  # searchable keys outside vae.* / pia.*
+TOP_LEVEL = ("lr", "batch_size", "lr_decay", "lr_decay_patience")  # searchable keys outside vae.* / pia.*
 
 
 class _Frozen(BaseModel):
@@ -164,7 +164,7 @@ def with_overrides(job: Any, train_cfg: Any, overrides: dict[str, Any]) -> dict[
     """`job` and `train_cfg` (model.train.TrainConfig) with `overrides` applied, as keyword arguments for
     dataclasses.replace of TrainJob's _Setup."""
     new = with_job_overrides(job, overrides)
-    return {"job": new, "train_cfg": train_cfg.model_copy(update={"lr": new.lr, "batch_size": new.batch_size})}
+    return {"job": new, "train_cfg": train_cfg.model_copy(update={k: getattr(new, k) for k in TOP_LEVEL})}
 
 
 def _ends(r: FloatRange | IntRange | Choices) -> list[Any]:

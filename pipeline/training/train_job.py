@@ -94,6 +94,10 @@ class TrainJob(Job):
     patience: int | None = Field(10, ge=1, description="early stop after this many epochs without a better val NDCG@100")
     batch_size: int = Field(500, ge=1)
     lr: float = Field(1e-3, gt=0.0)
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiply the learning rate by this after every "
+                                                             "lr_decay_patience epochs without a better val NDCG@100 "
+                                                             "(1: constant rate)")
+    lr_decay_patience: int = Field(3, ge=1)
     seed: int = 0
     device: str = "auto"
     bf16: bool | None = Field(None, description=(
@@ -444,7 +448,8 @@ def _set_up(job: TrainJob, tracking: bool = True) -> _Setup:
     job.check_budget(snap.n_items, device)  # before any run is opened: over budget, nothing is logged or registered
     bf16, why = training_bf16(job.bf16, device)
     log.info("training precision: %s (%s)", "bf16 autocast" if bf16 else "fp32", why)
-    train_cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed, device=device,
+    train_cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, lr_decay=job.lr_decay,
+                            lr_decay_patience=job.lr_decay_patience, seed=job.seed, device=device,
                             bf16=bf16, patience=job.patience, progress=job.progress)
     # every rank of a data-parallel run builds the same target (deterministic), so their losses agree
     alignment, alignment_info, head = fit_alignment(snap, job.cold_head, job.marec_align, job.max_dense_bytes)

@@ -249,3 +249,23 @@ def test_recvae_settings_are_searched_and_reach_the_model(synth_snapshot: str) -
     trial = tuned_setup(s, {"recvae.hidden_dim": 8, "recvae.gamma": 0.01})
     assert trial.build("recvae-pia").model_config == RecVAEConfig(hidden_dim=8, gamma=0.01)
     assert trial.build("recvae").model_config == RecVAEConfig(hidden_dim=8, gamma=0.01)  # the twin too
+
+
+def test_trainer_settings_are_searched_and_reach_the_trainer(synth_snapshot: str) -> None:
+    """lr, batch_size and the plateau decay (lr_decay, lr_decay_patience) are TrainJob keys the search tunes: a
+    trial's values are what its trainer runs with (no training here); a decay outside (0, 1] is refused."""
+    from pipeline.training.search import check_search, tuned_setup
+    from pipeline.training.train_job import _set_up
+
+    space = {"lr_decay": {"type": "categorical", "choices": [1.0, 0.5]},
+             "lr_decay_patience": {"type": "int", "low": 2, "high": 5},
+             "batch_size": {"type": "categorical", "choices": [50, 100]}}
+    job = tiny(synth_snapshot, search=search(space=space), lr_decay=0.7)
+    check_search(job)
+    s = _set_up(job, tracking=False)
+    assert (s.train_cfg.lr_decay, s.train_cfg.lr_decay_patience) == (0.7, 3)  # the job's own values by default
+    trial = tuned_setup(s, {"lr_decay": 0.5, "lr_decay_patience": 2, "batch_size": 50})
+    assert (trial.train_cfg.lr_decay, trial.train_cfg.lr_decay_patience, trial.train_cfg.batch_size) == (0.5, 2, 50)
+    bad = tiny(synth_snapshot, search=search(space={"lr_decay": {"type": "float", "low": 0.5, "high": 2.0}}))
+    with pytest.raises(DataError, match=r"search.space.lr_decay: the job refuses lr_decay=2.0"):
+        check_search(bad)
