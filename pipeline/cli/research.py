@@ -77,8 +77,8 @@ def register(sub: Any) -> None:
     e.add_argument("--arch-grid", type=_settings, default=(),
                    help="autoencoder settings searched on validation users: sets split by ';', settings by ',' "
                         "(e.g. 'hidden_dim=1200,latent_dim=400;dropout=0.3'): fields of the model's config "
-                        "(VAEConfig, RecVAEConfig) and the trainer's lr, batch_size, weight_decay; crossed with "
-                        "--pia-grid for the -pia models")
+                        "(VAEConfig, RecVAEConfig) and the trainer's lr, batch_size, weight_decay, lr_decay, "
+                        "lr_decay_patience; crossed with --pia-grid for the -pia models")
     e.add_argument("--tune-only", action="store_true",
                    help="search on the first seed's validation users and stop: no test user scored (score the "
                         "chosen values later with the same options, without it, and --resume)")
