@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
     e.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RECSYS_DATA_DIR", "../shared/data")),
                    help="where data set names resolve (env RECSYS_DATA_DIR)")
     e.add_argument("--epochs", type=int, default=200, help="max epochs of the autoencoders")
-    e.add_argument("--recvae-epochs", type=int, default=None, help="max epochs of RecVAE (default: min(--epochs, 50))")
+    e.add_argument("--recvae-epochs", type=int, default=None, help="max epochs of RecVAE (default: --epochs)")
     e.add_argument("--patience", type=int, default=20,
                    help="early stop after this many epochs without a better validation NDCG@100")
     e.add_argument("--bf16", action="store_true", help="bf16 autocast of the training step (CUDA, or a CPU with native bf16)")

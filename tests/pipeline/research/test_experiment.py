@@ -267,3 +267,15 @@ def test_resume_from_an_unusable_checkpoint_is_a_clear_error(tmp_path: Path, tex
     assert rc == 2 and "cannot use" in err and "checkpoint.json" in err and "to start over" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json"]
     assert (tmp_path / "checkpoint.json").read_text() == text
+
+
+def test_recvae_gets_the_autoencoders_budget_unless_told(tmp_path: Path) -> None:
+    """RecVAE's paper's 50 epochs bound on ml-1m and anime: not given, its cap is `epochs`, recorded as a number
+    (a results file that says None keeps its old meaning, min(epochs, 50), in the budget line)."""
+    from pipeline.research.report import _budget
+
+    assert _small(tmp_path, epochs=120).recvae_epochs == 120
+    assert _small(tmp_path, epochs=120, recvae_epochs=40).recvae_epochs == 40
+    assert ExperimentJob(dataset="synthetic", out=tmp_path).recvae_epochs == 200  # the default epochs
+    job = _small(tmp_path, epochs=120, models=("recvae",))
+    assert _budget(job.model_dump(mode="json")) == "max epochs 120 (RecVAE 120), early-stop patience None"
