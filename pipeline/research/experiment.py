@@ -98,7 +98,7 @@ class ExperimentJob(Job):
     max_ease_items: int = Field(50_000, ge=1, description="skip EASE/EDLAE (I x I dense) above this catalog size")
     arch_grid: tuple[dict[str, Any], ...] = Field((), description="autoencoder settings searched on validation users: "
                                                   "each a set of model-config fields (VAEConfig for Multi-VAE/DAE, "
-                                                  "RecVAEConfig for RecVAE) and/or lr, batch_size, weight_decay; crossed "
+                                                  "RecVAEConfig for RecVAE) and/or the trainer's TRAIN_KEYS; crossed "
                                                   "with pia_grid for -pia")
     tune_only: bool = Field(False, description="run the searches on the first seed's validation users and stop: "
                                                "no test user is scored, models without a grid are not fit")
@@ -180,9 +180,9 @@ def load_experiment_data(cfg: ExperimentJob) -> Interactions:
 
 
 def arch_settings(name: str, overrides: dict[str, Any]) -> tuple[BaseModel, dict[str, Any]]:
-    """An autoencoder's model config with `overrides` applied, and the trainer settings they set (TRAIN_KEYS: lr,
-    batch_size, weight_decay; empty: the defaults). ValueError naming the key and the fields of the model's config
-    when a key is unknown or a value refused."""
+    """An autoencoder's model config with `overrides` applied, and the trainer settings they set (their TRAIN_KEYS;
+    empty: the defaults). ValueError naming the key and the fields of the model's config when a key is unknown or
+    a value refused."""
     arch = name.removesuffix("-pia")
     base = ARCHS[arch][1]()
     fields = sorted(type(base).model_fields)
