@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from model.layers import gaussian_kl
 from model.pia import ItemAnchors
-from model.vae import MultiVAE
+from model.vae import MultiVAE, kl_user_weight
 
 
 def dense_loss(model: MultiVAE, x: torch.Tensor, row_weight: torch.Tensor, dropout: float, beta: torch.Tensor,
@@ -42,7 +42,7 @@ def dense_loss(model: MultiVAE, x: torch.Tensor, row_weight: torch.Tensor, dropo
     if model.config.variational:
         mu, logvar = h.chunk(2, dim=-1)  # [B, d] each
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        kl = (gaussian_kl(mu, logvar) * row_weight).sum() / n
+        kl = (gaussian_kl(mu, logvar) * kl_user_weight(model.config, x.sum(-1), row_weight) * row_weight).sum() / n
         terms["kl"] = kl
     else:
         mu, logvar = torch.tanh(h), None

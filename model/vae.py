@@ -2,7 +2,8 @@
 
 Multi-VAE: x -> L2 normalize -> dropout(0.5) -> I -> 600 (tanh) -> 2 x 200 (mu, logvar)
            z ~ N(mu, sigma^2) in training, z = mu at inference -> 200 -> 600 (tanh) -> I logits
-           loss = multinomial NLL + beta * KL, beta by the config's schedule (`beta_at`).
+           loss = multinomial NLL + beta * KL, beta by the config's schedule (`beta_at`), each user's KL
+           weighted alike or by history size (`kl_user_weight`).
 Multi-DAE: same without the variance head: I -> 200 -> I by default, loss = multinomial NLL (+ L2).
 """
 
@@ -45,6 +46,10 @@ class VAEConfig(BaseModel):
     anneal_fraction: float = Field(0.2, gt=0.0, le=1.0, description="progress: the share of the planned updates "
                                                                      "over which beta rises linearly to beta_max")
     anneal_steps: int = Field(200_000, ge=0, description="liang: beta = step / anneal_steps (0: beta_max at once)")
+    kl_weight: Literal["uniform", "count"] = Field(
+        "uniform", description="uniform: every user's KL weighs beta; count: beta x |x_u| / the batch's mean |x_u| "
+                               "(RecVAE's rescaling: the NLL grows with a user's history, so a uniform beta "
+                               "regularizes light users relatively more)")
 
     @model_validator(mode="before")
     @classmethod
@@ -75,6 +80,17 @@ def beta_at(config: VAEConfig, step: int, planned_updates: int | None = None) ->
         return config.beta_max
     ramp = config.anneal_fraction * planned_updates
     return config.beta_max if ramp <= 0 or step >= ramp else config.beta_max * step / ramp
+
+
+def kl_user_weight(config: VAEConfig, counts: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Each user's share of the KL term [B] from the history sizes `counts` [B]: 1 for "uniform"; for "count",
+    |x_u| over the mean |x_u| of the batch's real rows (row_weight 1; pads 0), so the mean weight stays 1 and beta_max
+    keeps its scale."""
+    if config.kl_weight == "uniform":
+        return torch.ones_like(counts)
+    w = torch.ones_like(counts) if row_weight is None else row_weight
+    mean = (counts * w).sum() / w.sum().clamp_min(1.0)
+    return counts / mean.clamp_min(1e-12)
 
 
 def dae_config(**overrides: object) -> VAEConfig:
@@ -186,7 +202,7 @@ class MultiVAE(nn.Module):
             return LossOut(self._nll(self.decode(mu), x, terms), terms, mu=mu)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         nll = self._nll(self.decode(z), x, terms)
-        kl = gaussian_kl(mu, logvar).mean()
+        kl = (gaussian_kl(mu, logvar) * kl_user_weight(self.config, x.row_sum(torch.ones_like(x.vals)))).mean()
         beta = self.beta(step)
         terms |= {"kl": kl.detach(), "beta": beta}
         return LossOut(nll + beta * kl, terms, mu, logvar, z)

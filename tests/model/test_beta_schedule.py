@@ -16,7 +16,9 @@ import torch
 
 from model.split import Split
 from model.train import TrainConfig, Trainer
-from model.vae import MultiVAE, VAEConfig, beta_at, dae_config
+from model.layers import gaussian_kl
+from model.sparse import as_batch
+from model.vae import MultiVAE, Phase, VAEConfig, beta_at, dae_config, kl_user_weight
 
 TINY = {"hidden_dims": (), "latent_dim": 2}
 
@@ -139,3 +141,38 @@ def test_resume_mid_anneal_gives_the_same_beta(split: Split) -> None:
     old = trainer(split, epochs=4, seed=7)
     old.load_state_dict({k: v for k, v in saved[2].items() if k != "planned_updates"})
     assert old.planned_updates == 16
+
+
+def test_kl_weight_by_count_is_proportional_to_history_and_averages_one() -> None:
+    counts = torch.tensor([2.0, 4.0, 6.0, 0.0])
+    uniform = kl_user_weight(VAEConfig(**TINY), counts)
+    assert torch.equal(uniform, torch.ones(4))
+    by_count = VAEConfig(**TINY, kl_weight="count")
+    w = kl_user_weight(by_count, counts[:3])
+    assert torch.allclose(w, torch.tensor([0.5, 1.0, 1.5]))  # |x_u| / mean |x_u|: beta_max keeps its scale
+    # a padded row (weight 0) neither counts in the mean nor changes the real rows' weights
+    padded = kl_user_weight(by_count, counts, row_weight=torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert torch.allclose(padded[:3], w)
+
+
+def test_kl_weight_by_count_weighs_each_users_kl_by_history() -> None:
+    """The loss's KL term is the mean of each user's KL times its weight: 1/3 and 5/3 for histories of 1 and 5."""
+    x = torch.zeros(2, 6)
+    x[0, :1] = 1.0  # a light user: 1 item
+    x[1, :5] = 1.0  # a heavy user: 5 items
+    batch = as_batch(x)
+    for mode in ("uniform", "count"):
+        torch.manual_seed(0)
+        model = MultiVAE(6, VAEConfig(**TINY, beta_schedule="constant", kl_weight=mode))
+        mu, logvar = model.encode(batch)
+        assert logvar is not None
+        per_user = gaussian_kl(mu, logvar)
+        torch.manual_seed(1)
+        out = model.loss(batch, step=0, phase=Phase("all", 1, 0.0, pia=False))
+        want = per_user.mean() if mode == "uniform" else (per_user * torch.tensor([1 / 3, 5 / 3])).mean()
+        assert float(out.terms["kl"]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_an_unknown_kl_weight_is_refused() -> None:
+    with pytest.raises(pydantic.ValidationError, match="uniform"):
+        VAEConfig(kl_weight="per_item")

@@ -22,12 +22,14 @@ def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
-@pytest.mark.parametrize("variational", [True, False], ids=["vae", "dae"])
+@pytest.mark.parametrize(("variational", "kl_weight"), [(True, "uniform"), (True, "count"), (False, "uniform")],
+                         ids=["vae", "vae-kl-by-count", "dae"])
 @pytest.mark.parametrize("estimator", ["closed_form", "sampled", None], ids=["pia-closed", "pia-sampled", "no-pia"])
-def test_dense_loss_equals_the_sparse_loss_and_gradients(matrix: sp.csr_matrix, variational: bool,
+def test_dense_loss_equals_the_sparse_loss_and_gradients(matrix: sp.csr_matrix, variational: bool, kl_weight: str,
                                                          estimator: str | None) -> None:
     torch.manual_seed(0)
-    cfg = VAEConfig(hidden_dims=(32,), latent_dim=8) if variational else dae_config(latent_dim=8)
+    cfg = (VAEConfig(hidden_dims=(32,), latent_dim=8, kl_weight=kl_weight) if variational
+           else dae_config(latent_dim=8))
     model = MultiVAE(matrix.shape[1], cfg)
     anchors = ItemAnchors(matrix.shape[1], 8, PIAConfig(weight=0.3, estimator=estimator)) if estimator else None
     params = [*model.parameters(), *([] if anchors is None else anchors.parameters())]
@@ -60,9 +62,10 @@ def test_dense_loss_equals_the_sparse_loss_and_gradients(matrix: sp.csr_matrix, 
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
 
 
-def test_padded_rows_do_not_count(matrix: sp.csr_matrix) -> None:
+@pytest.mark.parametrize("kl_weight", ["uniform", "count"])
+def test_padded_rows_do_not_count(matrix: sp.csr_matrix, kl_weight: str) -> None:
     torch.manual_seed(0)
-    model = MultiVAE(matrix.shape[1], VAEConfig(hidden_dims=(32,), latent_dim=8)).eval()
+    model = MultiVAE(matrix.shape[1], VAEConfig(hidden_dims=(32,), latent_dim=8, kl_weight=kl_weight)).eval()
     anchors = ItemAnchors(matrix.shape[1], 8, PIAConfig(weight=0.3))
     csr = DeviceCSR.from_scipy(matrix)
     x = dense_matrix(csr.indptr, csr.indices, (csr.n_rows, csr.n_cols)).float()

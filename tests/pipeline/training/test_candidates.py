@@ -82,11 +82,12 @@ def test_candidates_validation_and_sample_config() -> None:
     job = load_candidates(REPO / "configs" / "candidates.yaml", {"snapshot": "s", "mode": None})
     jobs = job.train_jobs("g")
     assert [j.model for j in jobs] == ["multivae-pia", "recvae-pia", "ease", "edlae"]
-    assert all(j.snapshot == "s" and j.epochs == 30 and j.tags[GROUP_TAG] == "g" for j in jobs)
+    assert all(j.snapshot == "s" and (j.epochs, j.patience) == (200, 20) and j.tags[GROUP_TAG] == "g" for j in jobs)
+    assert (jobs[0].pia.weight, jobs[1].pia.weight) == (1.0, 0.1)  # the λ_A each family chose on validation
     assert job.mode == "enabled" and jobs[2].l2_grid == (100.0, 250.0, 500.0, 1000.0)
     assert jobs[3].l2_grid == (30.0, 100.0, 300.0, 1000.0)
     job = load_candidates(REPO / "configs" / "candidates.yaml", {"snapshot": "s", "common": {"device": "cpu"}})
-    assert all(j.device == "cpu" and j.epochs == 30 for j in job.train_jobs("g"))  # merged into the file's common
+    assert all(j.device == "cpu" and j.epochs == 200 for j in job.train_jobs("g"))  # merged into the file's common
 
 
 def test_cli_train_candidates_dry_run(home: Path, synth_snapshot: str, tmp_path: Path,
