@@ -49,6 +49,7 @@ from pipeline.errors import DataError
 
 SELECT = "val_ndcg@100"  # the trainer's record key of the selection metric (TrainConfig.select_metric)
 TOP_LEVEL = ("lr", "batch_size", "lr_decay", "lr_decay_patience")  # searchable keys outside vae.* / pia.*
+KL_KEYS = ("vae.beta", "vae.anneal", "vae.kl")  # the KL term's settings: they apply to a variational VAE only
 
 
 class _Frozen(BaseModel):
@@ -128,7 +129,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def applies(key: str, model: str, job: Any) -> bool:
     """Whether `key` changes how `model` trains: pia.* only with PIA, vae.* only for Multi-VAE/DAE, recvae.* only for
-    RecVAE; β keys only for a variational VAE."""
+    RecVAE; the KL term's keys (KL_KEYS) only for a variational VAE."""
     if key.startswith("pia."):
         return model.endswith("-pia")
     if key.startswith("recvae."):
@@ -136,7 +137,7 @@ def applies(key: str, model: str, job: Any) -> bool:
     if key.startswith("vae."):
         if not model.startswith("multi"):
             return False
-        return job.vae.variational or not key.startswith(("vae.beta", "vae.anneal"))
+        return job.vae.variational or not key.startswith(KL_KEYS)
     return True
 
 
@@ -219,7 +220,7 @@ def check_search(job: Any) -> None:
         if not applies(key, job.model, job):
             raise DataError(f"search.space key {key!r} does not apply to model {job.model}",
                             f"drop it from the space, or train a model it applies to (pia.*: a -pia model; vae.*: "
-                            f"multivae/multidae{', variational' if key.startswith(('vae.beta', 'vae.anneal')) else ''}; "
+                            f"multivae/multidae{', variational' if key.startswith(KL_KEYS) else ''}; "
                             "recvae.*: recvae/recvae-pia)")
         problem = _range_problem(key, r, keys[key])
         if problem is not None:

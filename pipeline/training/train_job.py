@@ -41,7 +41,7 @@ from model.cold_head import ColdHeadConfig
 from model.ease import EASEConfig
 from model.pia import PIAConfig
 from model.recvae import RecVAEConfig
-from model.vae import VAEConfig
+from model.vae import VAEConfig, dae_config
 from pipeline.errors import DataError
 from pipeline.io import registry
 from pipeline.io.hardware import default_dense_bytes
@@ -150,6 +150,21 @@ class TrainJob(Job):
         if v not in trainable():
             raise ValueError(f"unknown model {v!r}: train one of {', '.join(trainable())}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_dae_by_default(cls, data: Any) -> Any:
+        """multidae without a `vae` section trains the DAE reference architecture (dae_config), not the VAE default."""
+        if isinstance(data, dict) and data.get("model") == "multidae" and "vae" not in data:
+            return {**data, "vae": dae_config()}
+        return data
+
+    @model_validator(mode="after")
+    def _dae_is_not_variational(self) -> TrainJob:
+        if self.model == "multidae" and self.vae.variational:
+            raise ValueError("model multidae with vae.variational: true would train a Multi-VAE: set "
+                             "vae.variational: false (or leave vae out for the DAE reference), or train multivae")
+        return self
 
     @model_validator(mode="after")
     def _alignment_needs_a_multivae(self) -> TrainJob:

@@ -14,10 +14,10 @@ import pydantic
 import pytest
 import torch
 
-from model.split import Split
-from model.train import TrainConfig, Trainer
 from model.layers import gaussian_kl
 from model.sparse import as_batch
+from model.split import Split
+from model.train import TrainConfig, Trainer
 from model.vae import MultiVAE, Phase, VAEConfig, beta_at, dae_config, kl_user_weight
 
 TINY = {"hidden_dims": (), "latent_dim": 2}

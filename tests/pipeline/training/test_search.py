@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from model.vae import dae_config
 from pipeline.errors import DataError
 from pipeline.training.search import SearchConfig, load_search_config, run_searches
 
@@ -177,6 +178,10 @@ BAD: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                                "does not apply"),
     "recvae.gamma below 0": ({"model": "recvae-pia"}, {"space": {"recvae.gamma": {"type": "float", "low": -0.1,
                                                                                   "high": 0.1}}}, "refuses"),
+    "KL weighting of a DAE": ({"model": "multidae", "vae": dae_config(latent_dim=8)}, {"space": {"vae.kl_weight": {
+        "type": "categorical", "choices": ["uniform", "count"]}}}, "does not apply"),
+    "unknown KL weighting": ({}, {"space": {"vae.kl_weight": {"type": "categorical", "choices": ["uniform", "per_item"]}}},
+                             "refuses"),
     "pia.weight 0": ({}, {"space": {"pia.weight": {"type": "float", "low": 0.0, "high": 1.0}}}, "turns PIA off"),
     "empty space": ({}, {"space": {}}, "space is empty"),
 }
@@ -269,3 +274,19 @@ def test_trainer_settings_are_searched_and_reach_the_trainer(synth_snapshot: str
     bad = tiny(synth_snapshot, search=search(space={"lr_decay": {"type": "float", "low": 0.5, "high": 2.0}}))
     with pytest.raises(DataError, match=r"search.space.lr_decay: the job refuses lr_decay=2.0"):
         check_search(bad)
+
+
+def test_the_kl_weighting_is_searched_and_reaches_the_model(synth_snapshot: str) -> None:
+    """vae.kl_weight (uniform / count, model.vae.kl_user_weight) is a choice of the search for a Multi-VAE and its
+    twin; a trial's choice is what the built model trains with (no training here)."""
+    from pipeline.training.search import check_search, tuned_setup
+    from pipeline.training.train_job import _set_up
+
+    space = {"vae.kl_weight": {"type": "categorical", "choices": ["uniform", "count"]}}
+    job = tiny(synth_snapshot, search=search(space=space))
+    check_search(job)
+    s = _set_up(job, tracking=False)
+    assert s.build("multivae-pia").model_config.kl_weight == "uniform"  # the default
+    trial = tuned_setup(s, {"vae.kl_weight": "count"})
+    assert trial.build("multivae-pia").model_config.kl_weight == "count"
+    assert trial.build("multivae").model_config.kl_weight == "count"  # the twin too

@@ -64,6 +64,19 @@ def test_yaml_config_merges_under_cli_flags(tmp_path: Path) -> None:
         job.epochs = 4  # type: ignore[misc]
 
 
+def test_multidae_trains_a_dae_not_the_vae_default() -> None:
+    """model multidae without a vae section gets the DAE reference config; a variational vae section is refused (it
+    would silently train a Multi-VAE under the DAE's name)."""
+    from model.vae import dae_config
+
+    assert load_config(None, {"snapshot": "s", "model": "multidae"}).vae == dae_config()
+    job = load_config(None, {"snapshot": "s", "model": "multidae", "vae": {"variational": False, "latent_dim": 64}})
+    assert (job.vae.variational, job.vae.latent_dim) == (False, 64)
+    with pytest.raises(ValueError, match=r"vae\.variational: false"):
+        load_config(None, {"snapshot": "s", "model": "multidae", "vae": {"latent_dim": 64}})
+    assert load_config(None, {"snapshot": "s", "model": "multivae"}).vae.variational  # Multi-VAE unchanged
+
+
 def test_failure_midway_registers_nothing(trained: dict[str, str], synth_snapshot: str) -> None:
     c = registry.client()
     c.set_registered_model_alias(NAME, "champion", trained["good"])
