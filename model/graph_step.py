@@ -42,7 +42,10 @@ def dense_loss(model: MultiVAE, x: torch.Tensor, row_weight: torch.Tensor, dropo
     if model.config.variational:
         mu, logvar = h.chunk(2, dim=-1)  # [B, d] each
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        kl = (gaussian_kl(mu, logvar) * kl_user_weight(model.config, x.sum(-1), row_weight) * row_weight).sum() / n
+        kl_u = gaussian_kl(mu, logvar) * row_weight  # [B]
+        if model.config.kl_weight != "uniform":
+            kl_u = kl_u * kl_user_weight(model.config, x.sum(-1), row_weight)
+        kl = kl_u.sum() / n
         terms["kl"] = kl
     else:
         mu, logvar = torch.tanh(h), None

@@ -202,7 +202,10 @@ class MultiVAE(nn.Module):
             return LossOut(self._nll(self.decode(mu), x, terms), terms, mu=mu)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         nll = self._nll(self.decode(z), x, terms)
-        kl = (gaussian_kl(mu, logvar) * kl_user_weight(self.config, x.row_sum(torch.ones_like(x.vals)))).mean()
+        kl_u = gaussian_kl(mu, logvar)  # [B]
+        if self.config.kl_weight != "uniform":  # the default pays nothing for the option
+            kl_u = kl_u * kl_user_weight(self.config, x.row_sum(torch.ones_like(x.vals)))
+        kl = kl_u.mean()
         beta = self.beta(step)
         terms |= {"kl": kl.detach(), "beta": beta}
         return LossOut(nll + beta * kl, terms, mu, logvar, z)
