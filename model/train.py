@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol
 
 import numpy as np
@@ -52,6 +52,10 @@ class TrainConfig(BaseModel):
                                                              "(1: never; needs validation users)")
     lr_decay_patience: int = Field(3, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
+    ema_halflife: float | None = Field(None, gt=0.0, description="validate, keep and export an exponential moving "
+                                       "average of the weights whose half-life is this many epochs (any data "
+                                       "size: the per-update decay follows the updates per epoch); None: the "
+                                       "weights as trained")
     seed: int = 0
     device: str = "auto"
     bf16: bool = Field(False, description="bf16 autocast of the training step (CUDA; on a CPU too, where it pays only "
@@ -134,6 +138,13 @@ class Trainer:
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.evals_since_best = 0
+        # the weights' moving average (parameters only: the models keep no running buffers), updated after every step
+        self.ema: list[torch.Tensor] | None = None
+        self.ema_updates = 0
+        if config.ema_halflife is not None:
+            self.ema = [p.detach().clone() for p in self.model.parameters()]
+            steps = -(-self.train_x.n_rows // config.batch_size) * sum(p.passes for p in self.ae.phases())
+            self.ema_decay = 0.5 ** (1.0 / (config.ema_halflife * steps))
 
     def _updates_per_epoch(self) -> int:
         n_batches = -(-self.train_x.n_rows // self.config.batch_size)
@@ -154,12 +165,16 @@ class Trainer:
             "history": copy.deepcopy(self.history),
             "best_value": self.best_value, "best_epoch": self.best_epoch, "best_state": self.best_state,
             "evals_since_best": self.evals_since_best,
+            "ema": self.ema, "ema_updates": self.ema_updates,
             "rng": torch.get_rng_state(), "perm_rng": self.perm_gen.get_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": self.config.model_dump(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (self.ema is None) != (state.get("ema") is None):  # checked first: nothing is loaded from a mismatch
+            raise ValueError(f"this checkpoint was written {'with' if self.ema is None else 'without'} ema_halflife: "
+                             "resume it with the setting it was trained with")
         self._graph = None  # the optimizer's state tensors are replaced below: capture again at next use
         self.model.load_state_dict(state["model"])
         if self.anchors is not None and state["anchors"] is not None:
@@ -172,12 +187,40 @@ class Trainer:
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.best_state = state["best_state"]
         self.evals_since_best = state["evals_since_best"]
+        if self.ema is not None:
+            torch._foreach_copy_(self.ema, [t.to(self.device) for t in state["ema"]])
+            self.ema_updates = int(state["ema_updates"])
         torch.set_rng_state(state["rng"])
         self.perm_gen.set_state(state["perm_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # -- training -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        self.ema_updates += 1
+        # early on the average would be mostly the initial weights: TF's warm-up caps the decay at (1 + t) / (10 + t)
+        decay = min(self.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+        torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+
+    @contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """Inside the block the model holds the moving average (validation, the best snapshot); after it, its own."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.model.parameters())
+        live = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in params], self.ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in params], live)
+
     @property
     def lr(self) -> float:
         """The learning rate now (of the first optimizer; a decay scales them all alike)."""
@@ -219,6 +262,7 @@ class Trainer:
             for start in range(0, n, bs):
                 lam = pia_weight(self.pia, self.step) if self.pia is not None else 0.0
                 self._graph.run(perm[start : start + bs], self.model.beta(self.step), lam)
+                self._update_ema()
                 self.step += 1
                 bar.update(1)
         means = self._graph.take_means()
@@ -258,6 +302,7 @@ class Trainer:
                 if rows.numel() == 0:  # a global batch smaller than the world: this rank adds no gradient
                     dp.reduce_grads(params, share)
                     opt.step()
+                    self._update_ema()
                     if phase.group in ("all", "encoder"):
                         self.step += 1
                     count += 1
@@ -276,6 +321,7 @@ class Trainer:
                 loss.backward()
                 dp.reduce_grads(params, share)  # data-parallel: the global batch's gradient on every rank
                 opt.step()
+                self._update_ema()
                 if phase.group in ("all", "encoder"):
                     self.step += 1
                 terms["loss"] = loss.detach()
@@ -322,16 +368,18 @@ class Trainer:
                 self.epoch += 1
                 if self.valid is not None and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
                     # rank 0 validates; every rank takes its metrics, so all make the same choice and stop together
-                    record.update(self.dp.broadcast(self.validate() if main else None))
-                    value = record[f"val_{cfg.select_metric}"]
-                    if value > self.best_value:
-                        self.best_value, self.best_epoch = value, self.epoch
-                        self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                        self.evals_since_best = 0
-                    else:
-                        self.evals_since_best += 1
-                        if cfg.lr_decay < 1.0 and self.evals_since_best % cfg.lr_decay_patience == 0:
-                            self._decay_lr(cfg.lr_decay)
+                    with self._averaged_weights():
+                        record.update(self.dp.broadcast(self.validate() if main else None))
+                        value = record[f"val_{cfg.select_metric}"]
+                        if value > self.best_value:
+                            self.best_value, self.best_epoch = value, self.epoch
+                            self.best_state = {k: v.detach().cpu().clone()
+                                               for k, v in self.model.state_dict().items()}
+                            self.evals_since_best = 0
+                        else:
+                            self.evals_since_best += 1
+                            if cfg.lr_decay < 1.0 and self.evals_since_best % cfg.lr_decay_patience == 0:
+                                self._decay_lr(cfg.lr_decay)
                     record["lr"] = self.lr
                     bar.set_postfix(loss=f"{record['loss']:.3g}", val=f"{value:.4f}", best=f"{self.best_value:.4f}")
             record["step"] = self.step
@@ -354,5 +402,8 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         else:
             self.best_epoch = self.epoch
+            if self.ema is not None:  # no validation: the last average is the model
+                with torch.no_grad():
+                    torch._foreach_copy_([p.data for p in self.model.parameters()], self.ema)
         self.model.eval()
         return self.history

@@ -58,7 +58,7 @@ RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models", "tune_onl
 HP = float | tuple[float, ...] | list[float] | dict[str, Any]
 LAMBDA_A = "lambda_a"  # the PIA weight inside an arch_grid value
 # trainer settings an arch_grid value may set besides the model's
-TRAIN_KEYS = ("lr", "batch_size", "weight_decay", "lr_decay", "lr_decay_patience")
+TRAIN_KEYS = ("lr", "batch_size", "weight_decay", "lr_decay", "lr_decay_patience", "ema_halflife")
 # around ml-1m's validation optimum (l2 100, p 0.5; p 0.67-0.8 and 0.1-0.25 were worse), l2 widened as EASE's grid
 DEFAULT_EDLAE_GRID = ((30.0, 0.5), (100.0, 0.25), (100.0, 0.5), (100.0, 0.67), (300.0, 0.5), (1000.0, 0.5))
 

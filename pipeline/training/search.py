@@ -1,7 +1,7 @@
 """Hyperparameter search of the weekly training job (TrainJob.search): Optuna's TPE sampler, seeded, with a median
 pruner fed the validation NDCG@100 of every epoch, within a time budget, on the snapshot's validation users only.
 
-What is searched: `space` maps dotted TrainJob keys (`lr`, `batch_size`, `vae.<field>`, `recvae.<field>`,
+What is searched: `space` maps dotted TrainJob keys (TOP_LEVEL's trainer settings, `vae.<field>`, `recvae.<field>`,
 `pia.<field>`) to a typed
 range (float or int, low/high, optionally log) or a list of choices. The epoch is not a search dimension: each
 trial stops early on validation NDCG@100 (the job's `epochs` and `patience`) and records its best epoch.
@@ -48,7 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import DataError
 
 SELECT = "val_ndcg@100"  # the trainer's record key of the selection metric (TrainConfig.select_metric)
-TOP_LEVEL = ("lr", "batch_size", "lr_decay", "lr_decay_patience")  # searchable keys outside vae.* / pia.*
+# searchable keys outside vae.* / recvae.* / pia.*
+TOP_LEVEL = ("lr", "batch_size", "lr_decay", "lr_decay_patience", "ema_halflife")
 KL_KEYS = ("vae.beta", "vae.anneal", "vae.kl")  # the KL term's settings: they apply to a variational VAE only
 
 

@@ -98,6 +98,8 @@ class TrainJob(Job):
                                                              "lr_decay_patience epochs without a better val NDCG@100 "
                                                              "(1: constant rate)")
     lr_decay_patience: int = Field(3, ge=1)
+    ema_halflife: float | None = Field(None, gt=0.0, description="keep and register a moving average of the weights "
+                                       "with this half-life in epochs (model.train.TrainConfig); None: off")
     seed: int = 0
     device: str = "auto"
     bf16: bool | None = Field(None, description=(
@@ -464,7 +466,8 @@ def _set_up(job: TrainJob, tracking: bool = True) -> _Setup:
     bf16, why = training_bf16(job.bf16, device)
     log.info("training precision: %s (%s)", "bf16 autocast" if bf16 else "fp32", why)
     train_cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, lr_decay=job.lr_decay,
-                            lr_decay_patience=job.lr_decay_patience, seed=job.seed, device=device,
+                            lr_decay_patience=job.lr_decay_patience, ema_halflife=job.ema_halflife,
+                            seed=job.seed, device=device,
                             bf16=bf16, patience=job.patience, progress=job.progress)
     # every rank of a data-parallel run builds the same target (deterministic), so their losses agree
     alignment, alignment_info, head = fit_alignment(snap, job.cold_head, job.marec_align, job.max_dense_bytes)

@@ -286,3 +286,78 @@ def test_cuda_bf16_training_runs_every_sparse_impl(impl: str, split: Split, trai
     assert rec.best_epoch >= 1  # type: ignore[attr-defined]
     items, scores = rec.recommend(split.test.fold_in, 10)
     assert items.shape == (split.test.fold_in.shape[0], 10) and np.isfinite(scores).all()
+
+
+# -- the weights' moving average (ema_halflife) ---------------------------------------------------------------------
+def params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_ema_decay_follows_the_half_life_in_epochs(split: Split, tiny_vae, train_config) -> None:
+    cfg = train_config(epochs=1, batch_size=16, ema_halflife=2.0)
+    trainer = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg)
+    steps_per_epoch = -(-split.train.shape[0] // 16)
+    assert trainer.ema_decay ** (2.0 * steps_per_epoch) == pytest.approx(0.5)
+    # one update: ema <- decay_t * ema + (1 - decay_t) * weights, decay_t warmed up as (1 + t) / (10 + t)
+    before, live = params(trainer.model), params(trainer.model)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    trainer._update_ema()
+    decay = min(trainer.ema_decay, 2 / 11)
+    for e, b, w in zip(trainer.ema, before, live, strict=True):  # type: ignore[arg-type]
+        torch.testing.assert_close(e, decay * b + (1 - decay) * (w + 1.0))
+
+
+def test_ema_off_by_default(split: Split, tiny_vae, train_config) -> None:
+    trainer = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=1))
+    assert trainer.ema is None and trainer.state_dict()["ema"] is None
+
+
+def test_without_validation_the_model_is_the_last_average(matrix: sp.csr_matrix, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    trainer = Trainer(MultiVAE(matrix.shape[1], tiny_vae), matrix, train_config(epochs=3, ema_halflife=1.0))
+    saved: dict[int, dict[str, Any]] = {}
+    trainer.fit(checkpoint=lambda s: saved.setdefault(s["epoch"], deep_copy(s)))
+    for p, e in zip(trainer.model.parameters(), saved[3]["ema"], strict=True):
+        assert torch.equal(p.detach(), e)
+    # the average is not the weights as trained (those are what the checkpoint's "model" holds)
+    assert differs(trainer.model.state_dict(), saved[3]["model"])
+
+
+def test_validation_scores_the_average_and_the_best_average_is_kept(split: Split, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    cfg = train_config(epochs=6, lr=3e-2, ema_halflife=0.5)
+    trainer = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, cfg, valid=split.valid)
+    saved: dict[int, dict[str, Any]] = {}
+    history = trainer.fit(checkpoint=lambda s: saved.setdefault(s["epoch"], deep_copy(s)))
+    best = trainer.best_epoch
+    for p, e in zip(trainer.model.parameters(), saved[best]["ema"], strict=True):
+        assert torch.equal(p.detach(), e)
+    assert trainer.validate()["val_ndcg@100"] == pytest.approx(history[best - 1]["val_ndcg@100"], abs=1e-6)
+    # each epoch's figure is the average's: the live weights saved that epoch score differently
+    live = MultiVAE(split.train.shape[1], tiny_vae)
+    live.load_state_dict(saved[best]["model"])
+    trainer.model.load_state_dict(live.state_dict())
+    assert trainer.validate()["val_ndcg@100"] != pytest.approx(history[best - 1]["val_ndcg@100"], abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["multivae-pia", "recvae"])
+def test_resume_with_ema_reproduces_the_run(arch: str, split: Split, train_config) -> None:
+    cfg = train_config(epochs=4, ema_halflife=1.0)
+    saved: dict[int, dict[str, Any]] = {}
+    full = recommender(arch, cfg).fit(split.train, split.valid, checkpoint=lambda s: saved.setdefault(
+        s["epoch"], deep_copy(s)))
+    resumed = recommender(arch, cfg).fit(split.train, split.valid, resume=saved[2])
+    assert_same_state(full.module.state_dict(), resumed.module.state_dict())  # type: ignore[union-attr]
+    assert strip_times(full.history) == strip_times(resumed.history)
+
+
+def test_resuming_a_checkpoint_without_the_average_is_a_clear_error(split: Split, tiny_vae, train_config) -> None:
+    torch.manual_seed(0)
+    plain = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=1), valid=split.valid)
+    plain.fit()
+    ema = Trainer(MultiVAE(split.train.shape[1], tiny_vae), split.train, train_config(epochs=2, ema_halflife=1.0),
+                  valid=split.valid)
+    with pytest.raises(ValueError, match="written without ema_halflife"):
+        ema.load_state_dict(plain.state_dict())

@@ -18,7 +18,8 @@ from pipeline.cli.main import main
 from pipeline.research.experiment import ExperimentJob
 from pipeline.research.report import hp_label
 
-GRID = ({"hidden_dims": [40], "latent_dim": 8}, {"dropout": 0.2, "lr": 3e-3, "batch_size": 64, "weight_decay": 1e-4})
+GRID = ({"hidden_dims": [40], "latent_dim": 8}, {"dropout": 0.2, "lr": 3e-3, "batch_size": 64, "weight_decay": 1e-4,
+                                                      "ema_halflife": 2.0})
 
 
 def small(out: Path, **kw: Any) -> ExperimentJob:
@@ -34,7 +35,8 @@ def record_builds(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     def build(name: str, **kw: Any) -> Any:
         train = kw["train"]
         built.append({"name": name, "config": kw.get("model_config"), "lr": train.lr, "batch_size": train.batch_size,
-                      "weight_decay": train.weight_decay, "pia": kw["pia"].weight if kw.get("pia") else None})
+                      "weight_decay": train.weight_decay, "ema": train.ema_halflife,
+                      "pia": kw["pia"].weight if kw.get("pia") else None})
         return real(name, **kw)
 
     monkeypatch.setattr(exp_mod, "make_recommender", build)
@@ -55,6 +57,7 @@ def test_settings_are_crossed_with_lambda_and_chosen_on_validation(tmp_path: Pat
     assert (built[0]["lr"], built[0]["batch_size"], built[0]["weight_decay"]) == (1e-3, 500, 0.0)  # the defaults
     assert built[2]["config"] == VAEConfig(dropout=0.2)  # the trainer's keys are not the model's
     assert (built[2]["lr"], built[2]["batch_size"], built[2]["weight_decay"]) == (3e-3, 64, 1e-4)
+    assert (built[0]["ema"], built[2]["ema"]) == (None, 2.0)
     assert [b["pia"] for b in built[:4]] == [0.1, 1.0, 0.1, 1.0] and len(built) == 5
     assert built[4]["pia"] == best["value"]["lambda_a"]
     assert [r["seed"] for r in res["per_seed"]["multivae-pia"]] == [0, 1]
@@ -112,6 +115,7 @@ def test_a_resume_without_a_kept_fit_fits_the_winner_again(tmp_path: Path, monke
     (({"batch_size": 0},), ("multivae-pia",), "batch_size=0 for multivae-pia: Input should be greater than or equal to 1"),
     (({"weight_decay": -0.1},), ("recvae",), "weight_decay=-0.1"),
     (({"batch_size": "big"},), ("multivae",), "batch_size='big'"),
+    (({"ema_halflife": 0},), ("multivae-pia",), "ema_halflife=0"),
     (({},), ("multivae",), "is empty"),
     (({"dropout": 0.3},), ("ease",), "none is in models"),
 ])

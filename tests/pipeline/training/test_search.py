@@ -257,20 +257,25 @@ def test_recvae_settings_are_searched_and_reach_the_model(synth_snapshot: str) -
 
 
 def test_trainer_settings_are_searched_and_reach_the_trainer(synth_snapshot: str) -> None:
-    """lr, batch_size and the plateau decay (lr_decay, lr_decay_patience) are TrainJob keys the search tunes: a
-    trial's values are what its trainer runs with (no training here); a decay outside (0, 1] is refused."""
+    """lr, batch_size, the plateau decay (lr_decay, lr_decay_patience) and the weights' moving average
+    (ema_halflife) are TrainJob keys the search tunes: a trial's values are what its trainer runs with (no training
+    here); a decay outside (0, 1] is refused."""
     from pipeline.training.search import check_search, tuned_setup
     from pipeline.training.train_job import _set_up
 
     space = {"lr_decay": {"type": "categorical", "choices": [1.0, 0.5]},
              "lr_decay_patience": {"type": "int", "low": 2, "high": 5},
-             "batch_size": {"type": "categorical", "choices": [50, 100]}}
+             "batch_size": {"type": "categorical", "choices": [50, 100]},
+             "ema_halflife": {"type": "categorical", "choices": [None, 3.0]}}
     job = tiny(synth_snapshot, search=search(space=space), lr_decay=0.7)
     check_search(job)
     s = _set_up(job, tracking=False)
     assert (s.train_cfg.lr_decay, s.train_cfg.lr_decay_patience) == (0.7, 3)  # the job's own values by default
-    trial = tuned_setup(s, {"lr_decay": 0.5, "lr_decay_patience": 2, "batch_size": 50})
+    assert s.train_cfg.ema_halflife is None
+    trial = tuned_setup(s, {"lr_decay": 0.5, "lr_decay_patience": 2, "batch_size": 50, "ema_halflife": 3.0})
     assert (trial.train_cfg.lr_decay, trial.train_cfg.lr_decay_patience, trial.train_cfg.batch_size) == (0.5, 2, 50)
+    assert trial.train_cfg.ema_halflife == 3.0
+    assert _set_up(tiny(synth_snapshot, ema_halflife=2.0), tracking=False).train_cfg.ema_halflife == 2.0  # no search
     bad = tiny(synth_snapshot, search=search(space={"lr_decay": {"type": "float", "low": 0.5, "high": 2.0}}))
     with pytest.raises(DataError, match=r"search.space.lr_decay: the job refuses lr_decay=2.0"):
         check_search(bad)
