@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import platform
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from model.base import Recommender
 from model.evaluate import EvalResult
+from pipeline.io.hardware import read_cpuinfo
 
 METRICS = ("recall@20", "recall@50", "ndcg@100")
 ACTIVITY_GROUPS: tuple[tuple[str, int, float], ...] = (
@@ -55,7 +57,11 @@ def summary_metrics(row: dict[str, Any], top_n: int) -> dict[str, float]:
 
 
 def machine_name(device: str) -> str:
-    """What a figure was measured on: the GPU's name, or the CPU's and its thread count."""
+    """What a figure was measured on: the GPU's name, or the CPU as /proc/cpuinfo names it (model string,
+    family/model, CPUs, the flags that decide bf16) and torch's thread count."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = read_cpuinfo()
+    if cpu.model_name == "unknown CPU":  # not Linux: what the platform says
+        cpu = replace(cpu, model_name=f"{platform.processor() or platform.machine()} CPU")
+    return f"{cpu.describe()}; {torch.get_num_threads()} torch threads"
