@@ -71,10 +71,10 @@ def step_case(arch: str, batch_size: int) -> dict[str, Any]:
             "history": [{k: v for k, v in r.items() if k != "train_seconds"} for r in t.history], "step": t.step}
 
 
-def resume_case(ckpt: Path) -> dict[str, Any]:
+def resume_case(ckpt: Path, ema_halflife: float | None = None) -> dict[str, Any]:
     """4 epochs with noise and validation, uninterrupted; then a fresh trainer resumed from epoch 2's checkpoint."""
     split = strong_generalization_split(data(), seed=0, n_valid=50, n_test=50)
-    cfg = TrainConfig(epochs=4, batch_size=64, device="cpu", progress=False)
+    cfg = TrainConfig(epochs=4, batch_size=64, device="cpu", progress=False, ema_halflife=ema_halflife)
 
     def trainer(seed: int) -> Trainer:
         torch.manual_seed(seed)
@@ -106,6 +106,7 @@ CASES: dict[str, tuple[str, tuple]] = {  # name: (case, args); every case runs i
     "recvae": ("step", ("recvae", N_USERS)),  # 1 global batch: 3 encoder steps, then 1 decoder step
     "uneven": ("step", ("multivae", 175)),  # 175, 175, 150 users: shards 88/87, 88/87, 75/75
     "resume": ("resume", ()),
+    "resume-ema": ("resume", (1.0,)),  # with the weights' moving average: validated, kept and resumed alike
 }
 
 
@@ -115,7 +116,7 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         assert DataParallel.current() == DataParallel(rank, world)
-        results = {name: step_case(*args) if case == "step" else resume_case(Path(out) / "epoch2.pt")
+        results = {name: step_case(*args) if case == "step" else resume_case(Path(out) / f"{name}.pt", *args)
                    for name, (case, args) in CASES.items()}
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -183,8 +184,17 @@ def test_unequal_shards_are_weighted_by_their_users(ranks: list[dict[str, Any]])
         assert_tensors_close(r["params"], one["params"], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_under_ddp_reproduces_the_uninterrupted_run(ranks: list[dict[str, Any]]) -> None:
-    ranks = [r["resume"] for r in ranks]
+def test_the_moving_average_is_what_a_ddp_run_keeps(ranks: list[dict[str, Any]]) -> None:
+    """Same data, seed and steps: with ema_halflife the kept weights are the average, not the weights as trained."""
+    plain, ema = ranks[0]["resume"]["full"], ranks[0]["resume-ema"]["full"]
+    assert any(not torch.equal(plain["model"][k], ema["model"][k]) for k in plain["model"])
+    assert torch.equal(plain["anchors"], ema["anchors"])  # the average covers the model only; training is the same
+    assert [r["loss"] for r in plain["history"]] == [r["loss"] for r in ema["history"]]
+
+
+@pytest.mark.parametrize("case", ["resume", "resume-ema"])
+def test_resume_under_ddp_reproduces_the_uninterrupted_run(case: str, ranks: list[dict[str, Any]]) -> None:
+    ranks = [r[case] for r in ranks]
     for r in ranks:
         full, resumed = r["full"], r["resumed"]
         assert full["history"] == resumed["history"] and len(full["history"]) == 4
