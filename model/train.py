@@ -139,12 +139,16 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.evals_since_best = 0
         # the weights' moving average (parameters only: the models keep no running buffers), updated after every step
+        self._params = list(self.model.parameters())
         self.ema: list[torch.Tensor] | None = None
         self.ema_updates = 0
         if config.ema_halflife is not None:
-            self.ema = [p.detach().clone() for p in self.model.parameters()]
-            steps = -(-self.train_x.n_rows // config.batch_size) * sum(p.passes for p in self.ae.phases())
-            self.ema_decay = 0.5 ** (1.0 / (config.ema_halflife * steps))
+            self.ema = [p.detach().clone() for p in self._params]
+            self.ema_decay = 0.5 ** (1.0 / (config.ema_halflife * self._steps_per_epoch()))
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps an epoch takes, over every phase (RecVAE's decoder passes too)."""
+        return -(-self.train_x.n_rows // self.config.batch_size) * sum(p.passes for p in self.ae.phases())
 
     def _updates_per_epoch(self) -> int:
         n_batches = -(-self.train_x.n_rows // self.config.batch_size)
@@ -203,7 +207,11 @@ class Trainer:
         self.ema_updates += 1
         # early on the average would be mostly the initial weights: TF's warm-up caps the decay at (1 + t) / (10 + t)
         decay = min(self.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+        torch._foreach_lerp_(self.ema, [p.detach() for p in self._params], 1.0 - decay)
+
+    @torch.no_grad()
+    def _load_weights(self, values: list[torch.Tensor]) -> None:
+        torch._foreach_copy_([p.data for p in self._params], values)
 
     @contextmanager
     def _averaged_weights(self) -> Iterator[None]:
@@ -211,15 +219,12 @@ class Trainer:
         if self.ema is None:
             yield
             return
-        params = list(self.model.parameters())
-        live = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in params], self.ema)
+        live = [p.detach().clone() for p in self._params]
+        self._load_weights(self.ema)
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in params], live)
+            self._load_weights(live)
 
     @property
     def lr(self) -> float:
@@ -346,8 +351,7 @@ class Trainer:
 
     def fit(self, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         cfg = self.config
-        n_batches = -(-self.train_x.n_rows // cfg.batch_size)
-        per_epoch = sum(p.passes for p in self.ae.phases()) * n_batches
+        per_epoch = self._steps_per_epoch()
         main = self.dp.is_main  # rank 0 (or the only process) prints and checkpoints
         self.model.train()
         while self.epoch < cfg.epochs:
@@ -403,7 +407,6 @@ class Trainer:
         else:
             self.best_epoch = self.epoch
             if self.ema is not None:  # no validation: the last average is the model
-                with torch.no_grad():
-                    torch._foreach_copy_([p.data for p in self.model.parameters()], self.ema)
+                self._load_weights(self.ema)
         self.model.eval()
         return self.history
