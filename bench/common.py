@@ -9,15 +9,13 @@ across machines.
 from __future__ import annotations
 
 import datetime as dt
-import platform
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import torch
 
-from pipeline.io.hardware import MatmulRates, matmul_rates, read_cpuinfo
+from pipeline.io.hardware import MatmulRates, describe_cpu, matmul_rates, read_cpuinfo
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -26,11 +24,8 @@ def machine(device: torch.device) -> str:
     """The device's name; for the CPU its model string, family/model, CPUs, flags, memory and torch threads."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}; host {read_cpuinfo().describe()})"
-    cpu = read_cpuinfo()
-    if cpu.model_name == "unknown CPU":
-        cpu = replace(cpu, model_name=platform.processor() or platform.machine())
     mem = psutil.virtual_memory().total / 2**30
-    return f"{cpu.describe()}, {mem:.0f} GiB, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"{describe_cpu()}, {mem:.0f} GiB, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def machine_rates(reps: int = 3, budget_s: float = 2.0) -> MatmulRates:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,14 @@ def read_cpuinfo(path: Path = CPUINFO) -> CpuInfo:
         return parse_cpuinfo(path.read_text())
     except OSError:
         return parse_cpuinfo("")
+
+
+def describe_cpu() -> str:
+    """This machine's CpuInfo.describe(), with the platform's name for the model where /proc/cpuinfo gives none."""
+    cpu = read_cpuinfo()
+    if cpu.model_name == "unknown CPU":
+        cpu = replace(cpu, model_name=platform.processor() or platform.machine() or cpu.model_name)
+    return cpu.describe()
 
 
 def _rate(dtype: torch.dtype, shape: tuple[int, int, int], reps: int, budget_s: float) -> float:

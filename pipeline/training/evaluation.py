@@ -4,8 +4,6 @@ model's summary row and its flat MLflow keys. Pure (numpy/torch), no I/O."""
 from __future__ import annotations
 
 import math
-import platform
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -13,7 +11,7 @@ import torch
 
 from model.base import Recommender
 from model.evaluate import EvalResult
-from pipeline.io.hardware import read_cpuinfo
+from pipeline.io.hardware import describe_cpu
 
 METRICS = ("recall@20", "recall@50", "ndcg@100")
 ACTIVITY_GROUPS: tuple[tuple[str, int, float], ...] = (
@@ -61,7 +59,4 @@ def machine_name(device: str) -> str:
     family/model, CPUs, the flags that decide bf16) and torch's thread count."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = read_cpuinfo()
-    if cpu.model_name == "unknown CPU":  # not Linux: what the platform says
-        cpu = replace(cpu, model_name=f"{platform.processor() or platform.machine()} CPU")
-    return f"{cpu.describe()}; {torch.get_num_threads()} torch threads"
+    return f"{describe_cpu()}; {torch.get_num_threads()} torch threads"

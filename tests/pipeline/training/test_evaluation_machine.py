@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.io import hardware
 from pipeline.io.hardware import parse_cpuinfo
 from pipeline.training import evaluation
 
@@ -18,14 +19,15 @@ processor\t: 1
 
 
 def test_a_cpu_is_named_by_its_model_string_family_cpus_and_bf16_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(evaluation, "read_cpuinfo", lambda: parse_cpuinfo(CPUINFO))
+    monkeypatch.setattr(hardware, "read_cpuinfo", lambda: parse_cpuinfo(CPUINFO))
     monkeypatch.setattr(evaluation.torch, "get_num_threads", lambda: 3)
     assert evaluation.machine_name("cpu") == ("Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143), 2 CPUs, flags: "
                                               "amx_bf16 amx_tile avx512_bf16 avx512f avx2; 3 torch threads")
 
 
 def test_without_proc_cpuinfo_the_platform_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(evaluation, "read_cpuinfo", lambda: parse_cpuinfo(""))
-    monkeypatch.setattr(evaluation.platform, "processor", lambda: "arm")
+    monkeypatch.setattr(hardware, "read_cpuinfo", lambda: parse_cpuinfo(""))
+    monkeypatch.setattr(hardware.platform, "processor", lambda: "arm")
     name = evaluation.machine_name("cpu")
-    assert name.startswith("arm CPU") and "flags: none" in name and "torch threads" in name
+    assert name.startswith("arm, ")  # the platform name stands for the model string
+    assert "flags: none" in name and "torch threads" in name
