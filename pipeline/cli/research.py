@@ -78,7 +78,8 @@ def register(sub: Any) -> None:
                    help="autoencoder settings searched on validation users: sets split by ';', settings by ',' "
                         "(e.g. 'hidden_dim=1200,latent_dim=400;dropout=0.3'): fields of the model's config "
                         "(VAEConfig, RecVAEConfig) and the trainer's lr, batch_size, weight_decay, lr_decay, "
-                        "lr_decay_patience; crossed with --pia-grid for the -pia models")
+                        "lr_decay_patience, ema_halflife; PIA's own pia_schedule, pia_warmup_steps, pia_init, "
+                        "pia_init_std, pia_estimator (-pia models only); crossed with --pia-grid for the -pia models")
     e.add_argument("--tune-only", action="store_true",
                    help="search on the first seed's validation users and stop: no test user scored (score the "
                         "chosen values later with the same options, without it, and --resume)")

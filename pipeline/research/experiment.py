@@ -59,6 +59,8 @@ HP = float | tuple[float, ...] | list[float] | dict[str, Any]
 LAMBDA_A = "lambda_a"  # the PIA weight inside an arch_grid value
 # trainer settings an arch_grid value may set besides the model's
 TRAIN_KEYS = ("lr", "batch_size", "weight_decay", "lr_decay", "lr_decay_patience", "ema_halflife")
+# PIA's own settings an arch_grid value may set for a -pia model: pia_<PIAConfig field> (lambda_a is the weight)
+PIA_KEYS = tuple(f"pia_{f}" for f in PIAConfig.model_fields if f != "weight")
 # around ml-1m's validation optimum (l2 100, p 0.5; p 0.67-0.8 and 0.1-0.25 were worse), l2 widened as EASE's grid
 DEFAULT_EDLAE_GRID = ((30.0, 0.5), (100.0, 0.25), (100.0, 0.5), (100.0, 0.67), (300.0, 0.5), (1000.0, 0.5))
 
@@ -192,18 +194,38 @@ def arch_settings(name: str, overrides: dict[str, Any]) -> tuple[BaseModel, dict
             TrainConfig.model_validate({key: value})
         except ValidationError as e:
             raise ValueError(f"arch_grid: {key}={value!r} for {name}: {e.errors()[0]['msg']}") from None
-    unknown = [k for k in overrides if k not in fields and k not in TRAIN_KEYS]
+    pia_settings(name, overrides)  # a ValueError names a refused pia_* key or value
+    unknown = [k for k in overrides if k not in fields and k not in TRAIN_KEYS and k not in PIA_KEYS]
     if unknown:
         raise ValueError(f"arch_grid: {', '.join(map(repr, unknown))} is not a setting of {name} "
-                         f"({type(base).__name__}); choose from {', '.join(TRAIN_KEYS)}, {', '.join(fields)} (or run "
-                         f"{name} in its own experiment)")
+                         f"({type(base).__name__}); choose from {', '.join(TRAIN_KEYS)}, {', '.join(fields)}"
+                         f"{', ' + ', '.join(PIA_KEYS) if name.endswith('-pia') else ''} (or run {name} in its own "
+                         "experiment)")
     try:
-        config = type(base).model_validate(base.model_dump() | {k: v for k, v in overrides.items() if k not in train})
+        config = type(base).model_validate(base.model_dump() | {k: v for k, v in overrides.items()
+                                                                 if k not in train and k not in PIA_KEYS})
     except ValidationError as e:
         first = e.errors()[0]
         raise ValueError(f"arch_grid: {'.'.join(map(str, first['loc']))}={first.get('input')!r} for {name}: "
                          f"{first['msg']}") from None
     return config, train
+
+
+def pia_settings(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The PIAConfig fields an arch_grid value sets (its pia_* keys, prefix dropped). ValueError when one is given
+    for a model without PIA or its value is refused."""
+    given = {k: v for k, v in overrides.items() if k in PIA_KEYS}
+    if given and not name.endswith("-pia"):
+        raise ValueError(f"arch_grid: {', '.join(given)} set PIA's anchors, which {name} does not train (run {name} "
+                         "in its own experiment, or give the pia_* keys only with -pia models)")
+    fields = {k.removeprefix("pia_"): v for k, v in given.items()}
+    try:
+        PIAConfig.model_validate({"weight": 1.0} | fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(f"arch_grid: pia_{'.'.join(map(str, first['loc']))}={first.get('input')!r} for {name}: "
+                         f"{first['msg']}") from None
+    return fields
 
 
 class Experiment:
@@ -225,7 +247,8 @@ class Experiment:
             model_config, trainer = arch_settings(name, {k: v for k, v in hp.items() if k != LAMBDA_A})
             train = self.train_config(name, seed).model_copy(update=trainer)
             weight = hp.get(LAMBDA_A)
-            pia = PIAConfig(weight=weight, estimator=self.cfg.pia_estimator) if weight else None
+            pia = PIAConfig.model_validate({"weight": weight, "estimator": self.cfg.pia_estimator}
+                                           | pia_settings(name, hp)) if weight else None
             return make_recommender(name, train=train, pia=pia, model_config=model_config)
         ease: EASEConfig | None = None
         if name == "edlae" and isinstance(hp, tuple | list):

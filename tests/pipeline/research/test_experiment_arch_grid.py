@@ -106,7 +106,28 @@ def test_a_resume_without_a_kept_fit_fits_the_winner_again(tmp_path: Path, monke
     assert len(built) == 1 and built[0]["pia"] == res["chosen"]["multivae-pia"]["lambda_a"]
 
 
+def test_pia_settings_reach_the_anchors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, given = exp_mod.make_recommender, []
+
+    def build(name: str, **kw: Any) -> Any:
+        given.append(kw["pia"])
+        return real(name, **kw)
+
+    monkeypatch.setattr(exp_mod, "make_recommender", build)
+    grid = ({"pia_init": "encoder"}, {"pia_schedule": "linear", "pia_warmup_steps": 20, "pia_estimator": "sampled"})
+    res = small(tmp_path, arch_grid=grid, pia_grid=(0.5,), tune_only=True).run().results
+    assert [(p.weight, p.init, p.schedule, p.warmup_steps, p.estimator) for p in given] == [
+        (0.5, "encoder", "constant", 0, "closed_form"), (0.5, "normal", "linear", 20, "sampled")]
+    rows = res["tuning"]["multivae-pia"]
+    assert rows[0]["val_ndcg@100"] != rows[1]["val_ndcg@100"]  # two different fits
+    assert [r["value"] for r in rows] == [dict(a) | {"lambda_a": 0.5} for a in grid]
+
+
 @pytest.mark.parametrize(("grid", "models", "message"), [
+    (({"pia_init": "encoder"},), ("multivae-pia", "multivae"), "pia_init set PIA's anchors, which multivae does not"),
+    (({"pia_init": "random"},), ("multivae-pia",), "pia_init='random' for multivae-pia"),
+    (({"pia_warmup_steps": -5},), ("recvae-pia",), "pia_warmup_steps=-5"),
+    (({"pia_weight": 2.0},), ("multivae-pia",), "'pia_weight' is not a setting of multivae-pia"),
     (({"width": 100},), ("multivae",), "'width' is not a setting of multivae"),
     (({"hidden_dim": 100},), ("multivae", "recvae"), "'hidden_dim' is not a setting of multivae"),
     (({"dropout": 1.5},), ("multivae",), "dropout=1.5"),
