@@ -17,7 +17,7 @@ EMR_SPARK_STAMP := $(EMR_SPARK_VENV)/.installed-$(EMR_SPARK_VERSION)
 export PYTHONHASHSEED := 0
 export RECSYS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv run ui test lint typecheck fmt bench-train bench-train-ddp bench-ease bench-build bench-infer bench-cold bench-recs experiment results backfill clean
+.PHONY: venv run ui test lint typecheck fmt bench-train bench-train-ddp bench-ease bench-build bench-infer bench-cold bench-recs bench-topk-target experiment results backfill clean
 
 venv: $(STAMP)
 
@@ -96,6 +96,10 @@ bench-cold: venv
 
 bench-recs: venv
 	$(PY) -m bench.recs_lookup $(ARGS)
+
+# the numba top-k compiled for the host vs the images' pinned target (pipeline/io/numba_target.py)
+bench-topk-target: venv
+	$(PY) -m bench.topk_target --append $(ARGS)
 
 # docs/results.md: the committed accuracy table (see docs/results.md for what each run used).
 results: venv

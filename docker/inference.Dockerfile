@@ -20,10 +20,12 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==$(grep -E '^
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY pipeline ./pipeline
+# the numba top-k compiled for this CPU and for any AVX2 CPU, with a record of this one: the job loads the kernels
+# that fit the CPU it lands on instead of compiling (pipeline/io/numba_target.py)
 RUN pip install --no-cache-dir -c requirements.lock . \
     && python -c "import torch, pipeline.cli.main; assert torch.version.cuda is None" \
     && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
-    && python -P -m model.topk  # -P: the installed package, not ./model; its numba cache ships in the image
+    && python -P -m pipeline.io.numba_target  # -P: the installed package, not ./model; its numba cache ships in the image
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin recsys

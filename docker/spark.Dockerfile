@@ -36,13 +36,14 @@ RUN /opt/recsys/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX}" \
     && /opt/recsys/bin/pip install --no-cache-dir -c requirements.lock -r runtime.txt
 COPY model ./model
 COPY pipeline ./pipeline
-# --no-deps: the dependencies are in; pyspark and Airflow stay out. The numba top-k is compiled here, and its cache
-# is handed to the job user (numba ignores a cache directory it cannot write, and would compile in every worker).
+# --no-deps: the dependencies are in; pyspark and Airflow stay out. The numba top-k is compiled here, for this CPU
+# and for any AVX2 CPU (pipeline/io/numba_target.py), and its cache is handed to the job user (numba ignores a
+# cache directory it cannot write, and would compile in every worker).
 RUN /opt/recsys/bin/pip install --no-cache-dir --no-deps . \
     && /opt/recsys/bin/python -P -c "import importlib.util as u, torch, pipeline.orchestration.remote; \
 assert torch.version.cuda is None; assert u.find_spec('pyspark') is None and u.find_spec('airflow') is None" \
     && find /opt/recsys -name '__pycache__' -prune -exec rm -rf {} + \
-    && /opt/recsys/bin/python -P -m model.topk \
+    && /opt/recsys/bin/python -P -m pipeline.io.numba_target \
     && chown -R hadoop:hadoop /opt/recsys/lib/python3.11/site-packages/model/__pycache__ \
     && rm -rf /tmp/recsys-build
 WORKDIR /home/hadoop

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import DataError
+from pipeline.io import numba_target
 from pipeline.io.redact import redact_text
 
 # sub-command modules: data build (ingest, synth, build-matrix), training (train, gate, rollback, ...),
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    numba_target.guard()  # before numba loads: which of the image's compiled top-k kernels this CPU uses
     try:
         return int(args.func(args))
     except (DataError, ValidationError, OSError, RuntimeError, ValueError) as e:

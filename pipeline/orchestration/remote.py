@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.data.build_matrix import BuildMatrixJob, BuildResult
 from pipeline.errors import DataError
+from pipeline.io import numba_target
 from pipeline.io.lake import resolve
 from pipeline.io.redact import redact_text, redact_values
 from pipeline.job import Job, JobResult
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m pipeline.orchestration.remote ENVELOPE_URI", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    numba_target.guard()  # before numba loads: which of the image's compiled top-k kernels this CPU uses
     try:
         outcome = execute(args[0])
     except BaseException as e:  # the outcome file has the details; the engine gets one line and a failing exit code

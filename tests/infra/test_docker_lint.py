@@ -86,7 +86,7 @@ def test_the_numba_cache_is_the_runtime_user_s(path: Path) -> None:
     """numba ignores a cache directory it cannot write and compiles again (25 s) in every process: an image that
     warms the top-k at build time must leave model/__pycache__ writable by the user it runs as."""
     text = path.read_text()
-    warm = text.find("-m model.topk")
+    warm = max(text.find("-m model.topk"), text.find("-m pipeline.io.numba_target"))
     if warm < 0:
         pytest.skip(f"{path.name} does not warm the numba top-k")
     final = _stages(text)[-1]
@@ -98,3 +98,13 @@ def test_the_numba_cache_is_the_runtime_user_s(path: Path) -> None:
     assert handed, f"{path.name}: the numba cache is compiled by another user and not handed to {runtime}"
     owner = handed[2].split(":")[0]
     assert owner == runtime.split(":")[0], f"{path.name}: model/__pycache__ goes to {owner}, the image runs as {runtime}"
+
+
+@pytest.mark.parametrize("name", ["inference.Dockerfile", "spark.Dockerfile"])
+def test_the_scoring_images_ship_kernels_for_any_cpu(name: str) -> None:
+    """The images that score users compile the top-k for the build CPU and the portable target and record the build
+    CPU (pipeline.io.numba_target.build), so a job on another CPU loads kernels instead of compiling them; they set
+    no NUMBA_CPU_NAME of their own (the entry points choose one per machine)."""
+    text = (DOCKER / name).read_text()
+    assert re.search(r"python -P -m pipeline\.io\.numba_target", text), f"{name}: builds no portable kernels"
+    assert not re.search(r"(?m)^ENV\b.*NUMBA_CPU_NAME", text), f"{name}: a fixed NUMBA_CPU_NAME overrides the choice"
