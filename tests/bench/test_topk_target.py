@@ -28,3 +28,29 @@ def test_the_image_cache_loads_on_its_cpu_and_on_another(tmp_path: Path) -> None
     assert "loading the image's portable x86-64-v3 kernels" in other["guard"]
     unguarded = topk_target.run_child(None, tmp_path, ARGS, pretend_cpu=topk_target.PRETEND_CPU)
     assert unguarded["cache_misses"] > 0  # the simulated CPU is another CPU to numba: without the guard it compiles
+
+
+def test_the_table_and_the_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """main's printing and appending, with the processes replaced by their results (the compiles are real above)."""
+    import bench.common
+
+    def result(misses: int, cpu: str | None = None, **kw: float) -> dict[str, object]:
+        return {"warm_s": 13.5 if misses else 0.3, "cache_misses": misses, "cache_hits": 0 if misses else 2,
+                "fp32_ms": 50.0, "bf16_ms": 51.0, "cpu_name": cpu, "guard": None} | kw
+
+    def run_child(target: object, cache_dir: Path, args: object, pretend_cpu: str | None = None,
+                  guard: bool = False) -> dict[str, object]:
+        return result(1 if target is None and pretend_cpu else 0)  # the host's kernels on another CPU compile
+
+    monkeypatch.setattr(topk_target, "run_child", run_child)
+    monkeypatch.setattr(topk_target, "image_cache", lambda cache, args: (result(0, build_s=31.0),
+                                                                         result(0, "x86-64-v3", fp32_ms=60.0)))
+    monkeypatch.setattr(bench.common, "DOC", tmp_path / "benchmarks.md")
+    topk_target.main(["--targets", "host", "--append", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "host" in out and "compiles (13.5 s)" in out
+    assert "on another CPU: loads the x86-64-v3 kernels in 0.30 s; fp32 60.0 ms" in out
+    rows = [line for line in (tmp_path / "benchmarks.md").read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 2 and "| host |" in rows[0] and "image cache (host + x86-64-v3" in rows[1]
+    assert "loads x86-64-v3 (0.30 s; fp32 60.0 / bf16 51.0 ms)" in rows[1]
