@@ -14,6 +14,7 @@ exists), keep users with >= 5 interactions, per seed one user split (10% validat
 train), 80/20 fold-in/targets for held-out users, all non-fold-in items ranked. The epoch and every
 hyperparameter (EASE l2, PIA λ_A) are chosen on validation users only; test users are scored once per seed.
 Values are mean ± sample std over seeds (each seed: a different split and a different initialization).
+Where each issue's target stands, in one table per issue: docs/targets.md.
 
 The paper's ML-20M numbers (Recall@20 / Recall@50 / NDCG@100): Multi-VAE 0.398 / 0.537 / 0.426,
 Multi-VAE+PIA 0.408 / 0.546 / 0.437, RecVAE 0.414 / 0.553 / 0.442, RecVAE+PIA 0.417 / 0.556 / 0.446.
