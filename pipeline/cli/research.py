@@ -113,7 +113,8 @@ def register(sub: Any) -> None:
     e.add_argument("--feature-cache", type=Path, default=None,
                    help="cold-start: folder caching the items' feature blocks by content hash")
     e.add_argument("--resume", action="store_true",
-                   help="continue a stopped run in --out: the fits in its checkpoint.json are reused, the rest run "
+                   help="continue a stopped run in --out: the fits in its checkpoint.json are reused, an "
+                        "autoencoder fit it was in continues from its last epoch (OUT/partial/), the rest run "
                         "(same options; --seeds and --models may grow)")
     e.set_defaults(func=cmd_experiment)
 
