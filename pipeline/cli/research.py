@@ -112,6 +112,9 @@ def register(sub: Any) -> None:
                    help="cold-start: free text as TF-IDF or as sentence embeddings (a model inside the wordllama wheel)")
     e.add_argument("--feature-cache", type=Path, default=None,
                    help="cold-start: folder caching the items' feature blocks by content hash")
+    e.add_argument("--partial-every-s", type=float, default=300.0,
+                   help="save an autoencoder fit's trainer state to OUT/partial/ at most this often (seconds; 0: every "
+                        "epoch), for --resume to continue a stopped fit")
     e.add_argument("--resume", action="store_true",
                    help="continue a stopped run in --out: the fits in its checkpoint.json are reused, an "
                         "autoencoder fit it was in continues from its last epoch (OUT/partial/), the rest run "
@@ -138,7 +141,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         arch_grid=args.arch_grid, tune_only=args.tune_only, keep_fits=args.keep_fits,
         **({"edlae_grid": args.edlae_grid} if args.edlae_grid is not None else {}),
         synthetic_users=args.synthetic_users, synthetic_items=args.synthetic_items, progress=not args.no_progress,
-        resume=args.resume,
+        resume=args.resume, partial_every_s=args.partial_every_s,
     )
     r = job.run()
     print(render(r.results))

@@ -10,11 +10,12 @@ way, crossed with lambda_A for the PIA models. `tune_only` runs the searches and
 the values of one grid can be searched in parallel processes and the best (on validation) run over seeds afterwards.
 
 Every finished fit is recorded in OUT/checkpoint.json, each grid value of a search too; `resume=True` (`--resume`)
-reuses those fits and runs only the rest. An autoencoder fit also saves its trainer state after every epoch
-(OUT/partial/, removed when the fit ends), and a resumed run continues the fit it was in from its last epoch, with
-the draws an uninterrupted fit would make: a stop loses at most one epoch, which matters where one fit outlasts a
-session (a wide RecVAE on gowalla: about an hour on 2 CPU cores). (A search resumed after its best value's fit holds
-only that fit's validation row: the value is fit once more, with the same seed, for the test scoring.)
+reuses those fits and runs only the rest. An autoencoder fit also saves its trainer state after an epoch
+(OUT/partial/, at most every `partial_every_s`, with the run's fingerprint; removed when the fit ends), and a resumed
+run continues the fit it was in from its last saved epoch, with the draws an uninterrupted fit would make: a stop
+loses at most that interval and an epoch, which matters where one fit outlasts a session (a wide RecVAE on gowalla:
+about an hour on 2 CPU cores). (A search resumed after its best value's fit holds only that fit's validation row:
+the value is fit once more, with the same seed, for the test scoring.)
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ CHECKPOINT = "checkpoint.json"
 PARTIAL = "partial"  # OUT/partial/<fit>.pt: the trainer state of an autoencoder fit that has not ended
 # options a resumed run may change: where it writes, bars, and how many seeds/models it runs (fits are keyed by both)
 # (and tune_only: a run resumed without it scores the test users of the values its searches chose)
-RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models", "tune_only", "keep_fits"})
+RESUMABLE = frozenset({"out", "progress", "resume", "seeds", "models", "tune_only", "keep_fits", "partial_every_s"})
 # a searched value: a float (EASE's l2, PIA's lambda_A), EDLAE's (l2, dropout) pair (a list once read from JSON), or
 # an autoencoder's settings (arch_grid: model-config fields and TRAIN_KEYS, plus lambda_a for a -pia model)
 HP = float | tuple[float, ...] | list[float] | dict[str, Any]
@@ -111,6 +112,9 @@ class ExperimentJob(Job):
                                                "no test user is scored, models without a grid are not fit")
     keep_fits: bool = Field(False, description="pickle each search's winner to OUT/fits/ (autoencoders only): the "
                                                "resumed run that scores it loads it instead of fitting it again")
+    partial_every_s: float = Field(300.0, ge=0.0, description="save an autoencoder fit's trainer state to "
+                                   "OUT/partial/ after an epoch when this many seconds passed since the last save "
+                                   "(0: every epoch); a state is GBs for a wide model on a large catalogue")
     synthetic_users: int = 3000
     synthetic_items: int = 1000
     progress: bool = True
@@ -238,6 +242,7 @@ class Experiment:
     def __init__(self, cfg: ExperimentJob):
         self.cfg = cfg
         self.device = str(resolve_device(cfg.device))
+        self._fingerprint: dict[str, Any] = {}  # run() sets it
 
     def train_config(self, name: str, seed: int) -> TrainConfig:
         """The trainer settings of one model and seed."""
@@ -292,6 +297,7 @@ class Experiment:
         counts = np.diff(data.matrix.indptr)
         seeds = list(range(cfg.first_seed, cfg.first_seed + (1 if cfg.tune_only else cfg.seeds)))
         fingerprint = self.fingerprint(data)
+        self._fingerprint = fingerprint  # a partial fit continues only under the run options it was written with
         ckpt = read_checkpoint(cfg.out, fingerprint) if cfg.resume else None
         if ckpt is None and (cfg.out / CHECKPOINT).exists():
             log.warning("%s holds the fits of an earlier run: starting over (--resume continues it)", cfg.out / CHECKPOINT)
@@ -464,11 +470,16 @@ class Experiment:
             print(f"[{self.cfg.dataset}] {what} seed {seed}: continuing the stopped fit after epoch {state['epoch']} "
                   f"({path})", flush=True)
 
-        def save(st: dict[str, Any]) -> None:  # whole or not at all: a stop while writing keeps the last epoch's file
+        last = [time.monotonic()]
+
+        def save(st: dict[str, Any]) -> None:  # whole or not at all: a stop while writing keeps the last saved file
+            if time.monotonic() - last[0] < self.cfg.partial_every_s:
+                return
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save(st, tmp)
+            torch.save({"fingerprint": self._fingerprint, "trainer": st}, tmp)
             os.replace(tmp, path)
+            last[0] = time.monotonic()
 
         rec.fit(split.train, split.valid, checkpoint=save, resume=state)
         path.unlink(missing_ok=True)
@@ -477,13 +488,16 @@ class Experiment:
         """The stopped fit's trainer state, or None (with a warning: the fit starts over) when it is unreadable or
         was written with other trainer settings."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)  # written by this run's own --out
+            saved = torch.load(path, map_location="cpu", weights_only=False)  # written by this run's own --out
         except Exception as e:  # a torn or foreign file: refit rather than fail the run
             log.warning("%s cannot be read (%s): fitting from the start", path, e)
             return None
+        state = saved.get("trainer") if isinstance(saved, dict) else None
         want = getattr(rec, "train_config", None)
-        if not isinstance(state, dict) or want is None or state.get("config") != want.model_dump():
-            log.warning("%s was written with other trainer settings: fitting from the start", path)
+        if not isinstance(state, dict) or want is None or state.get("config") != want.model_dump() or \
+                json.dumps(saved.get("fingerprint"), sort_keys=True, default=str) != \
+                json.dumps(self._fingerprint, sort_keys=True, default=str):
+            log.warning("%s was written with other trainer settings or run options: fitting from the start", path)
             return None
         return state
 

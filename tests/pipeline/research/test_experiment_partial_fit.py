@@ -19,7 +19,7 @@ METRICS = ("ndcg@100", "recall@20", "best_epoch")
 
 def _job(out: Path, **kw) -> ExperimentJob:
     base = dict(dataset="synthetic", models=("multivae",), seeds=1, out=out, device="cpu", synthetic_users=400,
-                synthetic_items=150, epochs=4, patience=None, progress=False)
+                synthetic_items=150, epochs=4, patience=None, progress=False, partial_every_s=0)
     return ExperimentJob(**(base | kw))
 
 
@@ -56,7 +56,7 @@ def test_a_fit_stopped_mid_way_continues_from_its_last_epoch(tmp_path: Path, mon
     with pytest.raises(KeyboardInterrupt):
         _job(tmp_path, resume=True).run()
     [partial] = (tmp_path / PARTIAL).glob("*.pt")
-    state = torch.load(partial, map_location="cpu", weights_only=False)
+    state = torch.load(partial, map_location="cpu", weights_only=False)["trainer"]
     assert state["epoch"] == 2 and len(state["history"]) == 2  # epochs 1 and 2 were saved, the third was lost
     assert not (tmp_path / "results.json").exists()
 
@@ -78,7 +78,7 @@ def test_a_search_value_stopped_mid_way_continues(tmp_path: Path, monkeypatch: p
     ckpt = json.loads((tmp_path / "checkpoint.json").read_text())
     assert [r["value"] for r in ckpt["searching"]["multivae-pia"]] == [0.3]
     [partial] = (tmp_path / PARTIAL).glob("*.pt")
-    assert torch.load(partial, map_location="cpu", weights_only=False)["epoch"] == 1
+    assert torch.load(partial, map_location="cpu", weights_only=False)["trainer"]["epoch"] == 1
 
     calls = _count_epochs(monkeypatch)
     res = _job(tmp_path, resume=True, **kw).run().results
@@ -89,7 +89,7 @@ def test_a_search_value_stopped_mid_way_continues(tmp_path: Path, monkeypatch: p
     assert _metrics(res, "multivae-pia") == pytest.approx(_metrics(ref, "multivae-pia"), abs=1e-6)
 
 
-@pytest.mark.parametrize("damage", ["torn", "other settings"])
+@pytest.mark.parametrize("damage", ["torn", "other trainer settings", "other run options"])
 def test_an_unusable_partial_state_is_refit_from_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            whole: dict, damage: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:
@@ -100,14 +100,17 @@ def test_an_unusable_partial_state_is_refit_from_the_start(tmp_path: Path, monke
     if damage == "torn":
         partial.write_bytes(partial.read_bytes()[:100])
     else:
-        state = torch.load(partial, map_location="cpu", weights_only=False)
-        state["config"]["lr"] *= 10
-        torch.save(state, partial)
+        saved = torch.load(partial, map_location="cpu", weights_only=False)
+        if damage == "other trainer settings":
+            saved["trainer"]["config"]["lr"] *= 10
+        else:  # e.g. a run with other split sizes that never wrote checkpoint.json, in the same --out
+            saved["fingerprint"]["config"]["n_valid"] = 7
+        torch.save(saved, partial)
 
     calls = _count_epochs(monkeypatch)
     res = _job(tmp_path, resume=True).run().results
     assert calls == [1, 2, 3, 4]  # the whole fit again, not a continuation of a state it cannot trust
-    assert ("cannot be read" if damage == "torn" else "other trainer settings") in caplog.text
+    assert ("cannot be read" if damage == "torn" else "other trainer settings or run options") in caplog.text
     assert _metrics(res, "multivae") == pytest.approx(_metrics(whole["multivae"], "multivae"), abs=1e-6)
 
 
@@ -118,3 +121,31 @@ def test_without_resume_a_partial_state_is_not_used(tmp_path: Path, monkeypatch:
     calls = _count_epochs(monkeypatch)
     _job(tmp_path).run()
     assert calls == [1, 2, 3, 4] and not list((tmp_path / PARTIAL).glob("*"))
+
+
+def test_states_are_saved_at_most_every_partial_every_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _count_epochs(monkeypatch, stop_at=3)
+    with pytest.raises(KeyboardInterrupt):  # a short fit under the default interval: nothing written yet
+        _job(tmp_path, resume=True, partial_every_s=3600).run()
+    assert not list((tmp_path / PARTIAL).glob("*.pt"))
+    calls = _count_epochs(monkeypatch)
+    _job(tmp_path, resume=True, partial_every_s=3600).run()  # the interval may change between a run and its resume
+    assert calls == [1, 2, 3, 4]
+
+
+def test_the_cli_takes_the_interval_and_refuses_a_negative_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli.main import main
+
+    args = ["experiment", "--dataset", "synthetic", "--models", "multivae", "--seeds", "1", "--device", "cpu",
+            "--epochs", "4", "--no-progress", "--synthetic-users", "400", "--synthetic-items", "150"]
+    assert main([*args, "--out", str(tmp_path / "bad"), "--partial-every-s", "-1"]) == 2
+    assert "partial_every_s" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+    _count_epochs(monkeypatch, stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "o"), "--partial-every-s", "0"])
+    assert len(list((tmp_path / "o" / PARTIAL).glob("*.pt"))) == 1
+    calls = _count_epochs(monkeypatch)
+    assert main([*args, "--out", str(tmp_path / "o"), "--partial-every-s", "0", "--resume"]) == 0
+    assert calls[-1] == 4 and 1 not in calls  # continued, not refit (patience off: every epoch validates)
