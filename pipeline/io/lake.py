@@ -22,10 +22,10 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -86,16 +86,21 @@ class Location:
         """Write a file whole. On a local disk readers see the old content or the new, never a torn file (a
         temporary file in the same folder, then a rename); `durable` also fsyncs it before the rename and the folder
         after (pipeline.io.publish's commit points). S3 PUTs are atomic and durable already."""
+        self.write_with(lambda f: f.write(data), durable)
+
+    def write_with(self, fill: Callable[[IO[bytes]], object], durable: bool = False) -> None:
+        """`write_bytes` for content streamed by `fill(file)` (e.g. torch.save of GBs, never held in memory twice).
+        A failure or stop inside `fill` leaves the old file and no temporary behind."""
         self.mkdir_parent()
         if not isinstance(self.fs, pafs.LocalFileSystem):
             with self._s3_faults(), self.fs.open_output_stream(self.path) as f:
-                f.write(data)
+                fill(f)  # a pyarrow NativeFile: S3 PUTs land whole already
             return
         head, name = os.path.split(self.path)
         tmp = os.path.join(head, f".{name}.tmp-{secrets.token_hex(4)}")  # dot: dataset discovery skips it
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                fill(f)
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import time
 from collections.abc import Callable
@@ -458,8 +457,9 @@ class Experiment:
         return rec, hp, table
 
     def fit(self, rec: Recommender, name: str, seed: int, hp: HP | None, split: Split) -> None:
-        """Fit one model. An autoencoder saves its trainer state to OUT/partial/ after every epoch; with `resume`
-        a state left there by a stopped run of the same fit is continued from its epoch."""
+        """Fit one model. An autoencoder saves its trainer state to OUT/partial/ after an epoch (at most every
+        `partial_every_s`); with `resume` a state left there by a stopped run of the same fit is continued from its
+        epoch."""
         if name in CLOSED_FORM:
             rec.fit(split.train, split.valid)
             return
@@ -470,16 +470,14 @@ class Experiment:
             print(f"[{self.cfg.dataset}] {what} seed {seed}: continuing the stopped fit after epoch {state['epoch']} "
                   f"({path})", flush=True)
 
-        last = [time.monotonic()]
+        last_save = time.monotonic()
 
         def save(st: dict[str, Any]) -> None:  # whole or not at all: a stop while writing keeps the last saved file
-            if time.monotonic() - last[0] < self.cfg.partial_every_s:
+            nonlocal last_save
+            if time.monotonic() - last_save < self.cfg.partial_every_s:
                 return
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"fingerprint": self._fingerprint, "trainer": st}, tmp)
-            os.replace(tmp, path)
-            last[0] = time.monotonic()
+            resolve(path).write_with(lambda f: torch.save({"fingerprint": self._fingerprint, "trainer": st}, f))
+            last_save = time.monotonic()
 
         rec.fit(split.train, split.valid, checkpoint=save, resume=state)
         path.unlink(missing_ok=True)
@@ -495,8 +493,7 @@ class Experiment:
         state = saved.get("trainer") if isinstance(saved, dict) else None
         want = getattr(rec, "train_config", None)
         if not isinstance(state, dict) or want is None or state.get("config") != want.model_dump() or \
-                json.dumps(saved.get("fingerprint"), sort_keys=True, default=str) != \
-                json.dumps(self._fingerprint, sort_keys=True, default=str):
+                saved.get("fingerprint") != self._fingerprint:
             log.warning("%s was written with other trainer settings or run options: fitting from the start", path)
             return None
         return state

@@ -165,3 +165,16 @@ def test_check_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == denied else real(p, mode))
     with pytest.raises(DataError, match=rf"no permission to write in {denied}\. Fix: pass a folder this user"):
         lake.resolve(tmp_path / "ro" / "lake").check_writable()
+
+
+def test_a_stream_stopped_mid_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    loc = lake.resolve(tmp_path / "state.pt")
+    loc.write_with(lambda f: f.write(b"saved at epoch 3"))
+
+    def fill(f) -> None:  # a stop arriving while GBs are streamed out
+        f.write(b"x" * 1_000_000)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loc.write_with(fill)
+    assert loc.read_bytes() == b"saved at epoch 3" and os.listdir(tmp_path) == ["state.pt"]
