@@ -24,6 +24,8 @@ class Recommender(ABC):
     scores_into_buffer: ClassVar[bool] = False
     n_items: int = 0
     fit_seconds: float = 0.0
+    # wall seconds stopped processes spent on the fit that `_fit` resumed (0 for a fit run in one go)
+    resumed_seconds: float = 0.0
 
     @property
     def device(self) -> torch.device:
@@ -44,8 +46,9 @@ class Recommender(ABC):
             raise ValueError("cannot fit on an empty interaction matrix: check the input data and filters")
         self.n_items = int(train.shape[1])
         t0 = time.perf_counter()
+        self.resumed_seconds = 0.0
         self._fit(sp.csr_matrix(train, dtype=np.float32), valid, **kwargs)
-        self.fit_seconds = time.perf_counter() - t0
+        self.fit_seconds = self.resumed_seconds + time.perf_counter() - t0
         return self
 
     def to(self, device: torch.device | str) -> Recommender:

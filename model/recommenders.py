@@ -127,6 +127,7 @@ class Autoencoder(Recommender):
         trainer = Trainer(module, train, self.train_config, self.pia, valid, on_epoch=kwargs.get("on_epoch"))
         if kwargs.get("resume") is not None:
             trainer.load_state_dict(kwargs["resume"])
+            self.resumed_seconds = trainer.earlier_seconds
         self.history = trainer.fit(checkpoint=kwargs.get("checkpoint"))
         self.best_epoch = trainer.best_epoch
         self.module = trainer.model

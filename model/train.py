@@ -134,6 +134,10 @@ class Trainer:
         self.planned_updates = config.epochs * self._updates_per_epoch()
         self._set_plan(self.planned_updates)
         self.history: list[dict[str, Any]] = []
+        # wall seconds earlier processes spent in fit() (a resumed fit), and when this process's fit() began:
+        # a checkpoint carries their sum, so a fit finished over several runs reports its whole cost
+        self.earlier_seconds = 0.0
+        self._fit_t0: float | None = None
         self.best_value = -float("inf")
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -166,7 +170,7 @@ class Trainer:
             "anchors": None if self.anchors is None else self.anchors.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "epoch": self.epoch, "step": self.step, "planned_updates": self.planned_updates,
-            "history": copy.deepcopy(self.history),
+            "history": copy.deepcopy(self.history), "seconds": self.seconds(),
             "best_value": self.best_value, "best_epoch": self.best_epoch, "best_state": self.best_state,
             "evals_since_best": self.evals_since_best,
             "ema": self.ema, "ema_updates": self.ema_updates,
@@ -188,6 +192,7 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self._set_plan(int(state.get("planned_updates") or self.planned_updates))  # older checkpoints: this run's plan
         self.history = copy.deepcopy(state["history"])
+        self.earlier_seconds = float(state.get("seconds", 0.0))  # older checkpoints: unknown, counted as 0
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.best_state = state["best_state"]
         self.evals_since_best = state["evals_since_best"]
@@ -349,8 +354,13 @@ class Trainer:
         self.model.train(was_training)
         return {f"val_{k}": v for k, v in res.mean().items()}
 
+    def seconds(self) -> float:
+        """Wall seconds this fit has run so far, in this process and in the stopped ones it resumed."""
+        return self.earlier_seconds + (0.0 if self._fit_t0 is None else time.perf_counter() - self._fit_t0)
+
     def fit(self, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         cfg = self.config
+        self._fit_t0 = time.perf_counter()
         per_epoch = self._steps_per_epoch()
         main = self.dp.is_main  # rank 0 (or the only process) prints and checkpoints
         self.model.train()

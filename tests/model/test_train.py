@@ -87,6 +87,24 @@ def test_resume_from_a_checkpoint_reproduces_the_run(arch: str, split: Split, tr
     assert differs(saved[2]["model"], resumed.module.state_dict())  # type: ignore[union-attr]
 
 
+def test_a_resumed_fit_reports_the_time_of_every_run(split: Split, train_config) -> None:
+    """A fit finished over several processes counts the seconds the stopped ones spent (to their last state)."""
+    cfg = train_config(epochs=3)
+    saved: dict[int, dict[str, Any]] = {}
+    one_go = recommender("recvae", cfg).fit(split.train, split.valid,
+                                              checkpoint=lambda s: saved.setdefault(s["epoch"], deep_copy(s)))
+    assert 0.0 < saved[1]["seconds"] < saved[2]["seconds"] < saved[3]["seconds"] <= one_go.fit_seconds
+    assert one_go.resumed_seconds == 0.0
+    # as if the stopped process had run for 1000 s before its state at epoch 2
+    resumed = recommender("recvae", cfg).fit(split.train, split.valid, resume=saved[2] | {"seconds": 1000.0})
+    assert resumed.resumed_seconds == 1000.0
+    assert 1000.0 < resumed.fit_seconds < 1000.0 + one_go.fit_seconds * 5
+    # a state written before states carried their seconds resumes too, counting only this run
+    old = recommender("recvae", cfg).fit(split.train, split.valid,
+                                           resume={k: v for k, v in saved[2].items() if k != "seconds"})
+    assert old.resumed_seconds == 0.0 and 0.0 < old.fit_seconds < 1000.0
+
+
 def test_checkpoint_resume_with_a_fresh_trainer(split: Split, tiny_vae, train_config) -> None:
     """The Trainer API directly: a fresh Trainer (other init weights) loads the state and continues."""
     cfg = train_config(epochs=4)

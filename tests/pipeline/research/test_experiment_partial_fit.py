@@ -67,6 +67,8 @@ def test_a_fit_stopped_mid_way_continues_from_its_last_epoch(tmp_path: Path, mon
     # the draws of an uninterrupted fit: the same model, so the same validation choice and test scores
     assert _metrics(res, "multivae") == pytest.approx(_metrics(whole["multivae"], "multivae"), abs=1e-6)
     assert not list((tmp_path / PARTIAL).glob("*"))  # a finished fit leaves no partial state behind
+    # the report's fit time counts the stopped run's epochs too
+    assert res["per_seed"]["multivae"][0]["fit_seconds"] > state["seconds"] > 0.0
 
 
 def test_a_search_value_stopped_mid_way_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
